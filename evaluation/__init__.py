@@ -1,0 +1,1 @@
+"""pressroom.evaluation."""
