@@ -1,0 +1,89 @@
+"""The runner: kvpress's layout, skipping finished runs, atomic results, clear errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import yaml
+from kvpress import SnapKVPress
+
+from pressroom.evaluation.press_registry import make_press
+from pressroom.evaluation.run import RESULT_FILES, EvalConfig, Runner
+
+SMALL = dict(model="tiny-llama", data_dir="512", tasks=["niah_single"], n_samples=1, max_new_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return Runner(progress=False)
+
+
+def test_layout_and_stats(runner, tmp_path):
+    cfg = EvalConfig(press_name="snapkv", compression_ratio=0.5, output_dir=str(tmp_path), **SMALL)
+    out = runner.run(cfg)
+    assert out.name == "synthetic__512__tiny-llama__snapkv__0.50"
+    assert sorted(p.name for p in out.iterdir()) == sorted(RESULT_FILES)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"niah_single"} and "string_match" in metrics["niah_single"]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["press_name"] == "snapkv" and config["compression_ratio"] == 0.5
+    assert "SnapKVPress" in config["press_init_command"]
+    stats = json.loads((out / "stats.json").read_text())
+    # SnapKV at 0.5 keeps half the context: the bytes held are about half the full cache's.
+    assert 0.4 < stats["kv_bytes"] / stats["kv_bytes_full"] < 0.6
+    assert stats["prefill_seconds"] > 0 and stats["decode_seconds_per_token"] > 0
+    assert stats["peak_gpu_memory_bytes"] is None  # CPU
+    baseline = runner.run(EvalConfig(output_dir=str(tmp_path), **SMALL))
+    assert baseline.name == "synthetic__512__tiny-llama__no_press__0.00"
+    base_stats = json.loads((baseline / "stats.json").read_text())
+    assert base_stats["kv_bytes"] == base_stats["kv_bytes_full"]
+
+
+def test_skips_complete_run(runner, tmp_path, monkeypatch):
+    cfg = EvalConfig(press_name="knorm", compression_ratio=0.25, output_dir=str(tmp_path), **SMALL)
+    out = runner.run(cfg)
+    before = (out / "predictions.csv").stat().st_mtime_ns
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a complete run must not be evaluated again")
+
+    monkeypatch.setattr(runner, "pipeline", boom)
+    assert runner.run(EvalConfig(press_name="knorm", compression_ratio=0.25, output_dir=str(tmp_path), **SMALL)) == out
+    assert (out / "predictions.csv").stat().st_mtime_ns == before
+    # the same directory with another configuration is refused, not overwritten
+    other = dict(SMALL, n_samples=2)
+    with pytest.raises(ValueError, match="different configuration"):
+        runner.run(EvalConfig(press_name="knorm", compression_ratio=0.25, output_dir=str(tmp_path), **other))
+
+
+@dataclass
+class ExplodingPress(SnapKVPress):
+    def compress(self, *args, **kwargs):
+        raise RuntimeError("press failed mid-run")
+
+
+def test_broken_run_leaves_nothing(runner, tmp_path):
+    cfg = EvalConfig(press_name="exploding", compression_ratio=0.5, output_dir=str(tmp_path), **SMALL)
+    with pytest.raises(RuntimeError, match="press failed"):
+        runner.run(cfg, press=ExplodingPress(compression_ratio=0.5))
+    assert not cfg.results_dir().exists()
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_bad_input_errors(runner, tmp_path):
+    with pytest.raises(ValueError, match="Unknown press 'nosuchpress'"):
+        make_press("nosuchpress", 0.5)
+    with pytest.raises(ValueError, match="compression_ratio"):
+        EvalConfig(press_name="snapkv", compression_ratio=1.5)
+    with pytest.raises(ValueError, match="Unknown dataset"):
+        EvalConfig(dataset="nosuchdataset")
+    with pytest.raises(ValueError, match="Could not load model"):
+        runner.run(EvalConfig(output_dir=str(tmp_path), **dict(SMALL, model="/no/such/model/dir")))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="Cannot write results"):
+        runner.run(EvalConfig(output_dir=str(blocker / "results"), **SMALL))
+    with pytest.raises(ValueError, match="(?i)too short|at least|minimum"):
+        runner.run(EvalConfig(output_dir=str(tmp_path), **dict(SMALL, data_dir="8")))
