@@ -19,6 +19,8 @@ from pathlib import Path
 DEFAULT_TASKS = ["niah_single", "niah_multikey", "vt", "passkey"]
 DEFAULT_KVPRESS_PRESSES = ["streaming_llm", "snapkv", "knorm"]
 DEFAULT_RATIO = 0.5
+DEMO_SAMPLES = 2
+DEMO_LENGTH = "2048"
 
 
 def default_presses() -> list[str]:
@@ -99,9 +101,9 @@ def cmd_main_job(args: argparse.Namespace) -> int:
         press=None,
         ratio=[DEFAULT_RATIO],
         dataset="synthetic",
-        data_dir="2048",
+        data_dir=DEMO_LENGTH,
         tasks=DEFAULT_TASKS,
-        n_samples=3,
+        n_samples=DEMO_SAMPLES,
         seed=0,
         max_new_tokens=None,
         max_context_length=None,
@@ -112,7 +114,7 @@ def cmd_main_job(args: argparse.Namespace) -> int:
         no_baseline=False,
     )
     print(
-        f"pressroom-eval: SmolLM2-135M-Instruct, {len(DEFAULT_TASKS)} synthetic tasks x 3 samples at 2048 tokens,"
+        f"pressroom-eval: SmolLM2-135M-Instruct, {len(DEFAULT_TASKS)} synthetic tasks x {DEMO_SAMPLES} samples at {DEMO_LENGTH} tokens,"
         f" presses: no_press + {', '.join(default_presses())} at {DEFAULT_RATIO}"
     )
     out = _run_grid(ns)
