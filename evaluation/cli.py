@@ -114,7 +114,8 @@ def cmd_main_job(args: argparse.Namespace) -> int:
         no_baseline=False,
     )
     print(
-        f"pressroom-eval: SmolLM2-135M-Instruct, {len(DEFAULT_TASKS)} synthetic tasks x {DEMO_SAMPLES} samples at {DEMO_LENGTH} tokens,"
+        f"pressroom-eval: SmolLM2-135M-Instruct, {len(DEFAULT_TASKS)} synthetic tasks x {DEMO_SAMPLES} samples"
+        f" at {DEMO_LENGTH} tokens,"
         f" presses: no_press + {', '.join(default_presses())} at {DEFAULT_RATIO}"
     )
     out = _run_grid(ns)
