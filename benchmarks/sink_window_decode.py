@@ -1,0 +1,298 @@
+"""GPU benchmark: SinkWindowCache decode latency and memory while streaming up to 1M tokens (StreamingLLM).
+
+An 8B-shaped Llama with random weights (Llama-3.1-8B geometry: 32 layers, 32 query / 8 KV heads, head_dim 128) in
+bfloat16 streams random tokens through ``SinkWindowCache(n_sink=4, window=4096)`` in chunks; at checkpoints
+(4k ... 1M tokens streamed) it times single-token decode steps and reads the memory held. In the same run:
+
+- sliding window with re-computation at the same window (the StreamingLLM paper's baseline: every new token
+  re-encodes the last ``window`` tokens), per generated token;
+- the full ``DynamicCache`` decode at growing contexts (memory and latency grow with the context);
+- the cache's rotation/store kernels (Triton vs the PyTorch reference) and their share of a decode step.
+
+Writes one JSON (device, versions, command line) under ``benchmarks/results/``.
+
+    python benchmarks/sink_window_decode.py --output benchmarks/results/sink_window_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _atomic_json(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+DEVICE = "cuda"
+
+
+def cuda_ms(fn, reps: int, warmup: int = 2) -> list[float]:
+    """Per-call milliseconds of ``fn`` (CUDA events on the GPU, wall clock for the CPU smoke test)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if DEVICE == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(layers: int, smoke: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32)
+    if smoke:  # a CPU check of the script itself, no timing value
+        shape = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_attention_heads=2 * 8)
+    config = LlamaConfig(
+        **shape,
+        num_hidden_layers=layers,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return model, config
+
+
+@torch.inference_mode()
+def stream_to(model, cache, seen: int, target: int, chunk: int, vocab: int, gen: torch.Generator) -> int:
+    """Feed random tokens through the base model (no LM head) until ``target`` tokens have been streamed."""
+    while seen < target:
+        n = min(chunk, target - seen)
+        ids = torch.randint(0, vocab, (1, n), device=DEVICE, generator=gen)
+        kwargs = {"position_ids": cache.position_ids_for(n).view(1, -1)} if hasattr(cache, "position_ids_for") else {}
+        model.model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+        seen += n
+    _sync()
+    return seen
+
+
+@torch.inference_mode()
+def decode_ms(model, cache, steps: int, vocab: int, gen: torch.Generator) -> list[float]:
+    def step():
+        ids = torch.randint(0, vocab, (1, 1), device=DEVICE, generator=gen)
+        kwargs = {"position_ids": cache.position_ids_for(1).view(1, 1)} if hasattr(cache, "position_ids_for") else {}
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+
+    return cuda_ms(step, steps, warmup=3)
+
+
+def kernel_rows(config, n_sink: int, window: int, reps: int) -> list[dict]:
+    from pressroom.kernels.rope_ring import ring_rotate_keys, ring_store
+    from pressroom.presses.sink_window_cache import rope_frequencies
+
+    inv_freq, scaling = rope_frequencies(config)
+    inv_freq = inv_freq.to(DEVICE)
+    cap = n_sink + window
+    kv, hd = config.num_key_value_heads, config.head_dim
+    raw = torch.randn(1, kv, cap, hd, device=DEVICE, dtype=torch.bfloat16)
+    vals = torch.randn_like(raw)
+    out = torch.empty_like(raw)
+    new_k = torch.randn(1, kv, 1, hd, device=DEVICE, dtype=torch.bfloat16)
+    new_v = torch.randn_like(new_k)
+    ang = (torch.tensor([123456.0], device=DEVICE)[:, None] * inv_freq[None]).repeat(1, 2)
+    cos, sin = ang.cos()[None].to(torch.bfloat16), ang.sin()[None].to(torch.bfloat16)
+    rows = []
+    for use_triton in (True, False):
+        rot = cuda_ms(
+            lambda: ring_rotate_keys(
+                raw,
+                out,
+                inv_freq,
+                scaling,
+                pos_base=1000,
+                start=0,
+                stop=cap,
+                n_sink=n_sink,
+                window=window,
+                ring_first=17,
+                logical_order=False,
+                use_triton=use_triton,
+            ),
+            reps,
+        )
+        store = cuda_ms(
+            lambda: ring_store(
+                new_k,
+                new_v,
+                cos,
+                sin,
+                raw,
+                vals,
+                seq0=123456,
+                start=0,
+                stop=1,
+                n_sink=n_sink,
+                window=window,
+                use_triton=use_triton,
+            ),
+            reps,
+        )
+        rows.append(
+            {
+                "impl": "triton" if use_triton else "pytorch_reference",
+                "rotate_keys_ms_per_layer": statistics.median(rot),
+                "store_ms_per_layer": statistics.median(store),
+                "rotate_GBps": 2 * raw.numel() * raw.element_size() / statistics.median(rot) / 1e6,
+                "shape": [1, kv, cap, hd],
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--n-sink", type=int, default=4)
+    p.add_argument("--window", type=int, default=4096)
+    p.add_argument("--checkpoints", default="4096,16384,65536,262144,1048576")
+    p.add_argument("--full-contexts", default="4096,16384,65536,131072")
+    p.add_argument("--chunk", type=int, default=4096)
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--recompute-reps", type=int, default=5)
+    p.add_argument("--output", default="benchmarks/results/sink_window_decode.json")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
+    args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = "cpu" if args.smoke else "cuda"
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("sink_window_decode.py needs a CUDA GPU (or --smoke on the CPU)")
+    import transformers
+
+    from pressroom.presses.sink_window_cache import SinkWindowCache
+
+    t_start = time.time()
+    model, config = build_model(args.layers, args.smoke)
+    vocab = config.vocab_size
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    result: dict = {
+        "benchmark": "sink_window_decode",
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke test)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": f"random-weight Llama, 8B geometry, {args.layers} layers, 32 q / 8 kv heads, head_dim 128, bf16",
+        "n_sink": args.n_sink,
+        "window": args.window,
+        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
+
+    # 1. SinkWindowCache: stream to each checkpoint, time decode steps there.
+    for use_triton in (True, False):
+        cache = SinkWindowCache(config, n_sink=args.n_sink, window=args.window, use_triton=use_triton)
+        seen, rows = 0, []
+        checkpoints = [int(c) for c in args.checkpoints.split(",")]
+        if not use_triton:  # the reference path only at the first and last checkpoints it reaches quickly
+            checkpoints = checkpoints[:2]
+        for target in checkpoints:
+            t0 = time.time()
+            seen = stream_to(model, cache, seen, target, args.chunk, vocab, gen)
+            stream_s = time.time() - t0
+            if DEVICE == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ms = decode_ms(model, cache, args.decode_steps, vocab, gen)
+            seen += args.decode_steps + 3
+            rows.append(
+                {
+                    "tokens_streamed": target,
+                    "decode_ms_median": statistics.median(ms),
+                    "decode_ms_p90": sorted(ms)[int(0.9 * (len(ms) - 1))],
+                    "cache_bytes": cache.memory_bytes(),
+                    "gpu_allocated_bytes": torch.cuda.memory_allocated() if DEVICE == "cuda" else None,
+                    "gpu_peak_bytes_during_decode": torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None,
+                    "stream_seconds_to_here": stream_s,
+                }
+            )
+            print(
+                f"sink_window triton={use_triton} {target:>8} tokens: {rows[-1]['decode_ms_median']:.2f} ms/token, "
+                f"cache {rows[-1]['cache_bytes'] / 2**20:.1f} MiB",
+                flush=True,
+            )
+        result["sink_window_triton" if use_triton else "sink_window_reference"] = rows
+        del cache
+        torch.cuda.empty_cache()
+
+    # 2. Sliding window with re-computation: each generated token re-encodes the last `window` tokens.
+    ids = torch.randint(0, vocab, (1, args.window), device=DEVICE, generator=gen)
+    with torch.inference_mode():
+        rec = cuda_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), args.recompute_reps)
+    result["recompute_window_ms_per_token"] = statistics.median(rec)
+    print(f"re-computation at window {args.window}: {statistics.median(rec):.1f} ms/token", flush=True)
+
+    # 3. Full DynamicCache at growing contexts.
+    from transformers import DynamicCache
+
+    full = []
+    for ctx in [int(c) for c in args.full_contexts.split(",")]:
+        cache = DynamicCache()
+        try:
+            stream_to(model, cache, 0, ctx, args.chunk, vocab, gen)
+            ms = decode_ms(model, cache, args.decode_steps, vocab, gen)
+            full.append(
+                {
+                    "context": ctx,
+                    "decode_ms_median": statistics.median(ms),
+                    "cache_bytes": sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers),
+                    "gpu_allocated_bytes": torch.cuda.memory_allocated() if DEVICE == "cuda" else None,
+                }
+            )
+            print(f"full cache {ctx:>7}: {full[-1]['decode_ms_median']:.2f} ms/token", flush=True)
+        except torch.OutOfMemoryError:
+            full.append({"context": ctx, "oom": True})
+        del cache
+        torch.cuda.empty_cache()
+    result["full_cache"] = full
+
+    # 4. Kernels: Triton vs reference at the decode shape, and their share of a decode step.
+    result["kernels"] = kernel_rows(config, args.n_sink, args.window, reps=50 if DEVICE == "cuda" else 2)
+    tri = result["kernels"][0]
+    step = result["sink_window_triton"][-1]["decode_ms_median"]
+    per_step = args.layers * (tri["rotate_keys_ms_per_layer"] + tri["store_ms_per_layer"])
+    result["kernel_share_of_decode_step"] = per_step / step
+    sw = result["sink_window_triton"]
+    result["summary"] = {
+        "decode_ms_at_first_checkpoint": sw[0]["decode_ms_median"],
+        "decode_ms_at_last_checkpoint": sw[-1]["decode_ms_median"],
+        "latency_change_first_to_last": sw[-1]["decode_ms_median"] / sw[0]["decode_ms_median"] - 1,
+        "cache_bytes_change_first_to_last": sw[-1]["cache_bytes"] / sw[0]["cache_bytes"] - 1,
+        "speedup_over_recompute": result["recompute_window_ms_per_token"] / sw[-1]["decode_ms_median"],
+        "paper_speedup_over_recompute": 22.2,
+    }
+    result["wall_seconds"] = time.time() - t_start
+    _atomic_json(result, Path(args.output))
+    print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
