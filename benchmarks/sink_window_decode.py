@@ -125,7 +125,7 @@ def kernel_rows(config, n_sink: int, window: int, reps: int) -> list[dict]:
     rows = []
     for use_triton in (True, False):
         rot = cuda_ms(
-            lambda: ring_rotate_keys(
+            lambda ut=use_triton: ring_rotate_keys(
                 raw,
                 out,
                 inv_freq,
@@ -137,12 +137,12 @@ def kernel_rows(config, n_sink: int, window: int, reps: int) -> list[dict]:
                 window=window,
                 ring_first=17,
                 logical_order=False,
-                use_triton=use_triton,
+                use_triton=ut,
             ),
             reps,
         )
         store = cuda_ms(
-            lambda: ring_store(
+            lambda ut=use_triton: ring_store(
                 new_k,
                 new_v,
                 cos,
@@ -154,7 +154,7 @@ def kernel_rows(config, n_sink: int, window: int, reps: int) -> list[dict]:
                 stop=1,
                 n_sink=n_sink,
                 window=window,
-                use_triton=use_triton,
+                use_triton=ut,
             ),
             reps,
         )
