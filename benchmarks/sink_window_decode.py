@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         result["sink_window_triton" if use_triton else "sink_window_reference"] = rows
+        _atomic_json(result, Path(args.output))  # partial results survive a time limit
         del cache
         torch.cuda.empty_cache()
 
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         rec = cuda_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), args.recompute_reps)
     result["recompute_window_ms_per_token"] = statistics.median(rec)
+    _atomic_json(result, Path(args.output))
     print(f"re-computation at window {args.window}: {statistics.median(rec):.1f} ms/token", flush=True)
 
     # 3. Full DynamicCache at growing contexts.
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         del cache
         torch.cuda.empty_cache()
     result["full_cache"] = full
+    _atomic_json(result, Path(args.output))
 
     # 4. Kernels: Triton vs reference at the decode shape, and their share of a decode step.
     result["kernels"] = kernel_rows(config, args.n_sink, args.window, reps=50 if DEVICE == "cuda" else 2)
