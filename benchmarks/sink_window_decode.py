@@ -65,7 +65,7 @@ def _sync() -> None:
 
 
 def build_model(layers: int, smoke: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     shape = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32)
     if smoke:  # a CPU check of the script itself, no timing value
@@ -79,8 +79,10 @@ def build_model(layers: int, smoke: bool = False):
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
+    # from_config(dtype=...) keeps the rotary inv_freq in float32, as from_pretrained does; `.to(bfloat16)` would
+    # round it, and the model's RoPE would then no longer be the one its config describes.
     with torch.device(DEVICE):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     return model, config
 
 
@@ -90,7 +92,7 @@ def stream_to(model, cache, seen: int, target: int, chunk: int, vocab: int, gen:
     while seen < target:
         n = min(chunk, target - seen)
         ids = torch.randint(0, vocab, (1, n), device=DEVICE, generator=gen)
-        kwargs = {"position_ids": cache.position_ids_for(n).view(1, -1)} if hasattr(cache, "position_ids_for") else {}
+        kwargs = {"position_ids": cache.position_ids_for(n).view(1, -1).to(DEVICE)} if hasattr(cache, "position_ids_for") else {}
         model.model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
         seen += n
     _sync()
@@ -101,7 +103,7 @@ def stream_to(model, cache, seen: int, target: int, chunk: int, vocab: int, gen:
 def decode_ms(model, cache, steps: int, vocab: int, gen: torch.Generator) -> list[float]:
     def step():
         ids = torch.randint(0, vocab, (1, 1), device=DEVICE, generator=gen)
-        kwargs = {"position_ids": cache.position_ids_for(1).view(1, 1)} if hasattr(cache, "position_ids_for") else {}
+        kwargs = {"position_ids": cache.position_ids_for(1).view(1, 1).to(DEVICE)} if hasattr(cache, "position_ids_for") else {}
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
 
     return cuda_ms(step, steps, warmup=3)

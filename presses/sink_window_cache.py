@@ -174,7 +174,9 @@ class PositionResolver:
             raise ValueError(
                 "SinkWindowCache could not determine the position of the new tokens from their rotary embedding: "
                 "positions must be the same in every batch row (no left padding) and consecutive within a forward "
-                "pass, and the model's RoPE must match its config."
+                "pass, and the model's RoPE must match its config (a model cast with `.to(torch.bfloat16)` holds a "
+                "bfloat16 rotary inv_freq: load it with `from_pretrained(..., dtype=...)` / `from_config(..., "
+                "dtype=...)`, which keep inv_freq in float32)."
             )
         self._cos_ref = weakref.ref(cos)
         self._position = position
