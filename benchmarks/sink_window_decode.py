@@ -86,14 +86,20 @@ def build_model(layers: int, smoke: bool = False):
     return model, config
 
 
+def _positions(cache, n: int) -> dict:
+    """In-cache positions for a SinkWindowCache (StreamingLLM's pos-shift); the model's default otherwise."""
+    if not hasattr(cache, "position_ids_for"):
+        return {}
+    return {"position_ids": cache.position_ids_for(n).view(1, -1).to(DEVICE)}
+
+
 @torch.inference_mode()
 def stream_to(model, cache, seen: int, target: int, chunk: int, vocab: int, gen: torch.Generator) -> int:
     """Feed random tokens through the base model (no LM head) until ``target`` tokens have been streamed."""
     while seen < target:
         n = min(chunk, target - seen)
         ids = torch.randint(0, vocab, (1, n), device=DEVICE, generator=gen)
-        kwargs = {"position_ids": cache.position_ids_for(n).view(1, -1).to(DEVICE)} if hasattr(cache, "position_ids_for") else {}
-        model.model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+        model.model(input_ids=ids, past_key_values=cache, use_cache=True, **_positions(cache, n))
         seen += n
     _sync()
     return seen
@@ -103,8 +109,7 @@ def stream_to(model, cache, seen: int, target: int, chunk: int, vocab: int, gen:
 def decode_ms(model, cache, steps: int, vocab: int, gen: torch.Generator) -> list[float]:
     def step():
         ids = torch.randint(0, vocab, (1, 1), device=DEVICE, generator=gen)
-        kwargs = {"position_ids": cache.position_ids_for(1).view(1, 1).to(DEVICE)} if hasattr(cache, "position_ids_for") else {}
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **_positions(cache, 1))
 
     return cuda_ms(step, steps, warmup=3)
 
