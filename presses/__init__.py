@@ -8,7 +8,6 @@ from pressroom.presses.memory import cache_memory_bytes
 from pressroom.presses.sink_window_cache import SinkWindowCache, SinkWindowLayer
 from pressroom.presses.sink_window_press import SinkWindowPress
 
-PRESSES: dict[str, type] = {}
-PRESSES["sink_window"] = SinkWindowPress
+PRESSES: dict[str, type] = {"sink_window": SinkWindowPress}
 
 __all__ = ["PRESSES", "SinkWindowCache", "SinkWindowLayer", "SinkWindowPress", "cache_memory_bytes"]
