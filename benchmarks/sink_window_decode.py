@@ -18,23 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-
-def _atomic_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
 
 DEVICE = "cuda"
 
@@ -196,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("sink_window_decode.py needs a CUDA GPU (or --smoke on the CPU)")
     import transformers
 
+    from pressroom.evaluation.atomic import atomic_write_json
     from pressroom.presses.sink_window_cache import SinkWindowCache
 
     t_start = time.time()
@@ -246,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         result["sink_window_triton" if use_triton else "sink_window_reference"] = rows
-        _atomic_json(result, Path(args.output))  # partial results survive a time limit
+        atomic_write_json(args.output, result)  # partial results survive a time limit
         del cache
         torch.cuda.empty_cache()
 
@@ -255,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         rec = cuda_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), args.recompute_reps)
     result["recompute_window_ms_per_token"] = statistics.median(rec)
-    _atomic_json(result, Path(args.output))
+    atomic_write_json(args.output, result)
     print(f"re-computation at window {args.window}: {statistics.median(rec):.1f} ms/token", flush=True)
 
     # 3. Full DynamicCache at growing contexts.
@@ -281,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         del cache
         torch.cuda.empty_cache()
     result["full_cache"] = full
-    _atomic_json(result, Path(args.output))
+    atomic_write_json(args.output, result)
 
     # 4. Kernels: Triton vs reference at the decode shape, and their share of a decode step.
     result["kernels"] = kernel_rows(config, args.n_sink, args.window, reps=50 if DEVICE == "cuda" else 2)
@@ -299,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "paper_speedup_over_recompute": 22.2,
     }
     result["wall_seconds"] = time.time() - t_start
-    _atomic_json(result, Path(args.output))
+    atomic_write_json(args.output, result)
     print(json.dumps(result["summary"], indent=1))
     return 0
 

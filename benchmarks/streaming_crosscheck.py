@@ -18,12 +18,9 @@ segment perplexities) with the device, versions and command line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -43,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from kvpress import DecodingPress, StreamingLLMPress
 
+    from pressroom.evaluation.atomic import atomic_write_json
     from pressroom.evaluation.corpora import corpus_tokens
     from pressroom.evaluation.models import load_model
     from pressroom.evaluation.perplexity import streaming_perplexity
@@ -100,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": runs,
     }
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(args.output, out)
     return 0
 
 

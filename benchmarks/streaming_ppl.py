@@ -40,13 +40,14 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from pressroom.evaluation.atomic import atomic_write_bytes
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "streaming_ppl.json"
 PREFIXES = (1024, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -147,29 +148,11 @@ def summarize(nll: list[float], segment: int, points: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- output
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     data = (json.dumps(payload, indent=1) + "\n").encode()
     if len(data) > MAX_JSON_BYTES:
         print(f"warning: {path} is {len(data) / 1e3:.0f} kB (> {MAX_JSON_BYTES / 1e3:.0f} kB)", file=sys.stderr)
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
 
 
 def write_plot(path: Path, payload: dict[str, Any]) -> None:
@@ -205,7 +188,7 @@ def write_plot(path: Path, payload: dict[str, Any]) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def markdown_table(runs: list[dict[str, Any]]) -> str:

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import transformers
 
+    from pressroom.evaluation.atomic import atomic_write_json
     from pressroom.evaluation.compare import load_results, plot_scores, summary_table, to_markdown
     from pressroom.evaluation.run import EvalConfig, Runner
 
@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": json.loads(table.to_json(orient="records")),
     }
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, out)
+    atomic_write_json(out, doc)
     return 0
 
 

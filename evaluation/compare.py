@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from numbers import Number
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+
+from pressroom.evaluation.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -48,28 +49,6 @@ MAX_TASK_PANELS = 15
 
 
 # --------------------------------------------------------------------------------------------------- files
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -380,7 +359,7 @@ def _save_figure(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -570,12 +549,12 @@ def compare(paths: Sequence[str | Path], output_dir: str | Path | None = None) -
     if df is not None:
         table = summary_table(df)
         print(to_markdown(table))
-        _atomic_write_bytes(out / "comparison.csv", table.to_csv(index=False).encode("utf-8"))
+        atomic_write_bytes(out / "comparison.csv", table.to_csv(index=False).encode("utf-8"))
         plot_scores(df, out / "scores.png")
     if perplexity:
         ppl = perplexity_table(perplexity)
         print(to_markdown(ppl.drop(columns="path")))
-        _atomic_write_bytes(out / "perplexity.csv", ppl.to_csv(index=False).encode("utf-8"))
+        atomic_write_bytes(out / "perplexity.csv", ppl.to_csv(index=False).encode("utf-8"))
         if any(isinstance(r.get("nll"), list) and r["nll"] for r in perplexity):
             plot_perplexity(perplexity, out / "perplexity.png")
     logger.info("Comparison written to %s", out)

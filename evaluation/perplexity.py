@@ -33,8 +33,6 @@ import inspect
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -47,6 +45,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import Cache, DynamicCache, PreTrainedModel
 
+from pressroom.evaluation.atomic import atomic_write_text
 from pressroom.presses.memory import cache_memory_bytes
 
 if TYPE_CHECKING:
@@ -305,28 +304,6 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_perplexity_json(result: PerplexityResult, path: str | Path, **metadata: Any) -> Path:
     """Write a result and its metadata as JSON, atomically.
 
@@ -365,7 +342,7 @@ def write_perplexity_json(result: PerplexityResult, path: str | Path, **metadata
     payload.update(metadata)
     payload.update(result.to_dict())
     path = Path(path)
-    _atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
     return path
 
 

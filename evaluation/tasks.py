@@ -30,7 +30,6 @@ import math
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,6 +38,7 @@ from typing import Any
 
 import pandas as pd
 
+from pressroom.evaluation.atomic import atomic_path
 from pressroom.evaluation.corpora import PG_ESSAYS, load_corpus
 
 TASKS: tuple[str, ...] = (
@@ -688,10 +688,7 @@ def write_tasks(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """
     path = Path(path)
     fmt = _format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp_name:
         if fmt == ".jsonl":
             with open(tmp_name, "w", encoding="utf-8") as f:
                 for record in df.to_dict(orient="records"):
@@ -705,11 +702,6 @@ def write_tasks(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
             out.to_csv(tmp_name, index=False)
         else:
             df.to_parquet(tmp_name, index=False)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
     return path
 
 
