@@ -343,7 +343,9 @@ class Runner:
         mean_tokens = sum(rec.context_tokens) / max(1, len(rec.context_tokens))
         stats = {
             "kv_bytes": int(sum(rec.kv_bytes) / max(1, len(rec.kv_bytes))),
-            "kv_bytes_full": full_cache_bytes(pipe.model, round(mean_tokens)),
+            "kv_bytes_full": int(
+                sum(full_cache_bytes(pipe.model, t) for t in rec.context_tokens) / max(1, len(rec.context_tokens))
+            ),
             "prefill_seconds": sum(rec.prefill_seconds) / max(1, len(rec.prefill_seconds)),
             "decode_seconds_per_token": rec.decode_seconds / max(1, rec.decode_tokens),
             "decode_tokens": rec.decode_tokens,
