@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from pressroom.evaluation.atomic import atomic_write_json
     from pressroom.evaluation.compare import load_results, plot_scores, summary_table, to_markdown
-    from pressroom.evaluation.run import EvalConfig, Runner
+    from pressroom.evaluation.run import EvalConfig, Runner, press_grid
 
     runner = Runner()
-    grid = [("no_press", 0.0)] + [(press, r) for r in args.ratios for press in PRESSES]
+    grid = press_grid(PRESSES, args.ratios)
     started = time.time()
     dirs = []
     for press, ratio in grid:

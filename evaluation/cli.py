@@ -57,11 +57,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def _run_grid(args: argparse.Namespace) -> Path:
     from pressroom.evaluation.compare import compare
-    from pressroom.evaluation.run import EvalConfig, Runner
+    from pressroom.evaluation.run import EvalConfig, Runner, press_grid
 
     presses = args.press if args.press is not None else default_presses()
-    grid: list[tuple[str, float]] = [] if args.no_baseline else [("no_press", 0.0)]
-    grid += [(p, r) for p in presses if p not in ("none", "no_press") for r in args.ratio]
+    grid = press_grid(presses, args.ratio, baseline=not args.no_baseline)
     runner = Runner()
     configs = [
         EvalConfig(

@@ -372,6 +372,12 @@ class Runner:
         return results_dir
 
 
+def press_grid(presses: list[str], ratios: list[float], baseline: bool = True) -> list[tuple[str, float]]:
+    """(press spec, ratio) pairs of a sweep: the no_press baseline once (if asked), then every press x ratio."""
+    grid: list[tuple[str, float]] = [("no_press", 0.0)] if baseline else []
+    return grid + [(p, r) for p in presses if press_label(p) != "no_press" for r in ratios]
+
+
 def run_evaluation(config: EvalConfig | None = None, press: BasePress | None = None, **kwargs: Any) -> Path:
     """Evaluate one configuration (``EvalConfig`` or its fields as keywords); return the results directory."""
     config = config or EvalConfig(**kwargs)
