@@ -1,0 +1,231 @@
+"""RoPE-commutative key codebooks of CommVQ (Li et al., ICML 2025, arXiv 2506.18879): centers and nearest-center search.
+
+A CommVQ key codebook for one KV head of width ``d = 2P`` (``P`` RoPE pairs) is a parameter ``theta`` of shape
+``[128, P]``: for every pair ``p`` it holds 64 complex entries ``z_A = (x_A, y_A) = (theta[2A, p], theta[2A+1, p])``.
+A 12-bit code ``C = 64 A + B`` selects, for every pair, the center ``z_A + i z_B``, i.e.
+
+    X_C = x_A - y_B,    Y_C = y_A + x_B.
+
+The 2x2 matrix of that complex number, ``[[X, -Y], [Y, X]]``, commutes with every RoPE rotation, so attention can be
+computed from the codes with the query rotated instead of the keys (issue 5). The constant ``T`` (:func:`commutative_T`,
+``[8192, 128]``) writes all 4096 centers as ``T @ theta``; ``T^T T`` is diagonal.
+
+Layouts. Keys leave the projection in the ``rotate_half`` layout (pair ``i`` is ``(x_i, x_{i+d/2})``); codebooks work
+in the *interleaved* layout ``[x_0, x_{d/2}, x_1, x_{d/2+1}, ...]`` (:func:`to_interleaved` / :func:`from_interleaved`),
+and centers are stored interleaved: ``(X_p0, Y_p0, X_p1, Y_p1, ...)``.
+
+Additive structure. ``center(A, B) = u_A + w_B`` with ``u_A = (x_A, y_A)`` and ``w_B = (-y_B, x_B)`` per pair
+(:func:`additive_parts`), hence
+
+    ||r - c_AB||^2 = ||r||^2 - 2 r.u_A - 2 r.w_B + H[A, B],    H[A, B] = ||u_A + w_B||^2,
+
+so the nearest of the 4096 centers needs 128 dot products and a 64x64 table per vector, never a [N, 4096] matrix
+(:func:`nearest_centers`: a Triton kernel beside :func:`nearest_centers_reference`).
+
+Dispatch. ``use_triton=None`` runs the Triton kernel on CUDA tensors and the reference elsewhere (or always the
+reference with ``PRESSROOM_FORCE_REFERENCE=1``); ``True`` / ``False`` force one (see
+:func:`pressroom.kernels.rope_ring.resolve_use_triton`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pressroom.kernels.rope_ring import HAS_TRITON, resolve_use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+N_ENTRIES = 64  # complex entries per pair (6 bits each for A and B)
+N_CENTERS = N_ENTRIES * N_ENTRIES  # 4096 = 2**12 centers per residual step
+THETA_ROWS = 2 * N_ENTRIES  # 128
+_CHUNK = 8192  # rows per chunk in the PyTorch references
+
+
+def commutative_T(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The constant ``T`` [8192, 128] with ``centers = T @ theta`` (rows ``2C``: X, ``2C+1``: Y of code ``C``).
+
+    For ``C = 64 A + B``: ``T[2C, 2A] = 1``, ``T[2C, 2B+1] = -1``, ``T[2C+1, 2B] = 1``, ``T[2C+1, 2A+1] = 1``
+    (the reference's ``XAB = XA - YB``, ``YAB = XB + YA``).
+    """
+    codes = torch.arange(N_CENTERS, device=device)
+    a, b = codes // N_ENTRIES, codes % N_ENTRIES
+    t = torch.zeros(2 * N_CENTERS, THETA_ROWS, device=device, dtype=dtype)
+    t[2 * codes, 2 * a] = 1
+    t[2 * codes, 2 * b + 1] = -1
+    t[2 * codes + 1, 2 * b] = 1
+    t[2 * codes + 1, 2 * a + 1] = 1
+    return t
+
+
+def _check_theta(theta: torch.Tensor) -> None:
+    if theta.dim() < 2 or theta.shape[-2] != THETA_ROWS:
+        raise ValueError(f"theta must be [..., {THETA_ROWS}, head_dim/2], got shape {tuple(theta.shape)}.")
+
+
+def additive_parts(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, w)``, each ``[..., 64, 2P]`` interleaved, with ``center(A, B) = u[A] + w[B]``.
+
+    ``u_A = (x_A, y_A)`` and ``w_B = (-y_B, x_B)`` per pair, where ``(x_A, y_A) = (theta[2A], theta[2A+1])``.
+    """
+    _check_theta(theta)
+    x = theta[..., 0::2, :]  # [..., 64, P]
+    y = theta[..., 1::2, :]
+    u = torch.stack((x, y), dim=-1).flatten(-2)
+    w = torch.stack((-y, x), dim=-1).flatten(-2)
+    return u, w
+
+
+def centers_from_theta(theta: torch.Tensor) -> torch.Tensor:
+    """All 4096 centers ``[..., 4096, 2P]`` (interleaved) of ``theta [..., 128, P]``; row ``64 A + B`` is u_A + w_B."""
+    u, w = additive_parts(theta)
+    return (u.unsqueeze(-2) + w.unsqueeze(-3)).flatten(-3, -2)
+
+
+def to_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """``rotate_half`` layout -> interleaved pairs over the last dim (one head): ``[x_0, x_{d/2}, x_1, ...]``."""
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"head_dim must be even, got {d}.")
+    return x.unflatten(-1, (2, d // 2)).transpose(-1, -2).flatten(-2)
+
+
+def from_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """Interleaved pairs -> ``rotate_half`` layout over the last dim (one head); inverse of :func:`to_interleaved`."""
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"head_dim must be even, got {d}.")
+    return x.unflatten(-1, (d // 2, 2)).transpose(-1, -2).flatten(-2)
+
+
+def _prepare(r: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check shapes; return fp32 ``(r, u, w, H)`` with ``H[A, B] = ||u_A + w_B||^2`` [64, 64]."""
+    _check_theta(theta)
+    if theta.dim() != 2:
+        raise ValueError(f"theta must be [128, P] (one codebook), got shape {tuple(theta.shape)}.")
+    if r.dim() != 2 or r.shape[1] != 2 * theta.shape[1]:
+        raise ValueError(
+            f"vectors must be [N, {2 * theta.shape[1]}] for theta {tuple(theta.shape)}, got {tuple(r.shape)}."
+        )
+    theta = theta.to(device=r.device, dtype=torch.float32)
+    u, w = additive_parts(theta)
+    h = (u.unsqueeze(1) + w.unsqueeze(0)).pow(2).sum(-1)  # [64, 64]
+    return r.float().contiguous(), u.contiguous(), w.contiguous(), h.contiguous()
+
+
+def nearest_centers_reference(r: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference of :func:`nearest_centers`: chunked, additive structure, first index on ties."""
+    r, u, w, h = _prepare(r, theta)
+    out = torch.empty(r.shape[0], dtype=torch.int64, device=r.device)
+    for s in range(0, r.shape[0], _CHUNK):
+        rc = r[s : s + _CHUNK]
+        ru = rc @ u.T  # [n, 64]
+        rw = rc @ w.T
+        val = h.unsqueeze(0) - 2.0 * (ru.unsqueeze(2) + rw.unsqueeze(1))  # [n, 64, 64]; ||r||^2 dropped
+        out[s : s + _CHUNK] = val.flatten(1).argmin(dim=1)
+    return out
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _nearest_kernel(
+        r_ptr,
+        u_ptr,
+        w_ptr,
+        h_ptr,
+        out_ptr,
+        n_rows,
+        D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_D)
+        ks = tl.arange(0, K)
+        rmask = rows < n_rows
+        dmask = cols < D
+        r = tl.load(r_ptr + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        w_t = tl.load(w_ptr + ks[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)  # [BLOCK_D, K]
+        rw = tl.dot(r, w_t, input_precision="ieee")  # [BLOCK_N, K]: r . w_B
+        best = tl.full((BLOCK_N,), float("inf"), tl.float32)
+        best_idx = tl.zeros((BLOCK_N,), tl.int32)
+        for a in range(K):
+            ua = tl.load(u_ptr + a * D + cols, mask=dmask, other=0.0)
+            ra = tl.sum(r * ua[None, :], axis=1)  # r . u_A
+            h = tl.load(h_ptr + a * K + ks)
+            val = h[None, :] - 2.0 * (ra[:, None] + rw)
+            m = tl.min(val, axis=1)
+            i = tl.argmin(val, axis=1)
+            upd = m < best
+            best = tl.where(upd, m, best)
+            best_idx = tl.where(upd, a * K + i, best_idx)
+        tl.store(out_ptr + rows, best_idx.to(tl.int64), mask=rmask)
+
+
+def _nearest_triton(r: torch.Tensor, u: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    n, d = r.shape
+    out = torch.empty(n, dtype=torch.int64, device=r.device)
+    if n == 0:
+        return out
+    block_n = 64
+    grid = (triton.cdiv(n, block_n),)
+    _nearest_kernel[grid](r, u, w, h, out, n, D=d, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), K=64)
+    return out
+
+
+def nearest_centers(r: torch.Tensor, theta: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
+    """Code (``64 A + B``, int64 ``[N]``) of the center of ``theta`` nearest to each row of ``r``.
+
+    Parameters
+    ----------
+    r : torch.Tensor
+        ``[N, 2P]`` vectors in the interleaved layout (any float dtype; computed in float32).
+    theta : torch.Tensor
+        ``[128, P]`` codebook parameter.
+    use_triton : bool or None
+        Kernel choice (module docstring).
+
+    Notes
+    -----
+    Uses the additive structure: per row, 64 dot products with ``u``, 64 with ``w`` and a 64x64 table; no
+    ``[N, 4096]`` matrix is ever held (the reference holds at most a chunk of 8192 rows).
+    """
+    if not resolve_use_triton(use_triton, r):
+        return nearest_centers_reference(r, theta)
+    r, u, w, h = _prepare(r, theta)
+    return _nearest_triton(r, u, w, h)
+
+
+def residual_encode(
+    r: torch.Tensor, thetas: torch.Tensor, use_triton: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy residual quantization: codes ``[N, R]`` (int64) and the final residual ``[N, 2P]`` (float32).
+
+    Step ``i`` codes the residual left by steps ``0 .. i-1`` with ``thetas[i]`` ([R, 128, P]).
+    """
+    _check_theta(thetas)
+    if thetas.dim() != 3:
+        raise ValueError(f"thetas must be [R, 128, P], got shape {tuple(thetas.shape)}.")
+    res = r.float().clone()
+    centers = centers_from_theta(thetas.to(device=r.device, dtype=torch.float32))  # [R, 4096, 2P]
+    codes = torch.empty(r.shape[0], thetas.shape[0], dtype=torch.int64, device=r.device)
+    for i in range(thetas.shape[0]):
+        codes[:, i] = nearest_centers(res, thetas[i], use_triton=use_triton)
+        res -= centers[i][codes[:, i]]
+    return codes, res
+
+
+def residual_decode(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+    """Sum over residual steps of the selected centers: ``[N, R]`` codes -> ``[N, 2P]`` float32 (interleaved)."""
+    _check_theta(thetas)
+    if thetas.dim() != 3 or codes.dim() != 2 or codes.shape[1] != thetas.shape[0]:
+        raise ValueError(f"codes {tuple(codes.shape)} must be [N, R] for thetas {tuple(thetas.shape)} ([R, 128, P]).")
+    centers = centers_from_theta(thetas.to(device=codes.device, dtype=torch.float32))
+    out = torch.zeros(codes.shape[0], centers.shape[-1], dtype=torch.float32, device=codes.device)
+    for i in range(thetas.shape[0]):
+        out += centers[i][codes[:, i].long()]
+    return out

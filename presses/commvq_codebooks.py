@@ -1,0 +1,412 @@
+"""CommVQ codebooks (Li et al., ICML 2025, arXiv 2506.18879): key codebooks (theta), value codecs, file formats.
+
+Two on-disk formats:
+
+- **native** (what :class:`CommVQCodebooks` writes and the press loads): a directory with ``commvq.json`` (model,
+  bits, residuals, head_dim, num_layers, num_kv_heads, value codec sizes), ``keys.safetensors`` (``key_theta``
+  fp16 ``[L, H_kv, R, 128, head_dim/2]`` and ``key_mse`` fp32 ``[L, H_kv, R]``) and, when values are trained,
+  ``values.safetensors`` (one :class:`ValueCodec` state per layer, keys ``"{layer}.{name}"``).
+- **reference** (UMass-Embodied-AGI/CommVQ ``training/quantize_key_cache.py``): one file per layer and KV head,
+  ``{layer:03d}_{group}.pt`` holding ``{"steps": [{"mse_loss": 0-d tensor, "theta": [128, head_dim/2],
+  "clustering_centers": [4096, head_dim]}, ... R], "final_error": float}``. Keys only. Files are read with
+  ``torch.load(..., weights_only=True)``: loading a codebook never runs code from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pressroom.kernels.commvq_codebook import THETA_ROWS, centers_from_theta
+
+NATIVE_CONFIG = "commvq.json"
+NATIVE_KEYS = "keys.safetensors"
+NATIVE_VALUES = "values.safetensors"
+FORMAT_NAME = "pressroom-commvq"
+FORMAT_VERSION = 1
+_REFERENCE_FILE = re.compile(r"^(\d{3,})_(\d+)\.pt$")
+
+
+def residuals_for_bits(bits: float, head_dim: int) -> int:
+    """Residual steps ``R`` for ``bits`` per key element: ``round(bits * head_dim / 12)`` (12 bits per code).
+
+    head_dim 128: R=21 (2 bits, 1.97 actual), R=11 (1 bit, 1.03); head_dim 64: R=11 (2 bits, 2.06), R=5 (1 bit, 0.94).
+    """
+    if bits <= 0 or head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"need bits > 0 and an even head_dim > 0, got bits={bits}, head_dim={head_dim}.")
+    return max(1, int(math.floor(bits * head_dim / 12 + 0.5)))
+
+
+def model_kv_shape(model_config: Any) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a transformers config."""
+    layers = int(model_config.num_hidden_layers)
+    heads = int(getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads)
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    return layers, heads, int(head_dim)
+
+
+class ValueCodec(nn.Module):
+    """CommVQ value codec of one layer: encoder to 2-bit choices and a learned binary additive codebook.
+
+    ``v`` (all KV heads of a token together, ``feat_dim = H_kv * head_dim``) is divided by a fixed per-channel
+    ``scale`` (mean ``|v|`` per channel of collected values), then by its norm (``prescale``, kept exactly); the
+    encoder ``LayerNorm -> Linear -> GELU -> Linear`` gives ``n_e = feat_dim * bits / 2`` four-way choices, each
+    mapped to 2 bits (choice 0 -> 10, 1 -> 01, 2 -> 11, 3 -> 00, the reference's ``x[..., :2] += x[..., 2:3]``), so
+    a token costs ``feat_dim * bits`` bits. Decoding: ``bits @ embedding`` (``embedding [n_e*2, feat_dim]``),
+    divided by its own norm (``postscale``), times ``prescale``, times ``scale``.
+
+    Parameters
+    ----------
+    feat_dim : int
+        ``num_kv_heads * head_dim``.
+    bits : int
+        Bits per value element (1 or 2).
+    intermediate_dim : int or None
+        Encoder width; default ``min(4096, 4 * n_e)`` as in the reference.
+    """
+
+    eps = 1e-6
+
+    def __init__(self, feat_dim: int, bits: int, intermediate_dim: int | None = None) -> None:
+        super().__init__()
+        if feat_dim <= 0 or bits not in (1, 2) or (feat_dim * bits) % 2:
+            raise ValueError(f"ValueCodec needs bits in (1, 2) and feat_dim*bits even, got {feat_dim=}, {bits=}.")
+        self.feat_dim = int(feat_dim)
+        self.bits = int(bits)
+        self.n_e = self.feat_dim * self.bits // 2
+        self.intermediate_dim = int(intermediate_dim or min(4096, 4 * self.n_e))
+        self.embedding = nn.Parameter(torch.randn(2 * self.n_e, self.feat_dim))
+        self.norm1 = nn.LayerNorm(self.feat_dim)
+        self.enc1 = nn.Linear(self.feat_dim, self.intermediate_dim)
+        self.act1 = nn.GELU()
+        self.out = nn.Linear(self.intermediate_dim, 4 * self.n_e)
+        self.register_buffer("scale", torch.ones(self.feat_dim))
+
+    @property
+    def code_bits(self) -> int:
+        """Bits per token: ``2 * n_e = feat_dim * bits``."""
+        return 2 * self.n_e
+
+    def _check(self, v: torch.Tensor) -> None:
+        if v.shape[-1] != self.feat_dim:
+            raise ValueError(f"values must end in feat_dim={self.feat_dim} (all KV heads together), got {v.shape}.")
+
+    def logits(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder logits ``[..., n_e, 4]`` and ``prescale [..., 1]`` (norm of the scaled value)."""
+        self._check(v)
+        x = v.to(self.embedding.dtype) / (self.scale + self.eps)
+        prescale = x.norm(dim=-1, keepdim=True)
+        x = x / (prescale + self.eps)
+        x = self.out(self.act1(self.enc1(self.norm1(x))))
+        return x.unflatten(-1, (self.n_e, 4)), prescale
+
+    @staticmethod
+    def choices_to_bits(onehot: torch.Tensor) -> torch.Tensor:
+        """Four-way one-hot ``[..., n_e, 4]`` -> bits ``[..., 2 n_e]`` (differentiable; reference mapping)."""
+        return (onehot[..., :2] + onehot[..., 2:3]).flatten(-2)
+
+    def encode(self, v: torch.Tensor, sample: bool = False, tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bits (uint8 0/1 ``[..., 2 n_e]``) and ``prescale [..., 1]`` (float32).
+
+        ``sample=False`` takes the arg-max choice (deterministic); ``True`` draws hard Gumbel-softmax samples as the
+        reference does at inference.
+        """
+        with torch.no_grad():
+            logits, prescale = self.logits(v)
+            if sample:
+                onehot = nn.functional.gumbel_softmax(logits.float(), tau=tau, hard=True)
+            else:
+                onehot = nn.functional.one_hot(logits.argmax(-1), 4).float()
+            return self.choices_to_bits(onehot).to(torch.uint8), prescale.float()
+
+    def postscale(self, bits: torch.Tensor) -> torch.Tensor:
+        """Norm of ``bits @ embedding`` ``[..., 1]`` (the decoded direction is divided by it)."""
+        return (bits.to(self.embedding.dtype) @ self.embedding).norm(dim=-1, keepdim=True)
+
+    def decode(self, bits: torch.Tensor, prescale: torch.Tensor) -> torch.Tensor:
+        """Values ``[..., feat_dim]`` from bits ``[..., 2 n_e]`` and ``prescale [..., 1]``."""
+        if bits.shape[-1] != self.code_bits:
+            raise ValueError(f"bits must end in {self.code_bits}, got {tuple(bits.shape)}.")
+        x = bits.to(self.embedding.dtype) @ self.embedding
+        x = x / (x.norm(dim=-1, keepdim=True) + self.eps)
+        return x * (prescale.to(x.dtype) + self.eps) * (self.scale + self.eps)
+
+    def forward(self, v: torch.Tensor, tau: float = 1.0, hard: bool = True) -> torch.Tensor:
+        """Training reconstruction: Gumbel-softmax choices (straight-through when ``hard``), decoded."""
+        logits, prescale = self.logits(v)
+        onehot = nn.functional.gumbel_softmax(logits, tau=tau, hard=hard)
+        return self.decode(self.choices_to_bits(onehot), prescale)
+
+    def sizes(self) -> dict[str, int]:
+        """Constructor arguments, as stored in ``commvq.json``."""
+        return {"feat_dim": self.feat_dim, "bits": self.bits, "intermediate_dim": self.intermediate_dim}
+
+
+@dataclass
+class CommVQCodebooks:
+    """Key codebooks (and optionally value codecs) of CommVQ for one model at one bit width.
+
+    Parameters
+    ----------
+    model_name : str
+        The model the codebooks were trained for (informational; :meth:`validate` checks the shapes).
+    bits : int
+        Nominal bits per element (1 or 2); key bits are ``12 * residuals / head_dim``.
+    residuals : int
+        ``R``, residual steps per key vector.
+    head_dim : int
+        Head dimension (``2P``).
+    num_layers, num_kv_heads : int
+        Model shape.
+    key_theta : torch.Tensor
+        ``[L, H_kv, R, 128, P]`` float32.
+    values : list of ValueCodec or None
+        One value codec per layer, or ``None`` (keys only, e.g. the reference format).
+    key_mse : torch.Tensor or None
+        ``[L, H_kv, R]`` training MSE after each residual step (the reference's ``mse_loss``), if known.
+    """
+
+    model_name: str
+    bits: int
+    residuals: int
+    head_dim: int
+    num_layers: int
+    num_kv_heads: int
+    key_theta: torch.Tensor
+    values: list[ValueCodec] | None = None
+    key_mse: torch.Tensor | None = None
+    _centers: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        expected = (self.num_layers, self.num_kv_heads, self.residuals, THETA_ROWS, self.head_dim // 2)
+        if self.head_dim % 2 or tuple(self.key_theta.shape) != expected:
+            raise ValueError(f"key_theta must be {list(expected)}, got {list(self.key_theta.shape)}.")
+        self.key_theta = self.key_theta.float()
+        if self.key_mse is not None and tuple(self.key_mse.shape) != expected[:3]:
+            raise ValueError(f"key_mse must be {list(expected[:3])}, got {list(self.key_mse.shape)}.")
+        if self.values is not None:
+            feat = self.num_kv_heads * self.head_dim
+            if len(self.values) != self.num_layers or any(v.feat_dim != feat for v in self.values):
+                raise ValueError(f"values must be {self.num_layers} ValueCodec of feat_dim {feat}.")
+
+    @property
+    def R(self) -> int:  # noqa: N802 - the paper's name
+        """Alias of :attr:`residuals`."""
+        return self.residuals
+
+    @property
+    def key_bits(self) -> float:
+        """Actual key bits per element, ``12 R / head_dim``."""
+        return 12 * self.residuals / self.head_dim
+
+    def key_centers(self, layer: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Centers ``[H_kv, R, 4096, head_dim]`` (float32, interleaved layout) of ``layer``; cached per device."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} is outside 0..{self.num_layers - 1}.")
+        dev = torch.device(device) if device is not None else self.key_theta.device
+        key = (layer, str(dev))
+        if key not in self._centers:
+            self._centers[key] = centers_from_theta(self.key_theta[layer].to(dev)).contiguous()
+        return self._centers[key]
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, model_config: Any) -> None:
+        """Raise ``ValueError`` naming the mismatch if these codebooks do not fit ``model_config``."""
+        layers, heads, head_dim = model_kv_shape(model_config)
+        problems = []
+        if layers != self.num_layers:
+            problems.append(f"{self.num_layers} layers but the model has {layers}")
+        if heads != self.num_kv_heads:
+            problems.append(f"{self.num_kv_heads} KV heads but the model has {heads}")
+        if head_dim != self.head_dim:
+            problems.append(f"head_dim {self.head_dim} but the model has {head_dim}")
+        if problems:
+            raise ValueError(
+                f"CommVQ codebooks for {self.model_name!r} do not fit this model: " + "; ".join(problems) + ". "
+                "Train codebooks for this model (`pressroom-train commvq all --model <model> --bits <bits>`) "
+                "or load the ones made for it."
+            )
+
+    # ------------------------------------------------------------------ native format
+    def save_native(self, path: str | os.PathLike) -> Path:
+        """Write the native format (theta in fp16) into directory ``path``; returns it."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {"key_theta": self.key_theta.detach().to("cpu", torch.float16).contiguous()}
+        if self.key_mse is not None:
+            tensors["key_mse"] = self.key_mse.detach().to("cpu", torch.float32).contiguous()
+        _atomic_save_file(tensors, out / NATIVE_KEYS)
+        config: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "model": self.model_name,
+            "bits": self.bits,
+            "residuals": self.residuals,
+            "head_dim": self.head_dim,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "values": None,
+        }
+        if self.values is not None:
+            state = {}
+            for i, codec in enumerate(self.values):
+                for name, t in codec.state_dict().items():
+                    state[f"{i}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
+            _atomic_save_file(state, out / NATIVE_VALUES)
+            config["values"] = self.values[0].sizes()
+        elif (out / NATIVE_VALUES).exists():
+            (out / NATIVE_VALUES).unlink()
+        _atomic_write_text(out / NATIVE_CONFIG, json.dumps(config, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def _load_native(cls, path: Path) -> CommVQCodebooks:
+        config = json.loads((path / NATIVE_CONFIG).read_text())
+        if config.get("format") != FORMAT_NAME:
+            raise ValueError(
+                f"{path / NATIVE_CONFIG} is not a pressroom CommVQ codebook (format {config.get('format')!r})."
+            )
+        if not (path / NATIVE_KEYS).exists():
+            raise FileNotFoundError(f"{path / NATIVE_KEYS} is missing: the codebook directory is incomplete.")
+        keys = load_file(str(path / NATIVE_KEYS))
+        values = None
+        if config.get("values"):
+            if not (path / NATIVE_VALUES).exists():
+                raise FileNotFoundError(f"{path / NATIVE_VALUES} is missing but {NATIVE_CONFIG} lists value codecs.")
+            state = load_file(str(path / NATIVE_VALUES))
+            values = []
+            for i in range(int(config["num_layers"])):
+                codec = ValueCodec(**config["values"])
+                codec.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == str(i)})
+                values.append(codec)
+        return cls(
+            model_name=str(config["model"]),
+            bits=int(config["bits"]),
+            residuals=int(config["residuals"]),
+            head_dim=int(config["head_dim"]),
+            num_layers=int(config["num_layers"]),
+            num_kv_heads=int(config["num_kv_heads"]),
+            key_theta=keys["key_theta"].float(),
+            values=values,
+            key_mse=keys.get("key_mse"),
+        )
+
+    # ------------------------------------------------------------------ reference format
+    def save_reference(self, path: str | os.PathLike) -> Path:
+        """Write the reference's ``{layer:03d}_{group}.pt`` files (keys only) into directory ``path``."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        for layer in range(self.num_layers):
+            centers = self.key_centers(layer, "cpu")
+            for group in range(self.num_kv_heads):
+                mse = (
+                    self.key_mse[layer, group] if self.key_mse is not None else torch.full((self.residuals,), math.nan)
+                )
+                steps = [
+                    {
+                        "mse_loss": mse[i].detach().float().clone().reshape(()),
+                        "theta": self.key_theta[layer, group, i].detach().to("cpu", torch.float32).clone(),
+                        "clustering_centers": centers[group, i].clone(),
+                    }
+                    for i in range(self.residuals)
+                ]
+                data = {"steps": steps, "final_error": float(mse[-1])}
+                target = out / f"{layer:03d}_{group}.pt"
+                tmp = target.with_name(target.name + ".tmp")
+                torch.save(data, tmp)
+                os.replace(tmp, target)
+        return out
+
+    @classmethod
+    def _load_reference(cls, path: Path, files: dict[tuple[int, int], Path], bits: int | None) -> CommVQCodebooks:
+        layers = sorted({k[0] for k in files})
+        groups = sorted({k[1] for k in files})
+        if layers != list(range(len(layers))) or groups != list(range(len(groups))):
+            raise ValueError(f"{path}: reference files must cover layers 0..L-1 and groups 0..H-1 without gaps.")
+        missing = [f"{i:03d}_{g}.pt" for i in layers for g in groups if (i, g) not in files]
+        if missing:
+            raise FileNotFoundError(f"{path}: missing reference codebook files {missing[:5]}.")
+        thetas, mses = [], []
+        for i in layers:
+            row_t, row_m = [], []
+            for g in groups:
+                data = torch.load(files[(i, g)], map_location="cpu", weights_only=True)
+                if not isinstance(data, dict) or "steps" not in data:
+                    raise ValueError(f"{files[(i, g)]} is not a CommVQ reference codebook (no 'steps').")
+                steps = data["steps"]
+                row_t.append(torch.stack([torch.as_tensor(s["theta"]).float() for s in steps]))
+                row_m.append(torch.tensor([float(torch.as_tensor(s.get("mse_loss", math.nan))) for s in steps]))
+            shapes = {tuple(t.shape) for t in row_t}
+            if len(shapes) != 1:
+                raise ValueError(f"{path}: layer {i} has codebooks of different shapes {sorted(shapes)}.")
+            thetas.append(torch.stack(row_t))
+            mses.append(torch.stack(row_m))
+        key_theta = torch.stack(thetas)
+        if len({tuple(t.shape) for t in thetas}) != 1:
+            raise ValueError(f"{path}: layers have codebooks of different shapes.")
+        residuals, head_dim = key_theta.shape[2], 2 * key_theta.shape[4]
+        nominal = max(1, round(12 * residuals / head_dim))
+        return cls(
+            model_name=path.name,
+            bits=int(bits) if bits is not None else nominal,
+            residuals=residuals,
+            head_dim=head_dim,
+            num_layers=len(layers),
+            num_kv_heads=len(groups),
+            key_theta=key_theta,
+            values=None,
+            key_mse=torch.stack(mses),
+        )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | os.PathLike, bits: int | None = None) -> CommVQCodebooks:
+        """Load the native format or a directory of reference ``.pt`` files (read with ``weights_only=True``).
+
+        ``path`` may also be a parent directory holding ``{bits}bit/`` (what ``pressroom-train commvq`` writes), in
+        which case ``bits`` picks the sub-directory. A ``bits`` that contradicts the files raises ``ValueError``.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"CommVQ codebook directory {root} does not exist.")
+        if (root / NATIVE_CONFIG).exists():
+            books = cls._load_native(root)
+        else:
+            files = {}
+            for f in root.iterdir():
+                m = _REFERENCE_FILE.match(f.name)
+                if m:
+                    files[(int(m.group(1)), int(m.group(2)))] = f
+            if files:
+                books = cls._load_reference(root, files, bits)
+            elif bits is not None and (root / f"{bits}bit").is_dir():
+                return cls.load(root / f"{bits}bit", bits=bits)
+            else:
+                raise FileNotFoundError(
+                    f"{root} holds no CommVQ codebook: expected {NATIVE_CONFIG} (native), {{layer:03d}}_{{group}}.pt "
+                    "files (reference) or a {bits}bit/ sub-directory."
+                )
+        if bits is not None and int(bits) != books.bits:
+            raise ValueError(f"{root} holds {books.bits}-bit codebooks (R={books.residuals}), not {bits}-bit.")
+        return books
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, target)
+
+
+def _atomic_write_text(target: Path, text: str) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
