@@ -4,7 +4,8 @@ With no arguments it runs the main job: the embedded SmolLM2 on a small syntheti
 (a few tasks x a few samples at about 2k tokens) with the default press set, then prints the comparison table
 and writes it, with a plot, under ``./results/``.
 
-Subcommands: ``run``, ``ppl``, ``compare``, ``tasks``.
+Subcommands: ``run``, ``ppl``, ``compare``, ``tasks``; for clusters ``plan``, ``run-task``, ``status``, ``aggregate``
+(:mod:`pressroom.evaluation.manifest_cli`).
 """
 
 from __future__ import annotations
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_tasks.add_argument("--depth", type=float, default=None)
     p_tasks.add_argument("--seed", type=int, default=0)
     p_tasks.set_defaults(func=cmd_tasks)
+
+    from pressroom.evaluation.manifest_cli import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 
