@@ -229,3 +229,166 @@ def residual_decode(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
     for i in range(thetas.shape[0]):
         out += centers[i][codes[:, i].long()]
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Soft E-step of the codebook EM (training): soft assignments softmax(-||r - c||/temperature) over the 4096 centers,
+# reduced on the fly to the M-step's sufficient statistics, never held as a [N, 4096] matrix.
+
+
+def em_estep_reference(
+    r: torch.Tensor, theta: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch reference of :func:`em_estep` (chunks of 8192 rows)."""
+    r, u, w, h = _prepare(r, theta)
+    n = r.shape[0]
+    codes = torch.empty(n, dtype=torch.int64, device=r.device)
+    pa = torch.empty(n, N_ENTRIES, dtype=torch.float32, device=r.device)
+    pb = torch.empty_like(pa)
+    counts = torch.zeros(N_CENTERS, dtype=torch.float32, device=r.device)
+    for s in range(0, n, _CHUNK):
+        rc = r[s : s + _CHUNK]
+        val = h.unsqueeze(0) - 2.0 * ((rc @ u.T).unsqueeze(2) + (rc @ w.T).unsqueeze(1))  # d2 - ||r||^2
+        codes[s : s + _CHUNK] = val.flatten(1).argmin(dim=1)
+        dist = (val + rc.pow(2).sum(1).view(-1, 1, 1)).clamp_min(0).sqrt()
+        p = torch.softmax(-dist.flatten(1) / temperature, dim=1).view(-1, N_ENTRIES, N_ENTRIES)
+        pa[s : s + _CHUNK] = p.sum(2)
+        pb[s : s + _CHUNK] = p.sum(1)
+        counts += p.sum(0).flatten()
+    return codes, counts, pa, pb
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _estep_kernel(
+        r_ptr,
+        u_ptr,
+        w_ptr,
+        h_ptr,
+        codes_ptr,
+        pa_ptr,
+        pb_ptr,
+        part_ptr,
+        n_rows,
+        n_blocks,
+        inv_temp,
+        D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK_D)
+        ks = tl.arange(0, K)
+        dmask = cols < D
+        w_t = tl.load(w_ptr + ks[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)  # [BLOCK_D, K]
+        part = part_ptr + pid * K * K  # this program's partial column sums of the soft assignments
+        for blk in range(pid, n_blocks, n_prog):
+            rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            rmask = rows < n_rows
+            r = tl.load(r_ptr + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+            rr = tl.sum(r * r, axis=1)
+            rw = tl.dot(r, w_t, input_precision="ieee")
+            # pass 1: hard arg-min and the online softmax normalizer over the 64 x 64 centers
+            best = tl.full((BLOCK_N,), float("inf"), tl.float32)
+            best_idx = tl.zeros((BLOCK_N,), tl.int32)
+            m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+            s = tl.zeros((BLOCK_N,), tl.float32)
+            for a in range(K):
+                ua = tl.load(u_ptr + a * D + cols, mask=dmask, other=0.0)
+                ra = tl.sum(r * ua[None, :], axis=1)
+                h = tl.load(h_ptr + a * K + ks)
+                val = h[None, :] - 2.0 * (ra[:, None] + rw)
+                vmin = tl.min(val, axis=1)
+                vidx = tl.argmin(val, axis=1)
+                upd = vmin < best
+                best = tl.where(upd, vmin, best)
+                best_idx = tl.where(upd, a * K + vidx, best_idx)
+                z = -tl.sqrt(tl.maximum(val + rr[:, None], 0.0)) * inv_temp
+                m_new = tl.maximum(m, tl.max(z, axis=1))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+                m = m_new
+            # pass 2: normalized probabilities, reduced to marginals (rows) and column sums (centers)
+            inv_s = tl.where(rmask, 1.0 / s, 0.0)
+            pb_acc = tl.zeros((BLOCK_N, K), tl.float32)
+            for a in range(K):
+                ua = tl.load(u_ptr + a * D + cols, mask=dmask, other=0.0)
+                ra = tl.sum(r * ua[None, :], axis=1)
+                h = tl.load(h_ptr + a * K + ks)
+                val = h[None, :] - 2.0 * (ra[:, None] + rw)
+                z = -tl.sqrt(tl.maximum(val + rr[:, None], 0.0)) * inv_temp
+                p = tl.exp(z - m[:, None]) * inv_s[:, None]
+                tl.store(pa_ptr + rows * K + a, tl.sum(p, axis=1), mask=rmask)
+                pb_acc += p
+                col = tl.load(part + a * K + ks)
+                tl.store(part + a * K + ks, col + tl.sum(p, axis=0))
+            tl.store(pb_ptr + rows[:, None] * K + ks[None, :], pb_acc, mask=rmask[:, None])
+            tl.store(codes_ptr + rows, best_idx.to(tl.int64), mask=rmask)
+
+
+def em_estep(
+    r: torch.Tensor,
+    theta: torch.Tensor,
+    temperature: float,
+    use_triton: bool | None = None,
+    programs: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft E-step of CommVQ's codebook EM over the centers of ``theta``, reduced to sufficient statistics.
+
+    With ``p[n, C] = softmax_C(-||r_n - c_C|| / temperature)`` (the reference's soft assignment; Euclidean distance,
+    not squared), returns
+
+    - ``codes`` int64 ``[N]``: the hard arg-min (nearest center);
+    - ``counts`` float32 ``[4096]``: ``sum_n p[n, C]``;
+    - ``pa``, ``pb`` float32 ``[N, 64]``: marginals ``sum_B p[n, 64A+B]`` and ``sum_A p[n, 64A+B]``.
+
+    The M-step needs only these: ``T^T s`` of the weighted sums ``s_C = sum_n p[n, C] r_n`` is a function of
+    ``pa^T r`` and ``pb^T r`` (:func:`theta_from_stats`). The Triton kernel keeps each row's 4096 probabilities in
+    registers (two passes, online softmax) and accumulates column sums per program without atomics (deterministic).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if not resolve_use_triton(use_triton, r):
+        return em_estep_reference(r, theta, temperature)
+    r, u, w, h = _prepare(r, theta)
+    n, d = r.shape
+    codes = torch.empty(n, dtype=torch.int64, device=r.device)
+    pa = torch.empty(n, N_ENTRIES, dtype=torch.float32, device=r.device)
+    pb = torch.empty_like(pa)
+    block_n = 32
+    n_blocks = triton.cdiv(n, block_n)
+    if programs is None:
+        programs = 4 * torch.cuda.get_device_properties(r.device).multi_processor_count if r.is_cuda else 2
+    programs = max(1, min(programs, n_blocks))
+    part = torch.zeros(programs, N_CENTERS, dtype=torch.float32, device=r.device)
+    if n:
+        _estep_kernel[(programs,)](
+            r, u, w, h, codes, pa, pb, part, n, n_blocks, 1.0 / temperature,
+            D=d, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), K=N_ENTRIES,
+        )  # fmt: skip
+    return codes, part.sum(0), pa, pb
+
+
+def stats_TtS(sa: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:  # noqa: N802 - T as in the paper
+    """``T^T s`` ``[128, P]`` from the marginal weighted sums ``sa = pa^T r``, ``sb = pb^T r`` (``[64, 2P]``).
+
+    ``sum_C s_C . c_C = sum_A sa_A . u_A + sum_B sb_B . w_B``, so row ``2k`` (``x_k``) is ``sa_k.X + sb_k.Y`` and row
+    ``2k+1`` (``y_k``) is ``sa_k.Y - sb_k.X`` per pair.
+    """
+    sx, sy = sa[..., 0::2], sa[..., 1::2]
+    bx, by = sb[..., 0::2], sb[..., 1::2]
+    return torch.stack((sx + by, sy - bx), dim=-2).flatten(-3, -2)
+
+
+def theta_from_stats(counts: torch.Tensor, tts: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Closed-form M-step: ``theta = (T^T N T)^{-1} T^T s`` (weighted least squares through ``T``).
+
+    ``counts`` [4096] are the soft counts (``N_C``, plus ``eps`` as in the reference, for both coordinates of each
+    center); ``tts`` [128, P] is ``T^T s`` (:func:`stats_TtS`). Solved in float64.
+    """
+    t = commutative_T(counts.device, torch.float64)
+    n2 = (counts.double() + eps).repeat_interleave(2)
+    mat = t.T @ (n2[:, None] * t)
+    return torch.linalg.solve(mat, tts.double()).float()

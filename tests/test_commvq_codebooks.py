@@ -13,11 +13,15 @@ from pressroom.kernels.commvq_codebook import (
     additive_parts,
     centers_from_theta,
     commutative_T,
+    em_estep,
+    em_estep_reference,
     from_interleaved,
     nearest_centers,
     nearest_centers_reference,
     residual_decode,
     residual_encode,
+    stats_TtS,
+    theta_from_stats,
     to_interleaved,
 )
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, residuals_for_bits
@@ -215,3 +219,41 @@ def test_value_codec_bits_and_decode():
     torch.testing.assert_close((out / (codec.scale + codec.eps)).norm(dim=-1, keepdim=True), prescale + codec.eps)
     assert codec.postscale(bits).shape == (2, 7, 1)
     assert not math.isnan(codec(v).sum().item())
+
+
+def _reference_m_step(r: torch.Tensor, centers: torch.Tensor, temperature: float) -> torch.Tensor:
+    # The reference's E_step + M_step (quantize_key_cache.py) written out: cdist, softmax, weighted means, inv.
+    p = torch.softmax(-torch.cdist(r, centers) / temperature, dim=1)
+    n = p.sum(0) + 1e-8
+    m = (p.T @ r) / n[:, None]
+    t = commutative_T()
+    n2 = n.repeat_interleave(2)[None]
+    b = m.view(4096, -1, 2).permute(0, 2, 1).flatten(0, 1)
+    return (torch.linalg.inv((t.T * n2) @ t) @ t.T * n2) @ b
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1e-2])
+def test_estep_statistics_give_the_reference_m_step(temperature):
+    torch.manual_seed(7)
+    theta = torch.randn(128, 8) * 0.1
+    r = torch.randn(300, 16) * 0.2
+    codes, counts, pa, pb = em_estep_reference(r, theta, temperature)
+    assert torch.equal(codes, torch.cdist(r, centers_from_theta(theta)).argmin(1))
+    torch.testing.assert_close(counts.sum(), torch.tensor(300.0))
+    theta_new = theta_from_stats(counts, stats_TtS(pa.T @ r, pb.T @ r))
+    torch.testing.assert_close(
+        theta_new, _reference_m_step(r, centers_from_theta(theta), temperature), atol=2e-5, rtol=1e-4
+    )
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 (CPU) or CUDA")
+@pytest.mark.parametrize("temperature", [1.0, 1e-3])
+def test_triton_estep_equals_reference(temperature):
+    torch.manual_seed(8)
+    theta = torch.randn(128, 8) * 0.1
+    r = torch.randn(70, 16) * 0.2
+    ref = em_estep_reference(r, theta, temperature)
+    out = em_estep(r, theta, temperature, use_triton=True, programs=2)
+    assert torch.equal(out[0], ref[0])
+    for a, b in zip(out[1:], ref[1:]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
