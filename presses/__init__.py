@@ -4,10 +4,11 @@
 takes ``compression_ratio`` and works in kvpress's pipeline.
 """
 
+from pressroom.presses.anchor_press import AnchorPress
 from pressroom.presses.memory import cache_memory_bytes
 from pressroom.presses.sink_window_cache import SinkWindowCache, SinkWindowLayer
 from pressroom.presses.sink_window_press import SinkWindowPress
 
-PRESSES: dict[str, type] = {"sink_window": SinkWindowPress}
+PRESSES: dict[str, type] = {"sink_window": SinkWindowPress, "anchor": AnchorPress}
 
-__all__ = ["PRESSES", "SinkWindowCache", "SinkWindowLayer", "SinkWindowPress", "cache_memory_bytes"]
+__all__ = ["PRESSES", "AnchorPress", "SinkWindowCache", "SinkWindowLayer", "SinkWindowPress", "cache_memory_bytes"]
