@@ -167,5 +167,6 @@ def press_label(spec: str | BasePress | None) -> str:
     name, kwargs = parse_press_spec(spec)
     if name in NO_PRESS_ALIASES:
         return NO_PRESS
-    suffix = "".join(f"-{k}{v}" for k, v in sorted(kwargs.items()))
+    # values may be paths (e.g. anchor:adapter=DIR): no path separator may reach the directory name
+    suffix = "".join(f"-{k}{str(v).strip('/').replace('/', '--')}" for k, v in sorted(kwargs.items()))
     return f"{name}{suffix}"
