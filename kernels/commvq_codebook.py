@@ -99,32 +99,43 @@ def from_interleaved(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (d // 2, 2)).transpose(-1, -2).flatten(-2)
 
 
-def _prepare(r: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Check shapes; return fp32 ``(r, u, w, H)`` with ``H[A, B] = ||u_A + w_B||^2`` [64, 64]."""
+def _prepare(
+    r: torch.Tensor, theta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Check shapes; return fp32 ``(r [G, N, D], u [G, 64, D], w, H [G, 64, 64], batched)``.
+
+    ``H[A, B] = ||u_A + w_B||^2``. One problem is ``r [N, D]`` with ``theta [128, P]``; ``G`` independent problems
+    (e.g. the KV heads of a layer) are ``r [G, N, D]`` with ``theta [G, 128, P]``.
+    """
     _check_theta(theta)
-    if theta.dim() != 2:
-        raise ValueError(f"theta must be [128, P] (one codebook), got shape {tuple(theta.shape)}.")
-    if r.dim() != 2 or r.shape[1] != 2 * theta.shape[1]:
+    batched = r.dim() == 3
+    if theta.dim() != (3 if batched else 2) or (batched and theta.shape[0] != r.shape[0]):
         raise ValueError(
-            f"vectors must be [N, {2 * theta.shape[1]}] for theta {tuple(theta.shape)}, got {tuple(r.shape)}."
+            f"theta must be [128, P] for vectors [N, 2P], or [G, 128, P] for [G, N, 2P]; got theta "
+            f"{tuple(theta.shape)} and vectors {tuple(r.shape)}."
         )
+    if r.dim() not in (2, 3) or r.shape[-1] != 2 * theta.shape[-1]:
+        raise ValueError(
+            f"vectors must be [N, {2 * theta.shape[-1]}] for theta {tuple(theta.shape)}, got {tuple(r.shape)}."
+        )
+    if not batched:
+        r, theta = r.unsqueeze(0), theta.unsqueeze(0)
     theta = theta.to(device=r.device, dtype=torch.float32)
     u, w = additive_parts(theta)
-    h = (u.unsqueeze(1) + w.unsqueeze(0)).pow(2).sum(-1)  # [64, 64]
-    return r.float().contiguous(), u.contiguous(), w.contiguous(), h.contiguous()
+    h = (u.unsqueeze(2) + w.unsqueeze(1)).pow(2).sum(-1)  # [G, 64, 64]
+    return r.float().contiguous(), u.contiguous(), w.contiguous(), h.contiguous(), batched
 
 
 def nearest_centers_reference(r: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """PyTorch reference of :func:`nearest_centers`: chunked, additive structure, first index on ties."""
-    r, u, w, h = _prepare(r, theta)
-    out = torch.empty(r.shape[0], dtype=torch.int64, device=r.device)
-    for s in range(0, r.shape[0], _CHUNK):
-        rc = r[s : s + _CHUNK]
-        ru = rc @ u.T  # [n, 64]
-        rw = rc @ w.T
-        val = h.unsqueeze(0) - 2.0 * (ru.unsqueeze(2) + rw.unsqueeze(1))  # [n, 64, 64]; ||r||^2 dropped
-        out[s : s + _CHUNK] = val.flatten(1).argmin(dim=1)
-    return out
+    r, u, w, h, batched = _prepare(r, theta)
+    out = torch.empty(r.shape[:2], dtype=torch.int64, device=r.device)
+    for g in range(r.shape[0]):
+        for s in range(0, r.shape[1], _CHUNK):
+            rc = r[g, s : s + _CHUNK]
+            val = h[g].unsqueeze(0) - 2.0 * ((rc @ u[g].T).unsqueeze(2) + (rc @ w[g].T).unsqueeze(1))  # d2 - ||r||^2
+            out[g, s : s + _CHUNK] = val.flatten(1).argmin(dim=1)
+    return out if batched else out[0]
 
 
 if HAS_TRITON:
@@ -143,6 +154,12 @@ if HAS_TRITON:
         K: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        g = tl.program_id(1).to(tl.int64)
+        r_ptr += g * n_rows * D
+        u_ptr += g * K * D
+        w_ptr += g * K * D
+        h_ptr += g * K * K
+        out_ptr += g * n_rows
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_D)
         ks = tl.arange(0, K)
@@ -167,12 +184,12 @@ if HAS_TRITON:
 
 
 def _nearest_triton(r: torch.Tensor, u: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    n, d = r.shape
-    out = torch.empty(n, dtype=torch.int64, device=r.device)
+    groups, n, d = r.shape
+    out = torch.empty(groups, n, dtype=torch.int64, device=r.device)
     if n == 0:
         return out
     block_n = 64
-    grid = (triton.cdiv(n, block_n),)
+    grid = (triton.cdiv(n, block_n), groups)
     _nearest_kernel[grid](r, u, w, h, out, n, D=d, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), K=64)
     return out
 
@@ -183,9 +200,10 @@ def nearest_centers(r: torch.Tensor, theta: torch.Tensor, use_triton: bool | Non
     Parameters
     ----------
     r : torch.Tensor
-        ``[N, 2P]`` vectors in the interleaved layout (any float dtype; computed in float32).
+        ``[N, 2P]`` vectors in the interleaved layout (any float dtype; computed in float32), or ``[G, N, 2P]`` for
+        ``G`` independent problems (codes ``[G, N]``).
     theta : torch.Tensor
-        ``[128, P]`` codebook parameter.
+        ``[128, P]`` codebook parameter (``[G, 128, P]`` with batched vectors).
     use_triton : bool or None
         Kernel choice (module docstring).
 
@@ -196,8 +214,9 @@ def nearest_centers(r: torch.Tensor, theta: torch.Tensor, use_triton: bool | Non
     """
     if not resolve_use_triton(use_triton, r):
         return nearest_centers_reference(r, theta)
-    r, u, w, h = _prepare(r, theta)
-    return _nearest_triton(r, u, w, h)
+    r, u, w, h, batched = _prepare(r, theta)
+    out = _nearest_triton(r, u, w, h)
+    return out if batched else out[0]
 
 
 def residual_encode(
@@ -240,21 +259,24 @@ def em_estep_reference(
     r: torch.Tensor, theta: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch reference of :func:`em_estep` (chunks of 8192 rows)."""
-    r, u, w, h = _prepare(r, theta)
-    n = r.shape[0]
-    codes = torch.empty(n, dtype=torch.int64, device=r.device)
-    pa = torch.empty(n, N_ENTRIES, dtype=torch.float32, device=r.device)
+    r, u, w, h, batched = _prepare(r, theta)
+    groups, n, _ = r.shape
+    codes = torch.empty(groups, n, dtype=torch.int64, device=r.device)
+    pa = torch.empty(groups, n, N_ENTRIES, dtype=torch.float32, device=r.device)
     pb = torch.empty_like(pa)
-    counts = torch.zeros(N_CENTERS, dtype=torch.float32, device=r.device)
-    for s in range(0, n, _CHUNK):
-        rc = r[s : s + _CHUNK]
-        val = h.unsqueeze(0) - 2.0 * ((rc @ u.T).unsqueeze(2) + (rc @ w.T).unsqueeze(1))  # d2 - ||r||^2
-        codes[s : s + _CHUNK] = val.flatten(1).argmin(dim=1)
-        dist = (val + rc.pow(2).sum(1).view(-1, 1, 1)).clamp_min(0).sqrt()
-        p = torch.softmax(-dist.flatten(1) / temperature, dim=1).view(-1, N_ENTRIES, N_ENTRIES)
-        pa[s : s + _CHUNK] = p.sum(2)
-        pb[s : s + _CHUNK] = p.sum(1)
-        counts += p.sum(0).flatten()
+    counts = torch.zeros(groups, N_CENTERS, dtype=torch.float32, device=r.device)
+    for g in range(groups):
+        for s in range(0, n, _CHUNK):
+            rc = r[g, s : s + _CHUNK]
+            val = h[g].unsqueeze(0) - 2.0 * ((rc @ u[g].T).unsqueeze(2) + (rc @ w[g].T).unsqueeze(1))  # d2 - |r|^2
+            codes[g, s : s + _CHUNK] = val.flatten(1).argmin(dim=1)
+            dist = (val + rc.pow(2).sum(1).view(-1, 1, 1)).clamp_min(0).sqrt()
+            p = torch.softmax(-dist.flatten(1) / temperature, dim=1).view(-1, N_ENTRIES, N_ENTRIES)
+            pa[g, s : s + _CHUNK] = p.sum(2)
+            pb[g, s : s + _CHUNK] = p.sum(1)
+            counts[g] += p.sum(0).flatten()
+    if not batched:
+        return codes[0], counts[0], pa[0], pb[0]
     return codes, counts, pa, pb
 
 
@@ -280,6 +302,15 @@ if HAS_TRITON:
     ):
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
+        g = tl.program_id(1).to(tl.int64)
+        r_ptr += g * n_rows * D
+        u_ptr += g * K * D
+        w_ptr += g * K * D
+        h_ptr += g * K * K
+        codes_ptr += g * n_rows
+        pa_ptr += g * n_rows * K
+        pb_ptr += g * n_rows * K
+        part_ptr += g * n_prog * K * K
         cols = tl.arange(0, BLOCK_D)
         ks = tl.arange(0, K)
         dmask = cols < D
@@ -344,6 +375,8 @@ def em_estep(
     - ``counts`` float32 ``[4096]``: ``sum_n p[n, C]``;
     - ``pa``, ``pb`` float32 ``[N, 64]``: marginals ``sum_B p[n, 64A+B]`` and ``sum_A p[n, 64A+B]``.
 
+    Batched: ``r [G, N, 2P]`` with ``theta [G, 128, P]`` gives ``[G, ...]`` outputs (one launch for all heads).
+
     The M-step needs only these: ``T^T s`` of the weighted sums ``s_C = sum_n p[n, C] r_n`` is a function of
     ``pa^T r`` and ``pb^T r`` (:func:`theta_from_stats`). The Triton kernel keeps each row's 4096 probabilities in
     registers (two passes, online softmax) and accumulates column sums per program without atomics (deterministic).
@@ -352,23 +385,27 @@ def em_estep(
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     if not resolve_use_triton(use_triton, r):
         return em_estep_reference(r, theta, temperature)
-    r, u, w, h = _prepare(r, theta)
-    n, d = r.shape
-    codes = torch.empty(n, dtype=torch.int64, device=r.device)
-    pa = torch.empty(n, N_ENTRIES, dtype=torch.float32, device=r.device)
+    r, u, w, h, batched = _prepare(r, theta)
+    groups, n, d = r.shape
+    codes = torch.empty(groups, n, dtype=torch.int64, device=r.device)
+    pa = torch.empty(groups, n, N_ENTRIES, dtype=torch.float32, device=r.device)
     pb = torch.empty_like(pa)
     block_n = 32
     n_blocks = triton.cdiv(n, block_n)
     if programs is None:
-        programs = 4 * torch.cuda.get_device_properties(r.device).multi_processor_count if r.is_cuda else 2
+        sms = torch.cuda.get_device_properties(r.device).multi_processor_count if r.is_cuda else 2
+        programs = triton.cdiv(4 * sms, groups)
     programs = max(1, min(programs, n_blocks))
-    part = torch.zeros(programs, N_CENTERS, dtype=torch.float32, device=r.device)
+    part = torch.zeros(groups, programs, N_CENTERS, dtype=torch.float32, device=r.device)
     if n:
-        _estep_kernel[(programs,)](
+        _estep_kernel[(programs, groups)](
             r, u, w, h, codes, pa, pb, part, n, n_blocks, 1.0 / temperature,
             D=d, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), K=N_ENTRIES,
         )  # fmt: skip
-    return codes, part.sum(0), pa, pb
+    counts = part.sum(1)
+    if not batched:
+        return codes[0], counts[0], pa[0], pb[0]
+    return codes, counts, pa, pb
 
 
 def stats_TtS(sa: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:  # noqa: N802 - T as in the paper

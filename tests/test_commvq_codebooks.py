@@ -257,3 +257,18 @@ def test_triton_estep_equals_reference(temperature):
     assert torch.equal(out[0], ref[0])
     for a, b in zip(out[1:], ref[1:]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 (CPU) or CUDA")
+def test_batched_heads_equal_one_by_one():
+    torch.manual_seed(9)
+    theta = torch.randn(3, 128, 8) * 0.1
+    r = torch.randn(3, 40, 16) * 0.2
+    codes = nearest_centers(r, theta, use_triton=True)
+    est = em_estep(r, theta, 1e-2, use_triton=True, programs=1)
+    for g in range(3):
+        assert torch.equal(codes[g], nearest_centers_reference(r[g], theta[g]))
+        ref = em_estep_reference(r[g], theta[g], 1e-2)
+        assert torch.equal(est[0][g], ref[0])
+        for a, b in zip(est[1:], ref[1:]):
+            torch.testing.assert_close(a[g], b, atol=1e-4, rtol=1e-4)
