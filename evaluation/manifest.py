@@ -429,7 +429,7 @@ def run_task(manifest: str | Path, index: int | None = None, runner: Any = None)
 
 
 def status(manifest: str | Path) -> dict[str, Any]:
-    """Done and pending tasks of a manifest: ``{"total", "done", "pending": [indices], "array", "phases"}``."""
+    """Done and pending tasks of a manifest: ``{"total", "done", "pending": [indices], "array", "phases", "kinds"}``."""
     tasks = read_manifest(manifest)
     pending = pending_indices(tasks)
     return {
@@ -438,6 +438,7 @@ def status(manifest: str | Path) -> dict[str, Any]:
         "pending": pending,
         "array": array_spec(pending),
         "phases": sorted({t.get("phase", "") for t in tasks}),
+        "kinds": sorted({t["kind"] for t in tasks}),
     }
 
 

@@ -131,6 +131,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if len(info["phases"]) != 1:
             raise ValueError(f"{args.manifest} mixes phases {info['phases']}; give slurm/submit.sh --script.")
         print(info["phases"][0])
+    elif args.format == "kinds":
+        print(" ".join(info["kinds"]))
     elif args.format == "json":
         print(json.dumps(info))
     else:
@@ -194,7 +196,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("status", help="done / pending tasks of a manifest (--format array: the pending --array list)")
     s.add_argument("manifest")
-    s.add_argument("--format", choices=["text", "array", "phase", "json"], default="text")
+    s.add_argument("--format", choices=["text", "array", "phase", "kinds", "json"], default="text")
     s.set_defaults(func=cmd_status)
 
     a = sub.add_parser("aggregate", help="comparison table (comparison.csv) and plots over a manifest's results")
