@@ -13,6 +13,15 @@ from collections.abc import Callable
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
 
+def _eit_args(parser: argparse.ArgumentParser) -> None:
+    from pressroom.training.eit import add_args
+
+    add_args(parser)
+
+
+COMMANDS["eit"] = ("eviction-invariant training (EIT) for AnchorPress: analyze, train", _eit_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pressroom-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
