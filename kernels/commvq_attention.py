@@ -1,0 +1,591 @@
+"""Attention straight from CommVQ codes: a split-K (flash-decoding) Triton kernel beside its PyTorch reference.
+
+CommVQ (Li et al., ICML 2025, arXiv 2506.18879) stores, per token ``t`` and KV head, ``R`` 12-bit codes
+``C_r = 64 A_r + B_r``; for RoPE pair ``p`` the key is the complex number
+
+    K_{t,p} = n_t * sum_r (z_{A_r,p} + i z_{B_r,p}),     z_{A,p} = theta[2A, p] + i theta[2A+1, p],
+
+and because a center is a complex number it commutes with RoPE: the rotated key is ``K_{t,p} e^{i phi_p pos_t}``.
+The score of a (rotated) query is ``q.k = sum_p Re(Q_p conj(K_{t,p} e^{i phi_p pos_t}))``. Values are coded per
+token and layer (all KV heads together): ``v_t = s * c_t * (bits_t @ E)`` with the channel scale ``s``, a per-token
+coefficient ``c_t = (prescale_t + eps) / (postscale_t + eps)`` and the binary codebook ``E``, so the attention output
+of a query head over KV head ``g`` is ``s_g * ((sum_t p_t c_t bits_t) @ E[:, g])``: the kernel accumulates
+probability-weighted bits and one small matmul per head finishes.
+
+Kernel design (:func:`decode_attention`): one program per (split of the sequence, batch row x KV head, chunk of the
+value bits). It loads the ``G`` query heads of its KV head once, then per block of tokens reads only the packed codes
+(``1.5 R`` bytes per token and head), gathers two complex entries per residual and pair from the small ``theta``
+table (L1/L2 resident), sums them (the key never exists in HBM), rotates once per token and pair by the token's
+position, scales by ``n_t``, and runs the online softmax; the value side multiplies the ``c_t``-weighted
+probabilities with the unpacked bits on tensor cores. One extra program per KV head attends to the full-precision
+recent window (pre-RoPE keys rotated the same way) in the same launch. A second kernel merges the splits
+(log-sum-exp) and the window. The reference's alternative (look-up tables ``q . z_A`` per query head, residual and
+pair) costs ``G`` times more gathers under GQA, because the key reconstruction is not shared by the query heads of a
+group; we keep the direct design.
+
+:func:`decode_attention_reference` computes the same quantity by dequantizing every key and value and running a plain
+softmax attention in float32; :func:`chunk_attention` serves several new tokens at once (a prefill chunk or a
+question), dequantizing the codes block by block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pressroom.kernels.commvq_codebook import N_ENTRIES, THETA_ROWS, centers_from_theta
+from pressroom.kernels.commvq_encode import unpack_bits, unpack_codes12
+from pressroom.kernels.rope_ring import HAS_TRITON, resolve_use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass
+class CodedKV:
+    """One layer's coded tokens and full-precision window, as the attention reads them.
+
+    Attributes
+    ----------
+    codes : uint8 ``[B, H, cap, ceil(1.5 R)]`` packed key codes (first ``n`` tokens valid).
+    knorm : ``[B, cap]`` key norms ``n_t``.
+    vcoef : ``[B, cap]`` value coefficients ``c_t``.
+    pos : int32 ``[B, cap]`` (one position per token) or ``[B, H, cap]`` (per head, after per-head eviction).
+    vbits : uint8 ``[B, cap, n_bits / 8]`` packed value bits.
+    n : number of valid coded tokens.
+    wkeys : ``[B, H, wcap, D]`` pre-RoPE window keys, interleaved layout.
+    wvals : ``[B, H, wcap, D]`` window values.
+    wpos : int32 ``[B, wcap]`` window positions.
+    nw : number of valid window tokens.
+    """
+
+    codes: torch.Tensor
+    knorm: torch.Tensor
+    vcoef: torch.Tensor
+    pos: torch.Tensor
+    vbits: torch.Tensor
+    n: int
+    wkeys: torch.Tensor
+    wvals: torch.Tensor
+    wpos: torch.Tensor
+    nw: int
+
+
+@dataclass
+class LayerBooks:
+    """One layer's codebooks in the layouts the attention reads (:meth:`build`).
+
+    Attributes
+    ----------
+    theta : ``[H, R, 128, P]`` float32 key codebooks.
+    ztab : ``[H, R, 64, P, 2]`` float32: ``ztab[h, r, A, p] = (theta[2A, p], theta[2A+1, p])``.
+    emb : ``[n_bits, H, D]`` float32 value codebook ``E`` split per head.
+    chscale : ``[H, D]`` float32 channel scale ``s + eps``.
+    inv_freq : ``[P]`` float32 RoPE inverse frequencies; ``rope_scale``: the rotary ``attention_scaling``.
+    """
+
+    theta: torch.Tensor
+    ztab: torch.Tensor
+    emb: torch.Tensor
+    chscale: torch.Tensor
+    inv_freq: torch.Tensor
+    rope_scale: float
+
+    @classmethod
+    def build(
+        cls,
+        theta: torch.Tensor,
+        embedding: torch.Tensor,
+        channel_scale: torch.Tensor,
+        inv_freq: torch.Tensor,
+        rope_scale: float = 1.0,
+        device: torch.device | str | None = None,
+    ) -> LayerBooks:
+        """From ``theta [H, R, 128, P]``, ``embedding [n_bits, H*D]``, ``channel_scale [H*D]`` (with ``+ eps``)."""
+        if theta.dim() != 4 or theta.shape[2] != THETA_ROWS:
+            raise ValueError(f"theta must be [H_kv, R, 128, P], got {tuple(theta.shape)}.")
+        h, r, _, p = theta.shape
+        if embedding.dim() != 2 or embedding.shape[1] != h * 2 * p:
+            raise ValueError(f"value embedding must be [n_bits, {h * 2 * p}], got {tuple(embedding.shape)}.")
+        if embedding.shape[0] % 8:
+            raise ValueError(f"value bits per token must be a multiple of 8, got {embedding.shape[0]}.")
+        theta = theta.detach().to(device=device, dtype=torch.float32).contiguous()
+        ztab = theta.view(h, r, N_ENTRIES, 2, p).transpose(-1, -2).contiguous()
+        emb = embedding.detach().to(device=device, dtype=torch.float32).view(-1, h, 2 * p).contiguous()
+        chscale = channel_scale.detach().to(device=device, dtype=torch.float32).view(h, 2 * p).contiguous()
+        inv = inv_freq.detach().to(device=device, dtype=torch.float32).contiguous()
+        return cls(theta, ztab, emb, chscale, inv, float(rope_scale))
+
+    @property
+    def n_bits(self) -> int:
+        return self.emb.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------- dequantization
+def rotate_interleaved(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
+    """Rotate interleaved vectors ``[..., N, D]`` by RoPE at positions ``pos`` (broadcastable to ``[..., N]``)."""
+    phi = pos.float()[..., None] * inv_freq.float()  # [..., N, P]
+    c, s = phi.cos() * scale, phi.sin() * scale
+    xr, xi = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.stack((xr * c - xi * s, xr * s + xi * c), dim=-1).flatten(-2)
+
+
+def dequantize_keys(kv: CodedKV, books: LayerBooks, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rotated keys ``[B, H, stop-start, D]`` (float32, interleaved) of coded tokens ``start .. stop-1``."""
+    stop = kv.n if stop is None else stop
+    codes = unpack_codes12(kv.codes[:, :, start:stop], books.theta.shape[1])  # [B, H, n, R]
+    b, h, n, r = codes.shape
+    keys = torch.zeros(b, h, n, 2 * books.theta.shape[-1], device=codes.device)
+    for head in range(h):
+        centers = centers_from_theta(books.theta[head])  # [R, 4096, D]
+        for step in range(r):
+            keys[:, head] += centers[step][codes[:, head, :, step]]
+    keys = keys * kv.knorm[:, None, start:stop, None].float()
+    pos = kv.pos[:, None, start:stop] if kv.pos.dim() == 2 else kv.pos[:, :, start:stop]
+    return rotate_interleaved(keys, pos, books.inv_freq, books.rope_scale)
+
+
+def dequantize_values(kv: CodedKV, books: LayerBooks, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Values ``[B, H, stop-start, D]`` (float32) of coded tokens ``start .. stop-1``."""
+    stop = kv.n if stop is None else stop
+    bits = unpack_bits(kv.vbits[:, start:stop], torch.float32)  # [B, n, n_bits]
+    v = torch.einsum("bnk,khd->bhnd", bits, books.emb)
+    return v * kv.vcoef[:, None, start:stop, None].float() * books.chscale[None, :, None, :]
+
+
+def window_keys(kv: CodedKV, books: LayerBooks) -> torch.Tensor:
+    """Rotated window keys ``[B, H, nw, D]`` (float32, interleaved)."""
+    return rotate_interleaved(kv.wkeys[:, :, : kv.nw], kv.wpos[:, None, : kv.nw], books.inv_freq, books.rope_scale)
+
+
+def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
+    """``q [B, H, G, nq, D]`` (scaled), ``k, v [B, H, n, D]``: output ``[B, H, G, nq, D]`` and lse ``[B, H, G, nq]``."""
+    s = torch.einsum("bhgqd,bhnd->bhgqn", q, k.float())
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.clamp_min(-1e30)[..., None])
+    return torch.einsum("bhgqn,bhnd->bhgqd", p, v.float()), lse
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lses = torch.stack([lse for _, lse in parts])
+    total = torch.logsumexp(lses, dim=0)
+    out = sum(o * torch.exp(lse - total.clamp_min(-1e30))[..., None] for o, lse in parts)
+    return out, total
+
+
+def decode_attention_reference(q: torch.Tensor, kv: CodedKV, books: LayerBooks, scaling: float) -> torch.Tensor:
+    """Plain-PyTorch attention of one new token over the dequantized cache (codes + window), float32.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[B, Hq, D]`` rotated queries, interleaved layout.
+    scaling : float
+        Softmax scale (``1/sqrt(D)`` for most models).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, Hq, D]`` float32 (values keep the model's layout; only keys and queries are interleaved).
+    """
+    b, hq, d = q.shape
+    h = kv.codes.shape[1]
+    qg = q.float().view(b, h, hq // h, 1, d) * scaling
+    keys = torch.cat((dequantize_keys(kv, books), window_keys(kv, books)), dim=2)
+    values = torch.cat((dequantize_values(kv, books), kv.wvals[:, :, : kv.nw].float()), dim=2)
+    out, _ = _attend_lse(qg, keys, values)
+    return out.view(b, hq, d)
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    kv: CodedKV,
+    books: LayerBooks,
+    scaling: float,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    new_pos: torch.Tensor,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Attention of ``nq`` new tokens over the coded tokens, the window and themselves (causal), float32.
+
+    ``q [B, Hq, nq, D]`` rotated, interleaved; ``new_keys`` pre-RoPE interleaved ``[B, H, nq, D]``; ``new_pos`` int
+    ``[nq]``. The coded tokens are dequantized ``block`` at a time (never the whole prefix at once), so the peak holds
+    one block of float32 keys/values for one layer. Returns ``[B, Hq, nq, D]`` float32.
+    """
+    b, hq, nq, d = q.shape
+    h = kv.codes.shape[1]
+    qg = q.float().view(b, h, hq // h, nq, d) * scaling
+    if block is None:
+        block = max(256, (1 << 27) // max(1, hq * nq))
+    parts = []
+    for s in range(0, kv.n, block):
+        e = min(kv.n, s + block)
+        parts.append(_attend_lse(qg, dequantize_keys(kv, books, s, e), dequantize_values(kv, books, s, e)))
+    keys = torch.cat(
+        (window_keys(kv, books), rotate_interleaved(new_keys, new_pos[None, None], books.inv_freq, books.rope_scale)),
+        dim=2,
+    )
+    values = torch.cat((kv.wvals[:, :, : kv.nw].float(), new_values.float()), dim=2)
+    causal = torch.ones(nq, kv.nw + nq, dtype=torch.bool, device=q.device)
+    causal[:, kv.nw :] = torch.tril(causal[:, kv.nw :])
+    parts.append(_attend_lse(qg, keys, values, causal))
+    out, _ = _merge(parts)
+    return out.reshape(b, hq, nq, d)
+
+
+# ---------------------------------------------------------------------------------------------------- Triton
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr,  # [B, Hq, D] fp32 interleaved, pre-multiplied by scaling * log2(e)
+        codes_ptr,
+        knorm_ptr,
+        vcoef_ptr,
+        pos_ptr,
+        vbits_ptr,
+        wk_ptr,
+        wv_ptr,
+        wpos_ptr,
+        ztab_ptr,
+        invf_ptr,
+        m_ptr,  # [B, Hq, S+1] fp32
+        l_ptr,  # [B, Hq, S+1] fp32
+        acc_ptr,  # [B, Hq, S, NBITS] fp32
+        accw_ptr,  # [B, Hq, D] fp32
+        n_codes,
+        n_win,
+        n_splits,
+        split_size,
+        rope_scale,
+        s_cb,
+        s_ch,
+        s_cn,
+        s_kb,
+        s_vb,
+        s_vn,
+        s_pb,
+        s_ph,
+        s_wb,
+        s_wh,
+        s_wn,
+        s_wvb,
+        s_wvh,
+        s_wvn,
+        s_wpb,
+        H: tl.constexpr,
+        G: tl.constexpr,
+        P: tl.constexpr,
+        R: tl.constexpr,
+        NBITS: tl.constexpr,
+        NB_CHUNK: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        split = tl.program_id(0)
+        bh = tl.program_id(1)
+        nbc = tl.program_id(2)
+        b = bh // H
+        g = bh % H
+        rows = tl.arange(0, BLOCK_G)
+        rmask = rows < G
+        pp = tl.arange(0, BLOCK_P)
+        pmask = pp < P
+        hq = g * G + rows
+        q_base = q_ptr + (b * H * G + hq)[:, None] * (2 * P)
+        qx = tl.load(q_base + 2 * pp[None, :], mask=rmask[:, None] & pmask[None, :], other=0.0)
+        qy = tl.load(q_base + 2 * pp[None, :] + 1, mask=rmask[:, None] & pmask[None, :], other=0.0)
+        invf = tl.load(invf_ptr + pp, mask=pmask, other=0.0)
+        m_i = tl.full((BLOCK_G,), -1.0e30, tl.float32)
+        l_i = tl.zeros((BLOCK_G,), tl.float32)
+        tt = tl.arange(0, BLOCK_T)
+        stat_off = (b * H * G + hq) * (n_splits + 1) + split
+        if split < n_splits:
+            nb = nbc * NB_CHUNK + tl.arange(0, NB_CHUNK)
+            nbmask = nb < NBITS
+            acc = tl.zeros((BLOCK_G, NB_CHUNK), tl.float32)
+            start = split * split_size
+            stop = tl.minimum(start + split_size, n_codes)
+            for t0 in range(start, stop, BLOCK_T):
+                tok = t0 + tt
+                tmask = tok < stop
+                kx = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
+                ky = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
+                crow = codes_ptr + b * s_cb + g * s_ch + tok * s_cn
+                for r in tl.static_range(R):
+                    byte0 = (3 * (r - r % 2)) // 2
+                    if r % 2 == 0:
+                        lo = tl.load(crow + byte0, mask=tmask, other=0).to(tl.int32)
+                        hi = tl.load(crow + byte0 + 1, mask=tmask, other=0).to(tl.int32)
+                        code = lo | ((hi & 15) << 8)
+                    else:
+                        lo = tl.load(crow + byte0 + 1, mask=tmask, other=0).to(tl.int32)
+                        hi = tl.load(crow + byte0 + 2, mask=tmask, other=0).to(tl.int32)
+                        code = (lo >> 4) | (hi << 4)
+                    za = ztab_ptr + (((g * R + r) * 64 + (code >> 6)) * P)[:, None] * 2 + 2 * pp[None, :]
+                    zb = ztab_ptr + (((g * R + r) * 64 + (code & 63)) * P)[:, None] * 2 + 2 * pp[None, :]
+                    xa = tl.load(za, mask=pmask[None, :], other=0.0)
+                    ya = tl.load(za + 1, mask=pmask[None, :], other=0.0)
+                    xb = tl.load(zb, mask=pmask[None, :], other=0.0)
+                    yb = tl.load(zb + 1, mask=pmask[None, :], other=0.0)
+                    kx += xa - yb
+                    ky += ya + xb
+                pos = tl.load(pos_ptr + b * s_pb + g * s_ph + tok, mask=tmask, other=0).to(tl.float32)
+                phi = pos[:, None] * invf[None, :]
+                cs = tl.cos(phi)
+                sn = tl.sin(phi)
+                rx = kx * cs - ky * sn
+                ry = kx * sn + ky * cs
+                nrm = tl.load(knorm_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32) * rope_scale
+                sc = tl.sum(qx[:, None, :] * rx[None, :, :] + qy[:, None, :] * ry[None, :, :], axis=2)
+                sc = sc * nrm[None, :]
+                sc = tl.where(tmask[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(sc - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                coef = tl.load(vcoef_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32)
+                pw = (p * coef[None, :]).to(tl.float16)
+                byte = tl.load(
+                    vbits_ptr + b * s_vb + tok[:, None] * s_vn + (nb[None, :] >> 3),
+                    mask=tmask[:, None] & nbmask[None, :],
+                    other=0,
+                ).to(tl.int32)
+                bits = ((byte >> (nb[None, :] & 7)) & 1).to(tl.float16)
+                acc = acc * alpha[:, None] + tl.dot(pw, bits, out_dtype=tl.float32)
+                m_i = m_new
+            acc_off = ((b * H * G + hq) * n_splits + split)[:, None] * NBITS + nb[None, :]
+            tl.store(acc_ptr + acc_off, acc, mask=rmask[:, None] & nbmask[None, :])
+            if nbc == 0:
+                tl.store(m_ptr + stat_off, m_i, mask=rmask)
+                tl.store(l_ptr + stat_off, l_i, mask=rmask)
+        elif nbc == 0:
+            dd = tl.arange(0, BLOCK_D)
+            dmask = dd < 2 * P
+            accw = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+            for t0 in range(0, n_win, BLOCK_T):
+                tok = t0 + tt
+                tmask = tok < n_win
+                wrow = wk_ptr + b * s_wb + g * s_wh + tok[:, None] * s_wn + 2 * pp[None, :]
+                kx = tl.load(wrow, mask=tmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+                ky = tl.load(wrow + 1, mask=tmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+                pos = tl.load(wpos_ptr + b * s_wpb + tok, mask=tmask, other=0).to(tl.float32)
+                phi = pos[:, None] * invf[None, :]
+                cs = tl.cos(phi) * rope_scale
+                sn = tl.sin(phi) * rope_scale
+                rx = kx * cs - ky * sn
+                ry = kx * sn + ky * cs
+                sc = tl.sum(qx[:, None, :] * rx[None, :, :] + qy[:, None, :] * ry[None, :, :], axis=2)
+                sc = tl.where(tmask[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(sc - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                v = tl.load(
+                    wv_ptr + b * s_wvb + g * s_wvh + tok[:, None] * s_wvn + dd[None, :],
+                    mask=tmask[:, None] & dmask[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                accw = accw * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                m_i = m_new
+            tl.store(m_ptr + stat_off, m_i, mask=rmask)
+            tl.store(l_ptr + stat_off, l_i, mask=rmask)
+            w_off = (b * H * G + hq)[:, None] * (2 * P) + dd[None, :]
+            tl.store(accw_ptr + w_off, accw, mask=rmask[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        accw_ptr,
+        out_bits_ptr,  # [B*Hq, NBITS]
+        out_w_ptr,  # [B*Hq, D]
+        n_splits,
+        NBITS: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        NB_CHUNK: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        nbc = tl.program_id(1)
+        ss = tl.arange(0, BLOCK_S)
+        smask = ss <= n_splits  # the last entry is the window
+        m = tl.load(m_ptr + row * (n_splits + 1) + ss, mask=smask, other=-1.0e30)
+        lv = tl.load(l_ptr + row * (n_splits + 1) + ss, mask=smask, other=0.0)
+        mx = tl.max(m, axis=0)
+        wgt = tl.exp2(m - mx)
+        total = tl.sum(lv * wgt, axis=0)
+        wgt = wgt / total
+        nb = nbc * NB_CHUNK + tl.arange(0, NB_CHUNK)
+        nbmask = nb < NBITS
+        acc = tl.zeros((NB_CHUNK,), tl.float32)
+        for s in range(0, n_splits):
+            ws = tl.sum(tl.where(ss == s, wgt, 0.0), axis=0)
+            acc += ws * tl.load(acc_ptr + (row * n_splits + s) * NBITS + nb, mask=nbmask, other=0.0)
+        tl.store(out_bits_ptr + row * NBITS + nb, acc, mask=nbmask)
+        if nbc == 0:
+            dd = tl.arange(0, BLOCK_D)
+            dmask = dd < D
+            ww = tl.sum(tl.where(ss == n_splits, wgt, 0.0), axis=0)
+            aw = tl.load(accw_ptr + row * D + dd, mask=dmask, other=0.0)
+            tl.store(out_w_ptr + row * D + dd, aw * ww, mask=dmask)
+
+
+def _split_size(n: int, bh: int, block_t: int, target_programs: int) -> int:
+    """Tokens per split: enough splits to fill the GPU (``target_programs``), a multiple of ``block_t``."""
+    if n == 0:
+        return block_t
+    splits = max(1, min(math.ceil(n / block_t), math.ceil(target_programs / max(1, bh))))
+    size = math.ceil(n / splits)
+    return math.ceil(size / block_t) * block_t
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv: CodedKV,
+    books: LayerBooks,
+    scaling: float,
+    use_triton: bool | None = None,
+    block_t: int = 32,
+    nb_chunk: int | None = None,
+    target_programs: int = 1024,
+) -> torch.Tensor:
+    """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[B, Hq, D]`` rotated queries in the interleaved layout.
+    kv : CodedKV
+        The layer's coded tokens and window (the new token already in the window).
+    books : LayerBooks
+        The layer's codebooks.
+    scaling : float
+        Softmax scale.
+    use_triton : bool or None
+        ``None``: the kernel on CUDA, :func:`decode_attention_reference` elsewhere.
+    block_t, nb_chunk, target_programs : int
+        Kernel tiling: tokens per block, value bits per program (default ``min(n_bits, 1024)``) and the number of
+        programs the split count aims at.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, Hq, D]`` float32 attention output (values in the model's layout).
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}.")
+    if not resolve_use_triton(use_triton, q, kv.codes):
+        return decode_attention_reference(q, kv, books, scaling)
+    b, hq, d = q.shape
+    h = kv.codes.shape[1]
+    if hq % h:
+        raise ValueError(f"{hq} query heads are not a multiple of {h} KV heads.")
+    g = hq // h
+    p = d // 2
+    r = books.theta.shape[1]
+    nbits = books.n_bits
+    nb_chunk = nb_chunk or min(triton.next_power_of_2(nbits), 1024)
+    n_nbc = triton.cdiv(nbits, nb_chunk)
+    split = _split_size(kv.n, b * h * n_nbc, block_t, target_programs)
+    n_splits = triton.cdiv(kv.n, split) if kv.n else 0
+    dev = q.device
+    qs = (q.float() * (scaling * LOG2E)).contiguous()
+    m = torch.empty(b, hq, n_splits + 1, device=dev, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty(b, hq, max(n_splits, 1), nbits, device=dev, dtype=torch.float32)
+    accw = torch.empty(b, hq, d, device=dev, dtype=torch.float32)
+    pos = kv.pos
+    s_pb, s_ph = (pos.stride(0), 0) if pos.dim() == 2 else (pos.stride(0), pos.stride(1))
+    block_g = max(16, triton.next_power_of_2(g))
+    _decode_split_kernel[(n_splits + 1, b * h, n_nbc)](
+        qs,
+        kv.codes,
+        kv.knorm,
+        kv.vcoef,
+        pos,
+        kv.vbits,
+        kv.wkeys,
+        kv.wvals,
+        kv.wpos,
+        books.ztab,
+        books.inv_freq,
+        m,
+        lsum,
+        acc,
+        accw,
+        kv.n,
+        kv.nw,
+        n_splits,
+        split,
+        books.rope_scale,
+        kv.codes.stride(0),
+        kv.codes.stride(1),
+        kv.codes.stride(2),
+        kv.knorm.stride(0),
+        kv.vbits.stride(0),
+        kv.vbits.stride(1),
+        s_pb,
+        s_ph,
+        kv.wkeys.stride(0),
+        kv.wkeys.stride(1),
+        kv.wkeys.stride(2),
+        kv.wvals.stride(0),
+        kv.wvals.stride(1),
+        kv.wvals.stride(2),
+        kv.wpos.stride(0),
+        H=h,
+        G=g,
+        P=p,
+        R=r,
+        NBITS=nbits,
+        NB_CHUNK=nb_chunk,
+        BLOCK_G=block_g,
+        BLOCK_T=block_t,
+        BLOCK_P=triton.next_power_of_2(p),
+        BLOCK_D=triton.next_power_of_2(d),
+    )
+    out_bits = torch.empty(b * hq, nbits, device=dev, dtype=torch.float32)
+    out_w = torch.empty(b * hq, d, device=dev, dtype=torch.float32)
+    _decode_reduce_kernel[(b * hq, n_nbc)](
+        m,
+        lsum,
+        acc,
+        accw,
+        out_bits,
+        out_w,
+        n_splits,
+        NBITS=nbits,
+        D=d,
+        BLOCK_S=triton.next_power_of_2(n_splits + 1),
+        NB_CHUNK=nb_chunk,
+        BLOCK_D=triton.next_power_of_2(d),
+    )
+    # one small matmul per KV head: (weighted bits) @ E[:, head], times the channel scale
+    out = torch.einsum("bhgk,khd->bhgd", out_bits.view(b, h, g, nbits), books.emb) * books.chscale[None, :, None]
+    return out.reshape(b, hq, d) + out_w.view(b, hq, d)
+
+
+__all__ = [
+    "CodedKV",
+    "LayerBooks",
+    "chunk_attention",
+    "decode_attention",
+    "decode_attention_reference",
+    "dequantize_keys",
+    "dequantize_values",
+    "rotate_interleaved",
+    "window_keys",
+]

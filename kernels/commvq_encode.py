@@ -1,0 +1,275 @@
+"""CommVQ key encoding fused with 12-bit packing, and the bit packing of key codes and value bits.
+
+CommVQ (Li et al., *CommVQ: Commutative Vector Quantization for KV Cache Compression*, ICML 2025, arXiv 2506.18879)
+codes a key head vector (before RoPE, interleaved pair layout, divided by the token's norm) with ``R`` greedy residual
+steps; each step picks one of 4096 centers ``u_A + w_B`` (:func:`pressroom.kernels.commvq_codebook.additive_parts`),
+a 12-bit code ``C = 64 A + B``. This module holds what the cache stores:
+
+- :func:`pack_codes12` / :func:`unpack_codes12`: ``R`` 12-bit codes in ``ceil(1.5 R)`` bytes (two codes in three
+  bytes, little-endian: code ``2j`` is byte ``3j`` plus the low nibble of byte ``3j+1``; code ``2j+1`` is the high
+  nibble of byte ``3j+1`` plus byte ``3j+2``).
+- :func:`pack_bits` / :func:`unpack_bits`: 0/1 values, 8 per byte, least significant bit first.
+- :func:`encode_keys`: the residual nearest-center search of every residual step of one token block in one Triton
+  program (the additive structure: per step 128 dot products and a 64x64 table per vector, never a ``[N, 4096]``
+  distance matrix), writing the packed bytes directly; :func:`encode_keys_reference` is the plain-PyTorch
+  reference (:func:`pressroom.kernels.commvq_codebook.residual_encode` then :func:`pack_codes12`).
+- :func:`normalize_keys`: the pre-RoPE keys of a token (all KV heads), interleaved, divided by their joint L2 norm.
+
+Dispatch as everywhere in pressroom: ``use_triton=None`` runs the kernel on CUDA tensors and the reference elsewhere
+(or always the reference with ``PRESSROOM_FORCE_REFERENCE=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pressroom.kernels.commvq_codebook import N_ENTRIES, THETA_ROWS, additive_parts, residual_encode, to_interleaved
+from pressroom.kernels.rope_ring import HAS_TRITON, resolve_use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+_BIT_WEIGHTS = (1 << torch.arange(8)).to(torch.uint8)
+
+
+def code_bytes(residuals: int) -> int:
+    """Bytes that ``residuals`` packed 12-bit codes take: ``ceil(1.5 R)``."""
+    if residuals < 1:
+        raise ValueError(f"residuals must be >= 1, got {residuals}.")
+    return (3 * residuals + 1) // 2
+
+
+def pack_codes12(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 12-bit codes ``[..., R]`` (any integer dtype, values 0..4095) into uint8 ``[..., ceil(1.5 R)]``."""
+    if codes.dim() < 1:
+        raise ValueError("codes must have a trailing residual dimension.")
+    r = codes.shape[-1]
+    c = codes.to(torch.int32)
+    if r % 2:
+        c = torch.nn.functional.pad(c, (0, 1))
+    c = c.unflatten(-1, (-1, 2))
+    lo, hi = c[..., 0], c[..., 1]
+    out = torch.stack((lo & 0xFF, (lo >> 8) | ((hi & 0xF) << 4), hi >> 4), dim=-1).flatten(-2)
+    return out[..., : code_bytes(r)].to(torch.uint8)
+
+
+def unpack_codes12(packed: torch.Tensor, residuals: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes12`: uint8 ``[..., ceil(1.5 R)]`` -> int64 codes ``[..., R]``."""
+    nb = code_bytes(residuals)
+    if packed.shape[-1] != nb:
+        raise ValueError(f"{residuals} codes take {nb} bytes, got {packed.shape[-1]}.")
+    b = packed.to(torch.int32)
+    if nb % 3:
+        b = torch.nn.functional.pad(b, (0, 3 - nb % 3))
+    b = b.unflatten(-1, (-1, 3))
+    lo = b[..., 0] | ((b[..., 1] & 0xF) << 8)
+    hi = (b[..., 1] >> 4) | (b[..., 2] << 4)
+    return torch.stack((lo, hi), dim=-1).flatten(-2)[..., :residuals].long()
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack 0/1 values ``[..., n]`` (n a multiple of 8) into uint8 ``[..., n/8]``, least significant bit first."""
+    n = bits.shape[-1]
+    if n % 8:
+        raise ValueError(f"the bit dimension must be a multiple of 8, got {n}.")
+    b = bits.to(torch.uint8).unflatten(-1, (n // 8, 8))
+    return (b * _BIT_WEIGHTS.to(b.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 ``[..., m]`` -> ``[..., 8m]`` of 0/1 in ``dtype``."""
+    bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) != 0
+    return bits.flatten(-2).to(dtype)
+
+
+def normalize_keys(raw_keys: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-RoPE keys ``[B, H_kv, N, D]`` (``rotate_half`` layout) -> ``(x [B, N, H_kv, D], norms [B, N])``.
+
+    ``x`` is float32, interleaved per head, divided by the L2 norm of the token's keys over all KV heads together
+    (CommVQ normalizes per token, keeping the norm). A zero key gives norm 0 and ``x = 0``.
+    """
+    if raw_keys.dim() != 4:
+        raise ValueError(f"keys must be [batch, kv_heads, tokens, head_dim], got {tuple(raw_keys.shape)}.")
+    x = to_interleaved(raw_keys.float()).transpose(1, 2)  # [B, N, H, D]
+    norms = x.flatten(2).norm(dim=-1)
+    x = x / torch.where(norms > eps, norms, torch.ones_like(norms))[..., None, None]
+    return x.contiguous(), norms
+
+
+def _check_encode(x: torch.Tensor, thetas: torch.Tensor) -> tuple[int, int, int, int]:
+    if x.dim() != 3:
+        raise ValueError(f"normalized keys must be [N, H_kv, D], got {tuple(x.shape)}.")
+    if thetas.dim() != 4 or thetas.shape[-2] != THETA_ROWS:
+        raise ValueError(f"thetas must be [H_kv, R, 128, D/2], got {tuple(thetas.shape)}.")
+    n, h, d = x.shape
+    if thetas.shape[0] != h or 2 * thetas.shape[-1] != d:
+        raise ValueError(f"thetas {tuple(thetas.shape)} do not fit keys {tuple(x.shape)}.")
+    return n, h, d, thetas.shape[1]
+
+
+def encode_keys_reference(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch :func:`encode_keys`: per head ``residual_encode`` then :func:`pack_codes12`."""
+    n, h, _, r = _check_encode(x, thetas)
+    out = torch.empty(n, h, code_bytes(r), dtype=torch.uint8, device=x.device)
+    for head in range(h):
+        codes, _ = residual_encode(x[:, head], thetas[head], use_triton=False)
+        out[:, head] = pack_codes12(codes)
+    return out
+
+
+class KeyTables:
+    """The per-layer tables the encode kernel reads: ``u``, ``w`` ``[H, R, 64, D]`` and ``H[A, B] = ||u_A + w_B||^2``
+    ``[H, R, 64, 64]``, float32, built once per layer and device (:func:`key_tables`)."""
+
+    def __init__(self, thetas: torch.Tensor) -> None:
+        theta = thetas.float()
+        self.u, self.w = (t.contiguous() for t in additive_parts(theta))
+        self.h = (self.u.unsqueeze(-2) + self.w.unsqueeze(-3)).pow(2).sum(-1).contiguous()
+        self.residuals = thetas.shape[1]
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _encode_kernel(
+        x_ptr,
+        u_ptr,
+        w_ptr,
+        h_ptr,
+        out_ptr,
+        n_rows,
+        stride_xn,
+        stride_xh,
+        stride_on,
+        stride_oh,
+        D: tl.constexpr,
+        R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        A_CHUNK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        head = tl.program_id(1)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_D)
+        ks = tl.arange(0, 64)
+        ac = tl.arange(0, A_CHUNK)
+        rmask = rows < n_rows
+        dmask = cols < D
+        res = tl.load(
+            x_ptr + rows[:, None] * stride_xn + head * stride_xh + cols[None, :],
+            mask=rmask[:, None] & dmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        out_row = out_ptr + rows * stride_on + head * stride_oh
+        prev = tl.zeros((BLOCK_N,), tl.int32)
+        for r in tl.static_range(R):
+            base = (head * R + r) * 64 * D
+            w_t = tl.load(w_ptr + base + ks[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
+            rw = tl.dot(res, w_t, input_precision="ieee")  # [BLOCK_N, 64]: r . w_B
+            best = tl.full((BLOCK_N,), float("inf"), tl.float32)
+            best_idx = tl.zeros((BLOCK_N,), tl.int32)
+            for a0 in tl.static_range(0, 64, A_CHUNK):
+                u_t = tl.load(
+                    u_ptr + base + (a0 + ac)[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0
+                )  # [BLOCK_D, A_CHUNK]
+                ru = tl.dot(res, u_t, input_precision="ieee")  # [BLOCK_N, A_CHUNK]: r . u_A
+                hv = tl.load(h_ptr + (head * R + r) * 4096 + (a0 + ac)[:, None] * 64 + ks[None, :])
+                val = hv[None, :, :] - 2.0 * (ru[:, :, None] + rw[:, None, :])  # [BLOCK_N, A_CHUNK, 64]
+                val = tl.reshape(val, (BLOCK_N, A_CHUNK * 64))
+                m = tl.min(val, axis=1)
+                i = tl.argmin(val, axis=1).to(tl.int32)
+                upd = m < best
+                best = tl.where(upd, m, best)
+                best_idx = tl.where(upd, a0 * 64 + i, best_idx)
+            a_idx = best_idx // 64
+            b_idx = best_idx % 64
+            ua = tl.load(u_ptr + base + a_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
+            wb = tl.load(w_ptr + base + b_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
+            res = res - (ua + wb)
+            byte0 = (3 * (r - r % 2)) // 2
+            if r % 2 == 0:
+                tl.store(out_row + byte0, (best_idx & 255).to(tl.uint8), mask=rmask)
+                if r == R - 1:
+                    tl.store(out_row + byte0 + 1, (best_idx >> 8).to(tl.uint8), mask=rmask)
+                prev = best_idx
+            else:
+                tl.store(out_row + byte0 + 1, ((prev >> 8) | ((best_idx & 15) << 4)).to(tl.uint8), mask=rmask)
+                tl.store(out_row + byte0 + 2, (best_idx >> 4).to(tl.uint8), mask=rmask)
+
+
+def encode_keys(
+    x: torch.Tensor,
+    thetas: torch.Tensor,
+    use_triton: bool | None = None,
+    tables: KeyTables | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Normalized pre-RoPE keys, interleaved (:func:`normalize_keys`), ``[N, H_kv, D]`` (strided rows allowed).
+    thetas : torch.Tensor
+        The layer's key codebooks ``[H_kv, R, 128, D/2]``.
+    use_triton : bool or None
+        Kernel choice (module docstring).
+    tables : KeyTables, optional
+        Precomputed tables of ``thetas`` (the cache keeps one per layer).
+    out : torch.Tensor, optional
+        Where to write (a slice of the cache's code buffer); allocated otherwise.
+
+    Returns
+    -------
+    torch.Tensor
+        The packed codes; code ``C = 64 A + B`` of step ``r`` selects ``u_A + w_B`` of ``thetas[h, r]``. The kernel
+        equals :func:`encode_keys_reference` (first index on exact ties) up to float32 rounding of the dot products.
+    """
+    n, h, d, r = _check_encode(x, thetas)
+    if out is None:
+        out = torch.empty(n, h, code_bytes(r), dtype=torch.uint8, device=x.device)
+    if not resolve_use_triton(use_triton, x, out):
+        out.copy_(encode_keys_reference(x, thetas))
+        return out
+    if n == 0:
+        return out
+    if tables is None:
+        tables = KeyTables(thetas.to(x.device))
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        x = x.float().contiguous()
+    block_n = 32
+    grid = (triton.cdiv(n, block_n), h)
+    _encode_kernel[grid](
+        x,
+        tables.u,
+        tables.w,
+        tables.h,
+        out,
+        n,
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        D=d,
+        R=r,
+        BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        A_CHUNK=16,
+    )
+    return out
+
+
+__all__ = [
+    "N_ENTRIES",
+    "KeyTables",
+    "code_bytes",
+    "encode_keys",
+    "encode_keys_reference",
+    "normalize_keys",
+    "pack_bits",
+    "pack_codes12",
+    "unpack_bits",
+    "unpack_codes12",
+]

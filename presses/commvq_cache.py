@@ -1,0 +1,648 @@
+"""CommVQCache: a transformers ``Cache`` that holds CommVQ codes, and attention computed from them.
+
+CommVQ (Li et al., *CommVQ: Commutative Vector Quantization for KV Cache Compression*, ICML 2025, arXiv 2506.18879)
+codes every key (before RoPE) with ``R`` residual 12-bit codes of a RoPE-commutative codebook and every value (all KV
+heads of a token together) with ``feat_dim * bits`` bits of a learned binary additive codebook. This cache holds only
+that, bit-packed, plus a small full-precision window of recent tokens:
+
+- key codes: uint8 ``[B, H_kv, cap, ceil(1.5 R)]`` (two 12-bit codes in three bytes);
+- value bits: uint8 ``[B, cap, feat_dim * bits / 8]``;
+- per token: the key norm ``n_t`` and the value coefficient ``c_t = (prescale + eps) / (postscale + eps)``
+  (float16 each) and the RoPE position (int32; per KV head after a per-head eviction press);
+- the window: the most recent tokens (at most ``window``), keys before RoPE, in the model's dtype, flushed into
+  codes ``flush_chunk`` tokens at a time.
+
+Attention reads the codes directly. The cache wraps transformers' attention functions (``sdpa``, flash, flex) once:
+when an attention call receives the exact tensor this cache's ``update`` just returned, the wrapper computes the
+attention itself, from the codes (:func:`pressroom.kernels.commvq_attention.decode_attention` for one new token:
+the Triton split-K kernel on CUDA; :func:`~pressroom.kernels.commvq_attention.chunk_attention` for a chunk of new
+tokens, which dequantizes the codes a block at a time, never the whole prefix). Every other attention call goes
+through untouched. A model in ``eager`` attention cannot be intercepted: the cache then returns dequantized keys and
+values (correct, but transient full-precision tensors of one layer).
+
+:class:`pressroom.presses.CommVQPress` turns a prefilled ``DynamicCache`` into these layers inside kvpress's pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
+
+from pressroom.kernels.commvq_attention import (
+    CodedKV,
+    LayerBooks,
+    chunk_attention,
+    decode_attention,
+    dequantize_keys,
+    dequantize_values,
+    window_keys,
+)
+from pressroom.kernels.commvq_codebook import from_interleaved, to_interleaved
+from pressroom.kernels.commvq_encode import KeyTables, code_bytes, encode_keys, pack_bits
+from pressroom.kernels.rope_ring import resolve_use_triton
+from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec
+from pressroom.presses.sink_window_cache import PositionResolver, _text_config, rope_frequencies
+
+ENCODE_BLOCK = 8192  # tokens encoded at once (bounds the value encoder's activations)
+
+# ------------------------------------------------------------------------------------------- attention interception
+_PENDING: list[Any] = [None]
+
+
+class _Pending:
+    __slots__ = ("layer", "key", "mode", "new")
+
+    def __init__(self, layer: CommVQLayer, key: torch.Tensor, mode: str, new: tuple | None) -> None:
+        self.layer, self.key, self.mode, self.new = layer, key, mode, new
+
+
+def _wrap_attention(fn):
+    if getattr(fn, "_commvq_wrapped", False):
+        return fn
+
+    def commvq_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        pending = _PENDING[0]
+        if pending is not None and pending.key is key:
+            _PENDING[0] = None
+            if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+                raise ValueError("CommVQCache supports full-attention layers without softcapping.")
+            scaling = kwargs.get("scaling")
+            if scaling is None:
+                scaling = query.shape[-1] ** -0.5
+            return pending.layer.attend(pending, query, float(scaling)), None
+        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+    commvq_attention._commvq_wrapped = True
+    commvq_attention.__wrapped__ = fn
+    return commvq_attention
+
+
+def install_attention() -> list[str]:
+    """Wrap transformers' registered attention functions (idempotent); returns the implementations covered."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    covered = []
+    for name in list(ALL_ATTENTION_FUNCTIONS.keys()):
+        if name.startswith("paged"):
+            continue
+        ALL_ATTENTION_FUNCTIONS[name] = _wrap_attention(ALL_ATTENTION_FUNCTIONS[name])
+        covered.append(name)
+    return covered
+
+
+def attention_mode(config: Any) -> str:
+    """``"codes"`` when the model's attention implementation can be intercepted, else ``"dequantize"``."""
+    impl = getattr(config, "_attn_implementation", None)
+    covered = install_attention()
+    return "codes" if impl in covered else "dequantize"
+
+
+def _unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of ``k * cos + rotate_half(k) * sin`` (float32), keys ``[B, H, n, D]``, cos ``[B|1, n, D]``."""
+    k = keys.float()
+    c = cos.float().unsqueeze(1) if cos.dim() == 3 else cos.float()
+    s = sin.float().unsqueeze(1) if sin.dim() == 3 else sin.float()
+    half = k.shape[-1] // 2
+    rot = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+    return (k * c - rot * s) / (c * c + s * s)
+
+
+class CommVQLayer(CacheLayerMixin):
+    """One layer of a :class:`CommVQCache`: packed key codes, packed value bits, norms, positions and a window.
+
+    Parameters
+    ----------
+    theta : torch.Tensor
+        Key codebooks of the layer ``[H_kv, R, 128, head_dim/2]``.
+    codec : ValueCodec
+        The layer's value codec.
+    inv_freq : torch.Tensor
+        RoPE inverse frequencies; ``attention_scaling``: the rotary cos/sin factor.
+    window : int
+        Full-precision recent tokens kept (at most); ``flush_chunk``: tokens coded at a time when it overflows.
+    mode : str
+        ``"codes"`` (attention from codes through the wrapped attention functions) or ``"dequantize"``.
+    resolver : PositionResolver, optional
+        Shared by the layers of one cache (finds the RoPE position of new tokens from their cos/sin).
+    use_triton : bool or None
+        ``None``: Triton kernels on CUDA, PyTorch references elsewhere.
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(
+        self,
+        theta: torch.Tensor,
+        codec: ValueCodec,
+        inv_freq: torch.Tensor,
+        attention_scaling: float = 1.0,
+        *,
+        window: int = 128,
+        flush_chunk: int = 64,
+        mode: str = "codes",
+        resolver: PositionResolver | None = None,
+        use_triton: bool | None = None,
+    ) -> None:
+        _check_window(window, flush_chunk)
+        if mode not in ("codes", "dequantize"):
+            raise ValueError(f"mode must be 'codes' or 'dequantize', got {mode!r}.")
+        self.theta_host = theta.detach().float()
+        self.codec_host = codec
+        self.window = int(window)
+        self.flush_chunk = int(flush_chunk)
+        self.mode = mode
+        self.use_triton = use_triton
+        self.resolver = resolver if resolver is not None else PositionResolver()
+        self.attention_scaling = float(attention_scaling)
+        self._inv_freq = inv_freq.detach().float().cpu()
+        self._inv_freq_host = tuple(float(f) for f in self._inv_freq)
+        self.residuals = int(theta.shape[1])
+        self.kbytes = code_bytes(self.residuals)
+        self.n_bits = codec.code_bits
+        self.is_initialized = False
+        self.n = 0  # coded tokens
+        self.nw = 0  # window tokens
+        self.cap = 0
+        self.per_head_pos = False
+        self._next_position: int | None = None
+        self._mark: tuple | None = None
+        self.codes = self.knorm = self.vcoef = self.pos = self.vbits = None
+        self.wkeys = self.wvals = self.wpos = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(R={self.residuals}, value_bits={self.n_bits}, coded={self.n}, window={self.nw})"
+
+    # ------------------------------------------------------------------ geometry / resolver protocol
+    @property
+    def seen(self) -> int:
+        return self.n + self.nw
+
+    def position_base(self) -> int:
+        return self.seen
+
+    # ------------------------------------------------------------------ allocation
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dim() != 4 or value_states.shape[:3] != key_states.shape[:3]:
+            raise ValueError(f"Expected keys/values [batch, kv_heads, seq, head_dim], got {tuple(key_states.shape)}.")
+        batch, heads, _, head_dim = key_states.shape
+        if heads != self.theta_host.shape[0] or head_dim != 2 * self.theta_host.shape[-1]:
+            raise ValueError(
+                f"The CommVQ codebooks are for {self.theta_host.shape[0]} KV heads of head_dim "
+                f"{2 * self.theta_host.shape[-1]}, but the model gives {heads} heads of {head_dim}."
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        dev = self.device
+        self.codec = (
+            self.codec_host.to(dev).float().eval() if self.codec_host.embedding.device != dev else self.codec_host
+        )
+        self.books = LayerBooks.build(
+            self.theta_host,
+            self.codec.embedding,
+            self.codec.scale + self.codec.eps,
+            self._inv_freq,
+            self.attention_scaling,
+            device=dev,
+        )
+        self.tables = KeyTables(self.books.theta)
+        self._triton = resolve_use_triton(self.use_triton, key_states)
+        wcap = self.window
+        self.wkeys = torch.zeros(batch, heads, wcap, head_dim, dtype=self.dtype, device=dev)
+        self.wvals = torch.zeros(batch, heads, wcap, head_dim, dtype=value_states.dtype, device=dev)
+        self.wpos = torch.zeros(batch, wcap, dtype=torch.int32, device=dev)
+        self._alloc(0)
+        self.is_initialized = True
+
+    def _alloc(self, cap: int) -> None:
+        b, h, dev = self.batch, self.heads, self.device
+        new = {
+            "codes": torch.zeros(b, h, cap, self.kbytes, dtype=torch.uint8, device=dev),
+            "knorm": torch.zeros(b, cap, dtype=torch.float16, device=dev),
+            "vcoef": torch.zeros(b, cap, dtype=torch.float16, device=dev),
+            "pos": torch.zeros((b, h, cap) if self.per_head_pos else (b, cap), dtype=torch.int32, device=dev),
+            "vbits": torch.zeros(b, cap, self.n_bits // 8, dtype=torch.uint8, device=dev),
+        }
+        for name, t in new.items():
+            old = getattr(self, name)
+            if old is not None and self.n:
+                if name == "codes":
+                    t[:, :, : self.n] = old[:, :, : self.n]
+                elif name == "vbits":
+                    t[:, : self.n] = old[:, : self.n]
+                else:
+                    t[..., : self.n] = old[..., : self.n]
+            setattr(self, name, t)
+        self.cap = cap
+
+    def reserve(self, n_tokens: int) -> None:
+        """Allocate room for ``n_tokens`` coded tokens at once (no growth later up to that)."""
+        if not self.is_initialized:
+            raise RuntimeError("reserve() needs an initialized layer (after the first update).")
+        if n_tokens > self.cap:
+            self._alloc(int(n_tokens))
+
+    def _ensure(self, needed: int) -> None:
+        if needed > self.cap:
+            self._alloc(max(needed, int(self.cap * 1.25) + self.flush_chunk))
+
+    def _set_per_head_positions(self) -> None:
+        if not self.per_head_pos:
+            self.per_head_pos = True
+            old = self.pos
+            self.pos = torch.zeros(self.batch, self.heads, self.cap, dtype=torch.int32, device=self.device)
+            self.pos[..., : self.n] = old[:, None, : self.n]
+
+    # ------------------------------------------------------------------ encoding
+    def _encode(self, keys_il: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
+        """Append coded tokens: pre-RoPE interleaved keys ``[B, H, m, D]``, values ``[B, H, m, D]``, positions
+        ``[m]``, ``[B, m]`` or ``[B, H, m]``."""
+        m = keys_il.shape[2]
+        if m == 0:
+            return
+        if pos.dim() == 3:
+            self._set_per_head_positions()
+        self._ensure(self.n + m)
+        for s in range(0, m, ENCODE_BLOCK):
+            e = min(m, s + ENCODE_BLOCK)
+            lo, hi = self.n + s, self.n + e
+            k = keys_il[:, :, s:e].float().transpose(1, 2)  # [B, n, H, D]
+            norms = k.flatten(2).norm(dim=-1)  # [B, n]
+            x = k / torch.where(norms > 0, norms, torch.ones_like(norms))[..., None, None]
+            for b in range(self.batch):
+                out = self.codes[b, :, lo:hi].transpose(0, 1)
+                encode_keys(x[b], self.books.theta, use_triton=self._triton, tables=self.tables, out=out)
+            self.knorm[:, lo:hi] = norms.to(torch.float16)
+            v = values[:, :, s:e].transpose(1, 2).reshape(self.batch, e - s, -1).float()
+            bits, prescale = self.codec.encode(v)
+            post = self.codec.postscale(bits)
+            coef = (prescale + self.codec.eps) / (post + self.codec.eps)
+            self.vcoef[:, lo:hi] = coef[..., 0].to(torch.float16)
+            self.vbits[:, lo:hi] = pack_bits(bits)
+            p = pos[..., s:e].to(torch.int32)
+            if self.per_head_pos:
+                self.pos[:, :, lo:hi] = p.view(1, 1, -1) if p.dim() == 1 else p[:, None] if p.dim() == 2 else p
+            else:
+                self.pos[:, lo:hi] = p
+        self.n += m
+
+    def _commit(self, keys_il: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
+        """Add new tokens (pre-RoPE interleaved keys ``[B, H, q, D]``, positions ``[q]``): the window keeps the most
+        recent ones, whole ``flush_chunk`` blocks of the oldest are coded."""
+        q = keys_il.shape[2]
+        total = self.nw + q
+        n_flush = 0
+        if total > self.window:
+            n_flush = min(total, math.ceil((total - self.window) / self.flush_chunk) * self.flush_chunk)
+        from_window = min(n_flush, self.nw)
+        if from_window:
+            wp = self.wpos[:, :from_window]
+            self._encode(self.wkeys[:, :, :from_window], self.wvals[:, :, :from_window], wp)
+        from_new = n_flush - from_window
+        if from_new:
+            self._encode(keys_il[:, :, :from_new], values[:, :, :from_new], pos[None, :from_new].expand(self.batch, -1))
+        keep_old = self.nw - from_window
+        if from_window and keep_old:
+            self.wkeys[:, :, :keep_old] = self.wkeys[:, :, from_window : self.nw].clone()
+            self.wvals[:, :, :keep_old] = self.wvals[:, :, from_window : self.nw].clone()
+            self.wpos[:, :keep_old] = self.wpos[:, from_window : self.nw].clone()
+        add = q - from_new
+        self.wkeys[:, :, keep_old : keep_old + add] = keys_il[:, :, from_new:].to(self.dtype)
+        self.wvals[:, :, keep_old : keep_old + add] = values[:, :, from_new:].to(self.wvals.dtype)
+        self.wpos[:, keep_old : keep_old + add] = pos[from_new:].to(torch.int32)
+        self.nw = keep_old + add
+
+    def coded_view(self) -> CodedKV:
+        """The current state as the attention functions read it."""
+        return CodedKV(
+            self.codes, self.knorm, self.vcoef, self.pos, self.vbits, self.n, self.wkeys, self.wvals, self.wpos, self.nw
+        )
+
+    # ------------------------------------------------------------------ update / attention
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take the new (rotated) keys and values; return what the model's attention call receives.
+
+        In ``codes`` mode the new tensors themselves are returned and the wrapped attention function computes the
+        attention from the codes (one new token: it is stored first, then attended with everything; several: they
+        attend to the stored state and themselves, then are stored). In ``dequantize`` mode the full dequantized
+        keys and values (rotated, model layout) are returned.
+        """
+        if _PENDING[0] is not None:
+            stale = _PENDING[0]
+            _PENDING[0] = None
+            raise RuntimeError(
+                f"A CommVQ layer's attention was never computed ({stale.layer!r}): the model's attention did not go "
+                "through transformers' attention functions. Load the model with attn_implementation='sdpa' or use "
+                "CommVQCache(..., mode='dequantize')."
+            )
+        cache_kwargs = cache_kwargs or {}
+        cos, sin = cache_kwargs.get("cos"), cache_kwargs.get("sin")
+        if cos is None or sin is None:
+            raise ValueError("CommVQCache needs a RoPE model: cache_kwargs must hold the rotary 'cos' and 'sin'.")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[:2] != (self.batch, self.heads) or key_states.shape[-1] != self.head_dim:
+            raise ValueError(f"New keys {tuple(key_states.shape)} do not fit this layer (fixed at the first update).")
+        if cos.dim() == 2:
+            cos, sin = cos[None], sin[None]
+        n_new = key_states.shape[-2]
+        position = self.resolver.resolve(self, cos, sin, cache_kwargs.get("cache_position"))
+        self._next_position = position + n_new
+        pos = torch.arange(position, position + n_new, device=self.device, dtype=torch.int32)
+        raw = to_interleaved(_unrotate(key_states, cos, sin))
+        if self.mode == "dequantize":
+            old_k, old_v = self._dequantized()
+            self._commit(raw, value_states, pos)
+            keys = torch.cat((old_k, key_states.to(old_k.dtype)), dim=2)
+            values = torch.cat((old_v, value_states.to(old_v.dtype)), dim=2)
+            return keys, values
+        if n_new == 1:
+            self._commit(raw, value_states, pos)
+            _PENDING[0] = _Pending(self, key_states, "decode", None)
+        else:
+            _PENDING[0] = _Pending(self, key_states, "chunk", (raw, value_states, pos))
+        return key_states, value_states
+
+    def attend(self, pending: _Pending, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention output ``[B, q, Hq, D]`` (the layout transformers' attention functions return)."""
+        q = to_interleaved(query)
+        if pending.mode == "decode":
+            out = decode_attention(q[:, :, 0], self.coded_view(), self.books, scaling, use_triton=self._triton)
+            out = out[:, :, None]
+        else:
+            raw, values, pos = pending.new
+            out = chunk_attention(q, self.coded_view(), self.books, scaling, raw, values, pos)
+            self._commit(raw, values, pos)
+        return out.to(query.dtype).transpose(1, 2).contiguous()
+
+    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All held tokens, keys rotated (model layout) and values, in the model's dtype ``[B, H, n + nw, D]``."""
+        kv = self.coded_view()
+        keys = torch.cat((dequantize_keys(kv, self.books), window_keys(kv, self.books)), dim=2)
+        values = torch.cat((dequantize_values(kv, self.books), self.wvals[:, :, : self.nw].float()), dim=2)
+        return from_interleaved(keys).to(self.dtype), values.to(self.wvals.dtype)
+
+    # ------------------------------------------------------------------ prefill from another cache (the press)
+    def load_prefill(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        index: torch.Tensor | None = None,
+    ) -> None:
+        """Fill an empty layer from rotated prefill keys ``[B, H, n, D]`` (``cos``/``sin`` of the whole prefill).
+
+        ``index`` (``[B, H, n]`` int64), when given, is the prefill position of each kept key (a per-head eviction
+        press kept different tokens per head): every kept token is then coded, with per-head positions. Without it
+        the keys are the whole prefill, at positions ``0..n-1``: the last ``window`` tokens stay in full precision.
+        """
+        if self.seen:
+            raise ValueError("load_prefill needs an empty CommVQLayer.")
+        self.lazy_initialization(keys, values)
+        if cos.dim() == 2:
+            cos, sin = cos[None], sin[None]
+        if index is None:
+            n = keys.shape[2]
+            raw = to_interleaved(_unrotate(keys, cos, sin))
+            self._commit(raw, values, torch.arange(n, device=self.device, dtype=torch.int32))
+        else:
+            b, h, n = index.shape
+            gather = index[..., None].expand(b, h, n, cos.shape[-1])
+            c = cos.float().expand(b, -1, -1)[:, None].expand(b, h, -1, -1).gather(2, gather)
+            s = sin.float().expand(b, -1, -1)[:, None].expand(b, h, -1, -1).gather(2, gather)
+            raw = to_interleaved(_unrotate(keys, c, s))
+            self._encode(raw, values, index.to(torch.int32))
+        self._next_position = None
+
+    # ------------------------------------------------------------------ mark / restore (kvpress's pipeline)
+    def mark(self) -> None:
+        """Record the state; assigning ``keys``/``values`` of the marked length later restores it."""
+        if not self.is_initialized:
+            return
+        self._mark = (self.n, self.nw, self.wkeys.clone(), self.wvals.clone(), self.wpos.clone())
+
+    def restore(self) -> None:
+        if self._mark is None:
+            raise RuntimeError("This CommVQLayer has no mark (CommVQPress marks it after the context).")
+        n, nw, wk, wv, wp = self._mark
+        self.n, self.nw = n, nw
+        self.wkeys.copy_(wk)
+        self.wvals.copy_(wv)
+        self.wpos.copy_(wp)
+        self._next_position = None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Dequantized rotated keys of every held token (a transient copy; assigning restores the mark)."""
+        return self._dequantized()[0] if self.is_initialized else None
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._assign(value, "keys")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """Dequantized values of every held token (a transient copy; assigning restores the mark)."""
+        return self._dequantized()[1] if self.is_initialized else None
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._assign(value, "values")
+
+    def _assign(self, value: torch.Tensor | None, name: str) -> None:
+        if not isinstance(value, torch.Tensor) or value.dim() != 4:
+            raise ValueError(f"A CommVQLayer's {name} can only be reset to its marked length.")
+        length = value.shape[2]
+        if length == self.seen:
+            return
+        if self._mark is not None and length == self._mark[0] + self._mark[1]:
+            self.restore()
+            return
+        raise ValueError(
+            f"A CommVQLayer's {name} can only be reset to its marked state ({self._mark and sum(self._mark[:2])} "
+            f"tokens), got {length}: a CommVQ cache cannot be pruned by another press afterwards (put eviction "
+            "presses before CommVQPress in a ComposedPress)."
+        )
+
+    # ------------------------------------------------------------------ Cache protocol
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        n_new = cache_position.shape[0]
+        start = self.resolver.cache_position_start(cache_position) if n_new else self.seen
+        if self.mode == "codes":  # the wrapper attends itself; a small mask over the window suffices
+            return self.nw + n_new, start - self.nw
+        return self.seen + n_new, start - self.seen
+
+    def _tensors(self) -> list[torch.Tensor]:
+        held = (self.codes, self.knorm, self.vcoef, self.pos, self.vbits, self.wkeys, self.wvals, self.wpos)
+        return [t for t in held if t is not None]
+
+    def memory_bytes(self) -> int:
+        """Bytes held: codes, value bits, norms, coefficients, positions (capacity) and the window buffers."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def codebook_bytes(self) -> int:
+        """Bytes of this layer's codebooks on the device (constant, like weights; not in :meth:`memory_bytes`)."""
+        if not self.is_initialized:
+            return 0
+        books = (self.books.theta, self.books.ztab, self.books.emb, self.tables.u, self.tables.w, self.tables.h)
+        codec = sum(p.numel() * p.element_size() for p in self.codec.parameters())
+        return codec + sum(t.numel() * t.element_size() for t in books)
+
+    def reset(self) -> None:
+        self.n = self.nw = 0
+        self._mark = None
+        self._next_position = None
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.seen + max_length
+        if max_length >= self.seen:
+            return
+        if self._mark is not None and max_length == sum(self._mark[:2]):
+            self.restore()
+            return
+        raise ValueError(f"Cannot crop a CommVQLayer from {self.seen} to {max_length} tokens (codes are final).")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("CommVQCache does not support beam search.")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("CommVQCache does not support repeating the batch.")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("CommVQCache does not support selecting batch rows.")
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch if self.is_initialized else 0
+
+    @property
+    def max_cache_len(self) -> int:
+        return -1
+
+
+def _check_window(window: Any, flush_chunk: Any) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive integer, got {window!r}.")
+    if isinstance(flush_chunk, bool) or not isinstance(flush_chunk, int) or not 1 <= flush_chunk <= window:
+        raise ValueError(f"flush_chunk must be an integer in [1, window={window}], got {flush_chunk!r}.")
+
+
+def load_codebooks(codebooks: str | CommVQCodebooks, bits: int | None, config: Any) -> CommVQCodebooks:
+    """Load (if a path) and validate codebooks for ``config``; they must hold value codecs."""
+    books = codebooks if isinstance(codebooks, CommVQCodebooks) else CommVQCodebooks.load(codebooks, bits=bits)
+    if bits is not None and books.bits != bits:
+        raise ValueError(f"The codebooks are {books.bits}-bit, not {bits}-bit.")
+    books.validate(_text_config(config))
+    if books.values is None:
+        raise ValueError(
+            "These CommVQ codebooks hold keys only (e.g. the reference's .pt files): CommVQCache also needs the value "
+            "codecs. Train them with `pressroom-train commvq values ...` and save the native format."
+        )
+    return books
+
+
+class CommVQCache(Cache):
+    """A transformers ``Cache`` holding CommVQ codes (arXiv 2506.18879), attention computed from the codes.
+
+    Works with ``model.generate(..., past_key_values=CommVQCache(model.config, books))`` and manual loops; a long
+    prompt fed in chunks is coded chunk by chunk (each chunk attends to the codes of the previous ones, dequantized a
+    block at a time), so no full-precision copy of the whole prompt's cache ever exists. See :class:`CommVQLayer`
+    for the storage and the module docstring for how attention is computed.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig
+        The model config (RoPE frequencies, layers, KV heads; ``_attn_implementation`` picks the mode).
+    codebooks : str or CommVQCodebooks
+        A codebook directory (:meth:`CommVQCodebooks.load`) or loaded codebooks, with value codecs.
+    bits : int, optional
+        Expected bit width (checked against the codebooks).
+    window : int, default=128
+        Full-precision recent tokens kept at most.
+    flush_chunk : int, default=64
+        Tokens coded at once when the window overflows.
+    mode : str, optional
+        ``"codes"`` or ``"dequantize"``; default from the model's attention implementation.
+    use_triton : bool, optional
+        ``None``: Triton kernels on CUDA, PyTorch references elsewhere.
+
+    Raises
+    ------
+    ValueError
+        Codebooks that do not fit the model, keys-only codebooks, a bad window, an unsupported RoPE.
+    FileNotFoundError
+        A codebook directory that does not exist or holds no codebook.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        codebooks: str | CommVQCodebooks,
+        bits: int | None = None,
+        window: int = 128,
+        flush_chunk: int = 64,
+        mode: str | None = None,
+        use_triton: bool | None = None,
+    ) -> None:
+        _check_window(window, flush_chunk)
+        text = _text_config(config)
+        books = load_codebooks(codebooks, bits, text)
+        inv_freq, scaling = rope_frequencies(text)
+        self.codebooks = books
+        self.mode = mode or attention_mode(config)
+        if self.mode == "codes":
+            install_attention()
+        self.resolver = PositionResolver()
+        layers = [
+            CommVQLayer(
+                books.key_theta[i],
+                books.values[i],
+                inv_freq,
+                scaling,
+                window=window,
+                flush_chunk=flush_chunk,
+                mode=self.mode,
+                resolver=self.resolver,
+                use_triton=use_triton,
+            )
+            for i in range(books.num_layers)
+        ]
+        super().__init__(layers=layers)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by all layers (codes, bits, norms, positions, windows); codebooks excluded."""
+        return sum(layer.memory_bytes() for layer in self.layers)
+
+    def codebook_bytes(self) -> int:
+        """Bytes of the codebooks on the device (theta tables, value codecs)."""
+        return sum(layer.codebook_bytes() for layer in self.layers)
+
+    def reserve(self, n_tokens: int) -> None:
+        """Pre-allocate ``n_tokens`` coded tokens in every (initialized) layer."""
+        for layer in self.layers:
+            layer.reserve(n_tokens)
+
+    def mark(self) -> None:
+        for layer in self.layers:
+            layer.mark()
+
+    def restore(self) -> None:
+        for layer in self.layers:
+            layer.restore()
+
+
+__all__ = ["CommVQCache", "CommVQLayer", "attention_mode", "install_attention", "load_codebooks"]

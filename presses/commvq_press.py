@@ -1,0 +1,188 @@
+"""CommVQPress: CommVQ's coded KV cache in kvpress's pipeline (arXiv 2506.18879)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from kvpress import BasePress
+from kvpress.presses.base_press import is_prefilling
+from torch import nn
+from transformers import QuantizedCache
+from transformers.cache_utils import DynamicLayer
+
+from pressroom.presses.commvq_cache import CommVQLayer, _check_window, attention_mode, load_codebooks
+from pressroom.presses.commvq_codebooks import CommVQCodebooks
+from pressroom.presses.sink_window_cache import UNSUPPORTED_ROPE, PositionResolver
+
+
+def _recompute_rotated_keys(module: nn.Module, hidden_states: torch.Tensor, cos, sin) -> torch.Tensor:
+    """The layer's rotated keys of the whole prefill ``[B, H, n, D]``, recomputed from its input."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, n, _ = hidden_states.shape
+    head_dim = module.head_dim
+    k = module.k_proj(hidden_states).view(b, n, -1, head_dim)
+    if hasattr(module, "k_norm"):
+        k = module.k_norm(k)
+    k = k.transpose(1, 2)
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    return k
+
+
+def kept_indices(full: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Prefill index ``[B, H, m]`` of each kept key (``kept [B, H, m, D]`` rows of ``full [B, H, n, D]``).
+
+    Matches by a random projection (sorted, then the nearest candidate verified on the whole vector), so an eviction
+    press that gathered keys (any per-head selection) can be undone without knowing its indices.
+    """
+    g = torch.randn(full.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fp_full = full.double() @ g.to(full.device)
+    fp_kept = kept.double() @ g.to(kept.device)
+    order = fp_full.argsort(dim=-1)
+    sorted_fp = fp_full.gather(-1, order)
+    pos = torch.searchsorted(sorted_fp.contiguous(), fp_kept.contiguous()).clamp(max=full.shape[2] - 1)
+    lo = (pos - 1).clamp(min=0)
+    cand = torch.stack((order.gather(-1, lo), order.gather(-1, pos)), dim=-1)  # [B, H, m, 2]
+    d = full.shape[-1]
+    vec = full.gather(2, cand.flatten(2)[..., None].expand(-1, -1, -1, d)).view(*cand.shape, d)
+    err = (vec.float() - kept.float()[..., None, :]).abs().amax(-1)
+    best = err.argmin(-1, keepdim=True)
+    idx = cand.gather(-1, best)[..., 0]
+    tol = 1e-3 * kept.float().abs().amax().clamp_min(1.0)
+    if bool((err.gather(-1, best)[..., 0] > tol).any()):
+        raise ValueError(
+            "CommVQPress could not find the positions of the keys another press kept: put only eviction presses that "
+            "keep a subset of the prefill keys (unchanged) before CommVQPress."
+        )
+    return idx
+
+
+@dataclass
+class CommVQPress(BasePress):
+    """CommVQ (Li et al., *CommVQ: Commutative Vector Quantization for KV Cache Compression*, ICML 2025,
+    https://arxiv.org/abs/2506.18879): keys coded with a RoPE-commutative residual codebook (12-bit codes), values
+    with a learned binary codebook, attention computed from the codes.
+
+    After the prefill of each attention layer this press replaces the ``DynamicCache`` layer by a
+    :class:`~pressroom.presses.CommVQLayer` holding only packed codes, norms and a small full-precision window; the
+    question and the answer are then attended from the codes (Triton kernels on CUDA) and added to the window,
+    which flushes into codes. Several questions on one context work (the layers are marked after the context and
+    restored after each answer). It composes with eviction: ``ComposedPress([SnapKVPress(0.5), CommVQPress(...)])``
+    codes only the kept keys (their positions are recovered per head). With ``cache=CommVQCache(...)`` in the pipeline
+    the prefill is coded as it goes and the press only marks the layers.
+
+    Parameters
+    ----------
+    codebooks : str or CommVQCodebooks
+        Codebook directory (native format with value codecs, or a parent holding ``{bits}bit/``) or loaded
+        codebooks.
+    bits : int, default=2
+        Bit width (1 or 2), checked against the codebooks.
+    window : int, default=128
+        Full-precision recent tokens; the rest of the context is coded.
+    flush_chunk : int, default=64
+        Tokens coded at once when the window overflows while decoding.
+    compression_ratio : float, default=0.0
+        Not used to prune (CommVQ keeps every token); present for kvpress's tooling. The memory saving is
+        reported by ``memory_bytes()``.
+    use_triton : bool, optional
+        ``None``: Triton kernels on CUDA, PyTorch references elsewhere.
+
+    Raises
+    ------
+    ValueError
+        Wrong bits or window; at prefill, codebooks that do not fit the model, keys-only codebooks, a quantized cache.
+    FileNotFoundError
+        A codebook path that does not exist or holds no codebook (at prefill).
+    """
+
+    requires_artifacts = True  # class attribute: the default evaluation job skips it (it needs trained codebooks)
+
+    codebooks: str | CommVQCodebooks | None = None
+    bits: int = 2
+    window: int = 128
+    flush_chunk: int = 64
+    compression_ratio: float = 0.0
+    use_triton: bool | None = None
+    _books: CommVQCodebooks | None = field(init=False, repr=False, compare=False, default=None)
+    _resolver: PositionResolver = field(init=False, repr=False, compare=False, default_factory=PositionResolver)
+
+    def __post_init__(self) -> None:
+        if self.codebooks is None:
+            raise ValueError(
+                "CommVQPress needs codebooks: CommVQPress(codebooks='<dir>', bits=2); train them with "
+                "`pressroom-train commvq all --model <model> --bits 2`."
+            )
+        if self.bits not in (1, 2):
+            raise ValueError(f"bits must be 1 or 2, got {self.bits!r}.")
+        _check_window(self.window, self.flush_chunk)
+
+    def books_for(self, config: Any) -> CommVQCodebooks:
+        """The codebooks, loaded once and validated against ``config``."""
+        if self._books is None:
+            self._books = load_codebooks(self.codebooks, self.bits, config)
+        else:
+            self._books.validate(config)
+        return self._books
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        """Not available: this press replaces the cache layer.
+
+        Raises
+        ------
+        TypeError
+            Always (wrappers that call ``compress`` cannot wrap it).
+        """
+        raise TypeError("CommVQPress acts through forward_hook (it replaces the cache layer); it cannot be wrapped.")
+
+    def forward_hook(self, module: nn.Module, input: Any, kwargs: dict, output: Any) -> Any:
+        """After an attention layer's prefill, code its cache layer into a :class:`CommVQLayer`."""
+        cache = kwargs.get("past_key_values")
+        cache_position = kwargs.get("cache_position")
+        q_len = kwargs["hidden_states"].shape[1]
+        if cache is None or cache_position is None or not is_prefilling(cache_position, q_len):
+            return output
+        layer_idx = module.layer_idx
+        layer = cache.layers[layer_idx]
+        if isinstance(layer, CommVQLayer):
+            layer.mark()
+            return output
+        if isinstance(cache, QuantizedCache) or type(layer) is not DynamicLayer:
+            raise ValueError(
+                f"CommVQPress needs a DynamicCache (or a CommVQCache), got a {type(layer).__name__} in a "
+                f"{type(cache).__name__}."
+            )
+        books = self.books_for(module.config)
+        rotary_scaling = 1.0
+        cos, sin = kwargs["position_embeddings"]
+        rope_type = getattr(module.config, "rope_parameters", None) or {}
+        if isinstance(rope_type, dict) and rope_type.get("rope_type") in UNSUPPORTED_ROPE:
+            raise ValueError(f"RoPE type {rope_type.get('rope_type')!r} is not supported by CommVQPress.")
+        from pressroom.presses.sink_window_cache import rope_frequencies
+
+        inv_freq, rotary_scaling = rope_frequencies(module.config)
+        keys, values = layer.keys, layer.values
+        index = None
+        if keys.shape[-2] != q_len:
+            full = _recompute_rotated_keys(module, kwargs["hidden_states"], cos, sin)
+            index = kept_indices(full, keys)
+        new_layer = CommVQLayer(
+            books.key_theta[layer_idx],
+            books.values[layer_idx],
+            inv_freq,
+            rotary_scaling,
+            window=self.window,
+            flush_chunk=self.flush_chunk,
+            mode=attention_mode(module.config),
+            resolver=self._resolver,
+            use_triton=self.use_triton,
+        )
+        new_layer.load_prefill(keys, values, cos, sin, index=index)
+        new_layer.mark()
+        cache.layers[layer_idx] = new_layer
+        return output
+
+
+__all__ = ["CommVQPress", "kept_indices"]
