@@ -26,10 +26,12 @@ DEMO_MAX_NEW_TOKENS = 32  # enough for every demo answer (string match), keeps t
 
 
 def default_presses() -> list[str]:
-    """The main job's press set: kvpress's StreamingLLM, SnapKV and Knorm, then every pressroom press."""
+    """The main job's press set: kvpress's StreamingLLM, SnapKV and Knorm, then every pressroom press that needs no
+    trained artifact (``requires_artifacts``, e.g. CommVQ's codebooks, must be asked for by name)."""
     from pressroom.presses import PRESSES
 
-    return DEFAULT_KVPRESS_PRESSES + sorted(PRESSES)
+    ours = sorted(name for name, cls in PRESSES.items() if not getattr(cls, "requires_artifacts", False))
+    return DEFAULT_KVPRESS_PRESSES + ours
 
 
 def _quiet() -> None:

@@ -5,10 +5,22 @@ takes ``compression_ratio`` and works in kvpress's pipeline.
 """
 
 from pressroom.presses.anchor_press import AnchorPress
+from pressroom.presses.commvq_cache import CommVQCache, CommVQLayer
+from pressroom.presses.commvq_press import CommVQPress
 from pressroom.presses.memory import cache_memory_bytes
 from pressroom.presses.sink_window_cache import SinkWindowCache, SinkWindowLayer
 from pressroom.presses.sink_window_press import SinkWindowPress
 
-PRESSES: dict[str, type] = {"sink_window": SinkWindowPress, "anchor": AnchorPress}
+PRESSES: dict[str, type] = {"sink_window": SinkWindowPress, "anchor": AnchorPress, "commvq": CommVQPress}
 
-__all__ = ["PRESSES", "AnchorPress", "SinkWindowCache", "SinkWindowLayer", "SinkWindowPress", "cache_memory_bytes"]
+__all__ = [
+    "PRESSES",
+    "AnchorPress",
+    "CommVQCache",
+    "CommVQLayer",
+    "CommVQPress",
+    "SinkWindowCache",
+    "SinkWindowLayer",
+    "SinkWindowPress",
+    "cache_memory_bytes",
+]
