@@ -469,6 +469,7 @@ if HAS_TRITON:
         vbuf_ptr,
         ws_ptr,
         inv_ptr,
+        seq_ptr,
         heads,
         slot,
         rot_start,
@@ -496,6 +497,7 @@ if HAS_TRITON:
         HALF: tl.constexpr,
         BLOCK_D: tl.constexpr,
         ROWS: tl.constexpr,
+        SEQ_FROM_PTR: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -503,6 +505,10 @@ if HAS_TRITON:
         h = (pid_bh % heads).to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HALF
+        if SEQ_FROM_PTR:  # steady state (ring full), stream index read on the device: CUDA-graph replayable
+            seq_dev = tl.load(seq_ptr)
+            slot = (n_sink + (seq_dev - n_sink) % window).to(tl.int32)
+            ring_first = ((seq_dev + 1 - n_sink) % window).to(tl.int32)
         if pid == 0:  # store the new token: raw key, value, and the model's rotated key into the workspace
             k_row = k_ptr + b * s_kb + h * s_kh + d
             k1 = tl.load(k_row, mask=d_ok, other=0.0)
@@ -874,6 +880,7 @@ def ring_decode(
         value_buf,
         workspace,
         inv_freq,
+        inv_freq,  # seq_ptr: unused when SEQ_FROM_PTR is False
         heads,
         slot,
         rot_start,
@@ -901,6 +908,120 @@ def ring_decode(
         HALF=half,
         BLOCK_D=triton.next_power_of_2(half),
         ROWS=_ROWS,
+        SEQ_FROM_PTR=False,
+        num_warps=1 if half <= 32 else 2,
+    )
+
+
+def _steady_ints(seq: int, n_sink: int, window: int) -> tuple[int, int]:
+    """``(slot, ring_first)`` of a decoding step with stream index ``seq`` once the ring is full."""
+    return n_sink + (seq - n_sink) % window, (seq + 1 - n_sink) % window
+
+
+def ring_decode_steady(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    raw_keys: torch.Tensor,
+    value_buf: torch.Tensor,
+    workspace: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    *,
+    seq: torch.Tensor,
+    n_sink: int,
+    window: int,
+    use_triton: bool | None = None,
+) -> None:
+    """:func:`ring_decode` in the steady state, with the stream index read on the device: CUDA-graph replayable.
+
+    Once the ring is full (``seq >= n_sink + window - 1``) and positions are assigned inside the cache, a decoding
+    step always rotates every slot to ``0 .. n_sink + window - 1`` (``pos_base = 0``); only the new token's slot and
+    the ring's oldest slot move, and both follow from ``seq``. Reading ``seq`` from a device tensor (``int64``,
+    one element) lets one captured CUDA graph serve every later step: the caller sets ``seq`` before each replay.
+
+    Parameters
+    ----------
+    seq : torch.Tensor
+        One-element ``int64`` tensor on the buffers' device: the stream index of the new token.
+    Other parameters
+        As in :func:`ring_decode`.
+    """
+    if not isinstance(seq, torch.Tensor) or seq.numel() != 1 or seq.dtype != torch.int64:
+        raise ValueError("ring_decode_steady needs `seq` as a one-element int64 tensor on the buffers' device.")
+    capacity = n_sink + window
+    use_triton = resolve_use_triton(use_triton, key, value, cos, sin, raw_keys, value_buf, workspace, inv_freq)
+    if not use_triton:
+        seq_int = int(seq.reshape(()).item())
+        if seq_int < capacity - 1:
+            raise ValueError(f"ring_decode_steady needs a full ring: seq {seq_int} < n_sink + window - 1.")
+        slot_seq = seq_int
+        _, ring_first = _steady_ints(seq_int, n_sink, window)
+        ring_decode_reference(
+            key,
+            value,
+            cos,
+            sin,
+            raw_keys,
+            value_buf,
+            workspace,
+            inv_freq,
+            attention_scaling,
+            seq=slot_seq,
+            pos_base=0,
+            rot_start=0,
+            rot_stop=capacity,
+            n_sink=n_sink,
+            window=window,
+            ring_first=ring_first,
+            validate=False,
+        )
+        return
+    if seq.device != raw_keys.device:
+        raise ValueError(f"seq is on {seq.device}, the ring on {raw_keys.device}.")
+    key, value, cos, sin = (_last_dim_contiguous(t) for t in (key, value, cos, sin))
+    batch, heads, _, head_dim = raw_keys.shape
+    half = head_dim // 2
+    grid = (1 + triton.cdiv(capacity, _ROWS), batch * heads)
+    _ring_decode_kernel[grid](
+        key,
+        value,
+        cos,
+        sin,
+        raw_keys,
+        value_buf,
+        workspace,
+        inv_freq,
+        seq,
+        heads,
+        0,  # slot: from seq
+        0,
+        capacity,
+        0,  # pos_base
+        n_sink,
+        window,
+        0,  # ring_first: from seq
+        float(attention_scaling),
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        _batch_stride(cos),
+        _batch_stride(sin),
+        raw_keys.stride(0),
+        raw_keys.stride(1),
+        raw_keys.stride(2),
+        value_buf.stride(0),
+        value_buf.stride(1),
+        value_buf.stride(2),
+        workspace.stride(0),
+        workspace.stride(1),
+        workspace.stride(2),
+        HALF=half,
+        BLOCK_D=triton.next_power_of_2(half),
+        ROWS=_ROWS,
+        SEQ_FROM_PTR=True,
         num_warps=1 if half <= 32 else 2,
     )
 
@@ -911,6 +1032,7 @@ __all__ = [
     "resolve_use_triton",
     "ring_decode",
     "ring_decode_reference",
+    "ring_decode_steady",
     "ring_rotate_keys",
     "ring_rotate_keys_reference",
     "ring_store",

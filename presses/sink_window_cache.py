@@ -27,7 +27,13 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
-from pressroom.kernels.rope_ring import resolve_use_triton, ring_decode, ring_rotate_keys, ring_store
+from pressroom.kernels.rope_ring import (
+    resolve_use_triton,
+    ring_decode,
+    ring_decode_steady,
+    ring_rotate_keys,
+    ring_store,
+)
 
 UNSUPPORTED_ROPE = ("dynamic", "longrope")  # frequencies change with the sequence length inside the model
 
@@ -331,6 +337,7 @@ class SinkWindowLayer(CacheLayerMixin):
         self._mark_seen: int | None = None
         self._log_len = 0
         self._log_max = 0
+        self._graph_seq: torch.Tensor | None = None  # set by SinkWindowDecoder: steady-state steps read seq on device
 
     def __repr__(self) -> str:
         return (
@@ -436,6 +443,8 @@ class SinkWindowLayer(CacheLayerMixin):
             cos, sin = cos[None], sin[None]
         if cos.shape[-2] != n_new or cos.shape[-1] != key_states.shape[-1]:
             raise ValueError(f"cos/sin of shape {tuple(cos.shape)} do not match {n_new} new keys.")
+        if self._graph_seq is not None and n_new == 1:
+            return self._decode_steady(key_states, value_states, cos, sin)
         position = self.resolver.resolve(self, cos, sin, cache_kwargs.get("cache_position"))
         self._next_position = position + n_new
         if n_new == 1:
@@ -561,6 +570,27 @@ class SinkWindowLayer(CacheLayerMixin):
             return self._workspace, self._values
         return self._workspace[:, :, :kept], self._values[:, :, :kept]
 
+    def _decode_steady(self, key_states, value_states, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """A steady-state decoding step for :class:`SinkWindowDecoder`: no host synchronisation, no Python state
+        change (the decoder sets ``_graph_seq`` before the step and advances ``seen`` after it), so that one CUDA
+        graph replays every step. The new token sits at in-cache position ``n_sink + window - 1``."""
+        ring_decode_steady(
+            key_states,
+            value_states,
+            cos,
+            sin,
+            self._raw_keys,
+            self._values,
+            self._workspace,
+            self._inv_freq,
+            self.attention_scaling,
+            seq=self._graph_seq,
+            n_sink=self.n_sink,
+            window=self.window,
+            use_triton=self._triton,
+        )
+        return self._workspace, self._values
+
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` of what :meth:`update` returns for these queries.
 
@@ -569,6 +599,8 @@ class SinkWindowLayer(CacheLayerMixin):
         ``attention_mask`` (e.g. ``model.generate``'s, all ones) is read at the most recent columns.
         """
         n_new = cache_position.shape[0]
+        if self._graph_seq is not None and n_new == 1:  # the decoder's steady state: cache_position = capacity - 1
+            return self.capacity, 0
         n_visible = self.position_base()
         start = self.resolver.cache_position_start(cache_position) if n_new else self.seen
         return n_visible + n_new, start - n_visible
@@ -911,4 +943,128 @@ class SinkWindowCache(Cache):
             layer.release_mark()
 
 
-__all__ = ["PositionResolver", "SharedWorkspace", "SinkWindowCache", "SinkWindowLayer", "rope_frequencies"]
+class SinkWindowDecoder:
+    """Token-by-token decoding through a :class:`SinkWindowCache`, with one CUDA graph for the steady state.
+
+    Until the ring is full, each step is an ordinary forward pass at the cache's in-cache positions. From then on,
+    every step has the same shapes and the same in-cache positions (StreamingLLM's pos-shift: the new token always
+    sits at ``n_sink + window - 1``), and the only thing that changes is the stream index, which the cache's kernel
+    reads from a device tensor (:func:`pressroom.kernels.rope_ring.ring_decode_steady`). So the decoder runs the
+    first steady step eagerly (a warm-up, on a side stream), captures the second into a CUDA graph and replays it
+    for every later token: the Python and kernel-launch overhead of a decoding step (most of a batch-1 step of an
+    8B model) is paid once. Without CUDA (or with ``use_graph=False``) the same steady-state code path runs eagerly.
+
+    The logits returned by a replayed step live in the graph's static output: they are overwritten by the next
+    step (clone them to keep them). The cache must not carry a kvpress multi-question mark, and its positions must
+    be the in-cache ones (the decoder passes them). Feeding the cache elsewhere in between (e.g. a prefill chunk)
+    is fine: the stream index is set from the cache before each replay.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A causal LM whose cache is ``cache``.
+    cache : SinkWindowCache
+        The rolling cache (prefilled or empty).
+    use_graph : bool, optional
+        ``None``: a CUDA graph on CUDA, eager steps elsewhere; ``True`` / ``False``: forced (``True`` needs CUDA).
+
+    Examples
+    --------
+    >>> cache = SinkWindowCache(model.config, n_sink=4, window=4092)  # doctest: +SKIP
+    >>> decoder = SinkWindowDecoder(model, cache)  # doctest: +SKIP
+    >>> for _ in range(1_000_000):  # doctest: +SKIP
+    ...     next_id = decoder.step(next_id).argmax(-1)
+    """
+
+    def __init__(self, model: Any, cache: SinkWindowCache, use_graph: bool | None = None) -> None:
+        if not isinstance(cache, SinkWindowCache):
+            raise ValueError(f"SinkWindowDecoder needs a SinkWindowCache, got {type(cache).__name__}.")
+        self.model = model
+        self.cache = cache
+        self.use_graph = use_graph
+        self._seq: torch.Tensor | None = None
+        self._ids: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._cache_position: torch.Tensor | None = None
+        self._graph: Any = None
+        self._logits: torch.Tensor | None = None
+        self._warm = False
+
+    @property
+    def captured(self) -> bool:
+        """Whether the steady-state CUDA graph has been captured."""
+        return self._graph is not None
+
+    def _steady(self) -> bool:
+        layers = self.cache.layers
+        return all(
+            layer.is_initialized and layer.seen + 1 >= layer.capacity and layer._mark_seen is None for layer in layers
+        )
+
+    def _forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits
+
+    def _set_graph_mode(self, on: bool) -> None:
+        for layer in self.cache.layers:
+            layer._graph_seq = self._seq if on else None
+
+    def _advance(self) -> None:
+        for layer in self.cache.layers:
+            layer.seen += 1
+            layer._next_position = layer.capacity
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per batch row (``[B, 1]``) and return its logits ``[B, 1, vocab]``."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            raise ValueError("SinkWindowDecoder.step takes input_ids of shape [batch, 1] (one token per row).")
+        if not self._steady():
+            self._set_graph_mode(False)
+            return self._forward(input_ids, position_ids=self.cache.position_ids_for(1).to(input_ids.device))
+        layer = self.cache.layers[0]
+        device = layer._raw_keys.device
+        graph = self.use_graph if self.use_graph is not None else device.type == "cuda"
+        if graph and device.type != "cuda":
+            raise ValueError("use_graph=True needs the model and cache on a CUDA device.")
+        stale = self._seq is None or self._seq.device != device
+        if stale or (self._ids is not None and self._ids.shape != input_ids.shape):
+            self._seq = torch.zeros(1, dtype=torch.int64, device=device)
+            self._ids = torch.zeros_like(input_ids, device=device)
+            self._positions = torch.full((1, 1), layer.capacity - 1, dtype=torch.long, device=device)
+            self._cache_position = torch.full((1,), layer.capacity - 1, dtype=torch.long, device=device)
+            self._graph, self._logits, self._warm = None, None, False
+        self._set_graph_mode(True)
+        try:
+            self._seq.fill_(layer.seen)
+            self._ids.copy_(input_ids)
+            kwargs = {"position_ids": self._positions, "cache_position": self._cache_position}
+            if not graph:
+                logits = self._forward(self._ids, **kwargs)
+            elif not self._warm:  # warm-up (allocations, Triton compilation) on a side stream, as CUDA graphs need
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    logits = self._forward(self._ids, **kwargs)
+                torch.cuda.current_stream(device).wait_stream(side)
+                self._warm = True
+            else:
+                if self._graph is None:
+                    self._graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(self._graph):  # records, runs nothing
+                        self._logits = self._forward(self._ids, **kwargs)
+                self._graph.replay()
+                logits = self._logits
+        finally:
+            self._set_graph_mode(False)
+        self._advance()
+        return logits
+
+
+__all__ = [
+    "PositionResolver",
+    "SharedWorkspace",
+    "SinkWindowCache",
+    "SinkWindowDecoder",
+    "SinkWindowLayer",
+    "rope_frequencies",
+]

@@ -478,3 +478,31 @@ def test_memory_accounting_and_undo_log(models):
         torch.testing.assert_close(layer.keys, before_keys)
         torch.testing.assert_close(layer.values, before_values)
         torch.testing.assert_close(model(ids[:, 40:45], past_key_values=cache).logits, reference)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_decoder_steady_state_equals_ordinary_steps(models, use_triton):
+    """SinkWindowDecoder's steady-state path (stream index read on the device, as replayed by its CUDA graph; here
+    run eagerly, with the Triton kernel under the interpreter) gives the logits and the cache of ordinary steps."""
+    from pressroom.presses.sink_window_cache import SinkWindowDecoder
+
+    model, _ = models("tiny-llama")
+    ids = _ids(40, seed=3)
+    plain = SinkWindowCache(model.config, n_sink=2, window=6, use_triton=use_triton)
+    steady = SinkWindowCache(model.config, n_sink=2, window=6, use_triton=use_triton)
+    decoder = SinkWindowDecoder(model, steady, use_graph=False)
+    with torch.no_grad():
+        for cache in (plain, steady):  # a prefill chunk, then token by token
+            model(ids[:, :5], past_key_values=cache, position_ids=cache.position_ids_for(5), use_cache=True)
+        for t in range(5, ids.shape[1]):
+            ref = model(
+                ids[:, t : t + 1], past_key_values=plain, position_ids=plain.position_ids_for(1), use_cache=True
+            ).logits[:, -1]
+            got = decoder.step(ids[:, t : t + 1])[:, -1]
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert steady.layers[0].seen == plain.layers[0].seen == ids.shape[1]
+    for a, b in zip(plain.layers, steady.layers):
+        torch.testing.assert_close(a._raw_keys, b._raw_keys)
+        torch.testing.assert_close(a._values, b._values)
+    with pytest.raises(ValueError, match=r"\[batch, 1\]"):
+        decoder.step(ids[:, :2])
