@@ -390,6 +390,7 @@ class EITConfig:
     save_every: int = 200
     eval_every: int = 50
     val_sequences: int = 2
+    train_sequences: int | None = None
     seed: int = 0
     dtype: str | None = None
     device: str | None = None
@@ -402,6 +403,8 @@ class EITConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "save_every", "eval_every", "lora_r", "val_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.train_sequences is not None and self.train_sequences < self.batch_size:
+            raise ValueError(f"train_sequences must be >= batch_size, got {self.train_sequences}.")
         if self.lambda_kl < 0:
             raise ValueError(f"lambda_kl must be >= 0, got {self.lambda_kl}.")
         # validates the schedule and ratios early, with a clear message
@@ -524,6 +527,8 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     keep_sched = cfg.schedule()
     train_chunks, val_chunks = train_val_chunks(tokenizer, cfg.corpus, cfg.seq_len, cfg.val_sequences)
+    if cfg.train_sequences is not None:
+        train_chunks = train_chunks[: cfg.train_sequences]
     vocab = int(model.get_input_embeddings().weight.shape[0])
     spec = AnchorSpec(cfg.n_sink, cfg.n_recent, cfg.separator_chars, cfg.keep_special)
     tables = spec.tables(tokenizer, vocab)
@@ -793,6 +798,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         eval_every=args.eval_every,
         val_sequences=args.val_sequences,
+        train_sequences=args.train_sequences,
         seed=args.seed,
         dtype=args.dtype,
         device=args.device,
@@ -845,6 +851,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--save-every", type=int, default=200)
     t.add_argument("--eval-every", type=int, default=50)
     t.add_argument("--val-sequences", type=int, default=2, help="train-split sequences kept aside for validation")
+    t.add_argument("--train-sequences", type=int, default=None, help="use only the first N train sequences")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument(
         "--resume", nargs="?", const="latest", default=None, help="resume from the latest checkpoint or a path"
