@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -73,9 +72,11 @@ def _check_keep(keep: torch.Tensor, split: int) -> None:
         raise ValueError(f"split must be an int in [0, {keep.shape[1]}], got {split!r}.")
 
 
-@dataclass
 class KeepMask:
     """A KV-keep mask for one batch: ``keep`` ``[batch, seq_len]`` bool and the prefill boundary ``split``.
+
+    A plain object, not a tensor or a dataclass, so that ``DistributedDataParallel`` hands it to the model as it
+    is; its derived index tensors and block masks are built once and shared by every layer.
 
     Parameters
     ----------
@@ -87,13 +88,17 @@ class KeepMask:
         Pad the compacted KV to a multiple of this (default 128 on CUDA, 16 elsewhere).
     """
 
-    keep: torch.Tensor
-    split: int = 0
-    pad_to: int | None = None
-    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    def __init__(self, keep: torch.Tensor, split: int = 0, pad_to: int | None = None) -> None:
+        _check_keep(keep, split)
+        if pad_to is not None and (isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1):
+            raise ValueError(f"pad_to must be a positive integer or None, got {pad_to!r}.")
+        self.keep = keep
+        self.split = split
+        self.pad_to = pad_to
+        self._cache: dict = {}
 
-    def __post_init__(self) -> None:
-        _check_keep(self.keep, self.split)
+    def __repr__(self) -> str:
+        return f"KeepMask(batch={self.keep.shape[0]}, seq_len={self.seq_len}, split={self.split})"
 
     @property
     def seq_len(self) -> int:
