@@ -85,6 +85,7 @@ def attention_phase(cfg: dict, split_frac: float, reps: int, keep_ratio: float) 
     keep[:, split:] = True if split > 0 else keep[:, split:]
     keep = keep.to(DEVICE)
     kept_frac = float(keep[:, : split or seq_len].float().mean())
+    k_gqa, v_gqa = k, v
     groups = hq // hkv
     mask_holder = {}
 
@@ -100,7 +101,9 @@ def attention_phase(cfg: dict, split_frac: float, reps: int, keep_ratio: float) 
     dense_add = torch.zeros(dense_bool.shape, dtype=dtype, device=DEVICE).masked_fill(~dense_bool, float("-inf"))
 
     def sdpa_dense(m):
-        return lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, attn_mask=m, enable_gqa=groups > 1)
+        # K/V are passed already expanded to the query heads (what transformers' SDPA path does with a mask, and
+        # what lets SDPA use its memory-efficient kernel); the expansion itself is not timed
+        return lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, attn_mask=m)
 
     variants = {
         "sdpa_dense_bool": sdpa_dense(dense_bool),
@@ -117,10 +120,12 @@ def attention_phase(cfg: dict, split_frac: float, reps: int, keep_ratio: float) 
         "kept_fraction_measured": kept_frac,
         "mask_build_ms": build_ms,
     }
+    k_rep, v_rep = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     with torch.no_grad():
-        ref = variants["sdpa_dense_bool"](q, k, v).float()
+        ref = variants["sdpa_dense_bool"](q, k_rep, v_rep).float()
     for name, fn in variants.items():
         entry: dict = {}
+        k, v = (k_rep, v_rep) if name.startswith("sdpa_dense") else (k_gqa, v_gqa)
         try:
             with torch.no_grad():
                 got = fn(q, k, v).float()
