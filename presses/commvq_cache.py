@@ -143,12 +143,12 @@ class CommVQLayer(CacheLayerMixin):
         attention_scaling: float = 1.0,
         *,
         window: int = 128,
-        flush_chunk: int = 64,
+        flush_chunk: int | None = None,
         mode: str = "codes",
         resolver: PositionResolver | None = None,
         use_triton: bool | None = None,
     ) -> None:
-        _check_window(window, flush_chunk)
+        flush_chunk = _check_window(window, flush_chunk)
         if mode not in ("codes", "dequantize"):
             raise ValueError(f"mode must be 'codes' or 'dequantize', got {mode!r}.")
         self.theta_host = theta.detach().float()
@@ -534,11 +534,15 @@ class CommVQLayer(CacheLayerMixin):
         return -1
 
 
-def _check_window(window: Any, flush_chunk: Any) -> None:
+def _check_window(window: Any, flush_chunk: Any) -> int:
+    """Validate; return the flush chunk (``None``: ``min(64, max(1, window // 2))``)."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive integer, got {window!r}.")
+    if flush_chunk is None:
+        return min(64, max(1, window // 2))
     if isinstance(flush_chunk, bool) or not isinstance(flush_chunk, int) or not 1 <= flush_chunk <= window:
         raise ValueError(f"flush_chunk must be an integer in [1, window={window}], got {flush_chunk!r}.")
+    return flush_chunk
 
 
 def load_codebooks(codebooks: str | CommVQCodebooks, bits: int | None, config: Any) -> CommVQCodebooks:
@@ -573,8 +577,8 @@ class CommVQCache(Cache):
         Expected bit width (checked against the codebooks).
     window : int, default=128
         Full-precision recent tokens kept at most.
-    flush_chunk : int, default=64
-        Tokens coded at once when the window overflows.
+    flush_chunk : int, optional
+        Tokens coded at once when the window overflows (default ``min(64, window // 2)``).
     mode : str, optional
         ``"codes"`` or ``"dequantize"``; default from the model's attention implementation.
     use_triton : bool, optional
@@ -594,11 +598,11 @@ class CommVQCache(Cache):
         codebooks: str | CommVQCodebooks,
         bits: int | None = None,
         window: int = 128,
-        flush_chunk: int = 64,
+        flush_chunk: int | None = None,
         mode: str | None = None,
         use_triton: bool | None = None,
     ) -> None:
-        _check_window(window, flush_chunk)
+        flush_chunk = _check_window(window, flush_chunk)
         text = _text_config(config)
         books = load_codebooks(codebooks, bits, text)
         inv_freq, scaling = rope_frequencies(text)

@@ -82,8 +82,8 @@ class CommVQPress(BasePress):
         Bit width (1 or 2), checked against the codebooks.
     window : int, default=128
         Full-precision recent tokens; the rest of the context is coded.
-    flush_chunk : int, default=64
-        Tokens coded at once when the window overflows while decoding.
+    flush_chunk : int, optional
+        Tokens coded at once when the window overflows while decoding (default ``min(64, window // 2)``).
     compression_ratio : float, default=0.0
         Not used to prune (CommVQ keeps every token); present for kvpress's tooling. The memory saving is
         reported by ``memory_bytes()``.
@@ -103,7 +103,7 @@ class CommVQPress(BasePress):
     codebooks: str | CommVQCodebooks | None = None
     bits: int = 2
     window: int = 128
-    flush_chunk: int = 64
+    flush_chunk: int | None = None
     compression_ratio: float = 0.0
     use_triton: bool | None = None
     _books: CommVQCodebooks | None = field(init=False, repr=False, compare=False, default=None)

@@ -1,0 +1,232 @@
+# ruff: noqa: B023
+"""CommVQ decode attention and encode per layer at long context, next to fp16 SDPA and the reference's decode path.
+
+One layer of a Llama-3.1-8B-shaped model (32 query / 8 KV heads, head_dim 128, batch 1) holding ``--tokens`` coded
+tokens (default 131072) plus a 128-token full-precision window:
+
+- ours: :func:`pressroom.kernels.commvq_attention.decode_attention` (split-K Triton kernel + reduce + per-head
+  value matmul) at 1 bit (R=11 key residuals, 1 value bit per element) and 2 bits (R=21, 2 value bits);
+- fp16 SDPA (bf16 keys/values of the same length, ``enable_gqa``);
+- a faithful PyTorch re-implementation of the CommVQ reference's decode path (``commvq/compress_triton.py``: a
+  look-up table ``q . center`` per query head, residual and pair, gathers summed over residuals, RoPE per token,
+  PyTorch softmax, probability-weighted value bits, matmul with the value codebook), in token chunks;
+- encode per layer for ``--tokens`` tokens: keys (normalize + fused residual search and 12-bit packing, Triton) and
+  values (the value encoder MLP + postscale + bit packing);
+- KV bytes per token, everything included (codes, value bits, key norm, value coefficient, position).
+
+Codes, norms and bits are random (timing does not depend on their values); a correctness check against the PyTorch
+reference runs on a 4096-token slice first. Writes JSON after every phase (``--output``).
+
+    source benchmarks/gpu_env.sh
+    python benchmarks/commvq_decode.py --output $OUT/commvq_decode.json
+    TRITON_INTERPRET=1 python benchmarks/commvq_decode.py --smoke --output /tmp/commvq_decode_smoke.json   # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pressroom.evaluation.atomic import atomic_write_json
+from pressroom.kernels.commvq_attention import CodedKV, LayerBooks, decode_attention, decode_attention_reference
+from pressroom.kernels.commvq_encode import KeyTables, code_bytes, encode_keys, normalize_keys, pack_bits
+from pressroom.presses.commvq_codebooks import ValueCodec
+
+HQ, H, D, WINDOW = 32, 8, 128, 128
+CONFIGS = ((1, 11), (2, 21))  # (bits, key residuals)
+
+
+def timed_ms(fn, reps: int, device: torch.device) -> float:
+    """Median milliseconds per call (CUDA events on the GPU, wall clock on the CPU)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+    else:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+    return sorted(times)[len(times) // 2]
+
+
+def make_layer(n: int, bits: int, r: int, device: torch.device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    nbits = H * D * bits
+    theta = torch.randn(H, r, 128, D // 2, generator=g) * 0.1
+    codec = ValueCodec(H * D, bits)
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, D, 2).float() / D))
+    books = LayerBooks.build(theta, codec.embedding, codec.scale + codec.eps, inv_freq, 1.0, device=device)
+    kv = CodedKV(
+        torch.randint(0, 256, (1, H, n, code_bytes(r)), dtype=torch.uint8, generator=g).to(device),
+        (torch.rand(1, n, generator=g) * 4 + 8).half().to(device),
+        (torch.rand(1, n, generator=g) + 0.5).half().to(device),
+        torch.arange(n, dtype=torch.int32)[None].to(device),
+        torch.randint(0, 256, (1, n, nbits // 8), dtype=torch.uint8, generator=g).to(device),
+        n,
+        torch.randn(1, H, WINDOW, D, generator=g).to(device, torch.bfloat16),
+        torch.randn(1, H, WINDOW, D, generator=g).to(device, torch.bfloat16),
+        torch.arange(n, n + WINDOW, dtype=torch.int32)[None].to(device),
+        WINDOW,
+    )
+    return kv, books, theta.to(device), codec.to(device)
+
+
+def reference_decode_path(q, kv: CodedKV, theta, codec: ValueCodec, inv_freq, scaling, chunk: int = 16384):
+    """The CommVQ reference's decode path, re-implemented in PyTorch (LUT of q . centers, gathers, RoPE per token,
+    PyTorch softmax, weighted value bits @ codebook)."""
+    from pressroom.kernels.commvq_encode import unpack_bits, unpack_codes12
+
+    g = HQ // H
+    r = theta.shape[1]
+    p = D // 2
+    # centers as 2x2 matrices per (head, residual, entry, pair): [[x, y], [-y, x]] as the reference builds them
+    x = theta[:, :, 0::2, :]  # [H, R, 64, P]
+    y = theta[:, :, 1::2, :]
+    qh = q.view(H, g, p, 2)  # interleaved query pairs
+    # LUT[h, g, r, entry, p] = Q_p conj(z_entry,p) as (re, im), for the A part; the B part uses i z_B:
+    # Q conj(i z) = -i Q conj(z), i.e. (im, -re) of the same table
+    qx, qy = qh[:, :, None, None, :, 0], qh[:, :, None, None, :, 1]
+    lut_a = torch.stack((qx * x[:, None] + qy * y[:, None], qy * x[:, None] - qx * y[:, None]), dim=-1)
+    lut_b = torch.stack((lut_a[..., 1], -lut_a[..., 0]), dim=-1)
+    scores = []
+    n = kv.n
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        codes = unpack_codes12(kv.codes[0, :, s:e], r)  # [H, n, R]
+        a, b = codes >> 6, codes & 63
+        acc = torch.zeros(H, g, e - s, p, 2, device=q.device)
+        for step in range(r):
+            ia = a[:, None, :, step, None, None].expand(H, g, e - s, p, 2)
+            ib = b[:, None, :, step, None, None].expand(H, g, e - s, p, 2)
+            acc += lut_a[:, :, step].gather(2, ia) + lut_b[:, :, step].gather(2, ib)
+        phi = kv.pos[0, s:e].float()[:, None] * inv_freq[None]
+        c, sn = phi.cos(), phi.sin()
+        sc = (acc[..., 0] * c + acc[..., 1] * sn).sum(-1) * kv.knorm[0, s:e].float()  # Re(Q conj(K e^{i phi}))
+        scores.append(sc.view(HQ, e - s))
+    scores = torch.cat(scores, dim=-1) * scaling  # (the coded tokens only; the reference has no separate window)
+    probs = torch.softmax(scores.float(), dim=-1)
+    bits = unpack_bits(kv.vbits[0, :n], torch.bfloat16)  # [n, NB]
+    weighted = (probs * kv.vcoef[0, :n].float()).to(torch.bfloat16) @ bits  # [HQ, NB]
+    out = weighted.float().view(H, g, -1) @ codec.embedding.view(-1, H, D).transpose(0, 1)
+    return (out * (codec.scale + codec.eps).view(H, 1, D)).view(HQ, D)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path (TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    n = 32 if args.smoke else args.tokens
+    reps = 1 if args.smoke else args.reps
+    import transformers
+    import triton
+
+    result = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "shape": {"tokens": n, "q_heads": HQ, "kv_heads": H, "head_dim": D, "batch": 1, "window": WINDOW},
+        "smoke": args.smoke,
+        "configs": {},
+    }
+    out_path = Path(args.output)
+    save = lambda: atomic_write_json(out_path, result)  # noqa: E731
+    scaling = D**-0.5
+
+    # fp16 SDPA baseline
+    kf = torch.randn(1, H, n + WINDOW, D, device=device, dtype=torch.bfloat16)
+    vf = torch.randn_like(kf)
+    qf = torch.randn(1, HQ, 1, D, device=device, dtype=torch.bfloat16)
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, enable_gqa=True)  # noqa: E731
+    result["sdpa_bf16_ms"] = timed_ms(sdpa, reps, device)
+    result["fp16_bytes_per_token"] = H * D * 2 * 2
+    kf = vf = None
+    save()
+
+    for bits, r in CONFIGS:
+        cfg = result["configs"][f"{bits}bit"] = {"bits": bits, "key_residuals": r}
+        kv, books, theta, codec = make_layer(n, bits, r, device)
+        q = torch.randn(1, HQ, D, device=device)
+        # correctness on a slice
+        m = min(n, 4096)
+        sub = CodedKV(kv.codes, kv.knorm, kv.vcoef, kv.pos, kv.vbits, m, kv.wkeys, kv.wvals, kv.wpos, kv.nw)
+        ref = decode_attention_reference(q, sub, books, scaling)
+        ours = decode_attention(q, sub, books, scaling, use_triton=True)
+        cfg["check_max_abs_err"] = float((ours - ref).abs().max())
+        cfg["check_ref_max_abs"] = float(ref.abs().max())
+        sub.nw = 0
+        with torch.no_grad():
+            lut = reference_decode_path(q[0], sub, theta, codec, books.inv_freq, scaling)
+        cfg["check_reference_path_max_abs_err"] = float(  # bf16 weights in the reference path
+            (lut - decode_attention_reference(q, sub, books, scaling)[0]).abs().max()
+        )
+        save()
+        cfg["ours_ms"] = timed_ms(lambda: decode_attention(q, kv, books, scaling, use_triton=True), reps, device)
+        save()
+        try:
+            cfg["reference_path_pytorch_ms"] = timed_ms(
+                lambda: reference_decode_path(q[0], kv, theta, codec, books.inv_freq, scaling),
+                max(1, reps // 4),
+                device,
+            )
+        except torch.OutOfMemoryError as err:  # pragma: no cover - GPU only
+            cfg["reference_path_pytorch_ms"] = f"OOM: {err}"
+        save()
+        # encode per layer: keys (fused search + packing) and values (encoder MLP + postscale + packing)
+        raw = torch.randn(1, H, n, D, device=device)
+        tables = KeyTables(theta)
+        codes_out = torch.empty(n, H, code_bytes(r), dtype=torch.uint8, device=device)
+
+        def enc_keys():
+            x, _ = normalize_keys(raw)
+            encode_keys(x[0], theta, use_triton=True, tables=tables, out=codes_out)
+
+        vals = torch.randn(1, n, H * D, device=device)
+
+        def enc_values():
+            for s in range(0, n, 16384):
+                v = vals[:, s : s + 16384]
+                bits_, pre = codec.encode(v)
+                post = codec.postscale(bits_)
+                pack_bits(bits_), (pre + codec.eps) / (post + codec.eps)
+
+        cfg["encode_keys_ms"] = timed_ms(enc_keys, max(1, reps // 4), device)
+        save()
+        cfg["encode_values_ms"] = timed_ms(enc_values, max(1, reps // 4), device)
+        per_token = H * code_bytes(r) + H * D * bits // 8 + 2 + 2 + 4
+        cfg["bytes_per_token"] = per_token
+        cfg["fraction_of_fp16"] = per_token / result["fp16_bytes_per_token"]
+        cfg["target_fraction"] = 1 / 7 if bits == 2 else 1 / 12
+        cfg["speedup_vs_reference_path"] = (
+            cfg["reference_path_pytorch_ms"] / cfg["ours_ms"]
+            if isinstance(cfg["reference_path_pytorch_ms"], float)
+            else None
+        )
+        save()
+        kv = raw = vals = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(result)
+
+
+if __name__ == "__main__":
+    main()

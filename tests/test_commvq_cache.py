@@ -1,0 +1,291 @@
+"""CommVQCache, CommVQPress and their kernels (encode with packing, decode attention from codes), on CPU.
+
+Triton kernels run under TRITON_INTERPRET=1 (set by the test command); codebooks are random but valid (random theta,
+randomly initialised value codecs), so no training run is needed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from kvpress import ComposedPress, KVPressTextGenerationPipeline, SnapKVPress
+from transformers import DynamicCache
+
+from pressroom.kernels.commvq_attention import CodedKV, LayerBooks, decode_attention, decode_attention_reference
+from pressroom.kernels.commvq_encode import (
+    code_bytes,
+    encode_keys,
+    encode_keys_reference,
+    normalize_keys,
+    pack_bits,
+    pack_codes12,
+    unpack_bits,
+    unpack_codes12,
+)
+from pressroom.presses import CommVQCache, CommVQLayer, CommVQPress
+from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, model_kv_shape
+from pressroom.presses.commvq_press import kept_indices
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton kernels on CPU need TRITON_INTERPRET=1")
+
+
+def random_books(config, residuals: int = 3, bits: int = 2, values: bool = True, seed: int = 0) -> CommVQCodebooks:
+    torch.manual_seed(seed)
+    layers, heads, head_dim = model_kv_shape(config)
+    theta = torch.randn(layers, heads, residuals, 128, head_dim // 2) * 0.3
+    codecs = [ValueCodec(heads * head_dim, bits) for _ in range(layers)] if values else None
+    return CommVQCodebooks("random", bits, residuals, head_dim, layers, heads, theta, values=codecs)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from pressroom.evaluation.models import load_model
+
+    return load_model("tiny-llama", device="cpu", dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ packing, kernels
+@pytest.mark.parametrize("residuals", [1, 5, 10, 11, 21])
+def test_pack_codes12_round_trip(residuals):
+    codes = torch.randint(0, 4096, (3, 2, 7, residuals))
+    packed = pack_codes12(codes)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == code_bytes(residuals) == (3 * residuals + 1) // 2
+    assert torch.equal(unpack_codes12(packed, residuals), codes)
+
+
+def test_pack_bits_round_trip():
+    bits = torch.randint(0, 2, (4, 5, 96), dtype=torch.uint8)
+    packed = pack_bits(bits)
+    assert packed.shape == (4, 5, 12)
+    assert torch.equal(unpack_bits(packed), bits)
+    assert int(pack_bits(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1]))) == 129  # least significant bit first
+
+
+@needs_interpreter
+def test_encode_kernel_equals_reference_quantizer():
+    torch.manual_seed(1)
+    heads, residuals, head_dim = 2, 3, 16
+    theta = torch.randn(heads, residuals, 128, head_dim // 2) * 0.2
+    x, norms = normalize_keys(torch.randn(1, heads, 45, head_dim))
+    assert torch.allclose(x.flatten(2).norm(dim=-1), torch.ones(1, 45), atol=1e-5)
+    ref = encode_keys_reference(x[0], theta)
+    tri = encode_keys(x[0], theta, use_triton=True)
+    assert torch.equal(ref, tri)
+    # fixed inputs: a vector that is exactly one center, then a sum of centers, is coded exactly
+    from pressroom.kernels.commvq_codebook import centers_from_theta, residual_decode
+
+    centers = centers_from_theta(theta[0])  # [R, 4096, D]
+    exact = centers[0, [7, 4000, 123]].unsqueeze(1).repeat(1, heads, 1)
+    codes = unpack_codes12(encode_keys(exact, theta, use_triton=True), residuals)[:, 0]
+    assert codes[:, 0].tolist() == [7, 4000, 123]
+    # the decoded residual sum approximates the input better than the first step alone
+    dec = residual_decode(unpack_codes12(tri[:, 0], residuals), theta[0])
+    first = centers[0][unpack_codes12(tri[:, 0], residuals)[:, 0]]
+    assert (dec - x[0, :, 0]).pow(2).sum() < (first - x[0, :, 0]).pow(2).sum()
+
+
+def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, seed=0):
+    torch.manual_seed(seed)
+    p = head_dim // 2
+    theta = torch.randn(heads, residuals, 128, p) * 0.3
+    books = LayerBooks.build(
+        theta,
+        torch.randn(nbits, heads * head_dim) * 0.2,
+        torch.rand(heads * head_dim) + 0.5,
+        1.0 / (10000 ** (torch.arange(p) / p)),
+        1.0,
+    )
+    pos = torch.randperm(4 * n)[:n].to(torch.int32)
+    pos = pos.view(1, 1, n).repeat(batch, heads, 1) if per_head_pos else pos.view(1, n).repeat(batch, 1)
+    if per_head_pos:
+        pos[:, 1] = torch.randperm(4 * n)[:n].to(torch.int32)
+    kv = CodedKV(
+        pack_codes12(torch.randint(0, 4096, (batch, heads, n + 5, residuals))),
+        (torch.rand(batch, n + 5) * 3 + 1).half(),
+        (torch.rand(batch, n + 5) + 0.5).half(),
+        torch.cat((pos, torch.zeros_like(pos[..., :5])), dim=-1),
+        pack_bits(torch.randint(0, 2, (batch, n + 5, nbits))),
+        n,
+        torch.randn(batch, heads, 8, head_dim),
+        torch.randn(batch, heads, 8, head_dim),
+        torch.arange(4 * n, 4 * n + 8, dtype=torch.int32)[None].repeat(batch, 1),
+        nw,
+    )
+    return kv, books
+
+
+@needs_interpreter
+@pytest.mark.parametrize("per_head_pos", [False, True])
+def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos):
+    """Tolerance: 2e-3 relative to the output's scale (the kernel weights value bits in float16)."""
+    batch, heads, group, head_dim, residuals = 2, 2, 3, 16, 3
+    kv, books = _coded(
+        batch, heads, head_dim, residuals, n=70, nw=5, nbits=2 * heads * head_dim, per_head_pos=per_head_pos
+    )
+    q = torch.randn(batch, heads * group, head_dim)
+    ref = decode_attention_reference(q, kv, books, 0.3)
+    out = decode_attention(q, kv, books, 0.3, use_triton=True, block_t=16, target_programs=8)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()
+    # no coded token (only the window) and no window (only codes)
+    for n, nw in ((0, 5), (70, 0)):
+        kv.n, kv.nw = n, nw
+        ref = decode_attention_reference(q, kv, books, 0.3)
+        out = decode_attention(q, kv, books, 0.3, use_triton=True, block_t=16, target_programs=8)
+        assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+def test_window_only_equals_full_cache(tiny):
+    """While every token is still in the full-precision window, the cache is exactly the model's own cache."""
+    model, _ = tiny
+    books = random_books(model.config)
+    ids = torch.randint(5, 1000, (1, 12))
+    cache = CommVQCache(model.config, books, window=64, flush_chunk=16)
+    full = DynamicCache()
+    with torch.no_grad():
+        a = model(ids, past_key_values=cache).logits
+        b = model(ids, past_key_values=full).logits
+        assert torch.allclose(a, b, atol=1e-5)
+        for t in range(3):
+            nxt = torch.tensor([[7 + t]])
+            a = model(nxt, past_key_values=cache).logits
+            b = model(nxt, past_key_values=full).logits
+            assert torch.allclose(a, b, atol=1e-4)
+    assert cache.layers[0].n == 0 and cache.layers[0].nw == 15
+
+
+def test_flush_at_chunk_boundary_and_memory_bytes(tiny):
+    model, _ = tiny
+    books = random_books(model.config, residuals=3, bits=1)
+    cache = CommVQCache(model.config, books, window=8, flush_chunk=4, mode="dequantize")
+    layer = cache.layers[0]
+    with torch.no_grad():
+        model(torch.randint(5, 1000, (1, 6)), past_key_values=cache)
+        assert (layer.n, layer.nw) == (0, 6)
+        states = []
+        for t in range(8):
+            model(torch.tensor([[11 + t]]), past_key_values=cache)
+            states.append((layer.n, layer.nw))
+    # 7, 8 tokens fit; the 9th flushes the oldest 4 (one chunk); 13th again
+    assert states == [(0, 7), (0, 8), (4, 5), (4, 6), (4, 7), (4, 8), (8, 5), (8, 6)]
+    layers, heads, head_dim = model_kv_shape(model.config)
+    cache.reserve(layer.cap)  # no-op; capacity is what is held
+    cap = layer.cap
+    per_layer = (
+        heads * cap * code_bytes(3)  # key codes
+        + cap * heads * head_dim * 1 // 8  # value bits (1 bit per element)
+        + cap * (2 + 2 + 4)  # norm, value coefficient (float16), position (int32)
+        + 2 * heads * 8 * head_dim * 4  # window keys + values (float32 model)
+        + 8 * 4  # window positions
+    )
+    assert cache.memory_bytes() == layers * per_layer
+
+
+def test_codes_mode_equals_dequantized_mode(tiny):
+    """Attention straight from the codes (wrapped sdpa) == the model's attention over dequantized keys/values."""
+    model, _ = tiny
+    books = random_books(model.config)
+    ids = torch.randint(5, 1000, (1, 20))
+    logits = {}
+    for mode in ("codes", "dequantize"):
+        cache = CommVQCache(model.config, books, window=8, flush_chunk=4, mode=mode)
+        out = []
+        with torch.no_grad():
+            out.append(model(ids[:, :14], past_key_values=cache).logits)
+            out.append(model(ids[:, 14:17], past_key_values=cache).logits)  # a chunk after codes exist
+            for t in range(17, 20):
+                out.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+        logits[mode] = torch.cat(out, dim=1)
+        assert cache.layers[0].n > 0
+    assert torch.allclose(logits["codes"], logits["dequantize"], atol=2e-3, rtol=1e-3)
+
+
+def test_generate_on_tiny_models(tiny_model):
+    model, _ = tiny_model
+    books = random_books(model.config)
+    ids = torch.randint(5, 1000, (1, 24))
+    cache = CommVQCache(model.config, books, window=8, flush_chunk=4)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=6, do_sample=False
+    )
+    assert out.shape[1] == 30
+    assert cache.get_seq_length() == 29
+    assert cache.layers[0].n + cache.layers[0].nw == 29 and cache.layers[0].n >= 16
+
+
+# ------------------------------------------------------------------------------------------------ the press
+def _pipe(tiny):
+    model, tokenizer = tiny
+    return KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+
+
+def test_press_in_pipeline_with_several_questions(tiny, tmp_path):
+    model, _ = tiny
+    books = random_books(model.config)
+    books.save_native(tmp_path / "books")
+    press = CommVQPress(codebooks=str(tmp_path / "books"), bits=2, window=16, flush_chunk=8)
+    pipe = _pipe(tiny)
+    context = "The quick brown fox jumps over the lazy dog. " * 8
+    questions = ["What jumps?", "Who is lazy?"]
+    both = pipe(context, questions=questions, press=press, max_new_tokens=5)["answers"]
+    single = [pipe(context, question=q, press=press, max_new_tokens=5)["answer"] for q in questions]
+    assert both == single
+
+
+def test_press_composed_with_snapkv(tiny):
+    model, _ = tiny
+    books = random_books(model.config)
+    seen = {}
+
+    class Spy(CommVQPress):
+        def forward_hook(self, module, input, kwargs, output):
+            out = super().forward_hook(module, input, kwargs, output)
+            layer = kwargs["past_key_values"].layers[module.layer_idx]
+            if isinstance(layer, CommVQLayer):
+                seen[module.layer_idx] = (layer.n, layer.per_head_pos, kwargs["hidden_states"].shape[1])
+            return out
+
+    press = ComposedPress([SnapKVPress(compression_ratio=0.5), Spy(codebooks=books, window=16)])
+    context = "One two three four five six seven eight nine ten. " * 6
+    answer = _pipe(tiny)(context, question="Count?", press=press, max_new_tokens=4)["answer"]
+    assert isinstance(answer, str)
+    n, per_head, q_len = seen[0]
+    assert per_head and n == int(q_len * (1 - 0.5))  # what SnapKV kept, all of it coded with per-head positions
+
+
+def test_kept_indices_recovers_per_head_selection():
+    torch.manual_seed(0)
+    full = torch.randn(2, 3, 50, 16)
+    idx = torch.stack([torch.stack([torch.randperm(50)[:20].sort().values for _ in range(3)]) for _ in range(2)])
+    kept = full.gather(2, idx[..., None].expand(-1, -1, -1, 16))
+    assert torch.equal(kept_indices(full, kept), idx)
+    with pytest.raises(ValueError, match="positions"):
+        kept_indices(full, kept + 1.0)
+
+
+def test_wrong_codebooks_raise(tiny, tmp_path):
+    model, _ = tiny
+    cfg = model.config
+    with pytest.raises(ValueError, match="needs codebooks"):
+        CommVQPress()
+    with pytest.raises(ValueError, match="bits must be 1 or 2"):
+        CommVQPress(codebooks="x", bits=3)
+    with pytest.raises(FileNotFoundError):
+        CommVQCache(cfg, str(tmp_path / "missing"))
+    wrong = random_books(cfg)
+    wrong.num_layers += 1
+    wrong.key_theta = torch.cat((wrong.key_theta, wrong.key_theta[:1]))
+    wrong.values = wrong.values + wrong.values[:1]
+    with pytest.raises(ValueError, match="layers"):
+        CommVQCache(cfg, wrong)
+    with pytest.raises(ValueError, match="keys only"):
+        CommVQCache(cfg, random_books(cfg, values=False))
+    with pytest.raises(ValueError, match="1-bit"):
+        CommVQCache(cfg, random_books(cfg, bits=1), bits=2)
+    press = CommVQPress(codebooks=wrong, window=16)
+    with pytest.raises(ValueError, match="do not fit"):
+        _pipe(tiny)("Some context here.", question="Q?", press=press, max_new_tokens=2)
