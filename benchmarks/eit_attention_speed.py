@@ -131,7 +131,7 @@ def attention_phase(cfg: dict, split_frac: float, reps: int, keep_ratio: float) 
                 got = fn(q, k, v).float()
                 if name != "sdpa_causal":
                     entry["max_abs_diff_vs_dense"] = float((got - ref).abs().max())
-                entry["forward_ms"] = timed_ms(lambda fn=fn: fn(q, k, v), reps)
+                entry["forward_ms"] = timed_ms(lambda fn=fn, k=k, v=v: fn(q, k, v), reps)
             if DEVICE == "cpu" and name.startswith("flex"):
                 entry["forward_backward_ms"] = None  # flex_attention has no CPU backward (training uses the reference)
                 out[name] = entry
