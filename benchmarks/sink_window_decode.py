@@ -48,6 +48,22 @@ def cuda_ms(fn, reps: int, warmup: int = 2) -> list[float]:
     return times
 
 
+def graph_ms(fn, calls: int = 20, reps: int = 10) -> float | None:
+    """Milliseconds per call of ``fn`` replayed from a CUDA graph of ``calls`` calls: the kernel's device time,
+    without the launch latency that a lone launch timed between events includes. ``None`` off CUDA."""
+    if DEVICE != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = cuda_ms(graph.replay, reps, warmup=1)
+    return statistics.median(times) / calls
+
+
 def _sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
@@ -185,10 +201,36 @@ def kernel_rows(config, n_sink: int, window: int, reps: int) -> list[dict]:
             ),
             reps,
         )
+        fused_graph = (
+            graph_ms(
+                lambda: ring_decode(
+                    new_k,
+                    new_v,
+                    cos,
+                    sin,
+                    raw,
+                    vals,
+                    out,
+                    inv_freq,
+                    scaling,
+                    seq=123456,
+                    pos_base=0,
+                    rot_start=0,
+                    rot_stop=cap,
+                    n_sink=n_sink,
+                    window=window,
+                    ring_first=(123456 + 1 - n_sink) % window,
+                    use_triton=True,
+                )
+            )
+            if use_triton
+            else None
+        )
         rows.append(
             {
                 "impl": "triton" if use_triton else "pytorch_reference",
                 "decode_step_kernel_ms_per_layer": statistics.median(fused),
+                "decode_step_kernel_ms_per_layer_in_graph": fused_graph,
                 "rotate_keys_ms_per_layer": statistics.median(rot),
                 "store_ms_per_layer": statistics.median(store),
                 "rotate_GBps": 2 * raw.numel() * raw.element_size() / statistics.median(rot) / 1e6,
@@ -196,6 +238,37 @@ def kernel_rows(config, n_sink: int, window: int, reps: int) -> list[dict]:
             }
         )
     return rows
+
+
+def plot(result: dict, path: str) -> None:
+    """Per-token decode latency vs tokens streamed: SinkWindowCache (eager, CUDA graph), full cache, re-computation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sw = result["sink_window_triton"]
+    x = [r["tokens_streamed"] for r in sw]
+    ax.plot(x, [r["decode_ms_median"] for r in sw], "o-", label="SinkWindowCache, eager steps")
+    graph = [(r["tokens_streamed"], r["graph_decode_ms_median"]) for r in sw if r.get("graph_decode_ms_median")]
+    if graph:
+        ax.plot(*zip(*graph), "o-", label="SinkWindowCache, SinkWindowDecoder (CUDA graph)")
+    full = [r for r in result.get("full_cache", []) if not r.get("oom")]
+    if full:
+        ax.plot([r["context"] for r in full], [r["decode_ms_median"] for r in full], "s--", label="full DynamicCache")
+    rec = result.get("recompute_window_ms_per_token")
+    if rec:
+        ax.axhline(rec, color="gray", ls=":", label=f"sliding window + re-computation ({result['window']})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens streamed")
+    ax.set_ylabel("ms per generated token")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{result['device']}: 8B-shaped Llama, bf16, {result['n_sink']} sinks + window {result['window']}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recompute-reps", type=int, default=5)
     p.add_argument("--output", default="benchmarks/results/sink_window_decode.json")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
+    p.add_argument("--plot-from", metavar="JSON", help="only draw the latency plot of a finished run (to --plot)")
+    p.add_argument("--plot", default=None, help="PNG path for the latency plot (default: the output's .png)")
+    p.add_argument("--kernels-only", action="store_true", help="only the kernel timings (phase 4), to --output")
     args = p.parse_args(argv)
+    if args.plot_from:
+        plot(json.loads(Path(args.plot_from).read_text()), args.plot or str(Path(args.plot_from).with_suffix(".png")))
+        return 0
     global DEVICE
     DEVICE = "cpu" if args.smoke else "cuda"
     if not args.smoke and not torch.cuda.is_available():
@@ -235,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         "window": args.window,
         "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
+
+    if args.kernels_only:
+        result["kernels"] = kernel_rows(config, args.n_sink, args.window, reps=50 if DEVICE == "cuda" else 2)
+        atomic_write_json(args.output, result)
+        print(json.dumps(result["kernels"], indent=1))
+        return 0
 
     # 0. The baseline first (and again at the end, to see any drift of the machine).
     ids = torch.randint(0, vocab, (1, args.window), device=DEVICE, generator=gen)
@@ -333,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     result["kernel_share_of_eager_decode_step"] = per_step / step
     graph_step = result["sink_window_triton"][-1]["graph_decode_ms_median"]
     result["kernel_share_of_graph_decode_step"] = per_step / graph_step if graph_step else None
+    in_graph = tri.get("decode_step_kernel_ms_per_layer_in_graph")
+    if in_graph and graph_step:  # the kernel's device time, as the replayed graph runs it
+        result["kernel_ms_per_graph_decode_step"] = args.layers * in_graph
+        result["kernel_share_of_graph_decode_step_device_time"] = args.layers * in_graph / graph_step
     sw = result["sink_window_triton"]
     graph = [r["graph_decode_ms_median"] for r in sw if r["graph_decode_ms_median"] is not None]
     recompute = min(result["recompute_window_ms_per_token"], result["recompute_window_ms_per_token_before"])
@@ -352,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["wall_seconds"] = time.time() - t_start
     atomic_write_json(args.output, result)
+    plot(result, args.plot or str(Path(args.output).with_suffix(".png")))
     print(json.dumps(result["summary"], indent=1))
     return 0
 
