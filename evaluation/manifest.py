@@ -442,31 +442,39 @@ def status(manifest: str | Path) -> dict[str, Any]:
     }
 
 
-def aggregate(manifest: str | Path, output_dir: str | Path | None = None, allow_missing: bool = True):
-    """The comparison table and plots (:func:`pressroom.evaluation.compare.compare`) over a manifest's runs.
+def aggregate(
+    manifests: str | Path | Sequence[str | Path], output_dir: str | Path | None = None, allow_missing: bool = True
+):
+    """The comparison table and plots (:func:`pressroom.evaluation.compare.compare`) over manifests' runs.
 
-    Writes ``comparison.csv`` and ``scores.png`` into ``output_dir`` (default: the manifest's directory).
+    Several manifests (e.g. phase 1's baselines and phase 3's trained presses) give one table. Writes
+    ``comparison.csv`` and ``scores.png`` into ``output_dir`` (default: the first manifest's directory).
     Evaluation tasks that are not done are listed on stderr; with ``allow_missing=False`` they are an error.
-    Returns ``(table, missing indices)``.
+    Returns ``(table, {manifest: missing indices})``.
     """
     from pressroom.evaluation.compare import compare
 
-    tasks = read_manifest(manifest)
-    evals = [t for t in tasks if t["kind"] == EVAL]
-    if not evals:
-        raise ValueError(f"{manifest} has no evaluation tasks to aggregate.")
-    done = [t for t in evals if task_done(t)]
-    missing = [t["index"] for t in evals if not task_done(t)]
-    if missing:
-        print(
-            f"aggregate: {len(missing)} of {len(evals)} evaluation tasks have no results yet: {array_spec(missing)}",
-            file=sys.stderr,
-        )
-        if not allow_missing:
-            raise ValueError(f"Tasks {array_spec(missing)} of {manifest} have no results; run them first.")
+    paths = [Path(manifests)] if isinstance(manifests, (str, Path)) else [Path(m) for m in manifests]
+    if not paths:
+        raise ValueError("Give at least one manifest to aggregate.")
+    done: list[str] = []
+    missing: dict[str, list[int]] = {}
+    n_evals = 0
+    for path in paths:
+        evals = [t for t in read_manifest(path) if t["kind"] == EVAL]
+        n_evals += len(evals)
+        done += [t["output"] for t in evals if task_done(t)]
+        absent = [t["index"] for t in evals if not task_done(t)]
+        if absent:
+            missing[str(path)] = absent
+            print(f"aggregate: {path}: tasks {array_spec(absent)} have no results yet", file=sys.stderr)
+    if not n_evals:
+        raise ValueError(f"{', '.join(map(str, paths))}: no evaluation tasks to aggregate.")
+    if missing and not allow_missing:
+        raise ValueError(f"Some tasks have no results ({missing}); run them first (slurm/submit.sh MANIFEST).")
     if not done:
-        raise ValueError(f"No task of {manifest} has results yet.")
-    out = Path(output_dir) if output_dir is not None else Path(manifest).resolve().parent
-    table = compare([t["output"] for t in done], output_dir=out)
+        raise ValueError("No evaluation task has results yet.")
+    out = Path(output_dir) if output_dir is not None else paths[0].resolve().parent
+    table = compare(done, output_dir=out)
     print(f"aggregate: {len(done)} runs -> {out / 'comparison.csv'}")
     return table, missing

@@ -199,8 +199,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--format", choices=["text", "array", "phase", "kinds", "json"], default="text")
     s.set_defaults(func=cmd_status)
 
-    a = sub.add_parser("aggregate", help="comparison table (comparison.csv) and plots over a manifest's results")
-    a.add_argument("manifest")
-    a.add_argument("--output-dir", default=None, help="default: the manifest's directory")
+    a = sub.add_parser("aggregate", help="one comparison table (comparison.csv) and plots over manifests' results")
+    a.add_argument("manifest", nargs="+", help="one or more manifests (e.g. phase 1's and phase 3's)")
+    a.add_argument("--output-dir", default=None, help="default: the first manifest's directory")
     a.add_argument("--strict", action="store_true", help="fail if an evaluation task has no results")
     a.set_defaults(func=cmd_aggregate)

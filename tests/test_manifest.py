@@ -76,7 +76,7 @@ def test_run_task_is_idempotent_and_aggregates(tmp_path, runner, capsys):
     assert (tmp_path / "r" / tasks[1]["name"] / "predictions.csv").stat().st_mtime_ns == before
     # aggregation over what exists, the missing task reported (or refused with --strict)
     assert eval_main(["aggregate", str(manifest), "--strict"]) == 2
-    assert "have no results" in capsys.readouterr().err
+    assert "have no results yet" in capsys.readouterr().err
     assert eval_main(["aggregate", str(manifest)]) == 0
     assert list(pd.read_csv(tmp_path / "comparison.csv")["press"]) == ["knorm"]
     assert mf.run_task(manifest, 0, runner=runner) == 0

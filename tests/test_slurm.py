@@ -256,3 +256,32 @@ def test_training_unit_checkpoints_and_requeues_on_usr1(slurm_env, tmp_path):
     resumed = re.search(r"trainer: start at step (\d+), restart 1", text)
     assert resumed and int(resumed.group(1)) > 0, text
     assert "trainer: finished at step 150" in text and task_done(read_manifest(manifest)[0])
+
+
+def test_submit_all_chains_phases_with_afterok(slurm_env, tmp_path):
+    env = slurm_env
+    small = "--data-dir 256 --tasks niah_single --n-samples 1 --max-new-tokens 3 --ratio 0.5 --no-baseline"
+    args = ["bash", str(REPO / "slurm" / "submit_all.sh"), "phase1_baseline", "phase3_eval_trained"]
+    args += [
+        "--model",
+        "tiny-llama",
+        "--output-dir",
+        str(tmp_path),
+        "--plan-args",
+        f"phase1_baseline={small} --press knorm",
+    ]
+    args += ["--plan-args", f"phase3_eval_trained={small} --press snapkv"]
+    res = sh(args, env)
+    assert res.returncode == 0, res.stderr
+    ids = dict(line.split(maxsplit=1) for line in res.stdout.splitlines())
+    phase1, phase3, study = (
+        ids["phase1_baseline"].split()[0],
+        ids["phase3_eval_trained"].split()[0],
+        ids["study_aggregate"],
+    )
+    assert jobs(phase3, env)[0]["Dependency"].startswith(f"afterok:{phase1}_*")  # phase 3 waits for phase 1
+    assert jobs(study, env)[0]["Dependency"].startswith("afterany:")
+    wait_for([phase1, phase3, study], env)
+    assert all(jobs(j, env)[0]["JobState"] == "COMPLETED" for j in (phase1, phase3, study))
+    assert _time(jobs(phase3, env)[0]["StartTime"]) >= _time(jobs(phase1, env)[0]["EndTime"])
+    assert sorted(pd.read_csv(tmp_path / "comparison.csv")["press"]) == ["knorm", "snapkv"]  # one table
