@@ -267,15 +267,26 @@ def eit_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``CE(student) + lambda_kl * KL(student || teacher)`` over the tokens predicted from positions ``>= split``.
 
-    ``student_logits``/``teacher_logits``: ``[B, L, V]``; ``labels``: ``[B, L]`` input ids (shifted here).
+    ``student_logits``/``teacher_logits``: ``[B, L, V]``, or ``[B, L - split, V]`` (the positions from ``split`` on,
+    as ``logits_to_keep=L - split`` returns them); ``labels``: ``[B, L]`` input ids (shifted here).
     """
-    s = student_logits[:, split:-1].float()
+
+    def tail(logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] == labels.shape[1]:
+            return logits[:, split:-1]
+        if logits.shape[1] == labels.shape[1] - split:
+            return logits[:, :-1]
+        raise ValueError(
+            f"logits cover {logits.shape[1]} positions; expected {labels.shape[1]} or {labels.shape[1] - split}."
+        )
+
+    s = tail(student_logits).float()
     target = labels[:, split + 1 :]
     ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), target.reshape(-1))
     kl = torch.zeros((), device=s.device)
     if lambda_kl > 0 and teacher_logits is not None:
         logp_s = F.log_softmax(s, dim=-1)
-        logp_t = F.log_softmax(teacher_logits[:, split:-1].float(), dim=-1)
+        logp_t = F.log_softmax(tail(teacher_logits).float(), dim=-1)
         kl = (logp_s.exp() * (logp_s - logp_t)).sum(-1).mean()
     loss = ce + lambda_kl * kl
     return loss, {"loss": float(loss.detach()), "ce": float(ce.detach()), "kl": float(kl.detach())}
@@ -478,7 +489,8 @@ def validation_perplexity(
     for row in chunks:
         ids = row[None].to(device)
         keep = sample_keep_mask(ids, keep_ratio, cfg.split, spec, tables[0], tables[1], generator=gen)
-        logits = model(input_ids=ids, eit_keep=KeepMask(keep, cfg.split, pad_to=256), use_cache=False).logits
+        mask = KeepMask(keep, cfg.split, pad_to=256)
+        logits = model(input_ids=ids, eit_keep=mask, use_cache=False, logits_to_keep=cfg.continuation).logits
         _, parts = eit_loss(logits, None, ids, cfg.split, 0.0)
         nll += parts["ce"]
         n += 1
@@ -560,6 +572,7 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
         total=cfg.max_steps, initial=state["step"], desc="eit", disable=not (progress and accelerator.is_main_process)
     )
     split = cfg.split
+    tail = cfg.seq_len - split  # logits only where the loss is (the continuation)
     while state["step"] < cfg.max_steps:
         step = state["step"]
         ratio = keep_sched.ratio(step)
@@ -572,8 +585,9 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
                 teacher_logits = None
                 if cfg.lambda_kl > 0:
                     with torch.no_grad(), unwrapped.disable_adapter():
-                        teacher_logits = unwrapped(input_ids=ids, use_cache=False).logits
-                student = peft_model(input_ids=ids, eit_keep=KeepMask(keep, split, pad_to=256), use_cache=False)
+                        teacher_logits = unwrapped(input_ids=ids, use_cache=False, logits_to_keep=tail).logits
+                mask = KeepMask(keep, split, pad_to=256)
+                student = peft_model(input_ids=ids, eit_keep=mask, use_cache=False, logits_to_keep=tail)
                 loss, parts = eit_loss(student.logits, teacher_logits, ids, split, cfg.lambda_kl)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
