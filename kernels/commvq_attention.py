@@ -291,6 +291,7 @@ if HAS_TRITON:
         BLOCK_T: tl.constexpr,
         BLOCK_P: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        USE_DOT: tl.constexpr,
     ):
         split = tl.program_id(0)
         bh = tl.program_id(1)
@@ -313,6 +314,9 @@ if HAS_TRITON:
         if split < n_splits:
             nb = nbc * NB_CHUNK + tl.arange(0, NB_CHUNK)
             nbmask = nb < NBITS
+            nbyte = nbc * (NB_CHUNK // 8) + tl.arange(0, NB_CHUNK // 8)
+            nbytemask = nbyte < NBITS // 8
+            shifts = tl.arange(0, 8)
             acc = tl.zeros((BLOCK_G, NB_CHUNK), tl.float32)
             start = split * split_size
             stop = tl.minimum(start + split_size, n_codes)
@@ -332,12 +336,21 @@ if HAS_TRITON:
                         lo = tl.load(crow + byte0 + 1, mask=tmask, other=0).to(tl.int32)
                         hi = tl.load(crow + byte0 + 2, mask=tmask, other=0).to(tl.int32)
                         code = (lo >> 4) | (hi << 4)
-                    za = ztab_ptr + (((g * R + r) * 64 + (code >> 6)) * P)[:, None] * 2 + 2 * pp[None, :]
-                    zb = ztab_ptr + (((g * R + r) * 64 + (code & 63)) * P)[:, None] * 2 + 2 * pp[None, :]
-                    xa = tl.load(za, mask=pmask[None, :], other=0.0)
-                    ya = tl.load(za + 1, mask=pmask[None, :], other=0.0)
-                    xb = tl.load(zb, mask=pmask[None, :], other=0.0)
-                    yb = tl.load(zb + 1, mask=pmask[None, :], other=0.0)
+                    # one 64-bit gather per entry: (x, y) of z_A and of z_B, two float32 in one int64
+                    za = tl.load(
+                        ztab_ptr + (((g * R + r) * 64 + (code >> 6)) * P)[:, None] + pp[None, :],
+                        mask=pmask[None, :],
+                        other=0,
+                    )
+                    zb = tl.load(
+                        ztab_ptr + (((g * R + r) * 64 + (code & 63)) * P)[:, None] + pp[None, :],
+                        mask=pmask[None, :],
+                        other=0,
+                    )
+                    xa = (za & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+                    ya = (za >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+                    xb = (zb & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+                    yb = (zb >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
                     kx += xa - yb
                     ky += ya + xb
                 pos = tl.load(pos_ptr + b * s_pb + g * s_ph + tok, mask=tmask, other=0).to(tl.float32)
@@ -347,7 +360,10 @@ if HAS_TRITON:
                 rx = kx * cs - ky * sn
                 ry = kx * sn + ky * cs
                 nrm = tl.load(knorm_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32) * rope_scale
-                sc = tl.sum(qx[:, None, :] * rx[None, :, :] + qy[:, None, :] * ry[None, :, :], axis=2)
+                if USE_DOT:  # tensor cores (tf32 inputs, float32 accumulation)
+                    sc = tl.dot(qx, tl.trans(rx)) + tl.dot(qy, tl.trans(ry))
+                else:
+                    sc = tl.sum(qx[:, None, :] * rx[None, :, :] + qy[:, None, :] * ry[None, :, :], axis=2)
                 sc = sc * nrm[None, :]
                 sc = tl.where(tmask[None, :], sc, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -357,11 +373,12 @@ if HAS_TRITON:
                 coef = tl.load(vcoef_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32)
                 pw = (p * coef[None, :]).to(tl.float16)
                 byte = tl.load(
-                    vbits_ptr + b * s_vb + tok[:, None] * s_vn + (nb[None, :] >> 3),
-                    mask=tmask[:, None] & nbmask[None, :],
+                    vbits_ptr + b * s_vb + tok[:, None] * s_vn + nbyte[None, :],
+                    mask=tmask[:, None] & nbytemask[None, :],
                     other=0,
-                ).to(tl.int32)
-                bits = ((byte >> (nb[None, :] & 7)) & 1).to(tl.float16)
+                ).to(tl.int32)  # [BLOCK_T, NB_CHUNK / 8]: each byte loaded once, expanded to 8 bits in registers
+                bits = (byte[:, :, None] >> shifts[None, None, :]) & 1
+                bits = tl.reshape(bits, (BLOCK_T, NB_CHUNK)).to(tl.float16)
                 acc = acc * alpha[:, None] + tl.dot(pw, bits, out_dtype=tl.float32)
                 m_i = m_new
             acc_off = ((b * H * G + hq) * n_splits + split)[:, None] * NBITS + nb[None, :]
@@ -497,7 +514,7 @@ def decode_attention(
     p = d // 2
     r = books.theta.shape[1]
     nbits = books.n_bits
-    nb_chunk = nb_chunk or min(triton.next_power_of_2(nbits), 1024)
+    nb_chunk = nb_chunk or min(max(triton.next_power_of_2(nbits), 16), 1024)
     n_nbc = triton.cdiv(nbits, nb_chunk)
     split = _split_size(kv.n, b * h * n_nbc, block_t, target_programs)
     n_splits = triton.cdiv(kv.n, split) if kv.n else 0
@@ -520,7 +537,7 @@ def decode_attention(
         kv.wkeys,
         kv.wvals,
         kv.wpos,
-        books.ztab,
+        books.ztab.view(torch.int64),
         books.inv_freq,
         m,
         lsum,
@@ -556,6 +573,7 @@ def decode_attention(
         BLOCK_T=block_t,
         BLOCK_P=triton.next_power_of_2(p),
         BLOCK_D=triton.next_power_of_2(d),
+        USE_DOT=p >= 16,
     )
     out_bits = torch.empty(b * hq, nbits, device=dev, dtype=torch.float32)
     out_w = torch.empty(b * hq, d, device=dev, dtype=torch.float32)
