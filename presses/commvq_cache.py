@@ -316,6 +316,19 @@ class CommVQLayer(CacheLayerMixin):
         self.wpos[:, keep_old : keep_old + add] = pos[from_new:].to(torch.int32)
         self.nw = keep_old + add
 
+    def append_prerope(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Code tokens given directly (pre-RoPE keys ``[B, H, m, D]`` in the model's ``rotate_half`` layout, values,
+        positions ``[m]``), bypassing the window: for filling a cache from stored KV, a chunk at a time.
+
+        Raises
+        ------
+        RuntimeError
+            If the layer was never updated (its dtype, device and batch are set at the first update).
+        """
+        if not self.is_initialized:
+            raise RuntimeError("append_prerope needs an initialized layer: run one forward pass (or update) first.")
+        self._encode(to_interleaved(keys.float()), values, positions.to(self.device))
+
     def coded_view(self) -> CodedKV:
         """The current state as the attention functions read it."""
         return CodedKV(
