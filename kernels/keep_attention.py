@@ -85,7 +85,9 @@ class KeepMask:
     split : int
         Queries ``< split`` see every earlier key (the prefill); queries ``>= split`` only kept ones.
     pad_to : int, optional
-        Pad the compacted KV to a multiple of this (default 128 on CUDA, 16 elsewhere).
+        Pad the compacted KV to a multiple of this (default 128 on CUDA, 16 elsewhere). The padding keys are masked
+        for every query, so their blocks are skipped by flex_attention: ``pad_to=seq_len`` costs no compute and
+        gives one compacted shape whatever the keep ratio (one compilation for a whole curriculum).
     """
 
     def __init__(self, keep: torch.Tensor, split: int = 0, pad_to: int | None = None) -> None:

@@ -402,6 +402,7 @@ class EITConfig:
     eval_every: int = 50
     val_sequences: int = 2
     train_sequences: int | None = None
+    max_seconds: float | None = None
     seed: int = 0
     dtype: str | None = None
     device: str | None = None
@@ -489,7 +490,7 @@ def validation_perplexity(
     for row in chunks:
         ids = row[None].to(device)
         keep = sample_keep_mask(ids, keep_ratio, cfg.split, spec, tables[0], tables[1], generator=gen)
-        mask = KeepMask(keep, cfg.split, pad_to=256)
+        mask = KeepMask(keep, cfg.split, pad_to=cfg.seq_len)
         logits = model(input_ids=ids, eit_keep=mask, use_cache=False, logits_to_keep=cfg.continuation).logits
         _, parts = eit_loss(logits, None, ids, cfg.split, 0.0)
         nll += parts["ce"]
@@ -586,7 +587,7 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
                 if cfg.lambda_kl > 0:
                     with torch.no_grad(), unwrapped.disable_adapter():
                         teacher_logits = unwrapped(input_ids=ids, use_cache=False, logits_to_keep=tail).logits
-                mask = KeepMask(keep, split, pad_to=256)
+                mask = KeepMask(keep, split, pad_to=cfg.seq_len)
                 student = peft_model(input_ids=ids, eit_keep=mask, use_cache=False, logits_to_keep=tail)
                 loss, parts = eit_loss(student.logits, teacher_logits, ids, split, cfg.lambda_kl)
                 accelerator.backward(loss)
@@ -602,14 +603,21 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
             torch.cuda.synchronize(device)
         state["train_seconds"] += time.perf_counter() - t0
         state["step"] = step + 1
-        state["history"].append({"step": step + 1, "keep_ratio": round(ratio, 4), **parts_acc})
+        step_seconds = time.perf_counter() - t0
+        state["history"].append(
+            {"step": step + 1, "keep_ratio": round(ratio, 4), **parts_acc, "seconds": round(step_seconds, 4)}
+        )
+        out_of_time = cfg.max_seconds is not None and state["train_seconds"] >= cfg.max_seconds
+        if out_of_time:
+            logger.warning("Stopping at step %d: --max-seconds %.0f reached", state["step"], cfg.max_seconds)
         bar.set_postfix(loss=f"{parts_acc['loss']:.3f}", keep=f"{ratio:.2f}")
         bar.update(1)
-        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.max_steps:
+        last = state["step"] == cfg.max_steps or out_of_time
+        if state["step"] % cfg.eval_every == 0 or last:
             ppl = validation_perplexity(unwrapped, val_chunks, ratio, cfg, tables, device)
             moved = keep_sched.observe(ppl)
             state["val"].append({"step": state["step"], "keep_ratio": round(ratio, 4), "ppl": ppl, "moved": moved})
-        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
+        if state["step"] % cfg.save_every == 0 or last:
             accelerator.wait_for_everyone()
             snapshot = {
                 **state,
@@ -621,7 +629,7 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
                 "tokens_per_second": state["tokens"] / max(1e-9, state["train_seconds"]),
                 "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             }
-            name = "final" if state["step"] == cfg.max_steps else f"{CHECKPOINT_PREFIX}{state['step']}"
+            name = "final" if last else f"{CHECKPOINT_PREFIX}{state['step']}"
             _save(out / name, unwrapped, tokenizer, cfg, snapshot, accelerator)
             if accelerator.is_main_process:
                 atomic_write_json(
@@ -637,8 +645,11 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
                         "peak_memory_bytes": snapshot["peak_memory_bytes"],
                         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
                         "num_processes": accelerator.num_processes,
+                        "stopped_by_time": bool(out_of_time),
                     },
                 )
+        if out_of_time:
+            break
     bar.close()
     accelerator.wait_for_everyone()
     return out / "final"
@@ -813,6 +824,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         val_sequences=args.val_sequences,
         train_sequences=args.train_sequences,
+        max_seconds=args.max_seconds,
         seed=args.seed,
         dtype=args.dtype,
         device=args.device,
@@ -866,6 +878,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--eval-every", type=int, default=50)
     t.add_argument("--val-sequences", type=int, default=2, help="train-split sequences kept aside for validation")
     t.add_argument("--train-sequences", type=int, default=None, help="use only the first N train sequences")
+    t.add_argument("--max-seconds", type=float, default=None, help="stop (and save final/) after this training time")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument(
         "--resume", nargs="?", const="latest", default=None, help="resume from the latest checkpoint or a path"
