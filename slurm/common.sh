@@ -108,7 +108,7 @@ pressroom_run_task() {
     child=$!
     PRESSROOM_CHILD=$child
     trap pressroom_on_usr1 USR1
-    trap 'PRESSROOM_TRAPPED=1; kill -TERM "$PRESSROOM_CHILD" 2>/dev/null || true' TERM
+    trap 'PRESSROOM_TRAPPED=1; echo "[$(date -u +%FT%TZ)] TERM: stopping the task"; kill -TERM "$PRESSROOM_CHILD" 2>/dev/null || true' TERM
     # `wait` returns early when a trapped signal arrives: then wait again for the task itself to finish.
     while :; do
         PRESSROOM_TRAPPED=0

@@ -121,8 +121,13 @@ def _time(value: str) -> float:
     return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S").timestamp()
 
 
+RECORD = Record()
+
+
 def test_array_resubmit_and_recovery(slurm_env, tmp_path):
-    env, rec = slurm_env, Record()
+    env, rec = slurm_env, RECORD
+    version = sh(["sbatch", "--version"], env).stdout.strip()
+    rec.add(f"{version}, SLURM_CONF={env.get('SLURM_CONF', '(default)')}", sh(["sinfo", "-N", "-l"], env).stdout)
     manifest, out = tmp_path / "manifest.jsonl", tmp_path / "results"
     assert eval_main(["plan", str(manifest), *GRID, "--press", *PRESSES, "--output-dir", str(out)]) == 0
     tasks = read_manifest(manifest)
@@ -212,9 +217,9 @@ import json, os, signal, sys, time
 out, total = sys.argv[1], int(sys.argv[2])
 ckpt = os.path.join(out, "checkpoint.json")
 step = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
-print(f"trainer: start at step {step}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}", flush=True)
 stop = []
 signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
+print(f"trainer: start at step {step}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}", flush=True)
 while step < total:
     time.sleep(0.2)
     step += 1
@@ -256,6 +261,8 @@ def test_training_unit_checkpoints_and_requeues_on_usr1(slurm_env, tmp_path):
     resumed = re.search(r"trainer: start at step (\d+), restart 1", text)
     assert resumed and int(resumed.group(1)) > 0, text
     assert "trainer: finished at step 150" in text and task_done(read_manifest(manifest)[0])
+    RECORD.add(f"training unit {job}: USR1 to the batch shell -> checkpoint, requeue (Restarts=1), resume", text)
+    RECORD.write()
 
 
 def test_submit_all_chains_phases_with_afterok(slurm_env, tmp_path):
@@ -285,3 +292,5 @@ def test_submit_all_chains_phases_with_afterok(slurm_env, tmp_path):
     assert all(jobs(j, env)[0]["JobState"] == "COMPLETED" for j in (phase1, phase3, study))
     assert _time(jobs(phase3, env)[0]["StartTime"]) >= _time(jobs(phase1, env)[0]["EndTime"])
     assert sorted(pd.read_csv(tmp_path / "comparison.csv")["press"]) == ["knorm", "snapkv"]  # one table
+    RECORD.add(f"submit_all.sh phase1_baseline phase3_eval_trained -> {ids}", res.stderr)
+    RECORD.write()
