@@ -416,11 +416,12 @@ def run_task(manifest: str | Path, index: int | None = None, runner: Any = None)
         def stop(signum: int, frame: Any) -> None:  # unwind, so the atomic write removes its temporary directory
             raise SystemExit(128 + signum)
 
-        previous = signal.signal(signal.SIGTERM, stop)
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             (runner or Runner(progress=False)).run(cfg)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         rc = 0
     state = "done" if rc == 0 else f"failed (exit status {rc})"
     seconds = time.perf_counter() - started
