@@ -422,10 +422,19 @@ def stats_TtS(sa: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:  # noqa: N802
 def theta_from_stats(counts: torch.Tensor, tts: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Closed-form M-step: ``theta = (T^T N T)^{-1} T^T s`` (weighted least squares through ``T``).
 
-    ``counts`` [4096] are the soft counts (``N_C``, plus ``eps`` as in the reference, for both coordinates of each
-    center); ``tts`` [128, P] is ``T^T s`` (:func:`stats_TtS`). Solved in float64.
+    ``counts`` [4096] (or [G, 4096]) are the soft counts ``N_C`` (plus ``eps`` as in the reference, for both
+    coordinates of each center); ``tts`` [128, P] (or [G, 128, P]) is ``T^T s`` (:func:`stats_TtS`). The normal
+    matrix is built in closed form from ``N[A, B]`` instead of through the 8192-row ``T``: with rows ``x_k = 2k``,
+    ``y_k = 2k+1``, ``M[x_k, x_k] = M[y_k, y_k] = sum_B N[k, B] + sum_A N[A, k]`` and
+    ``M[x_a, y_b] = M[y_b, x_a] = N[b, a] - N[a, b]``, zero elsewhere. Solved in float64.
     """
-    t = commutative_T(counts.device, torch.float64)
-    n2 = (counts.double() + eps).repeat_interleave(2)
-    mat = t.T @ (n2[:, None] * t)
+    n = (counts.double() + eps).unflatten(-1, (N_ENTRIES, N_ENTRIES))  # [..., A, B]
+    diag = n.sum(-1) + n.sum(-2)  # [..., 64]
+    cross = n.transpose(-1, -2) - n  # [..., a, b] = N[b, a] - N[a, b]
+    mat = torch.zeros(*n.shape[:-2], THETA_ROWS, THETA_ROWS, dtype=torch.float64, device=n.device)
+    idx = torch.arange(N_ENTRIES, device=n.device)
+    mat[..., 2 * idx, 2 * idx] = diag
+    mat[..., 2 * idx + 1, 2 * idx + 1] = diag
+    mat[..., 0::2, 1::2] = cross
+    mat[..., 1::2, 0::2] = cross.transpose(-1, -2)
     return torch.linalg.solve(mat, tts.double()).float()

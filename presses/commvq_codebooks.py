@@ -304,26 +304,9 @@ class CommVQCodebooks:
     def save_reference(self, path: str | os.PathLike) -> Path:
         """Write the reference's ``{layer:03d}_{group}.pt`` files (keys only) into directory ``path``."""
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
         for layer in range(self.num_layers):
-            centers = self.key_centers(layer, "cpu")
-            for group in range(self.num_kv_heads):
-                mse = (
-                    self.key_mse[layer, group] if self.key_mse is not None else torch.full((self.residuals,), math.nan)
-                )
-                steps = [
-                    {
-                        "mse_loss": mse[i].detach().float().clone().reshape(()),
-                        "theta": self.key_theta[layer, group, i].detach().to("cpu", torch.float32).clone(),
-                        "clustering_centers": centers[group, i].clone(),
-                    }
-                    for i in range(self.residuals)
-                ]
-                data = {"steps": steps, "final_error": float(mse[-1])}
-                target = out / f"{layer:03d}_{group}.pt"
-                tmp = target.with_name(target.name + ".tmp")
-                torch.save(data, tmp)
-                os.replace(tmp, target)
+            mse = self.key_mse[layer] if self.key_mse is not None else None
+            save_reference_layer(out, layer, self.key_theta[layer], mse)
         return out
 
     @classmethod
@@ -372,8 +355,9 @@ class CommVQCodebooks:
     def load(cls, path: str | os.PathLike, bits: int | None = None) -> CommVQCodebooks:
         """Load the native format or a directory of reference ``.pt`` files (read with ``weights_only=True``).
 
-        ``path`` may also be a parent directory holding ``{bits}bit/`` (what ``pressroom-train commvq`` writes), in
-        which case ``bits`` picks the sub-directory. A ``bits`` that contradicts the files raises ``ValueError``.
+        ``path`` may also be a parent directory holding ``{bits}bit/`` (what ``pressroom-train commvq`` writes:
+        ``{bits}bit/em/`` is tried first, then ``{bits}bit/e2e/``), in which case ``bits`` picks the sub-directory.
+        A ``bits`` that contradicts the files raises ``ValueError``.
         """
         root = Path(path)
         if not root.is_dir():
@@ -389,7 +373,11 @@ class CommVQCodebooks:
             if files:
                 books = cls._load_reference(root, files, bits)
             elif bits is not None and (root / f"{bits}bit").is_dir():
-                return cls.load(root / f"{bits}bit", bits=bits)
+                sub = root / f"{bits}bit"
+                for candidate in (sub, sub / "em", sub / "e2e"):  # what `pressroom-train commvq` writes
+                    if (candidate / NATIVE_CONFIG).exists() or any(candidate.glob("*_*.pt")):
+                        return cls.load(candidate, bits=bits)
+                raise FileNotFoundError(f"{sub} holds no CommVQ codebook (run `pressroom-train commvq convert`).")
             else:
                 raise FileNotFoundError(
                     f"{root} holds no CommVQ codebook: expected {NATIVE_CONFIG} (native), {{layer:03d}}_{{group}}.pt "
@@ -398,6 +386,41 @@ class CommVQCodebooks:
         if bits is not None and int(bits) != books.bits:
             raise ValueError(f"{root} holds {books.bits}-bit codebooks (R={books.residuals}), not {bits}-bit.")
         return books
+
+
+def save_reference_layer(
+    path: str | os.PathLike, layer: int, thetas: torch.Tensor, mse: torch.Tensor | None = None
+) -> list[Path]:
+    """Write one layer's codebooks in the reference format: ``{layer:03d}_{group}.pt`` per KV head.
+
+    ``thetas [H_kv, R, 128, P]``; ``mse [H_kv, R]`` is the error after each residual step (``mse_loss``; NaN when
+    unknown), its last entry the ``final_error``. Each file is written atomically.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    if thetas.dim() != 4 or thetas.shape[2] != THETA_ROWS:
+        raise ValueError(f"thetas must be [H_kv, R, 128, P], got {tuple(thetas.shape)}.")
+    heads, residuals = thetas.shape[:2]
+    if mse is None:
+        mse = torch.full((heads, residuals), math.nan)
+    thetas = thetas.detach().to("cpu", torch.float32)
+    centers = centers_from_theta(thetas)
+    files = []
+    for group in range(heads):
+        steps = [
+            {
+                "mse_loss": mse[group, i].detach().to("cpu", torch.float32).clone().reshape(()),
+                "theta": thetas[group, i].clone(),
+                "clustering_centers": centers[group, i].clone(),
+            }
+            for i in range(residuals)
+        ]
+        target = out / f"{layer:03d}_{group}.pt"
+        tmp = target.with_name(target.name + ".tmp")
+        torch.save({"steps": steps, "final_error": float(mse[group, -1])}, tmp)
+        os.replace(tmp, target)
+        files.append(target)
+    return files
 
 
 def _atomic_save_file(tensors: dict[str, torch.Tensor], target: Path) -> None:

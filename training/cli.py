@@ -22,6 +22,15 @@ def _eit_args(parser: argparse.ArgumentParser) -> None:
 COMMANDS["eit"] = ("eviction-invariant training (EIT) for AnchorPress: analyze, train", _eit_args)
 
 
+def _commvq_args(parser: argparse.ArgumentParser) -> None:
+    from pressroom.training.commvq import add_arguments
+
+    add_arguments(parser)
+
+
+COMMANDS["commvq"] = ("CommVQ codebooks: collect KV, scales, key codebooks (EM / E2E), value codecs", _commvq_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pressroom-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,0 +1,166 @@
+"""CommVQ codebook training (arXiv 2506.18879): EM, E2E, KV collection, value codecs, the `commvq` CLI (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pressroom.evaluation.models import load_model, tiny_config
+from pressroom.presses.commvq_codebooks import CommVQCodebooks
+from pressroom.training.cli import main as train_main
+from pressroom.training.commvq import (
+    ValueConfig,
+    _rope,
+    collect,
+    load_layer,
+    train_value_codec,
+)
+from pressroom.training.commvq_em import (
+    E2EConfig,
+    EMConfig,
+    fit_keys_e2e,
+    fit_keys_em,
+    fit_step_em,
+    key_relative_mse,
+    prepare_keys,
+    reference_fit_step,
+)
+
+
+def _synthetic_keys(n: int = 300, heads: int = 2, head_dim: int = 16, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, heads * head_dim, generator=gen) * torch.linspace(0.2, 3.0, heads * head_dim)
+    return prepare_keys(keys, heads)
+
+
+def test_prepare_keys_normalizes_tokens_over_all_heads():
+    keys = torch.randn(10, 32)
+    r, norm = prepare_keys(keys, 2)
+    assert r.shape == (2, 10, 16)
+    torch.testing.assert_close(norm, keys.norm(dim=1))
+    torch.testing.assert_close(r.transpose(0, 1).flatten(1).norm(dim=1), torch.ones(10))
+
+
+def test_em_lowers_mse_every_residual():
+    r, norm = _synthetic_keys()
+    thetas, mse = fit_keys_em(r, norm, residuals=3, cfg=EMConfig(n_steps=3), use_triton=False)
+    assert thetas.shape == (2, 3, 128, 8) and mse.shape == (2, 3)
+    initial = (r.pow(2).sum(-1) * norm.pow(2)).sum(1) / (r.shape[1] * r.shape[2])  # error of coding nothing
+    errors = torch.cat([initial.view(2, 1), mse], dim=1)
+    assert (errors[:, 1:] < errors[:, :-1]).all(), errors
+    rel = key_relative_mse(r, norm, thetas, use_triton=False)
+    torch.testing.assert_close(rel, mse[:, -1] / initial, rtol=1e-4, atol=1e-6)
+
+
+def test_em_step_matches_the_reference_iteration():
+    r, norm = _synthetic_keys(n=256)
+    cfg = EMConfig(n_steps=4)
+    theta, best, iters = fit_step_em(r[:1], norm, 1.0, cfg, torch.Generator().manual_seed(3), use_triton=False)
+    # the reference's own float32 inv() of the ill-conditioned normal matrix costs it ~1e-3 relative; in float64
+    # its iteration and ours (float64 solve, additive E-step) agree closely
+    for dtype, rtol in ((torch.float64, 1e-4), (torch.float32, 2e-3)):
+        gen = torch.Generator().manual_seed(3)
+        ref_theta, ref_best, ref_iters = reference_fit_step(r[0].to(dtype), norm.to(dtype), 1.0, cfg, gen)
+        assert int(iters[0]) == ref_iters
+        torch.testing.assert_close(best[0], ref_best.float(), rtol=rtol, atol=0)
+        if dtype == torch.float64:
+            torch.testing.assert_close(theta[0], ref_theta.float(), rtol=0, atol=2e-3)
+
+
+def test_e2e_loss_falls():
+    r, norm = _synthetic_keys(n=256)
+    _, mse, history = fit_keys_e2e(r, norm, residuals=1, cfg=E2EConfig(steps=16, batch=128, lr=1e-2))
+    assert mse.shape == (2, 1)
+    assert sum(history[-4:]) / 4 < sum(history[:4]) / 4, history
+
+
+def test_value_codec_training_lowers_loss():
+    torch.manual_seed(0)
+    from pressroom.presses.commvq_codebooks import ValueCodec
+
+    n, heads, kv_heads, d = 96, 2, 1, 8
+    q, k, v = torch.randn(n, heads * d), torch.randn(n, kv_heads * d), torch.randn(n, kv_heads * d)
+    codec = ValueCodec(kv_heads * d, bits=2, intermediate_dim=32)
+    hist = train_value_codec(
+        codec, q, k, v, [48, 48], 1.0 / 10000 ** (torch.arange(0, d, 2) / d), 1.0, heads, kv_heads,
+        ValueConfig(steps=30, batch=4, window=16, lr=1e-2),
+    )  # fmt: skip
+    assert sum(hist[-5:]) / 5 < sum(hist[:5]) / 5, hist
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llama", device="cpu", dtype=torch.float32)
+
+
+def test_collected_keys_are_pre_rope(tiny, tmp_path):
+    model, tok = tiny
+    kv_dir = collect(model, tok, tmp_path, max_tokens=40, seq_len=40, show_progress=False)
+    data, lengths = load_layer(kv_dir, 1, ("k", "v", "q"))
+    assert lengths == [40] and data["q"].shape == (40, 64) and data["k"].shape == (40, 32)
+    ids = load_file(str(kv_dir / "shard_00000.safetensors"))["ids"]
+    with torch.no_grad():
+        out = model(ids.view(1, -1), use_cache=True)
+    cached_k = out.past_key_values.layers[1].keys[0].transpose(0, 1)  # [T, H, d], after RoPE
+    cached_v = out.past_key_values.layers[1].values[0].transpose(0, 1)
+    rotary = model.model.rotary_emb
+    ours = _rope(data["k"].float().view(40, 2, 16), torch.arange(40), rotary.inv_freq, rotary.attention_scaling)
+    torch.testing.assert_close(ours, cached_k, atol=2e-3, rtol=2e-3)  # fp16 storage
+    torch.testing.assert_close(data["v"].float().view(40, 2, 16), cached_v, atol=2e-3, rtol=2e-3)
+
+
+def test_collection_resumes_without_duplicating_tokens(tiny, tmp_path):
+    model, tok = tiny
+    full = collect(model, tok, tmp_path / "full", max_tokens=100, seq_len=32, show_progress=False)
+    part = collect(model, tok, tmp_path / "part", max_tokens=100, seq_len=32, stop_after=2, show_progress=False)
+    assert len(list(part.glob("shard_*.safetensors"))) == 2
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        load_layer(part, 0)
+    collect(model, tok, tmp_path / "part", max_tokens=100, seq_len=32, show_progress=False)  # resume
+    a, la = load_layer(full, 0, ("k", "v"))
+    b, lb = load_layer(part, 0, ("k", "v"))
+    assert la == lb == [32, 32, 32, 4]
+    ids = torch.cat([load_file(str(p))["ids"] for p in sorted(part.glob("shard_*.safetensors"))])
+    from pressroom.evaluation.corpora import corpus_tokens
+
+    assert torch.equal(ids, corpus_tokens(tok, "pg_essays", "train")[:100])
+    torch.testing.assert_close(a["k"], b["k"])
+    with pytest.raises(ValueError, match="other settings"):
+        collect(model, tok, tmp_path / "part", max_tokens=100, seq_len=16, show_progress=False)
+
+
+def test_cli_all_on_a_tiny_model(tmp_path):
+    out = tmp_path / "run"
+    args = ["commvq", "all", "--model", "tiny-llama", "--bits", "1", "--output", str(out), "--device", "cpu",
+            "--max-tokens", "192", "--heldout-tokens", "64", "--seq-len", "64", "--em-steps", "2",
+            "--value-steps", "3", "--value-window", "32"]  # fmt: skip
+    assert train_main(args) == 0
+    books = CommVQCodebooks.load(out, bits=1)
+    books.validate(tiny_config("tiny-llama"))
+    assert (books.residuals, books.head_dim, books.num_layers, books.num_kv_heads) == (1, 16, 2, 2)
+    assert books.values is not None and len(books.values) == 2
+    result = json.loads((out / "1bit" / "em" / "heldout_mse.json").read_text())
+    assert len(result["keys_rel_mse"]) == 2 and 0 < result["keys_rel_mse_mean"] < 1
+    assert len(result["values_rel_mse"]) == 2
+    # the reference files written by `keys` and the native codebook hold the same thetas (fp16 in native)
+    ref = CommVQCodebooks.load(out / "1bit" / "keys_em")
+    torch.testing.assert_close(ref.key_theta.half().float(), books.key_theta)
+    # convert both ways through the CLI
+    assert train_main(["commvq", "convert", "--input", str(out / "1bit" / "em"), "--to", "reference",
+                       "--output", str(tmp_path / "ref"), "--bits", "1"]) == 0  # fmt: skip
+    assert train_main(["commvq", "convert", "--input", str(tmp_path / "ref"), "--to", "native",
+                       "--output", str(tmp_path / "nat"), "--bits", "1"]) == 0  # fmt: skip
+    assert torch.equal(CommVQCodebooks.load(tmp_path / "nat").key_theta, books.key_theta)
+    # a second `all` finds every unit of work done and redoes none
+    assert train_main(args) == 0
+
+
+def test_cli_rejects_bad_layer(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["commvq", "collect", "--model", "tiny-llama", "--output", str(out), "--device", "cpu",
+                       "--max-tokens", "32", "--seq-len", "32"]) == 0  # fmt: skip
+    assert train_main(["commvq", "keys", "--output", str(out), "--layer", "7", "--device", "cpu"]) == 2
+    assert "outside 0..1" in capsys.readouterr().err

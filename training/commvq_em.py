@@ -1,0 +1,340 @@
+"""Key codebook training for CommVQ (Li et al., ICML 2025, arXiv 2506.18879): EM, end-to-end, and the reference EM.
+
+All functions work on the keys of one layer, prepared by :func:`prepare_keys`: per token, the pre-RoPE key vectors
+of all KV heads are reordered to the interleaved pair layout and divided together by their L2 norm (kept, one per
+token), so each head's part ``r [N, head_dim]`` has norm <= 1. Errors are reported as the reference does: the mean
+over tokens and elements of ``((r - r_hat) * norm)^2``, i.e. in the keys' own scale.
+
+- :func:`fit_keys_em`: the paper's EM, residual by residual (each step its own ``theta``), all heads of the layer
+  at once: soft E-step ``softmax(-||r - c|| / temperature)`` (fused Triton kernel, never a ``[N, 4096]`` matrix),
+  closed-form M-step (weighted least squares through ``T``) from sufficient statistics, temperature decayed
+  exponentially from ``1e-3 * s`` to ``1e-5 * s`` over 100 iterations with ``s`` divided by 10 after residuals
+  0, 4, 8, ... (as in the reference), the reference's early stop, and the best iterate kept.
+- :func:`reference_em_step`: a faithful PyTorch re-implementation of the reference's iteration (``cdist`` against
+  all 4096 centers, full ``[N, 4096]`` soft assignments, ``inv``), the speed baseline and a cross-check.
+- :func:`fit_keys_e2e`: an end-to-end alternative: all ``R`` thetas learned jointly through ``T`` with
+  straight-through hard Gumbel-softmax code choices, Adam, cosine schedule, gradient clipping at 1.0, loss =
+  reconstruction + 0.25 x commitment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pressroom.kernels.commvq_codebook import (
+    N_CENTERS,
+    centers_from_theta,
+    commutative_T,
+    em_estep,
+    nearest_centers,
+    stats_TtS,
+    theta_from_stats,
+    to_interleaved,
+)
+
+
+def prepare_keys(keys: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-RoPE keys ``[N, H * head_dim]`` (rotate_half layout) -> ``(r [H, N, head_dim], norm [N])``.
+
+    ``r`` is interleaved per head and divided by the token's norm over all heads (the reference's normalization).
+    """
+    n, feat = keys.shape
+    if feat % num_kv_heads:
+        raise ValueError(f"key width {feat} is not a multiple of {num_kv_heads} KV heads.")
+    x = to_interleaved(keys.float().view(n, num_kv_heads, feat // num_kv_heads))
+    norm = x.flatten(1).norm(dim=1)
+    r = x / norm.clamp_min(1e-12).view(n, 1, 1)
+    return r.transpose(0, 1).contiguous(), norm
+
+
+def key_relative_mse(r: torch.Tensor, norm: torch.Tensor, thetas: torch.Tensor, use_triton: bool | None = None):
+    """Relative MSE of residual quantization per head: ``sum ||k - k_hat||^2 / sum ||k||^2`` (``[H]``).
+
+    ``r [H, N, d]`` and ``norm [N]`` from :func:`prepare_keys`; ``thetas [H, R, 128, P]``.
+    """
+    res = r.float().clone()
+    centers = centers_from_theta(thetas.to(r.device).float())  # [H, R, 4096, d]
+    for i in range(thetas.shape[1]):
+        codes = nearest_centers(res, thetas[:, i].to(r.device), use_triton=use_triton)
+        res -= torch.gather(centers[:, i], 1, codes.unsqueeze(-1).expand(-1, -1, res.shape[-1]))
+    w2 = norm.float().pow(2).view(1, -1)
+    return (res.pow(2).sum(-1) * w2).sum(1) / (r.float().pow(2).sum(-1) * w2).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------------------- EM
+@dataclass
+class EMConfig:
+    """EM hyper-parameters (defaults: the reference's ``quantize_key_cache.py``)."""
+
+    n_steps: int = 100
+    initial_temp: float = 1e-3
+    final_temp: float = 1e-5
+    tol: float = 1e-5  # stop when an iterate is no better than the best but within tol of it
+    scale_every: int = 4  # the temperature scale is divided by 10 after residuals 0, 4, 8, ...
+    seed: int = 0
+
+
+def temperature_at(step: int, cfg: EMConfig, t_scale: float) -> float:
+    """Exponential schedule from ``initial_temp * t_scale`` to ``final_temp * t_scale`` over ``n_steps``."""
+    t0, t1 = cfg.initial_temp * t_scale, cfg.final_temp * t_scale
+    progress = step / max(1, cfg.n_steps - 1)
+    return t0 * (t1 / t0) ** progress
+
+
+def _gather_centers(centers: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``centers [G, 4096, d]``, ``codes [G, N]`` -> ``[G, N, d]``."""
+    return torch.gather(centers, 1, codes.unsqueeze(-1).expand(-1, -1, centers.shape[-1]))
+
+
+def _weighted_mse(res: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Reference error ``mean(((r - c) * norm)^2)`` per group: ``res [G, N, d]``, ``w2 [N]`` -> ``[G]``."""
+    return (res.pow(2).sum(-1) * w2.view(1, -1)).sum(1) / (res.shape[1] * res.shape[2])
+
+
+def _tts_full(s: torch.Tensor) -> torch.Tensor:
+    """``T^T s`` from full weighted sums ``s [G, 4096, d]`` (interleaved) -> ``[G, 128, P]``."""
+    g, c, d = s.shape
+    flat = s.view(g, c, d // 2, 2).transpose(2, 3).reshape(g, 2 * c, d // 2)  # rows 2C: X, 2C+1: Y
+    return commutative_T(s.device).T @ flat
+
+
+def initial_theta(r: torch.Tensor, generator: torch.Generator, chunk: int = 8192) -> torch.Tensor:
+    """The reference's initialization: 4096 random vectors as centers, a soft E-step at temperature 1, an M-step.
+
+    ``r [G, N, d]`` -> ``theta [G, 128, P]``. Chunked: no ``[N, 4096]`` matrix is held.
+    """
+    groups, n, d = r.shape
+    idx = torch.randint(0, n, (N_CENTERS,), generator=generator, device="cpu").to(r.device)
+    counts = torch.zeros(groups, N_CENTERS, device=r.device)
+    sums = torch.zeros(groups, N_CENTERS, d, device=r.device)
+    for g in range(groups):
+        centers = r[g, idx]
+        for s in range(0, n, chunk):
+            p = torch.softmax(-torch.cdist(r[g, s : s + chunk], centers), dim=1)
+            counts[g] += p.sum(0)
+            sums[g] += p.T @ r[g, s : s + chunk]
+    return theta_from_stats(counts, _tts_full(sums))
+
+
+def fit_step_em(
+    r: torch.Tensor,
+    norm: torch.Tensor,
+    t_scale: float,
+    cfg: EMConfig,
+    generator: torch.Generator,
+    use_triton: bool | None = None,
+    on_iteration: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One residual step of EM for ``G`` heads at once.
+
+    Returns ``(theta [G, 128, P], best_mse [G], iterations [G])``; each head keeps its best iterate and stops by the
+    reference's rule (an iterate no better than the best but within ``tol`` of it) on its own.
+    """
+    groups = r.shape[0]
+    w2 = norm.float().pow(2)
+    theta = initial_theta(r, generator)
+    best = torch.full((groups,), math.inf, device=r.device)
+    best_theta = theta.clone()
+    active = torch.ones(groups, dtype=torch.bool, device=r.device)
+    iters = torch.zeros(groups, dtype=torch.long)
+    for step in range(cfg.n_steps):
+        temp = temperature_at(step, cfg, t_scale)
+        codes, counts, pa, pb = em_estep(r, theta, temp, use_triton=use_triton)
+        mse = _weighted_mse(r - _gather_centers(centers_from_theta(theta), codes), w2)
+        improved = active & (mse < best)
+        stop = active & ~improved & ((mse - best) < cfg.tol)
+        best = torch.where(improved, mse, best)
+        best_theta[improved] = theta[improved]
+        iters[active.cpu()] += 1
+        active &= ~stop
+        if on_iteration is not None:
+            on_iteration(step)
+        if not bool(active.any()):
+            break
+        tts = stats_TtS(pa.transpose(1, 2) @ r, pb.transpose(1, 2) @ r)
+        theta = torch.where(active.view(-1, 1, 1), theta_from_stats(counts, tts), theta)
+    return best_theta, best, iters
+
+
+def fit_keys_em(
+    r: torch.Tensor,
+    norm: torch.Tensor,
+    residuals: int,
+    cfg: EMConfig | None = None,
+    use_triton: bool | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy residual EM for the heads of one layer: ``r [H, N, d]``, ``norm [N]`` -> ``(thetas [H, R, 128, P],
+    mse [H, R])`` where ``mse[:, i]`` is the error after step ``i`` (the reference's ``mse_loss``)."""
+    cfg = cfg or EMConfig()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    res = r.float().clone()
+    w2 = norm.float().pow(2)
+    thetas, mses = [], []
+    t_scale = 1.0
+    for i in range(residuals):
+        theta, _, iters = fit_step_em(res, norm, t_scale, cfg, generator, use_triton)
+        if i % cfg.scale_every == 0:
+            t_scale /= 10.0
+        codes = nearest_centers(res, theta, use_triton=use_triton)
+        res -= _gather_centers(centers_from_theta(theta), codes)
+        thetas.append(theta)
+        mses.append(_weighted_mse(res, w2))
+        if progress is not None:
+            progress(f"residual {i + 1}/{residuals}: mse {mses[-1].mean().item():.3e}, EM iterations {iters.tolist()}")
+    return torch.stack(thetas, 1).cpu(), torch.stack(mses, 1).cpu()
+
+
+# ------------------------------------------------------------------------------ the reference's iteration (baseline)
+def reference_em_step(
+    r: torch.Tensor, norm: torch.Tensor, centers: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One iteration of the reference's EM, written as it does it: ``cdist`` to all 4096 centers, the full
+    ``[N, 4096]`` softmax, hard arg-min MSE, then ``M_step`` (weighted means, ``inv(T^T N T) T^T N``).
+
+    ``r [N, d]`` (one head), ``norm [N, 1]``, ``centers [4096, d]`` -> ``(new_centers, new_theta, hard_mse)``.
+    """
+    t = commutative_T(r.device, r.dtype)
+    dist = torch.cdist(r, centers)
+    soft = F.softmax(-dist / temperature, dim=1)
+    hard = torch.argmin(dist, dim=1)
+    mse = torch.mean((r * norm - centers[hard] * norm) ** 2)
+    del dist
+    n_t = torch.sum(soft, dim=0).unsqueeze(-1).repeat(1, 2) + 1e-8
+    m = torch.matmul(soft.T, r) / n_t[:, :1]
+    del soft
+    n_t = n_t.flatten().unsqueeze(0)
+    mat = (t.T * n_t) @ t
+    a_mat = (torch.linalg.inv(mat) @ t.T) * n_t
+    b_mat = m.view(N_CENTERS, r.shape[1] // 2, 2).permute(0, 2, 1).flatten(0, 1)
+    theta = a_mat @ b_mat
+    new_centers = (t @ theta).view(N_CENTERS, 2, r.shape[1] // 2).permute(0, 2, 1).flatten(1)
+    return new_centers, theta, mse
+
+
+def reference_fit_step(
+    r: torch.Tensor, norm: torch.Tensor, t_scale: float, cfg: EMConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The reference's ``run_em_algorithm`` for one head (``r [N, d]``, ``norm [N]``): ``(theta, best_mse, iters)``."""
+    norm = norm.float().view(-1, 1)
+    idx = torch.randint(0, r.shape[0], (N_CENTERS,), generator=generator, device="cpu").to(r.device)
+    centers = r[idx]
+    centers, theta, _ = reference_em_step(r, norm, centers, 1.0)
+    best, best_theta, iters = math.inf, theta, 0
+    for step in range(cfg.n_steps):
+        new_centers, new_theta, mse = reference_em_step(r, norm, centers, temperature_at(step, cfg, t_scale))
+        iters += 1
+        if mse < best:
+            best, best_theta = mse.item(), theta
+        elif (mse - best) < cfg.tol:
+            break
+        centers, theta = new_centers, new_theta
+    return best_theta, torch.tensor(best), iters
+
+
+# ---------------------------------------------------------------------------------------------------------- E2E
+@dataclass
+class E2EConfig:
+    """End-to-end key codebook training (an alternative to EM)."""
+
+    steps: int = 2000
+    batch: int = 2048
+    lr: float = 1e-3
+    tau_start: float = 1.0
+    tau_end: float = 0.05
+    commitment: float = 0.25
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def greedy_init(r: torch.Tensor, residuals: int, generator: torch.Generator, use_triton: bool | None = None):
+    """Initial thetas ``[G, R, 128, P]``: the reference's initialization (one M-step) residual by residual."""
+    res = r.float().clone()
+    thetas = []
+    for _ in range(residuals):
+        theta = initial_theta(res, generator)
+        res -= _gather_centers(centers_from_theta(theta), nearest_centers(res, theta, use_triton=use_triton))
+        thetas.append(theta)
+    return torch.stack(thetas, 1)
+
+
+def e2e_loss(
+    x: torch.Tensor, w2: torch.Tensor, thetas: torch.Tensor, tau: float, commitment: float, hard: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of the end-to-end objective on a batch ``x [G, B, d]`` (weights ``w2 [B]`` = squared token norms).
+
+    Per residual step ``i``: logits ``-||res_i - c||^2 / (tau * e_i)`` (``e_i`` = the step's mean residual energy,
+    detached, so ``tau`` means the same at every step), a hard Gumbel-softmax choice with the straight-through
+    gradient, ``q_i = choice @ centers_i(theta_i)`` (``theta`` enters through ``T``), ``res_{i+1} = res_i - q_i``.
+    ``recon = mean(w2 * ||x - sum_i q_i||^2) / d``, ``commit = sum_i mean(w2 * ||res_i - sg(q_i)||^2) / d`` (pulls
+    each step's input toward its chosen center), loss = ``recon + commitment * commit``.
+    Returns ``(loss, recon, commit)``.
+    """
+    d = x.shape[-1]
+    centers = centers_from_theta(thetas)  # [G, R, 4096, d]
+    res = x
+    commit = x.new_zeros(())
+    w = w2.view(1, -1)
+    for i in range(thetas.shape[1]):
+        c = centers[:, i]
+        d2 = res.pow(2).sum(-1, keepdim=True) - 2 * res @ c.transpose(1, 2) + c.pow(2).sum(-1).unsqueeze(1)
+        energy = res.detach().pow(2).sum(-1).mean().clamp_min(1e-12)
+        choice = F.gumbel_softmax(-d2 / (tau * energy), tau=1.0, hard=hard, dim=-1)
+        q = choice @ c
+        commit = commit + ((res - q.detach()).pow(2).sum(-1) * w).mean() / d
+        res = res - q
+    recon = (res.pow(2).sum(-1) * w).mean() / d
+    return recon + commitment * commit, recon, commit
+
+
+def fit_keys_e2e(
+    r: torch.Tensor,
+    norm: torch.Tensor,
+    residuals: int,
+    cfg: E2EConfig | None = None,
+    use_triton: bool | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """End-to-end training of all ``R`` thetas of every head of a layer jointly.
+
+    Returns ``(thetas [H, R, 128, P], mse [H, R] after each greedy residual step on the training keys, loss
+    history)``. Adam, cosine learning-rate schedule, gradient norm clipped at ``grad_clip``, Gumbel temperature
+    decayed exponentially from ``tau_start`` to ``tau_end``.
+    """
+    cfg = cfg or E2EConfig()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    r = r.float()
+    thetas = torch.nn.Parameter(greedy_init(r, residuals, generator, use_triton))
+    opt = torch.optim.Adam([thetas], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    )
+    w2 = norm.float().pow(2)
+    n = r.shape[1]
+    history = []
+    torch.manual_seed(cfg.seed)
+    for step in range(cfg.steps):
+        idx = torch.randint(0, n, (min(cfg.batch, n),), generator=generator).to(r.device)
+        tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
+        loss, recon, _ = e2e_loss(r[:, idx], w2[idx], thetas, tau, cfg.commitment)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([thetas], cfg.grad_clip)
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        if progress is not None and (step + 1) % max(1, cfg.steps // 10) == 0:
+            progress(f"step {step + 1}/{cfg.steps}: loss {loss.item():.3e} recon {recon.item():.3e}")
+    thetas = thetas.detach()
+    res = r.clone()
+    mses = []
+    for i in range(residuals):
+        codes = nearest_centers(res, thetas[:, i], use_triton=use_triton)
+        res -= _gather_centers(centers_from_theta(thetas[:, i]), codes)
+        mses.append(_weighted_mse(res, w2))
+    return thetas.cpu(), torch.stack(mses, 1).cpu(), history
