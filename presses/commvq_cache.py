@@ -499,11 +499,14 @@ class CommVQLayer(CacheLayerMixin):
         return self.seen + n_new, start - self.seen
 
     def _tensors(self) -> list[torch.Tensor]:
-        held = (self.codes, self.knorm, self.vcoef, self.pos, self.vbits, self.wkeys, self.wvals, self.wpos)
+        held = [self.codes, self.knorm, self.vcoef, self.pos, self.vbits, self.wkeys, self.wvals, self.wpos]
+        if self._mark is not None:  # the window snapshot of kvpress's multi-question protocol
+            held += list(self._mark[2:])
         return [t for t in held if t is not None]
 
     def memory_bytes(self) -> int:
-        """Bytes held: codes, value bits, norms, coefficients, positions (capacity) and the window buffers."""
+        """Bytes held: codes, value bits, norms, coefficients, positions (capacity), the window buffers and, while
+        marked, the window snapshot."""
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def codebook_bytes(self) -> int:
