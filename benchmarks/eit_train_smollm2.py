@@ -69,6 +69,19 @@ def evicted_ppls(model_name: str, ratios: list[float], args, adapter: str | None
     return out
 
 
+def export_adapter(final: Path, dest: Path) -> dict:
+    """Copy the adapter's config and its weights cast to bf16 (small enough to come back from a GPU job)."""
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(final / "adapter_config.json", dest / "adapter_config.json")
+    weights = {
+        k: v.to(torch.bfloat16).contiguous() for k, v in load_file(str(final / "adapter_model.safetensors")).items()
+    }
+    save_file(weights, str(dest / "adapter_model.safetensors"))
+    return {"path": str(dest), "bytes": (dest / "adapter_model.safetensors").stat().st_size, "dtype": "bfloat16"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, help="JSON results file")
@@ -90,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppl-context", type=int, default=2048)
     p.add_argument("--ppl-continuation", type=int, default=512)
     p.add_argument("--ppl-windows", type=int, default=12)
+    p.add_argument(
+        "--export-adapter",
+        default=None,
+        help="also write adapter_config.json + the adapter weights in bf16 (2 small files) to this directory",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script only")
     args = p.parse_args(argv)
     if args.smoke:
@@ -202,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         f"peak {(log['peak_memory_bytes'] or 0) / 2**30:.1f} GiB -> {final}",
         flush=True,
     )
+
+    if args.export_adapter:
+        result["phases"]["training"]["exported_adapter"] = export_adapter(Path(final), Path(args.export_adapter))
+        save()
 
     t0 = time.perf_counter()
     print("held-out perplexity under eviction, after EIT", flush=True)
