@@ -553,7 +553,10 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
         optimizer.load_state_dict(saved["optimizer"])
         lr_sched.load_state_dict(saved["lr_scheduler"])
         keep_sched.load_state_dict(saved["keep_schedule"])
-        gen.set_state(saved["generator"])
+        if accelerator.process_index == 0:
+            gen.set_state(saved["generator"])
+        else:  # the saved state is rank 0's: give every other rank its own stream again
+            gen.manual_seed(cfg.seed + accelerator.process_index + 1_000_003 * int(saved["step"]))
         state.update({k: saved[k] for k in ("step", "history", "val", "tokens", "train_seconds")})
         logger.info("Resumed from %s at step %d", resume_from, state["step"])
     peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
