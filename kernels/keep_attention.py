@@ -50,7 +50,9 @@ def _flex_attention():
         from torch.nn.attention.flex_attention import flex_attention
 
         # compacted KV lengths change with the keep ratio (curriculum): allow a few more specialisations
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
 
