@@ -478,6 +478,7 @@ def decode_attention(
     block_t: int = 32,
     nb_chunk: int | None = None,
     target_programs: int = 1024,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -493,9 +494,9 @@ def decode_attention(
         Softmax scale.
     use_triton : bool or None
         ``None``: the kernel on CUDA, :func:`decode_attention_reference` elsewhere.
-    block_t, nb_chunk, target_programs : int
-        Kernel tiling: tokens per block, value bits per program (default ``min(n_bits, 1024)``) and the number of
-        programs the split count aims at.
+    block_t, nb_chunk, target_programs, num_warps : int
+        Kernel tiling: tokens per block, value bits per program (default ``min(n_bits, 1024)``), the number of
+        programs the split count aims at, warps per program.
 
     Returns
     -------
@@ -574,6 +575,7 @@ def decode_attention(
         BLOCK_P=triton.next_power_of_2(p),
         BLOCK_D=triton.next_power_of_2(d),
         USE_DOT=p >= 16,
+        num_warps=num_warps,
     )
     out_bits = torch.empty(b * hq, nbits, device=dev, dtype=torch.float32)
     out_w = torch.empty(b * hq, d, device=dev, dtype=torch.float32)

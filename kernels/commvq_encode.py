@@ -205,6 +205,8 @@ def encode_keys(
     use_triton: bool | None = None,
     tables: KeyTables | None = None,
     out: torch.Tensor | None = None,
+    block_n: int = 16,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
 
@@ -220,6 +222,8 @@ def encode_keys(
         Precomputed tables of ``thetas`` (the cache keeps one per layer).
     out : torch.Tensor, optional
         Where to write (a slice of the cache's code buffer); allocated otherwise.
+    block_n, num_warps : int
+        Kernel tiling: tokens per program (>= 16) and warps per program.
 
     Returns
     -------
@@ -239,7 +243,6 @@ def encode_keys(
         tables = KeyTables(thetas.to(x.device))
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
-    block_n = 32
     grid = (triton.cdiv(n, block_n), h)
     _encode_kernel[grid](
         x,
@@ -257,6 +260,7 @@ def encode_keys(
         BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
         A_CHUNK=16,
+        num_warps=num_warps,
     )
     return out
 

@@ -26,6 +26,7 @@ values (correct, but transient full-precision tensors of one layer).
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -151,7 +152,9 @@ class CommVQLayer(CacheLayerMixin):
         flush_chunk = _check_window(window, flush_chunk)
         if mode not in ("codes", "dequantize"):
             raise ValueError(f"mode must be 'codes' or 'dequantize', got {mode!r}.")
-        self.theta_host = theta.detach().float()
+        # codebook constants live in a namespace, not as tensor attributes: tools that sum a layer's tensor
+        # attributes (pressroom.presses.memory for a DynamicCache holding these layers) then count only the KV state
+        self.consts = SimpleNamespace(theta=theta.detach().float(), inv_freq=inv_freq.detach().float().cpu())
         self.codec_host = codec
         self.window = int(window)
         self.flush_chunk = int(flush_chunk)
@@ -159,8 +162,7 @@ class CommVQLayer(CacheLayerMixin):
         self.use_triton = use_triton
         self.resolver = resolver if resolver is not None else PositionResolver()
         self.attention_scaling = float(attention_scaling)
-        self._inv_freq = inv_freq.detach().float().cpu()
-        self._inv_freq_host = tuple(float(f) for f in self._inv_freq)
+        self._inv_freq_host = tuple(float(f) for f in self.consts.inv_freq)
         self.residuals = int(theta.shape[1])
         self.kbytes = code_bytes(self.residuals)
         self.n_bits = codec.code_bits
@@ -190,10 +192,10 @@ class CommVQLayer(CacheLayerMixin):
         if key_states.dim() != 4 or value_states.shape[:3] != key_states.shape[:3]:
             raise ValueError(f"Expected keys/values [batch, kv_heads, seq, head_dim], got {tuple(key_states.shape)}.")
         batch, heads, _, head_dim = key_states.shape
-        if heads != self.theta_host.shape[0] or head_dim != 2 * self.theta_host.shape[-1]:
+        if heads != self.consts.theta.shape[0] or head_dim != 2 * self.consts.theta.shape[-1]:
             raise ValueError(
-                f"The CommVQ codebooks are for {self.theta_host.shape[0]} KV heads of head_dim "
-                f"{2 * self.theta_host.shape[-1]}, but the model gives {heads} heads of {head_dim}."
+                f"The CommVQ codebooks are for {self.consts.theta.shape[0]} KV heads of head_dim "
+                f"{2 * self.consts.theta.shape[-1]}, but the model gives {heads} heads of {head_dim}."
             )
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch, self.heads, self.head_dim = batch, heads, head_dim
@@ -202,10 +204,10 @@ class CommVQLayer(CacheLayerMixin):
             self.codec_host.to(dev).float().eval() if self.codec_host.embedding.device != dev else self.codec_host
         )
         self.books = LayerBooks.build(
-            self.theta_host,
+            self.consts.theta,
             self.codec.embedding,
             self.codec.scale + self.codec.eps,
-            self._inv_freq,
+            self.consts.inv_freq,
             self.attention_scaling,
             device=dev,
         )
