@@ -46,7 +46,8 @@ class Record:
     def write(self) -> None:
         if self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.path).write_text("\n".join(self.parts), encoding="utf-8")
+            head = f"# tests/test_slurm.py against a real Slurm, transcript ($PRESSROOM_SLURM_RECORD), {time.ctime()}\n"
+            Path(self.path).write_text(head + "\n".join(self.parts), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
