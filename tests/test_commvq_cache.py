@@ -237,6 +237,23 @@ def test_press_in_pipeline_with_several_questions(tiny, tmp_path):
     assert both == single
 
 
+def test_press_with_commvq_cache_in_pipeline(tiny):
+    """cache=CommVQCache(...): the context is coded while it is prefilled (chunk path), the press only marks."""
+    model, _ = tiny
+    books = random_books(model.config)
+    pipe = _pipe(tiny)
+    context = "A red cat sat on a blue mat near the old door. " * 6
+    press = CommVQPress(codebooks=books, window=16)
+    cache = CommVQCache(model.config, books, window=16)
+    both = pipe(context, questions=["Where?", "Who?"], press=press, cache=cache, max_new_tokens=4)["answers"]
+    assert len(both) == 2 and cache.layers[0].n > 0
+    seen = cache.get_seq_length()
+    again = pipe(
+        context, question="Who?", press=press, cache=CommVQCache(model.config, books, window=16), max_new_tokens=4
+    )["answer"]
+    assert again == both[1] and cache.get_seq_length() == seen  # restored to the context after each answer
+
+
 def test_press_composed_with_snapkv(tiny):
     model, _ = tiny
     books = random_books(model.config)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The CommVQ GPU benchmarks, one job each (under 8 minutes on one H100; run from the checkout on the GPU host after
+# the .gpu loads; JSON lands in $OUT, then is copied to benchmarks/results/ by hand):
+#   bash benchmarks/gpu_commvq.sh decode     # decode attention + encode per layer at 128k, 1/2 bits, vs SDPA and the
+#                                            # reference's LUT path; KV bytes per token
+#   bash benchmarks/gpu_commvq.sh capacity   # 8B-shaped random model, 1M-token context at 1 bit, decode from it
+#   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh quality   # SmolLM2: perplexity + needles vs fp16 and HQQ (needs hqq)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benchmarks/gpu_env.sh
+out=${OUT:-/tmp/pressroom-out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+case "${1:-decode}" in
+decode) python3 benchmarks/commvq_decode.py --output "$out/commvq_decode.json" ;;
+capacity) python3 benchmarks/commvq_capacity.py --output "$out/commvq_capacity.json" ;;
+quality)
+  : "${CODEBOOKS:?set CODEBOOKS to the directory holding 1bit/ and 2bit/ (pressroom-train commvq output)}"
+  python3 benchmarks/commvq_quality.py --codebooks "$CODEBOOKS" --output "$out/commvq_quality.json" \
+    --runs-dir "$out/commvq_quality_runs"
+  ;;
+*) echo "usage: $0 decode|capacity|quality" >&2; exit 2 ;;
+esac
