@@ -110,9 +110,10 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=128)
     ap.add_argument("--segments", type=int, default=6)
     ap.add_argument("--needle-length", type=int, default=4096)
-    ap.add_argument("--needle-samples", type=int, default=4)
+    ap.add_argument("--needle-samples", type=int, default=3)
     ap.add_argument("--runs-dir", default=None, help="Runner results (default: beside --output)")
     ap.add_argument("--skip-needles", action="store_true")
+    ap.add_argument("--skip-ppl", action="store_true", help="needles only (e.g. a second job)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: tiny-llama, random codebooks")
     args = ap.parse_args()
     if args.smoke:
@@ -165,30 +166,31 @@ def main() -> None:
         "hqq_1bit": lambda: quantized_cache(model, 1, min(64, head_dim)),
         "hqq_2bit": lambda: quantized_cache(model, 2, min(64, head_dim)),
     }
-    ids_all = corpus_tokens(tok, "pg_essays", split="heldout").to(model.device)
-    seg = args.context + args.eval
-    n_seg = min(args.segments, ids_all.numel() // seg)
-    from transformers import DynamicCache
+    if not args.skip_ppl:
+        ids_all = corpus_tokens(tok, "pg_essays", split="heldout").to(model.device)
+        seg = args.context + args.eval
+        n_seg = min(args.segments, ids_all.numel() // seg)
+        from transformers import DynamicCache
 
-    for name, make in caches.items():
-        make_cache = make if name != "fp16" else DynamicCache
-        t = time.perf_counter()
-        total = count = held = 0
-        for s in range(n_seg):
-            ids = ids_all[s * seg : (s + 1) * seg][None]
-            nll, n, held = segment_nll(model, ids, make_cache, args.context, args.eval)
-            total, count = total + nll, count + n
-        result["perplexity"][name] = {
-            "ppl": math.exp(total / max(1, count)),
-            "tokens": count,
-            "bytes_after_context": held,
-            "seconds": time.perf_counter() - t,
-        }
+        for name, make in caches.items():
+            make_cache = make if name != "fp16" else DynamicCache
+            t = time.perf_counter()
+            total = count = held = 0
+            for s in range(n_seg):
+                ids = ids_all[s * seg : (s + 1) * seg][None]
+                nll, n, held = segment_nll(model, ids, make_cache, args.context, args.eval)
+                total, count = total + nll, count + n
+            result["perplexity"][name] = {
+                "ppl": math.exp(total / max(1, count)),
+                "tokens": count,
+                "bytes_after_context": held,
+                "seconds": time.perf_counter() - t,
+            }
+            save()
+        fp = result["perplexity"]["fp16"]["ppl"]
+        for name in caches:
+            result["perplexity"][name]["vs_fp16"] = result["perplexity"][name]["ppl"] / fp - 1
         save()
-    fp = result["perplexity"]["fp16"]["ppl"]
-    for name in caches:
-        result["perplexity"][name]["vs_fp16"] = result["perplexity"][name]["ppl"] / fp - 1
-    save()
     if args.skip_needles:
         print(result)
         return
