@@ -4,24 +4,27 @@
 #   bash benchmarks/gpu_commvq.sh decode     # decode attention + encode per layer at 128k, 1/2 bits, vs SDPA and the
 #                                            # reference's LUT path; KV bytes per token
 #   bash benchmarks/gpu_commvq.sh capacity   # 8B-shaped random model, 1M-token context at 1 bit, decode from it
-#   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh ppl       # SmolLM2 held-out perplexity vs fp16 and HQQ (needs hqq)
+#   CODEBOOKS=DIR [METHOD=em|e2e] bash benchmarks/gpu_commvq.sh ppl      # SmolLM2 held-out perplexity vs fp16 and HQQ (needs hqq)
 #   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh needles   # SmolLM2 needle tasks at 4k (Runner) vs fp16 and HQQ
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
 out=${OUT:-/tmp/pressroom-out}
 mkdir -p "$out"
+method=${METHOD:-em}  # which native codebook of pressroom-train commvq: em or e2e
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-decode}" in
 decode) python3 benchmarks/commvq_decode.py --output "$out/commvq_decode.json" ;;
 capacity) python3 benchmarks/commvq_capacity.py --output "$out/commvq_capacity.json" ;;
 ppl)
-  : "${CODEBOOKS:?set CODEBOOKS to the directory holding 1bit/ and 2bit/ (pressroom-train commvq output)}"
-  python3 benchmarks/commvq_quality.py --codebooks "$CODEBOOKS" --skip-needles --output "$out/commvq_quality_ppl.json"
+  : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 1bit/em/ and 2bit/em/)}"
+  python3 benchmarks/commvq_quality.py --codebooks-1 "$CODEBOOKS/1bit/$method" \
+    --codebooks-2 "$CODEBOOKS/2bit/$method" --skip-needles --output "$out/commvq_quality_ppl.json"
   ;;
 needles)
-  : "${CODEBOOKS:?set CODEBOOKS to the directory holding 1bit/ and 2bit/ (pressroom-train commvq output)}"
-  python3 benchmarks/commvq_quality.py --codebooks "$CODEBOOKS" --skip-ppl --output "$out/commvq_quality_needles.json" \
+  : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 1bit/em/ and 2bit/em/)}"
+  python3 benchmarks/commvq_quality.py --codebooks-1 "$CODEBOOKS/1bit/$method" \
+    --codebooks-2 "$CODEBOOKS/2bit/$method" --skip-ppl --output "$out/commvq_quality_needles.json" \
     --runs-dir "$out/commvq_quality_runs"
   ;;
 *) echo "usage: $0 decode|capacity|ppl|needles" >&2; exit 2 ;;
