@@ -237,8 +237,8 @@ class CommVQCodebooks:
             )
 
     # ------------------------------------------------------------------ native format
-    def save_native(self, path: str | os.PathLike) -> Path:
-        """Write the native format (theta in fp16) into directory ``path``; returns it."""
+    def save_native(self, path: str | os.PathLike, values_dtype: torch.dtype = torch.float32) -> Path:
+        """Write the native format (theta in fp16; value codecs in ``values_dtype``) into ``path``; returns it."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {"key_theta": self.key_theta.detach().to("cpu", torch.float16).contiguous()}
@@ -260,7 +260,7 @@ class CommVQCodebooks:
             state = {}
             for i, codec in enumerate(self.values):
                 for name, t in codec.state_dict().items():
-                    state[f"{i}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
+                    state[f"{i}.{name}"] = t.detach().to("cpu", values_dtype).contiguous()
             _atomic_save_file(state, out / NATIVE_VALUES)
             config["values"] = self.values[0].sizes()
         elif (out / NATIVE_VALUES).exists():
@@ -286,7 +286,9 @@ class CommVQCodebooks:
             values = []
             for i in range(int(config["num_layers"])):
                 codec = ValueCodec(**config["values"])
-                codec.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == str(i)})
+                codec.load_state_dict(
+                    {k.split(".", 1)[1]: v.float() for k, v in state.items() if k.split(".", 1)[0] == str(i)}
+                )
                 values.append(codec)
         return cls(
             model_name=str(config["model"]),
