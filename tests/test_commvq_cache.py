@@ -87,10 +87,12 @@ def test_encode_kernel_equals_reference_quantizer():
     assert (dec - x[0, :, 0]).pow(2).sum() < (first - x[0, :, 0]).pow(2).sum()
 
 
-def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, seed=0):
+def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, fp16_theta=False, seed=0):
     torch.manual_seed(seed)
     p = head_dim // 2
     theta = torch.randn(heads, residuals, 128, p) * 0.3
+    if fp16_theta:
+        theta = theta.half().float()
     books = LayerBooks.build(
         theta,
         torch.randn(nbits, heads * head_dim) * 0.2,
@@ -118,14 +120,25 @@ def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, 
 
 
 @needs_interpreter
-@pytest.mark.parametrize(("per_head_pos", "head_dim"), [(False, 16), (True, 16), (False, 32)])
-def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head_dim):
+@pytest.mark.parametrize(
+    ("per_head_pos", "head_dim", "fp16_theta"), [(False, 16, False), (True, 16, True), (False, 32, False)]
+)
+def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head_dim, fp16_theta):
     """Tolerance: 2e-3 relative to the output's scale (the kernel weights value bits in float16; head_dim >= 32 also
     computes scores with tl.dot, tf32 on a GPU, float32 in the interpreter)."""
     batch, heads, group, residuals = 2, 2, 3, 3
     kv, books = _coded(
-        batch, heads, head_dim, residuals, n=70, nw=5, nbits=2 * heads * head_dim, per_head_pos=per_head_pos
+        batch,
+        heads,
+        head_dim,
+        residuals,
+        n=70,
+        nw=5,
+        nbits=2 * heads * head_dim,
+        per_head_pos=per_head_pos,
+        fp16_theta=fp16_theta,
     )
+    assert (books.ztab16 is not None) == fp16_theta  # the float16 table is used exactly when it is exact
     q = torch.randn(batch, heads * group, head_dim)
     ref = decode_attention_reference(q, kv, books, 0.3)
     out = decode_attention(q, kv, books, 0.3, use_triton=True, block_t=16, target_programs=8)
