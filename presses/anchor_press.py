@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SEPARATOR_CHARS = ".,;:!?\n"
 ADAPTER_ATTR = "_pressroom_eit_adapter"  # set on a model that holds an EIT adapter loaded by AnchorPress
 ADAPTER_NAME = "eit"
+CAPTURE_ATTR = "_pressroom_anchor_ids"  # persistent token-id capture installed when a kvpress wrapper applies us
 
 # anchor tiers: when the anchors alone exceed the budget, higher tiers are kept first
 TIER_OTHER, TIER_SEPARATOR, TIER_RECENT, TIER_SINK = 0, 1, 2, 3
@@ -146,6 +147,38 @@ def _resolve_scorer(scorer: Any) -> ScorerPress:
     )
 
 
+class _IdsCapture:
+    """Forward pre-hook on an input embedding that keeps the last 2-D integer input (the token ids)."""
+
+    def __init__(self) -> None:
+        self.ids: torch.Tensor | None = None
+        self.handle: Any = None
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        ids = args[0] if args else None
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+            self.ids = ids
+
+
+def _model_capture(model: nn.Module) -> _IdsCapture:
+    capture = getattr(model, CAPTURE_ATTR, None)
+    if capture is None:
+        capture = _IdsCapture()
+        capture.handle = model.get_input_embeddings().register_forward_pre_hook(capture)
+        setattr(model, CAPTURE_ATTR, capture)
+    return capture
+
+
+def detach_id_capture(model: nn.Module) -> bool:
+    """Remove the persistent token-id capture hook that AnchorPress installs under kvpress wrappers, if any."""
+    capture = getattr(model, CAPTURE_ATTR, None)
+    if capture is None:
+        return False
+    capture.handle.remove()
+    delattr(model, CAPTURE_ATTR)
+    return True
+
+
 @dataclass
 class AnchorPress(ScorerPress):
     """Anchor eviction: keep anchor tokens plus the best-scored rest of the context.
@@ -209,8 +242,10 @@ class AnchorPress(ScorerPress):
     tokenizer: Any = field(default=None, repr=False, compare=False)
     use_triton: bool | None = None
     last_stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    _input_ids: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _capture: Any = field(default=None, init=False, repr=False, compare=False)
+    _own_context: bool = field(default=False, init=False, repr=False, compare=False)
     _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _last_tiers: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ratio = self.compression_ratio
@@ -240,7 +275,12 @@ class AnchorPress(ScorerPress):
 
     # ----------------------------------------------------------------------------------------------- model set-up
     def post_init_from_model(self, model: nn.Module) -> None:
+        """Load the adapter (once), build the anchor tables, set up the scorer and the token-id capture."""
+        self._load_adapter(model)
+        self._prepare_tables(model)
         self.scorer.post_init_from_model(model)
+        if not self._own_context:  # applied by a kvpress wrapper: a persistent hook on the model
+            self._capture = _model_capture(model)
 
     def _find_tokenizer(self, model: nn.Module) -> Any:
         if self.tokenizer is not None:
@@ -304,24 +344,25 @@ class AnchorPress(ScorerPress):
         setattr(model, ADAPTER_ATTR, path)
         logger.info("Loaded EIT adapter %s into %s", path, type(model).__name__)
 
-    def _capture(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
-        ids = args[0] if args else (kwargs or {}).get("input")
-        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
-            self._input_ids = ids
-
     @contextmanager
     def __call__(self, model: nn.Module):
-        """Apply the press (kvpress hooks), load the adapter once, and capture the token ids of each forward."""
-        self._load_adapter(model)
-        self._prepare_tables(model)
-        handle = model.get_input_embeddings().register_forward_pre_hook(self._capture)
-        self._input_ids = None
+        """Apply the press (kvpress hooks), load the adapter once, and capture the token ids of each forward.
+
+        The ids are captured by a forward pre-hook on the input embedding registered here and removed on exit.
+        When a kvpress wrapper applies this press (``KeyRerotationPress``, ``AdaKVPress``, ``ComposedPress``...),
+        only :meth:`post_init_from_model` runs: it then installs one persistent capture hook on the model
+        (shared by every AnchorPress, see :func:`detach_id_capture`).
+        """
+        capture = _IdsCapture()
+        handle = model.get_input_embeddings().register_forward_pre_hook(capture)
+        self._capture, self._own_context = capture, True
         try:
-            with super().__call__(model):
+            with super().__call__(model):  # calls post_init_from_model
                 yield
         finally:
             handle.remove()
-            self._input_ids = None
+            self._own_context = False
+            self._capture = None
 
     # ------------------------------------------------------------------------------------------------ compression
     def anchor_tiers(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -336,6 +377,45 @@ class AnchorPress(ScorerPress):
             special_lookup=self._tables["special"] if self.keep_special else None,
         )
 
+    def scorer_scores(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        """The scorer's own scores ``[batch, kv_heads, seq_len]`` (a shorter SnapKV window for short prefills)."""
+        scorer = self.scorer
+        window = getattr(scorer, "window_size", None)
+        q_len = hidden_states.shape[1]
+        if isinstance(window, int) and q_len <= window:
+            scorer = dataclasses.replace(scorer, window_size=max(1, q_len // 2))
+        return scorer.score(module, hidden_states, keys, values, attentions, kwargs)
+
+    def prefill_tiers(self, batch: int, k_len: int, q_len: int, device: torch.device) -> torch.Tensor:
+        """Anchor tiers ``[batch, k_len]`` of the cached tokens, from the token ids captured for this prefill."""
+        ids = self._capture.ids if self._capture is not None else None
+        if ids is None or ids.shape[0] != batch or ids.shape[1] != q_len:
+            raise ValueError(
+                "AnchorPress did not see the token ids of this prefill: apply it with `with press(model):` around a "
+                "forward that takes input_ids (not inputs_embeds), e.g. kvpress's pipeline or model.generate."
+            )
+        ids = ids.to(device)
+        if k_len > q_len:  # tokens already in the cache before this prefill: ids unknown
+            ids = torch.cat([ids.new_full((batch, k_len - q_len), -1), ids], dim=1)
+        return self.anchor_tiers(ids)
+
+    @staticmethod
+    def rank(tiers: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """``tier + 0.5 * (scores min-max normalised per head)``: anchors first by tier, then by score."""
+        s = torch.nan_to_num(scores.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        lo = s.amin(-1, keepdim=True)
+        hi = s.amax(-1, keepdim=True)
+        norm = (s - lo) / (hi - lo).clamp_min(1e-12)
+        return tiers[:, None, :].float() + 0.5 * norm
+
     def score(
         self,
         module: nn.Module,
@@ -345,23 +425,19 @@ class AnchorPress(ScorerPress):
         attentions: torch.Tensor,
         kwargs: dict,
     ) -> torch.Tensor:
-        """The scorer's scores ``[batch, kv_heads, seq_len]`` (a shorter SnapKV window for short prefills)."""
-        scorer = self.scorer
-        window = getattr(scorer, "window_size", None)
-        q_len = hidden_states.shape[1]
-        if isinstance(window, int) and q_len <= window:
-            scorer = dataclasses.replace(scorer, window_size=max(1, q_len // 2))
-        return scorer.score(module, hidden_states, keys, values, attentions, kwargs)
+        """Scores ``[batch, kv_heads, seq_len]`` in which every anchor outranks every other token (see :meth:`rank`).
+
+        Wrappers that select from ``score`` themselves (kvpress's ``KeyRerotationPress``, ``AdaKVPress``...) thus
+        keep the anchors too.
+        """
+        batch, _, k_len, _ = keys.shape
+        tiers = self.prefill_tiers(batch, k_len, hidden_states.shape[1], keys.device)
+        self._last_tiers = tiers
+        return self.rank(tiers, self.scorer_scores(module, hidden_states, keys, values, attentions, kwargs))
 
     def selection(self, tiers: torch.Tensor, scores: torch.Tensor, n_kept: int) -> torch.Tensor:
         """Indices ``[batch, kv_heads, n_kept]`` (sorted) of the kept tokens: anchors by tier, then best scores."""
-        s = scores.float()
-        s = torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
-        lo = s.amin(-1, keepdim=True)
-        hi = s.amax(-1, keepdim=True)
-        norm = (s - lo) / (hi - lo).clamp_min(1e-12)
-        rank = tiers[:, None, :].float() + 0.5 * norm
-        return rank.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+        return self.rank(tiers, scores).topk(n_kept, dim=-1).indices.sort(dim=-1).values
 
     def compress(
         self,
@@ -374,24 +450,13 @@ class AnchorPress(ScorerPress):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compression_ratio == 0:
             return keys, values
-        batch, _, k_len, _ = keys.shape
+        k_len = keys.shape[2]
         n_kept = compute_n_kept(k_len, self.compression_ratio)
         if n_kept >= k_len:
             return keys, values
-        ids = self._input_ids
-        q_len = hidden_states.shape[1]
-        if ids is None or ids.shape[0] != batch or ids.shape[1] != q_len:
-            raise ValueError(
-                "AnchorPress did not see the token ids of this prefill: apply it with `with press(model):` around a "
-                "forward that takes input_ids (not inputs_embeds), e.g. kvpress's pipeline or model.generate."
-            )
-        ids = ids.to(keys.device)
-        if k_len > q_len:  # tokens already in the cache before this prefill: ids unknown
-            ids = torch.cat([ids.new_full((batch, k_len - q_len), -1), ids], dim=1)
-        tiers = self.anchor_tiers(ids)
-        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
-        indices = self.selection(tiers, scores, n_kept)
-        n_anchor = int((tiers > TIER_OTHER).sum(1).max())
+        ranks = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        indices = ranks.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+        n_anchor = int((self._last_tiers > TIER_OTHER).sum(1).max())
         self.last_stats = {
             "layer": int(getattr(module, "layer_idx", -1)),
             "seq_len": k_len,
@@ -407,6 +472,7 @@ __all__ = [
     "DEFAULT_SEPARATOR_CHARS",
     "AnchorPress",
     "anchor_tiers",
+    "detach_id_capture",
     "separator_token_ids",
     "special_token_ids",
 ]

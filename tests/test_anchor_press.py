@@ -19,6 +19,7 @@ from pressroom.presses.anchor_press import (  # noqa: E402
     TIER_SEPARATOR,
     TIER_SINK,
     anchor_tiers,
+    detach_id_capture,
     separator_token_ids,
     special_token_ids,
 )
@@ -120,6 +121,28 @@ def test_prefill_keeps_every_anchor_and_the_budget(tiny, smollm2_tokenizer):
             assert found.sum() == n_kept
 
 
+def _prefill_inputs(model, ids):
+    """(hidden_states, keys, values, attentions, kwargs) of layer 0 for a prefill of ``ids`` (captures ids too)."""
+    captured = {}
+
+    def hook(module, args, kwargs, output):
+        cache = kwargs["past_key_values"]
+        captured["args"] = (
+            kwargs["hidden_states"],
+            cache.layers[0].keys,
+            cache.layers[0].values,
+            None,
+            kwargs,
+        )
+
+    handle = model.model.layers[0].self_attn.register_forward_hook(hook, with_kwargs=True)
+    try:
+        model.model(input_ids=ids, past_key_values=DynamicCache())
+    finally:
+        handle.remove()
+    return captured["args"]
+
+
 def test_pipeline_generate_and_registry(tiny, smollm2_tokenizer):
     model, _ = tiny
     tok = smollm2_tokenizer
@@ -134,6 +157,17 @@ def test_pipeline_generate_and_registry(tiny, smollm2_tokenizer):
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert gen.shape[1] == ids.shape[1] + 3
     assert press.last_stats["seq_len"] == ids.shape[1]
+    # kvpress wrappers that select from score() keep the anchors too
+    from kvpress import KeyRerotationPress
+
+    wrapped = KeyRerotationPress(AnchorPress(compression_ratio=0.5, n_recent=8, tokenizer=tok))
+    assert len(pipe(context, question="Third?", press=wrapped, max_new_tokens=2)["answer"]) >= 0
+    # under a wrapper the ids come from a persistent capture hook on the model
+    with torch.no_grad():
+        ranks = wrapped.press.score(model.model.layers[0].self_attn, *_prefill_inputs(model, ids))
+    tiers = wrapped.press.anchor_tiers(ids)
+    assert ranks[:, :, tiers[0] > TIER_OTHER].min() > ranks[:, :, tiers[0] == TIER_OTHER].max()
+    assert detach_id_capture(model) and not detach_id_capture(model)
     # registry: name, parameters, label
     assert PRESSES["anchor"] is AnchorPress
     built = make_press("anchor:n_recent=16,scorer=knorm", 0.75)
