@@ -232,6 +232,20 @@ def test_generate_on_tiny_models(tiny_model):
 
 
 # ------------------------------------------------------------------------------------------------ the press
+def test_press_in_model_generate(tiny):
+    model, _ = tiny
+    books = random_books(model.config)
+    ids = torch.randint(5, 1000, (1, 40))
+    cache = DynamicCache()
+    with CommVQPress(codebooks=books, window=16)(model):
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=5, do_sample=False
+        )
+    assert out.shape[1] == 45
+    layer = cache.layers[0]
+    assert isinstance(layer, CommVQLayer) and layer.n > 0 and layer.n + layer.nw == 44
+
+
 def _pipe(tiny):
     model, tokenizer = tiny
     return KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
