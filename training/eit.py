@@ -718,6 +718,10 @@ def analyze_attention(
         "per_layer": mass.mean(1).tolist(),
         "overall": dict(zip(TOKEN_TYPES, mass.mean((0, 1)).tolist())),
         "token_share": dict(zip(TOKEN_TYPES, share.tolist())),
+        # attention per token of a type relative to uniform attention over the visible keys (1 = no preference)
+        "enrichment": {
+            t: (m / s if s > 0 else None) for t, m, s in zip(TOKEN_TYPES, mass.mean((0, 1)).tolist(), share.tolist())
+        },
         "sequences": n,
         "seq_len": int(sequences.shape[1]),
         "anchors": asdict(spec),
