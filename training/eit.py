@@ -34,6 +34,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -794,6 +795,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     spec = AnchorSpec(args.n_sink, args.n_recent, args.separator_chars, not args.no_special)
     result = analyze_attention(model, tokenizer, seqs, spec, progress=True)
     result.update({"model": args.model, "corpus": args.corpus, "split": args.split})
+    result["command"] = " ".join(["pressroom-train", *sys.argv[1:]]) if sys.argv else None
+    result["device"] = str(next(model.parameters()).device)
+    result["dtype"] = str(model.dtype)
     out = Path(args.output)
     atomic_write_json(out / "attention_by_type.json", result)
     plot_analysis(result, out / "attention_by_type.png")
