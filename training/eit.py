@@ -612,6 +612,9 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
             {"step": step + 1, "keep_ratio": round(ratio, 4), **parts_acc, "seconds": round(step_seconds, 4)}
         )
         out_of_time = cfg.max_seconds is not None and state["train_seconds"] >= cfg.max_seconds
+        if cfg.max_seconds is not None and accelerator.num_processes > 1:  # every rank stops at the same step
+            flag = torch.tensor([float(out_of_time)], device=device)
+            out_of_time = bool(accelerator.reduce(flag, reduction="max").item())
         if out_of_time:
             logger.warning("Stopping at step %d: --max-seconds %.0f reached", state["step"], cfg.max_seconds)
         bar.set_postfix(loss=f"{parts_acc['loss']:.3f}", keep=f"{ratio:.2f}")
