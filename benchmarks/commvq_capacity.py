@@ -155,7 +155,7 @@ def main() -> None:
 
     # 3. fill to the full context, a chunk at a time
     cache.reserve(args.tokens)
-    g = torch.Generator(device="cpu").manual_seed(1)
+    g = torch.Generator(device=device).manual_seed(1)  # random KV made on the device (CPU randn would dominate)
     pos0 = cache.get_seq_length()
     sync(device)
     t = time.perf_counter()
@@ -164,8 +164,8 @@ def main() -> None:
             m = min(args.fill_chunk, args.tokens - s)
             positions = torch.arange(s, s + m, device=device)
             for layer in cache.layers:
-                k = (torch.randn(1, heads, m, head_dim, generator=g) * 2).to(device, model.dtype)
-                v = torch.randn(1, heads, m, head_dim, generator=g).to(device, model.dtype)
+                k = torch.randn(1, heads, m, head_dim, generator=g, device=device, dtype=model.dtype) * 2
+                v = torch.randn(1, heads, m, head_dim, generator=g, device=device, dtype=model.dtype)
                 layer.append_prerope(k, v, positions)
     sync(device)
     dt = time.perf_counter() - t
