@@ -111,8 +111,8 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = llama8b_config(args.smoke)
     cfg._attn_implementation = "sdpa"
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32 if args.smoke else torch.bfloat16)
-    model.to(device).eval()
+    with torch.device(device):  # initialise the random weights on the GPU (CPU init of 8B parameters is slow)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32 if args.smoke else torch.bfloat16).eval()
     layers, heads, head_dim = model_kv_shape(cfg)
     residuals = 11 if head_dim == 128 else 2
     books = CommVQCodebooks(
