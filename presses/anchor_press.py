@@ -195,7 +195,8 @@ class AnchorPress(ScorerPress):
     The press needs the token ids of the prefill: it captures them with a forward pre-hook on the model's input
     embedding while it is applied (``with press(model):``, kvpress's pipeline, ``model.generate``); nothing is
     passed by the caller. Separator and special ids come from the tokenizer: ``tokenizer=`` if given, else the one
-    saved with ``adapter``, else the one at ``model.name_or_path``.
+    saved with ``adapter``, else the one at ``model.name_or_path``. :meth:`score` ranks every anchor above every
+    other token, so kvpress wrappers that select from it (``KeyRerotationPress``, ``AdaKVPress``) keep the anchors.
 
     ``adapter`` names an EIT LoRA adapter (``pressroom-train eit train``, eviction-invariant training) for the model:
     it is loaded into the model with peft the first time the press is applied and **stays active** afterwards (in
@@ -401,6 +402,11 @@ class AnchorPress(ScorerPress):
             raise ValueError(
                 "AnchorPress did not see the token ids of this prefill: apply it with `with press(model):` around a "
                 "forward that takes input_ids (not inputs_embeds), e.g. kvpress's pipeline or model.generate."
+            )
+        if k_len < q_len:
+            raise ValueError(
+                f"{k_len} keys for a prefill of {q_len} tokens: AnchorPress must see the whole prefill (do not compose "
+                "it after a press that already pruned the cache)."
             )
         ids = ids.to(device)
         if k_len > q_len:  # tokens already in the cache before this prefill: ids unknown
