@@ -125,7 +125,7 @@ def main() -> None:
         torch.randn(layers, heads, residuals, 128, head_dim // 2) * 0.05,
         values=[ValueCodec(heads * head_dim, 1) for _ in range(layers)],
     )
-    cache = CommVQCache(cfg, books, bits=1, window=128)
+    cache = CommVQCache(cfg, books, bits=1, window=128, rotary_emb=model.model.rotary_emb)
     fp16_per_token = layers * heads * head_dim * 2 * 2
     per_token = layers * (heads * code_bytes(residuals) + heads * head_dim // 8 + 2 + 2 + 4)
     result["model"] = {"layers": layers, "kv_heads": heads, "head_dim": head_dim, "key_residuals": residuals}

@@ -601,6 +601,10 @@ class CommVQCache(Cache):
         ``"codes"`` or ``"dequantize"``; default from the model's attention implementation.
     use_triton : bool, optional
         ``None``: Triton kernels on CUDA, PyTorch references elsewhere.
+    rotary_emb : torch.nn.Module, optional
+        The model's rotary embedding (``model.model.rotary_emb``): its ``inv_freq`` (computed on the model's device)
+        is then used to rotate the coded keys, bit-identical to the queries' rotation even at million-token
+        positions; default: the frequencies computed from the config on the CPU.
 
     Raises
     ------
@@ -619,11 +623,16 @@ class CommVQCache(Cache):
         flush_chunk: int | None = None,
         mode: str | None = None,
         use_triton: bool | None = None,
+        rotary_emb: Any = None,
     ) -> None:
         flush_chunk = _check_window(window, flush_chunk)
         text = _text_config(config)
         books = load_codebooks(codebooks, bits, text)
-        inv_freq, scaling = rope_frequencies(text)
+        if rotary_emb is not None and hasattr(rotary_emb, "inv_freq"):
+            inv_freq = rotary_emb.inv_freq.detach().float()
+            scaling = float(getattr(rotary_emb, "attention_scaling", 1.0))
+        else:
+            inv_freq, scaling = rope_frequencies(text)
         self.codebooks = books
         self.mode = mode or attention_mode(config)
         if self.mode == "codes":

@@ -14,7 +14,7 @@ from transformers.cache_utils import DynamicLayer
 
 from pressroom.presses.commvq_cache import CommVQLayer, _check_window, attention_mode, load_codebooks
 from pressroom.presses.commvq_codebooks import CommVQCodebooks
-from pressroom.presses.sink_window_cache import UNSUPPORTED_ROPE, PositionResolver
+from pressroom.presses.sink_window_cache import UNSUPPORTED_ROPE, PositionResolver, rope_frequencies
 
 
 def _recompute_rotated_keys(module: nn.Module, hidden_states: torch.Tensor, cos, sin) -> torch.Tensor:
@@ -155,14 +155,15 @@ class CommVQPress(BasePress):
                 f"{type(cache).__name__}."
             )
         books = self.books_for(module.config)
-        rotary_scaling = 1.0
         cos, sin = kwargs["position_embeddings"]
         rope_type = getattr(module.config, "rope_parameters", None) or {}
         if isinstance(rope_type, dict) and rope_type.get("rope_type") in UNSUPPORTED_ROPE:
             raise ValueError(f"RoPE type {rope_type.get('rope_type')!r} is not supported by CommVQPress.")
-        from pressroom.presses.sink_window_cache import rope_frequencies
-
-        inv_freq, rotary_scaling = rope_frequencies(module.config)
+        rotary = getattr(module, "rotary_emb", None)  # kvpress attaches the model's rotary embedding
+        if rotary is not None and hasattr(rotary, "inv_freq"):  # the model's own frequencies (device-computed)
+            inv_freq, rotary_scaling = rotary.inv_freq.float(), float(getattr(rotary, "attention_scaling", 1.0))
+        else:
+            inv_freq, rotary_scaling = rope_frequencies(module.config)
         keys, values = layer.keys, layer.values
         index = None
         if keys.shape[-2] != q_len:
