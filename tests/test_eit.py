@@ -233,3 +233,26 @@ def test_analyze_writes_json_and_plot(tmp_path):
     torch.testing.assert_close(per.sum(-1), torch.ones(2, 4), atol=1e-4, rtol=0)  # attention rows sum to one
     assert sum(result["token_share"].values()) == pytest.approx(1.0, abs=1e-4)
     assert result["overall"]["separator"] > 0 and result["overall"]["sink"] > 0
+
+
+def test_evicted_perplexity_and_loss_shapes(smollm2_tokenizer):
+    model, _ = _tiny()
+    ids = torch.randint(0, 49152, (3 * 48,), generator=torch.Generator().manual_seed(0))
+    full = eit.evicted_perplexity(model, ids, None, 32, 16)
+    assert full["windows"] == 3 and full["tokens"] == 48 and full["kv_tokens"] == 32
+    # ratio 0: the same numbers as the full cache; ratio 0.5: half the context kept, another perplexity
+    same = eit.evicted_perplexity(model, ids, AnchorPress(tokenizer=smollm2_tokenizer), 32, 16)
+    assert same["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
+    half = eit.evicted_perplexity(
+        model, ids, AnchorPress(compression_ratio=0.5, n_recent=4, tokenizer=smollm2_tokenizer), 32, 16
+    )
+    assert half["kv_tokens"] == 16 and half["perplexity"] != pytest.approx(full["perplexity"], rel=1e-6)
+    # the full sequence's logits and the continuation's logits (logits_to_keep) give the same loss
+    gen = torch.Generator().manual_seed(1)
+    logits, teacher = torch.randn(2, 20, 50, generator=gen), torch.randn(2, 20, 50, generator=gen)
+    labels = torch.randint(0, 50, (2, 20), generator=gen)
+    a = eit.eit_loss(logits, teacher, labels, 12, 0.5)[1]
+    b = eit.eit_loss(logits[:, 12:], teacher[:, 12:], labels, 12, 0.5)[1]
+    assert a == pytest.approx(b) and a["kl"] > 0
+    with pytest.raises(ValueError, match="positions"):
+        eit.eit_loss(logits[:, 5:], None, labels, 12, 0.0)
