@@ -546,7 +546,7 @@ def run(args: argparse.Namespace) -> int:
         splits = [args.split] if args.step == "collect" else ["train", "heldout"]
         for split in splits:
             cap = args.heldout_tokens if split == "heldout" and args.step == "all" else args.max_tokens
-            collect(model, tok, out, args.corpus, split, cap, args.seq_len, model_name=args.model)
+            collect(model, tok, out, args.corpus, split, cap, args.seq_len, split != "heldout", args.model)
         del model
         if args.step == "collect":
             return 0
