@@ -11,7 +11,11 @@ and holds one JSON object per line:
   ... --layer 3``). It is done when ``done`` exists; :func:`run_task` writes that marker (atomically) only after
   the command exited 0, so the command itself must write its outputs atomically or resume (pressroom's training
   commands do both). With ``distributed``, ``$PRESSROOM_LAUNCHER`` (e.g. ``torchrun --no-python --standalone
-  --nproc-per-node 4``) is put in front of the command when set.
+  --nproc-per-node 4``) is put in front of the command when set. With ``resume_if`` (a glob) and ``resume_args``,
+  the arguments are added when the glob matches (a checkpoint exists: the task was interrupted and requeued).
+
+Every line has a ``stage`` (default 0): ``slurm/submit.sh`` submits one array per stage, each after the previous
+one succeeded (e.g. KV collection, then one codebook task per layer, then the assembly of the codebooks).
 
 Tasks are idempotent: running a task that is done returns at once. :func:`pending_indices` and
 :func:`array_spec` give the unfinished tasks as a Slurm ``--array`` list, and :func:`aggregate` builds the
@@ -20,6 +24,7 @@ comparison table and plots from the finished evaluation tasks.
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import logging
@@ -168,6 +173,9 @@ def plan_command(
     done: str | None = None,
     phase: str = "commands",
     distributed: bool = False,
+    stage: int = 0,
+    resume_if: str | None = None,
+    resume_args: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Manifest lines running ``command`` once per point of ``grid`` (the product of its value lists).
 
@@ -189,8 +197,8 @@ def plan_command(
         The task's name (default: the grid values joined by ``-``, after the phase).
     done : str, optional
         The marker file written when the command succeeded (default: ``{output}/.done/{name}.json``).
-    phase, distributed
-        See the module docstring.
+    phase, distributed, stage, resume_if, resume_args
+        See the module docstring (``resume_if`` is a template too).
     """
     argv_template = shlex.split(command) if isinstance(command, str) else list(command)
     if not argv_template:
@@ -207,6 +215,10 @@ def plan_command(
         marker = _format(done, values, "done marker") if done else str(Path(values["output"]) / ".done" / task_name)
         if not done:
             marker += ".json"
+        if resume_if:
+            extra = {"resume_if": _format(resume_if, values, "resume glob"), "resume_args": list(resume_args)}
+        else:
+            extra = {}
         lines.append(
             {
                 "phase": phase,
@@ -216,6 +228,8 @@ def plan_command(
                 "argv": argv,
                 "done": str(Path(marker).expanduser().resolve()),
                 "distributed": bool(distributed),
+                "stage": int(stage),
+                **extra,
             }
         )
     names = [line["name"] for line in lines]
@@ -269,6 +283,8 @@ def _check_line(line: Any, number: int, path: Path) -> dict[str, Any]:
         raise ValueError(f"{where}: missing {missing}.")
     if kind == COMMAND and (not isinstance(line["argv"], list) or not line["argv"]):
         raise ValueError(f"{where}: argv must be a non-empty list of strings.")
+    if not isinstance(line.get("stage", 0), int) or line.get("stage", 0) < 0:
+        raise ValueError(f"{where}: stage must be a non-negative integer.")
     return line
 
 
@@ -351,6 +367,8 @@ def _slurm_ids() -> dict[str, str]:
 def _run_command(task: dict[str, Any]) -> int:
     argv = list(task["argv"])
     launcher = os.environ.get(LAUNCHER_ENV, "").strip()
+    if task.get("resume_if") and glob.glob(task["resume_if"]):
+        argv += list(task.get("resume_args", []))
     if task.get("distributed") and launcher:
         argv = shlex.split(launcher) + argv
     Path(task["output"]).mkdir(parents=True, exist_ok=True)
@@ -440,6 +458,10 @@ def status(manifest: str | Path) -> dict[str, Any]:
         "array": array_spec(pending),
         "phases": sorted({t.get("phase", "") for t in tasks}),
         "kinds": sorted({t["kind"] for t in tasks}),
+        "stages": {
+            str(stage): array_spec(i for i in pending if tasks[i].get("stage", 0) == stage)
+            for stage in sorted({tasks[i].get("stage", 0) for i in pending})
+        },
     }
 
 

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from typing import Any
 
 from pressroom.evaluation import manifest as mf
 
-# Phase presets of the study: the training commands each phase runs (pressroom-train's subcommands).
+# Phase presets of the study: the training commands each phase runs (pressroom-train's subcommands), by stage.
+COMMVQ = "pressroom-train commvq {step} --model {model} --output {output}"
 PHASE_COMMANDS: dict[str, dict[str, Any]] = {
     "phase0_analyze": {"command": "pressroom-train eit analyze --model {model} --output {output}"},
-    "phase2_commvq": {
-        "command": "pressroom-train commvq keys --model {model} --bits {bits} --layer {layer} --output {output}",
+    "phase2_commvq": {"command": COMMVQ},
+    "phase2_eit": {
+        "command": "pressroom-train eit train --model {model} --output {output}",
+        "distributed": True,
+        "resume_if": "{output}/checkpoint-*/trainer_state.pt",  # a requeued run resumes from its checkpoint
+        "resume_args": ["--resume"],
     },
-    "phase2_eit": {"command": "pressroom-train eit train --model {model} --output {output}", "distributed": True},
 }
 PHASE1_RATIOS = [0.25, 0.5, 0.75]
 PHASE1_LENGTHS = ["4096"]
@@ -32,34 +37,50 @@ def _layers(model: str, spec: str | None) -> list[str]:
     return [str(i) for i in range(mf.model_num_layers(model))]
 
 
+def _plan_commvq(args: argparse.Namespace, model: str, label: str, extra: str) -> list[dict[str, Any]]:
+    """CommVQ codebooks for one model, in stages: KV collection; scales and one key-codebook task per
+    (bits, layer); one value-codec task per (bits, layer); assembly of the codebooks; held-out evaluation."""
+    bits = [str(b) for b in args.bits]
+    layers = _layers(model, args.layers)
+    common = dict(output_dir=args.output_dir, task_output=f"{{output_dir}}/{label}", phase=args.phase)
+    steps = [  # (stage, step, extra command arguments, grid)
+        (0, "collect", " --split {split}", {"split": ["train", "heldout"]}),
+        (1, "scale", "", {}),
+        (1, "keys", " --bits {bits} --layer {layer}", {"bits": bits, "layer": layers}),
+        (2, "values", " --bits {bits} --layer {layer}", {"bits": bits, "layer": layers}),
+        (3, "convert", " --bits {bits}", {"bits": bits}),
+        (4, "eval", " --bits {bits}", {"bits": bits}),
+    ]
+    lines: list[dict[str, Any]] = []
+    for stage, step, step_args, grid in steps:
+        name = "-".join([f"commvq-{label}-{step}", *(f"{k}{{{k}}}" for k in grid)])
+        command = COMMVQ.replace("{step}", step) + step_args + extra
+        lines += mf.plan_command(command, {"model": [model], **grid}, name=name, stage=stage, **common)
+    return lines
+
+
 def _plan_phase_commands(args: argparse.Namespace) -> list[dict[str, Any]]:
     from pressroom.evaluation.models import model_label
 
     preset = PHASE_COMMANDS[args.phase]
-    command = preset["command"] + (f" {args.args}" if args.args else "")
+    extra = f" {args.args}" if args.args else ""
     lines: list[dict[str, Any]] = []
     for model in args.model:
         label = model_label(model)
         if args.phase == "phase2_commvq":
-            grid = {"model": [model], "bits": [str(b) for b in args.bits], "layer": _layers(model, args.layers)}
-            lines += mf.plan_command(
-                command,
-                grid,
-                args.output_dir,
-                task_output=f"{{output_dir}}/{label}/bits{{bits}}",
-                name=f"commvq-{label}-bits{{bits}}-layer{{layer}}",
-                phase=args.phase,
-            )
-        else:
-            lines += mf.plan_command(
-                command,
-                {"model": [model]},
-                args.output_dir,
-                task_output=f"{{output_dir}}/{label}",
-                name=f"{args.phase}-{label}",
-                phase=args.phase,
-                distributed=preset.get("distributed", False),
-            )
+            lines += _plan_commvq(args, model, label, extra)
+            continue
+        lines += mf.plan_command(
+            preset["command"] + extra,
+            {"model": [model]},
+            args.output_dir,
+            task_output=f"{{output_dir}}/{label}",
+            name=f"{args.phase}-{label}",
+            phase=args.phase,
+            distributed=preset.get("distributed", False),
+            resume_if=preset.get("resume_if"),
+            resume_args=preset.get("resume_args", ()),
+        )
     return lines
 
 
@@ -107,6 +128,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             done=args.done,
             phase=args.phase,
             distributed=args.distributed,
+            stage=args.stage,
+            resume_if=args.resume_if,
+            resume_args=shlex.split(args.resume_args),
         )
     elif args.phase in PHASE_COMMANDS:
         lines = _plan_phase_commands(args)
@@ -131,6 +155,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if len(info["phases"]) != 1:
             raise ValueError(f"{args.manifest} mixes phases {info['phases']}; give slurm/submit.sh --script.")
         print(info["phases"][0])
+    elif args.format == "stages":
+        for stage, spec in info["stages"].items():
+            print(stage, spec)
     elif args.format == "kinds":
         print(" ".join(info["kinds"]))
     elif args.format == "json":
@@ -187,6 +214,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--name", default=None, help="template of each task's name (default: phase-values)")
     c.add_argument("--done", default=None, help="template of the done marker (default {output}/.done/NAME.json)")
     c.add_argument("--distributed", action="store_true", help="prefix $PRESSROOM_LAUNCHER (torchrun) when set")
+    c.add_argument("--stage", type=int, default=0, help="stage (submit.sh runs stage k+1 after stage k succeeded)")
+    c.add_argument("--resume-if", default=None, help="glob template: when it matches, --resume-args are added")
+    c.add_argument("--resume-args", default="", help="arguments added when --resume-if matches (e.g. --resume)")
     p.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("run-task", help="run one manifest line ($SLURM_ARRAY_TASK_ID); done tasks exit 0 at once")
@@ -196,7 +226,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("status", help="done / pending tasks of a manifest (--format array: the pending --array list)")
     s.add_argument("manifest")
-    s.add_argument("--format", choices=["text", "array", "phase", "kinds", "json"], default="text")
+    s.add_argument("--format", choices=["text", "array", "stages", "phase", "kinds", "json"], default="text")
     s.set_defaults(func=cmd_status)
 
     a = sub.add_parser("aggregate", help="one comparison table (comparison.csv) and plots over manifests' results")

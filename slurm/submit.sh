@@ -7,15 +7,17 @@
 #
 # The array is --array=<unfinished indices>%K over the phase script named by the manifest's phase (or --script);
 # tasks already done are not submitted, so running this again after a failure or a cancellation submits exactly
-# what is missing, and nothing when all is done. When the manifest has evaluation tasks, `pressroom-eval aggregate
-# MANIFEST` (the comparison table and plots, next to the manifest) is submitted with --dependency=afterany.
-# Prints the job ids on stdout ("ARRAY_ID [AGGREGATE_ID]", nothing when nothing was submitted), the rest on stderr.
+# what is missing, and nothing when all is done. A manifest in stages (e.g. KV collection, then one task per layer)
+# gets one array per stage with unfinished tasks, each --dependency=afterok on the one before. When the manifest
+# has evaluation tasks, `pressroom-eval aggregate MANIFEST` (the comparison table and plots, next to the manifest)
+# is submitted with --dependency=afterany on the (last) array.
+# Prints "array ID" per array and "aggregate ID" on stdout (nothing when nothing was submitted), the rest on stderr.
 set -euo pipefail
 # shellcheck source=slurm/common.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -56,8 +58,8 @@ MANIFEST="$(cd "$(dirname "$MANIFEST")" && pwd)/$(basename "$MANIFEST")"
 export PRESSROOM_VENV PRESSROOM_SETUP PRESSROOM_SLURM_HOME
 pressroom_activate
 
-ARRAY="$(pressroom-eval status "$MANIFEST" --format array)"
-if [[ -z "$ARRAY" ]]; then
+STAGES="$(pressroom-eval status "$MANIFEST" --format stages)"
+if [[ -z "$STAGES" ]]; then
     echo "nothing to submit: every task of $MANIFEST is done ($(pressroom-eval status "$MANIFEST"))" >&2
     exit 0
 fi
@@ -69,25 +71,36 @@ mkdir -p "$LOG_DIR"
 LOG_DIR="$(cd "$LOG_DIR" && pwd)"
 
 pressroom_sbatch_header
-ARGS=(--parsable "--array=$ARRAY${THROTTLE:+%$THROTTLE}" "--output=$LOG_DIR/%x-%A_%a.out" "${PRESSROOM_HEADER[@]}")
-[[ -n "$DEPENDENCY" ]] && ARGS+=("--dependency=$DEPENDENCY")
+ARGS=(--parsable "--output=$LOG_DIR/%x-%A_%a.out" "${PRESSROOM_HEADER[@]}")
 pressroom_sbatch_header 0 # the aggregation needs no GPU
 AGG_ARGS=(--parsable "--job-name=${PHASE}_aggregate" "--output=$LOG_DIR/%x-%j.out" "${PRESSROOM_HEADER[@]}")
 
-if ((DRY_RUN)); then
-    echo "sbatch ${ARGS[*]} $SCRIPT $MANIFEST" >&2
-    echo "sbatch ${AGG_ARGS[*]} --dependency=afterany:<array> $PRESSROOM_SLURM_HOME/aggregate.sbatch $MANIFEST" >&2
-    exit 0
-fi
-ARRAY_JOB="$(sbatch "${ARGS[@]}" "$SCRIPT" "$MANIFEST")"
-ARRAY_JOB="${ARRAY_JOB%%;*}"
-echo "submitted $PHASE array job $ARRAY_JOB: tasks $ARRAY${THROTTLE:+ (at most $THROTTLE at a time)} of $MANIFEST" >&2
-echo "logs: $LOG_DIR/$(basename "$SCRIPT" .sbatch)-${ARRAY_JOB}_<task>.out" >&2
-IDS="$ARRAY_JOB"
+dependency="$DEPENDENCY"
+ARRAY_JOB=""
+while read -r stage ARRAY; do
+    stage_args=("${ARGS[@]}" "--array=$ARRAY${THROTTLE:+%$THROTTLE}")
+    [[ -n "$dependency" ]] && stage_args+=("--dependency=$dependency")
+    if ((DRY_RUN)); then
+        echo "sbatch ${stage_args[*]} $SCRIPT $MANIFEST" >&2
+        ARRAY_JOB="<stage $stage>"
+    else
+        ARRAY_JOB="$(sbatch "${stage_args[@]}" "$SCRIPT" "$MANIFEST")"
+        ARRAY_JOB="${ARRAY_JOB%%;*}"
+        echo "array $ARRAY_JOB"
+    fi
+    echo "submitted $PHASE array job $ARRAY_JOB: tasks $ARRAY${THROTTLE:+ (at most $THROTTLE at a time)}" \
+        "(stage $stage${dependency:+, after $dependency}) of $MANIFEST" >&2
+    echo "logs: $LOG_DIR/$(basename "$SCRIPT" .sbatch)-${ARRAY_JOB}_<task>.out" >&2
+    dependency="afterok:$ARRAY_JOB"
+done <<<"$STAGES"
+
 if ((AGGREGATE)) && [[ "$(pressroom-eval status "$MANIFEST" --format kinds)" == *eval* ]]; then
+    if ((DRY_RUN)); then
+        echo "sbatch ${AGG_ARGS[*]} --dependency=afterany:$ARRAY_JOB $PRESSROOM_SLURM_HOME/aggregate.sbatch $MANIFEST" >&2
+        exit 0
+    fi
     AGG_JOB="$(sbatch "${AGG_ARGS[@]}" "--dependency=afterany:$ARRAY_JOB" "$PRESSROOM_SLURM_HOME/aggregate.sbatch" "$MANIFEST")"
     AGG_JOB="${AGG_JOB%%;*}"
+    echo "aggregate $AGG_JOB"
     echo "submitted aggregation job $AGG_JOB (afterany:$ARRAY_JOB) -> $(dirname "$MANIFEST")/comparison.csv" >&2
-    IDS="$IDS $AGG_JOB"
 fi
-echo "$IDS"

@@ -13,7 +13,7 @@
 # and add no dependency. phase3_eval_trained needs --plan-args with the --press specs that load the trained
 # codebooks/adapters (DIR/phase2_commvq/..., DIR/phase2_eit/...). With more than one evaluation phase, a last
 # job (afterany) writes one table over all of them: DIR/comparison.csv and DIR/scores.png.
-# Prints "PHASE ARRAY_ID [AGGREGATE_ID]" per phase (and "study_aggregate ID") on stdout.
+# Prints "PHASE array ID [array ID ...] [aggregate ID]" per phase (and "study_aggregate ID") on stdout.
 set -euo pipefail
 # shellcheck source=slurm/common.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
@@ -96,11 +96,12 @@ for phase in "${PHASES[@]}"; do
     [[ "$phase" == phase2_eit && -n "$EIT_GPUS" ]] && args+=(--gpus "$EIT_GPUS")
     [[ -n "$previous" ]] && args+=(--dependency "afterok${previous// /:}")
     ((DRY_RUN)) && args+=(--dry-run)
-    ids="$(bash "$PRESSROOM_SLURM_HOME/submit.sh" "${args[@]}")"
-    if [[ -n "$ids" ]]; then
-        current="$current ${ids%% *}"
-        all_ids="${all_ids:-} ${ids%% *}"
-        echo "$phase ${ids}"
+    submitted="$(bash "$PRESSROOM_SLURM_HOME/submit.sh" "${args[@]}")"
+    last="$(awk '$1 == "array" {id = $2} END {print id}' <<<"$submitted")"
+    if [[ -n "$last" ]]; then
+        current="$current $last" # the last stage's array: afterok on it implies every earlier stage
+        all_ids="${all_ids:-} $last"
+        echo "$phase $(tr '\n' ' ' <<<"$submitted" | sed 's/ $//')"
     else
         echo "$phase (nothing to submit)"
     fi

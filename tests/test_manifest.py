@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -126,21 +127,55 @@ def test_command_units(tmp_path, capsys):
 def test_phase_presets(tmp_path, capsys):
     m = tmp_path / "commvq.jsonl"
     args = ["plan", str(m), "--phase", "phase2_commvq", "--model", "tiny-llama", "--bits", "1", "2"]
-    assert eval_main([*args, "--output-dir", str(tmp_path)]) == 0
+    assert eval_main([*args, "--output-dir", str(tmp_path), "--args", "--method e2e"]) == 0
     tasks = mf.read_manifest(m)
-    assert len(tasks) == 2 * 2  # bits x the tiny model's 2 layers, one array task per layer
-    assert tasks[3]["argv"] == [
-        "pressroom-train", "commvq", "keys", "--model", "tiny-llama", "--bits", "2", "--layer", "1", "--output",
-        str(tmp_path / "tiny-llama" / "bits2"),
+    # collect train/heldout; scales + keys per (bits, layer) of the tiny model's 2 layers; values per (bits, layer);
+    # assembly per bits; held-out evaluation per bits
+    steps = [(t["stage"], t["argv"][2]) for t in tasks]
+    assert (
+        steps
+        == [(0, "collect")] * 2
+        + [(1, "scale")]
+        + [(1, "keys")] * 4
+        + [(2, "values")] * 4
+        + [(3, "convert")] * 2
+        + [(4, "eval")] * 2
+    )
+    keys = [t for t in tasks if t["argv"][2] == "keys"]
+    out = str(tmp_path / "tiny-llama")
+    assert keys[3]["argv"] == [
+        "pressroom-train", "commvq", "keys", "--model", "tiny-llama", "--output", out, "--bits", "2", "--layer", "1",
+        "--method", "e2e",
     ]  # fmt: skip
+    assert mf.status(m)["stages"] == {"0": "0-1", "1": "2-6", "2": "7-10", "3": "11-12", "4": "13-14"}
     m = tmp_path / "eit.jsonl"
-    assert eval_main(["plan", str(m), "--phase", "phase2_eit", "--model", "tiny-llama", "--args", "--steps 5"]) == 0
+    assert eval_main(["plan", str(m), "--phase", "phase2_eit", "--model", "tiny-llama", "--args", "--max-steps 5"]) == 0
     (task,) = mf.read_manifest(m)
     assert task["distributed"] and task["argv"][:3] == ["pressroom-train", "eit", "train"]
-    assert task["argv"][-2:] == ["--steps", "5"]
+    assert task["argv"][-2:] == ["--max-steps", "5"] and task["resume_args"] == ["--resume"]
+    assert task["resume_if"].endswith("tiny-llama/checkpoint-*/trainer_state.pt")
     capsys.readouterr()
     assert eval_main(["plan", str(tmp_path / "p3.jsonl"), "--phase", "phase3_eval_trained"]) == 2
     assert "give --press" in capsys.readouterr().err
+
+
+def test_resume_args_when_a_checkpoint_exists(tmp_path):
+    script = "import sys, pathlib; pathlib.Path(sys.argv[1], 'argv.txt').write_text(' '.join(sys.argv[2:]))"
+    lines = mf.plan_command(
+        [sys.executable, "-c", script, "{output}", "--steps", "3"],
+        {},
+        tmp_path,
+        resume_if="{output}/checkpoint-*/state.pt",
+        resume_args=["--resume"],
+    )
+    manifest = mf.write_manifest(lines, tmp_path / "m.jsonl")
+    assert mf.run_task(manifest, 0) == 0
+    assert (tmp_path / "argv.txt").read_text() == "--steps 3"  # no checkpoint: a fresh start
+    (tmp_path / "checkpoint-7").mkdir()
+    (tmp_path / "checkpoint-7" / "state.pt").write_bytes(b"")
+    Path(lines[0]["done"]).unlink()
+    assert mf.run_task(manifest, 0) == 0
+    assert (tmp_path / "argv.txt").read_text() == "--steps 3 --resume"
 
 
 def test_errors_are_clear(tmp_path, capsys, monkeypatch):

@@ -15,12 +15,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from pressroom.evaluation import manifest as mf
 from pressroom.evaluation.cli import main as eval_main
 from pressroom.evaluation.manifest import read_manifest, task_done
 
@@ -51,7 +53,7 @@ class Record:
 
 
 @pytest.fixture(scope="module")
-def slurm_env() -> dict[str, str]:
+def slurm_env() -> Iterator[dict[str, str]]:
     reason = os.environ.get("PRESSROOM_SLURM_UNAVAILABLE")
     if reason:
         pytest.skip(f"Slurm could not start: {reason}")
@@ -72,7 +74,12 @@ def slurm_env() -> dict[str, str]:
     env["PRESSROOM_GPUS"] = "0"
     env.pop("PRESSROOM_VENV", None)
     env.pop("PRESSROOM_TASK_SLEEP", None)  # only the kill below asks for a slow task
-    return env
+    yield env
+    if SUBMITTED:
+        sh(["scancel", *SUBMITTED], env)
+
+
+SUBMITTED: list[str] = []  # cancelled when the tests end, so that a failed test leaves no job behind
 
 
 def sh(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -80,10 +87,12 @@ def sh(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess
 
 
 def submit(manifest: Path, env: dict[str, str], *extra: str) -> tuple[list[str], str]:
-    """Run slurm/submit.sh; return the job ids it printed and its stderr."""
+    """Run slurm/submit.sh; return the job ids it printed (arrays, then the aggregation) and its stderr."""
     res = sh(["bash", str(SUBMIT), str(manifest), *extra], env)
     assert res.returncode == 0, res.stderr
-    return res.stdout.split(), res.stderr
+    ids = [line.split()[1] for line in res.stdout.splitlines()]
+    SUBMITTED.extend(ids)
+    return ids, res.stderr
 
 
 def jobs(job_id: str, env: dict[str, str]) -> list[dict[str, str]]:
@@ -173,7 +182,6 @@ def test_array_resubmit_and_recovery(slurm_env, tmp_path):
     ids, err = submit(manifest, env, "--throttle", "2")
     rec.add(f"resubmission -> job ids: {ids or 'none'}", err)
     assert ids == [] and "nothing to submit" in err and "4 of 4 tasks done" in err
-    assert sh(["squeue", "-h"], env).stdout.strip() == ""
 
     # 3. one more task (a 5th press); it is killed mid-run, then resubmitted: only it runs again
     assert eval_main(["plan", str(manifest), *GRID, "--press", *PRESSES, "random", "--output-dir", str(out)]) == 0
@@ -182,7 +190,7 @@ def test_array_resubmit_and_recovery(slurm_env, tmp_path):
     assert new["name"].endswith("__random__0.50") and not task_done(new)
     slow = dict(env, PRESSROOM_TASK_SLEEP="600")  # run-task waits before evaluating: time to kill it mid-run
     ids, err = submit(manifest, slow, "--no-aggregate")
-    assert len(ids) == 1 and "tasks 4 of" in err, err
+    assert len(ids) == 1 and "tasks 4 (stage 0)" in err, err
     killed = ids[0]
     log = logs / f"phase1_baseline-{killed}_4.out"
     wait_running(f"{killed}_4", log, env, "sleeping 600 s first")
@@ -197,7 +205,7 @@ def test_array_resubmit_and_recovery(slurm_env, tmp_path):
 
     ids, err = submit(manifest, env)
     rec.add(f"resubmission after the kill -> {' '.join(ids)}", err)
-    assert len(ids) == 2 and "tasks 4 of" in err, err
+    assert len(ids) == 2 and "tasks 4 (stage 0)" in err, err
     wait_for(ids, env)
     recovered = jobs(ids[0], env)
     assert [(j["ArrayTaskId"], j["JobState"]) for j in recovered] == [("4", "COMPLETED")]
@@ -238,11 +246,17 @@ def test_training_unit_checkpoints_and_requeues_on_usr1(slurm_env, tmp_path):
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
     manifest = tmp_path / "train.jsonl"
-    command = f"{sys.executable} {script} {{output}} 150"
-    args = ["plan", str(manifest), "--phase", "phase2_eit", "--command", command, "--output-dir", str(tmp_path)]
-    assert eval_main([*args, "--task-output", "{output_dir}/unit", "--distributed"]) == 0
+    # stage 0: the training unit; stage 1: a unit that needs its final output (runs after stage 0 succeeded)
+    unit = tmp_path / "unit"
+    lines = mf.plan_command(
+        [sys.executable, str(script), "{output}", "150"], {}, tmp_path, "{output_dir}/unit", phase="phase2_eit"
+    )
+    check = f"import json; assert json.load(open({str(unit / 'final.json')!r}))['final']"
+    lines += mf.plan_command([sys.executable, "-c", check], {}, tmp_path, name="after", phase="phase2_eit", stage=1)
+    mf.write_manifest(lines, manifest)
     ids, err = submit(manifest, env)
-    assert len(ids) == 1, err  # a training manifest has no aggregation job
+    assert len(ids) == 2, err  # one array per stage; a training manifest has no aggregation job
+    assert jobs(ids[1], env)[0]["Dependency"].startswith(f"afterok:{ids[0]}_*")
     job = f"{ids[0]}_0"
     log = tmp_path / "logs" / f"phase2_eit-{ids[0]}_0.out"
     wait_running(job, log, env, "trainer: start at step 0")
@@ -255,13 +269,13 @@ def test_training_unit_checkpoints_and_requeues_on_usr1(slurm_env, tmp_path):
     assert record["Restarts"] == "1" and record["JobState"] in {"PENDING", "RUNNING", "COMPLETED"}, record
     if record["JobState"] == "PENDING":  # Slurm holds a requeued job for a while; release it now
         sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], env)
-    wait_for([ids[0]], env)
-    assert jobs(job, env)[0]["JobState"] == "COMPLETED"
+    wait_for(ids, env)
+    assert jobs(job, env)[0]["JobState"] == "COMPLETED" and jobs(ids[1], env)[0]["JobState"] == "COMPLETED"
     text = log.read_text()
     assert "trainer: checkpoint at step" in text and "requeueing job" in text, text
     resumed = re.search(r"trainer: start at step (\d+), restart 1", text)
     assert resumed and int(resumed.group(1)) > 0, text
-    assert "trainer: finished at step 150" in text and task_done(read_manifest(manifest)[0])
+    assert "trainer: finished at step 150" in text and all(task_done(t) for t in read_manifest(manifest))
     RECORD.add(f"training unit {job}: USR1 to the batch shell -> checkpoint, requeue (Restarts=1), resume", text)
     RECORD.write()
 
@@ -283,8 +297,8 @@ def test_submit_all_chains_phases_with_afterok(slurm_env, tmp_path):
     assert res.returncode == 0, res.stderr
     ids = dict(line.split(maxsplit=1) for line in res.stdout.splitlines())
     phase1, phase3, study = (
-        ids["phase1_baseline"].split()[0],
-        ids["phase3_eval_trained"].split()[0],
+        ids["phase1_baseline"].split()[1],
+        ids["phase3_eval_trained"].split()[1],
         ids["study_aggregate"],
     )
     assert jobs(phase3, env)[0]["Dependency"].startswith(f"afterok:{phase1}_*")  # phase 3 waits for phase 1
