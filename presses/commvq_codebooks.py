@@ -10,6 +10,15 @@ Two on-disk formats:
   ``{layer:03d}_{group}.pt`` holding ``{"steps": [{"mse_loss": 0-d tensor, "theta": [128, head_dim/2],
   "clustering_centers": [4096, head_dim]}, ... R], "final_error": float}``. Keys only. Files are read with
   ``torch.load(..., weights_only=True)``: loading a codebook never runs code from it.
+
+How the codebooks are applied (the contract the training follows):
+
+- **keys** of layer ``l``, before RoPE, ``k [T, H_kv, head_dim]`` in the model's ``rotate_half`` layout:
+  ``x = to_interleaved(k)``; ``norm = ||x||`` over all heads of the token (``[T]``, kept); ``r = x / norm``; for
+  each head ``h``, ``codes, _ = residual_encode(r[:, h], key_theta[l, h])`` (``[T, R]`` 12-bit codes) and
+  ``k_hat = from_interleaved(residual_decode(codes, key_theta[l, h]) * norm)``;
+- **values** of layer ``l``, ``v [T, H_kv * head_dim]`` (the ``v_proj`` output, heads concatenated):
+  ``bits, prescale = values[l].encode(v)`` and ``v_hat = values[l].decode(bits, prescale)``.
 """
 
 from __future__ import annotations

@@ -272,3 +272,24 @@ def test_batched_heads_equal_one_by_one():
         assert torch.equal(est[0][g], ref[0])
         for a, b in zip(est[1:], ref[1:]):
             torch.testing.assert_close(a[g], b, atol=1e-4, rtol=1e-4)
+
+
+def test_reference_written_codebooks_load_unchanged(tmp_path):
+    # Files built the way the reference's quantize_key_cache.py builds them (head_dim 128, Llama-3.1-8B layout):
+    # centers = (T @ theta) viewed [4096, 2, 64] -> permute -> [4096, 128]; mse_loss a 0-d tensor; final_error float.
+    torch.manual_seed(10)
+    t = _reference_T()
+    thetas = torch.randn(2, 2, 3, 128, 64)  # [layer, group, step, 128, 64]
+    for layer in range(2):
+        for group in range(2):
+            steps = []
+            for i in range(3):
+                centers = (t @ thetas[layer, group, i]).view(4096, 2, 64).permute(0, 2, 1).flatten(1)
+                steps.append({"mse_loss": torch.tensor(0.5 / (i + 1)), "theta": thetas[layer, group, i],
+                              "clustering_centers": centers})  # fmt: skip
+            torch.save({"final_error": 0.1, "steps": steps}, tmp_path / f"{layer:03d}_{group}.pt")
+    books = CommVQCodebooks.load(tmp_path)
+    assert (books.num_layers, books.num_kv_heads, books.residuals, books.head_dim) == (2, 2, 3, 128)
+    assert torch.equal(books.key_theta, thetas)
+    data = torch.load(tmp_path / "001_0.pt", weights_only=True)
+    torch.testing.assert_close(books.key_centers(1)[0, 2], data["steps"][2]["clustering_centers"])

@@ -331,6 +331,7 @@ def train_value_codec(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
     )
     history = []
+    q, k, v = q.to(device), k.to(device), v.to(device)  # once: the steps index into them
     codec.train()
     for step in range(cfg.steps):
         shard = torch.multinomial((lens * ok).float(), cfg.batch, replacement=True, generator=gen)
@@ -338,10 +339,10 @@ def train_value_codec(
         pos = off.view(-1, 1) + torch.arange(window).view(1, -1)  # position inside the shard's sequence
         idx = (starts[shard].view(-1, 1) + pos).to(device)
         pos = pos.to(device)
-        vb = v.to(device)[idx].float()
+        vb = v[idx].float()
         with torch.no_grad():
-            qb = q.to(device)[idx].float().unflatten(-1, (num_heads, head_dim))
-            kb = k.to(device)[idx].float().unflatten(-1, (num_kv_heads, head_dim))
+            qb = q[idx].float().unflatten(-1, (num_heads, head_dim))
+            kb = k[idx].float().unflatten(-1, (num_kv_heads, head_dim))
             probs = _attention_probs(qb, kb, pos, inv_freq, scaling, num_kv_heads)
             o = _attn_out(probs, vb, num_kv_heads)
         v_hat = codec(vb)
