@@ -4,10 +4,10 @@
 # benchmarks/results/ by hand):
 #   bash benchmarks/gpu_eit.sh speed   # keep-mask attention: flex_attention vs SDPA + dense 4D mask, 8k, keep 0.3
 #                                      # (random 8B-shaped tensors: needs no model, ~1-2 min with compilation)
-#   bash benchmarks/gpu_eit.sh train   # EIT on SmolLM2 (~150 s of training), held-out evicted ppl before/after,
+#   bash benchmarks/gpu_eit.sh train   # EIT on SmolLM2 (~120 s of training), held-out evicted ppl before/after,
 #                                      # then the before/after evaluation against kvpress's presses (~7 min total)
 #   bash benchmarks/gpu_eit.sh analyze # attention received by token type on SmolLM2 (JSON + plot, ~1 min)
-# TRAIN_SECONDS (default 150) sets the training budget of `train`; EVAL_SAMPLES (default 2) the synthetic samples.
+# TRAIN_SECONDS (default 120) sets the training budget of `train`; EVAL_SAMPLES (default 2) the synthetic samples.
 # The adapter and the kvpress-layout run folders stay under /tmp (too many files for $OUT); a bf16 copy of the
 # adapter (2 files, ~15 MB) comes back in $OUT/eit_adapter.
 set -euo pipefail
@@ -23,7 +23,7 @@ speed)
   ;;
 train)
   python3 benchmarks/eit_train_smollm2.py --output "$out/eit_train_smollm2.json" --adapter-dir "$work/eit_smollm2" \
-    --budget-seconds "${TRAIN_SECONDS:-150}" --export-adapter "$out/eit_adapter"
+    --budget-seconds "${TRAIN_SECONDS:-120}" --export-adapter "$out/eit_adapter"
   python3 benchmarks/eit_eval.py --adapter "$work/eit_smollm2/final" --output "$out/eit_eval.json" \
     --runs-dir "$work/eit_eval_runs" --n-samples "${EVAL_SAMPLES:-2}"
   ;;
