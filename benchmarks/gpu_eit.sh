@@ -6,6 +6,7 @@
 #                                      # (random 8B-shaped tensors: needs no model, ~1-2 min with compilation)
 #   bash benchmarks/gpu_eit.sh train   # EIT on SmolLM2 (~120 s of training), held-out evicted ppl before/after,
 #                                      # then the before/after evaluation against kvpress's presses (~7 min total)
+#   bash benchmarks/gpu_eit.sh trainonly; bash benchmarks/gpu_eit.sh eval   # the same in two commands, longer training
 #   bash benchmarks/gpu_eit.sh analyze # attention received by token type on SmolLM2 (JSON + plot, ~1 min)
 # TRAIN_SECONDS (default 120) sets the training budget of `train`; EVAL_SAMPLES (default 2) the synthetic samples.
 # The adapter and the kvpress-layout run folders stay under /tmp (too many files for $OUT); a bf16 copy of the
@@ -27,6 +28,10 @@ train)
   python3 benchmarks/eit_eval.py --adapter "$work/eit_smollm2/final" --output "$out/eit_eval.json" \
     --runs-dir "$work/eit_eval_runs" --n-samples "${EVAL_SAMPLES:-2}"
   ;;
+trainonly)  # a longer training alone (TRAIN_SECONDS=360 fits 8 minutes); then `eval` on the same (warm) host
+  python3 benchmarks/eit_train_smollm2.py --output "$out/eit_train_smollm2.json" --adapter-dir "$work/eit_smollm2" \
+    --budget-seconds "${TRAIN_SECONDS:-360}" --export-adapter "$out/eit_adapter"
+  ;;
 eval)  # the evaluation alone, on an adapter already on this host (EIT_ADAPTER, default the last `train`'s)
   python3 benchmarks/eit_eval.py --adapter "${EIT_ADAPTER:-$work/eit_smollm2/final}" --output "$out/eit_eval.json" \
     --runs-dir "$work/eit_eval_runs_$(date +%s)" --n-samples "${EVAL_SAMPLES:-3}"
@@ -35,5 +40,5 @@ analyze)
   python3 -m pressroom.training.cli eit analyze --model smollm2 --corpus pg_essays --output "$out/eit_analysis" \
     --seq-len 4096 --n-sequences 4
   ;;
-*) echo "usage: $0 speed|train|eval|analyze" >&2; exit 2 ;;
+*) echo "usage: $0 speed|train|trainonly|eval|analyze" >&2; exit 2 ;;
 esac
