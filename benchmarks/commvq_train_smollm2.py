@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-steps", type=int, default=300)
     p.add_argument("--e2e-batch", type=int, default=2048)
     p.add_argument("--e2e-lr", type=float, default=5e-3)
-    p.add_argument("--value-steps", type=int, default=200)
+    p.add_argument("--value-steps", type=int, default=400)
+    p.add_argument("--value-lr", type=float, default=1e-2)
     p.add_argument("--value-window", type=int, default=256)
     p.add_argument("--deadline-s", type=float, default=440.0, help="start no new layer after this many seconds")
     p.add_argument("--workdir", default=None, help="KV shards and intermediate files (default: a temp dir)")
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "e2e_batch": args.e2e_batch,
             "e2e_lr": args.e2e_lr,
             "value_steps": args.value_steps,
+            "value_lr": args.value_lr,
             "value_window": args.value_window,
             "value_batch_windows": 8,
             "deadline_s": args.deadline_s,
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     em = EMConfig(n_steps=args.em_steps)
     e2e = E2EConfig(steps=args.e2e_steps, batch=args.e2e_batch, lr=args.e2e_lr)
-    vcfg = ValueConfig(steps=args.value_steps, window=args.value_window)
+    vcfg = ValueConfig(steps=args.value_steps, window=args.value_window, lr=args.value_lr)
     order = [(b, m) for m in methods for b in bits_list]  # all EM first: the paper's method has priority
     for bits, method in order:
         key = f"{bits}bit_{method}"

@@ -268,7 +268,7 @@ class ValueConfig:
     steps: int = 1000
     batch: int = 8  # windows per step
     window: int = 256  # tokens per window (causal attention inside it)
-    lr: float = 1e-3
+    lr: float = 1e-2  # short budgets; 300 steps on synthetic values: rel. MSE 0.68 at 1e-3, 0.37 at 3e-3, 0.24 at 1e-2
     attn_weight: float = 1.0
     grad_clip: float = 1.0
     seed: int = 0
@@ -522,6 +522,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--value-steps", type=int, default=1000, help="value codec steps per layer")
     parser.add_argument("--value-tokens", type=int, default=None, help="training tokens for values (default all)")
     parser.add_argument("--value-window", type=int, default=256, help="attention window of the value loss")
+    parser.add_argument("--value-lr", type=float, default=1e-2, help="value codec Adam learning rate")
     parser.add_argument("--input", type=Path, default=None, help="convert: source codebook directory")
     parser.add_argument("--to", default="native", choices=("native", "reference"), help="convert: target format")
     parser.add_argument("--device", default=None, help="device (default cuda if available)")
@@ -568,7 +569,7 @@ def run(args: argparse.Namespace) -> int:
     if args.step in ("values", "all"):
         if not (out / SCALE).exists():
             compute_scales(out)
-        cfg = ValueConfig(steps=args.value_steps, window=args.value_window, seed=args.seed)
+        cfg = ValueConfig(steps=args.value_steps, window=args.value_window, lr=args.value_lr, seed=args.seed)
         for layer in tqdm(layers, desc=f"values {args.bits}bit"):
             summary["layers"][f"values.{layer}"] = train_values_layer(
                 out, layer, args.bits, args.value_tokens, device, cfg, force=args.force, log=log
