@@ -74,7 +74,11 @@ def _wrap_attention(fn):
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = query.shape[-1] ** -0.5
-            return pending.layer.attend(pending, query, float(scaling)), None
+
+            def dense(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # the wrapped implementation itself
+                return fn(module, query, k, v, attention_mask, *args, **kwargs)[0]
+
+            return pending.layer.attend(pending, query, float(scaling), dense), None
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
 
     commvq_attention._commvq_wrapped = True
@@ -384,8 +388,22 @@ class CommVQLayer(CacheLayerMixin):
             _PENDING[0] = _Pending(self, key_states, "chunk", (raw, value_states, pos))
         return key_states, value_states
 
-    def attend(self, pending: _Pending, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Attention output ``[B, q, Hq, D]`` (the layout transformers' attention functions return)."""
+    def attend(self, pending: _Pending, query: torch.Tensor, scaling: float, dense=None) -> torch.Tensor:
+        """Attention output ``[B, q, Hq, D]`` (the layout transformers' attention functions return).
+
+        One new token: :func:`decode_attention` over codes + window. Several: if nothing is coded yet (a prefill),
+        ``dense`` -- the wrapped attention implementation (SDPA, flash...) with the model's own mask -- attends over
+        the window (rotated) and the new tokens, so a long single-pass prefill costs what it costs without the cache;
+        otherwise :func:`chunk_attention` (coded tokens dequantized a block at a time, merged by log-sum-exp).
+        """
+        if pending.mode == "chunk" and self.n == 0 and dense is not None:
+            raw, values, pos = pending.new
+            kv = self.coded_view()
+            keys = torch.cat((from_interleaved(window_keys(kv, self.books)).to(pending.key.dtype), pending.key), dim=2)
+            vals = torch.cat((self.wvals[:, :, : self.nw].to(values.dtype), values), dim=2)
+            out = dense(keys, vals)
+            self._commit(raw, values, pos)
+            return out
         q = to_interleaved(query)
         if pending.mode == "decode":
             out = decode_attention(q[:, :, 0], self.coded_view(), self.books, scaling, use_triton=self._triton)
