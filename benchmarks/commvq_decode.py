@@ -235,6 +235,28 @@ def main() -> None:
         cfg["ours_ms"] = best["ms"]
         cfg["ours_best_tiling"] = best
         save()
+        # the two key-side designs in isolation (scores of every coded token, no softmax / values)
+        from pressroom.kernels.commvq_attention import key_luts, key_scores
+
+        cfg["key_scores_ms"] = {}
+        luts = key_luts(q, books)
+        for design in ("direct", "lut"):
+            best_ms = None
+            for bt in (32,) if args.smoke else (16, 32, 64):
+                try:
+                    ms = timed_ms(
+                        lambda: key_scores(q, kv, books, design=design, use_triton=True, block_t=bt, luts=luts),
+                        reps,
+                        device,
+                    )
+                except Exception as err:  # a tiling that does not compile is skipped
+                    cfg["key_scores_ms"][f"{design}_bt{bt}"] = f"failed: {type(err).__name__}: {str(err)[:200]}"
+                    continue
+                cfg["key_scores_ms"][f"{design}_bt{bt}"] = ms
+                best_ms = ms if best_ms is None else min(best_ms, ms)
+            cfg["key_scores_ms"][design] = best_ms
+        luts = None
+        save()
         try:
             cfg["reference_path_pytorch_ms"] = timed_ms(
                 lambda: reference_decode_path(q[0], kv, theta, codec, books.inv_freq, scaling),

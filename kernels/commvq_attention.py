@@ -611,6 +611,192 @@ def decode_attention(
     return out.reshape(b, hq, d) + out_w.view(b, hq, d)
 
 
+# ---------------------------------------------------------------------------------------------------- key-side designs
+def key_scores_reference(q: torch.Tensor, kv: CodedKV, books: LayerBooks) -> torch.Tensor:
+    """Scores ``q . k_t`` ``[B, Hq, n]`` (no scaling) of every coded token, from the dequantized keys (float32)."""
+    b, hq, d = q.shape
+    h = kv.codes.shape[1]
+    keys = dequantize_keys(kv, books)  # [B, H, n, D]
+    return torch.einsum("bhgd,bhnd->bhgn", q.float().view(b, h, hq // h, d), keys).reshape(b, hq, -1)
+
+
+def key_luts(q: torch.Tensor, books: LayerBooks) -> torch.Tensor:
+    """The reference's look-up tables: ``Q_p conj(z_{e,p})`` for every query head, residual, entry and pair,
+    ``[B, Hq, R, 64, P, 2]`` float32 (real, imaginary); the B part of a code uses ``(imag, -real)`` of the same
+    entry, since ``Q conj(i z) = -i Q conj(z)``."""
+    b, hq, d = q.shape
+    h, r, _, p = books.theta.shape
+    qq = q.float().view(b, h, hq // h, 1, 1, p, 2)
+    x, y = books.theta[:, :, 0::2, :], books.theta[:, :, 1::2, :]  # [H, R, 64, P]
+    x, y = x[None, :, None], y[None, :, None]
+    re = qq[..., 0] * x + qq[..., 1] * y
+    im = qq[..., 1] * x - qq[..., 0] * y
+    return torch.stack((re, im), dim=-1).reshape(b, hq, r, N_ENTRIES, p, 2).contiguous()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _key_scores_kernel(
+        q_ptr,  # [B, Hq, D] float32 interleaved
+        lut_ptr,  # [B, Hq, R, 64, P] int64 (two float32): the LUT design
+        codes_ptr,
+        knorm_ptr,
+        pos_ptr,
+        ztab_ptr,  # [H, R, 64, P] int64: the direct design
+        invf_ptr,
+        out_ptr,  # [B, Hq, n] float32
+        n_codes,
+        rope_scale,
+        s_cb,
+        s_ch,
+        s_cn,
+        s_kb,
+        s_pb,
+        s_ph,
+        H: tl.constexpr,
+        G: tl.constexpr,
+        P: tl.constexpr,
+        R: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        LUT: tl.constexpr,
+    ):
+        blk = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        g = bh % H
+        rows = tl.arange(0, BLOCK_G)
+        rmask = rows < G
+        pp = tl.arange(0, P)
+        tok = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = tok < n_codes
+        hq = g * G + rows
+        crow = codes_ptr + b * s_cb + g * s_ch + tok * s_cn
+        pos = tl.load(pos_ptr + b * s_pb + g * s_ph + tok, mask=tmask, other=0).to(tl.float32)
+        invf = tl.load(invf_ptr + pp)
+        phi = pos[:, None] * invf[None, :]
+        cs = tl.cos(phi)
+        sn = tl.sin(phi)
+        nrm = tl.load(knorm_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32) * rope_scale
+        if LUT:
+            sr = tl.zeros((BLOCK_G, BLOCK_T, P), tl.float32)
+            si = tl.zeros((BLOCK_G, BLOCK_T, P), tl.float32)
+        else:
+            kx = tl.zeros((BLOCK_T, P), tl.float32)
+            ky = tl.zeros((BLOCK_T, P), tl.float32)
+        for r in tl.static_range(R):
+            byte0 = (3 * (r - r % 2)) // 2
+            if r % 2 == 0:
+                lo = tl.load(crow + byte0, mask=tmask, other=0).to(tl.int32)
+                hi = tl.load(crow + byte0 + 1, mask=tmask, other=0).to(tl.int32)
+                code = lo | ((hi & 15) << 8)
+            else:
+                lo = tl.load(crow + byte0 + 1, mask=tmask, other=0).to(tl.int32)
+                hi = tl.load(crow + byte0 + 2, mask=tmask, other=0).to(tl.int32)
+                code = (lo >> 4) | (hi << 4)
+            if LUT:  # G gathers per entry (one per query head of the group)
+                base = ((b * H * G + hq) * R + r) * 64  # [BLOCK_G]
+                la = tl.load(
+                    lut_ptr + ((base[:, None] + (code >> 6)[None, :]) * P)[:, :, None] + pp[None, None, :],
+                    mask=rmask[:, None, None],
+                    other=0,
+                )
+                lb = tl.load(
+                    lut_ptr + ((base[:, None] + (code & 63)[None, :]) * P)[:, :, None] + pp[None, None, :],
+                    mask=rmask[:, None, None],
+                    other=0,
+                )
+                sr += (la & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+                sr += (lb >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+                si += (la >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+                si -= (lb & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+            else:  # one gather per entry, shared by the G query heads
+                za = tl.load(ztab_ptr + (((g * R + r) * 64 + (code >> 6)) * P)[:, None] + pp[None, :])
+                zb = tl.load(ztab_ptr + (((g * R + r) * 64 + (code & 63)) * P)[:, None] + pp[None, :])
+                kx += (za & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+                kx -= (zb >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+                ky += (za >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+                ky += (zb & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+        if LUT:  # Re(S e^{-i phi}) summed over pairs
+            sc = tl.sum(sr * cs[None, :, :] + si * sn[None, :, :], axis=2)
+        else:
+            rx = kx * cs - ky * sn
+            ry = kx * sn + ky * cs
+            q_base = q_ptr + (b * H * G + hq)[:, None] * (2 * P)
+            qx = tl.load(q_base + 2 * pp[None, :], mask=rmask[:, None], other=0.0)
+            qy = tl.load(q_base + 2 * pp[None, :] + 1, mask=rmask[:, None], other=0.0)
+            sc = tl.sum(qx[:, None, :] * rx[None, :, :] + qy[:, None, :] * ry[None, :, :], axis=2)
+        sc = sc * nrm[None, :]
+        tl.store(out_ptr + (b * H * G + hq)[:, None] * n_codes + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :])
+
+
+def key_scores(
+    q: torch.Tensor,
+    kv: CodedKV,
+    books: LayerBooks,
+    design: str = "direct",
+    use_triton: bool | None = None,
+    block_t: int = 32,
+    num_warps: int = 4,
+    luts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scores ``[B, Hq, n]`` of every coded token by one of the two key-side designs (for comparing them).
+
+    ``design="direct"``: per token, gather two entries per residual and pair of ``theta`` (shared by the ``G`` query
+    heads of a KV head), sum, rotate by the position, dot with the queries (what :func:`decode_attention` does).
+    ``design="lut"``: the reference's design, look-up tables ``Q_p conj(z_e)`` per query head (:func:`key_luts`,
+    pass ``luts`` to reuse them), two gathers per residual, pair *and query head*, summed, rotated, reduced.
+    Both equal :func:`key_scores_reference` up to float32 rounding.
+    """
+    if design not in ("direct", "lut"):
+        raise ValueError(f"design must be 'direct' or 'lut', got {design!r}.")
+    if not resolve_use_triton(use_triton, q, kv.codes):
+        return key_scores_reference(q, kv, books)
+    b, hq, d = q.shape
+    h = kv.codes.shape[1]
+    g = hq // h
+    p = d // 2
+    if p & (p - 1):
+        raise ValueError(f"key_scores needs a power-of-two head_dim/2, got {p}.")
+    out = torch.empty(b, hq, kv.n, device=q.device, dtype=torch.float32)
+    if kv.n == 0:
+        return out
+    lut = None
+    if design == "lut":
+        lut = (luts if luts is not None else key_luts(q, books)).view(torch.int64)
+    pos = kv.pos
+    s_pb, s_ph = (pos.stride(0), 0) if pos.dim() == 2 else (pos.stride(0), pos.stride(1))
+    ztab = books.ztab.view(torch.int64)
+    _key_scores_kernel[(triton.cdiv(kv.n, block_t), b * h)](
+        q.float().contiguous(),
+        lut if lut is not None else ztab,
+        kv.codes,
+        kv.knorm,
+        pos,
+        ztab,
+        books.inv_freq,
+        out,
+        kv.n,
+        books.rope_scale,
+        kv.codes.stride(0),
+        kv.codes.stride(1),
+        kv.codes.stride(2),
+        kv.knorm.stride(0),
+        s_pb,
+        s_ph,
+        H=h,
+        G=g,
+        P=p,
+        R=books.theta.shape[1],
+        BLOCK_G=triton.next_power_of_2(g),
+        BLOCK_T=block_t,
+        LUT=design == "lut",
+        num_warps=num_warps,
+    )
+    return out
+
+
 __all__ = [
     "CodedKV",
     "LayerBooks",
@@ -619,6 +805,9 @@ __all__ = [
     "decode_attention_reference",
     "dequantize_keys",
     "dequantize_values",
+    "key_luts",
+    "key_scores",
+    "key_scores_reference",
     "rotate_interleaved",
     "window_keys",
 ]

@@ -152,6 +152,19 @@ def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head
         assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()
 
 
+@needs_interpreter
+@pytest.mark.parametrize("design", ["direct", "lut"])
+def test_key_score_designs_equal_reference(design):
+    """Both key-side designs (direct gathers of theta; the reference's per-query-head LUTs): tolerance 1e-5 relative."""
+    from pressroom.kernels.commvq_attention import key_scores, key_scores_reference
+
+    kv, books = _coded(1, 2, 16, 3, n=50, nw=0, nbits=32, per_head_pos=True)
+    q = torch.randn(1, 6, 16)
+    ref = key_scores_reference(q, kv, books)
+    out = key_scores(q, kv, books, design=design, use_triton=True, block_t=16)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 # ------------------------------------------------------------------------------------------------ the cache
 def test_window_only_equals_full_cache(tiny):
     """While every token is still in the full-precision window, the cache is exactly the model's own cache."""
