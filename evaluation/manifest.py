@@ -386,6 +386,8 @@ def _run_command(task: dict[str, Any]) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if rc < 0:  # killed by a signal: report it as a shell does
+        rc = 128 - rc
     if rc == 0:
         atomic_write_json(
             task["done"],

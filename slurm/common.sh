@@ -118,7 +118,7 @@ pressroom_run_task() {
     done
     trap - USR1 TERM
     if [[ "${PRESSROOM_REQUEUE:-0}" == 1 && "$rc" != 0 ]]; then
-        echo "[$(date -u +%FT%TZ)] checkpointed (exit status $rc); requeueing job ${SLURM_JOB_ID:-}"
+        echo "[$(date -u +%FT%TZ)] task stopped (exit status $rc); requeueing job ${SLURM_JOB_ID:-}"
         scontrol requeue "${SLURM_JOB_ID:?not in a Slurm job}"
         sleep 60 # scontrol requeue ends this job; never report the interrupted task as a result
     fi
