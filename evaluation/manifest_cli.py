@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+from pathlib import Path
 from typing import Any
 
 from pressroom.evaluation import manifest as mf
@@ -88,13 +89,40 @@ def _plan_eval(args: argparse.Namespace) -> list[dict[str, Any]]:
     from pressroom.evaluation.cli import default_presses
 
     presses = args.press
+    if presses is None and args.phase == "phase3_eval_trained":
+        return _plan_phase3_defaults(args)
     if presses is None:
-        if args.phase == "phase3_eval_trained":
-            raise ValueError(
-                "phase3_eval_trained evaluates what phase 2 trained: give --press specs that load it "
-                "(and/or --model with the trained model's directory)."
-            )
         presses = default_presses()
+    return _eval_lines(args, args.model, presses, args.ratio, baseline=not args.no_baseline)
+
+
+def _plan_phase3_defaults(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """What phase 2 trained, per model: AnchorPress with the EIT adapter at the ratios (beside the baseline) and
+    CommVQPress with the codebooks of each bit width, found under --trained-dir as submit_all.sh lays them out."""
+    from pressroom.evaluation.models import model_label
+
+    if args.trained_dir is None:
+        raise ValueError(
+            "phase3_eval_trained evaluates what phase 2 trained: give --trained-dir (the study directory holding "
+            "phase2_commvq/ and phase2_eit/) or --press specs that load it."
+        )
+    root = Path(args.trained_dir).expanduser().resolve()
+    lines: list[dict[str, Any]] = []
+    for model in args.model:
+        label = model_label(model)
+        anchor = [f"anchor:adapter={root / 'phase2_eit' / label / 'final'}"]
+        lines += _eval_lines(args, [model], anchor, args.ratio, baseline=not args.no_baseline)
+        commvq = [
+            f"commvq:codebooks={root / 'phase2_commvq' / label / f'{b}bit' / args.commvq_method},bits={b}"
+            for b in args.bits
+        ]
+        lines += _eval_lines(args, [model], commvq, [0.0], baseline=False)
+    return lines
+
+
+def _eval_lines(
+    args: argparse.Namespace, models: list[str], presses: list[str], ratios: list[float] | None, baseline: bool
+) -> list[dict[str, Any]]:
     config = {
         "tasks": args.tasks,
         "n_samples": args.n_samples,
@@ -105,13 +133,13 @@ def _plan_eval(args: argparse.Namespace) -> list[dict[str, Any]]:
         "dtype": args.dtype,
     }
     return mf.plan_eval(
-        models=args.model,
+        models=models,
         presses=presses,
-        ratios=args.ratio if args.ratio is not None else PHASE1_RATIOS,
+        ratios=ratios if ratios is not None else PHASE1_RATIOS,
         data_dirs=args.data_dir if args.data_dir is not None else PHASE1_LENGTHS,
         output_dir=args.output_dir,
         dataset=args.dataset,
-        baseline=not args.no_baseline,
+        baseline=baseline,
         phase=args.phase,
         **config,
     )
@@ -198,6 +226,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fraction", type=float, default=1.0)
     g.add_argument("--dtype", default=None)
     g.add_argument("--no-baseline", action="store_true", help="no no_press run")
+    g.add_argument("--trained-dir", default=None, help="phase3 without --press: the study directory with phase2_*/")
+    g.add_argument("--commvq-method", default="em", help="phase3 without --press: which codebooks (em or e2e)")
     t = p.add_argument_group("training units (phase0_analyze, phase2_commvq, phase2_eit)")
     t.add_argument("--bits", nargs="+", type=int, default=[1, 2], help="phase2_commvq: codebook bits")
     t.add_argument("--layers", default=None, help="phase2_commvq: layers, e.g. 0-29 or 0,5,7 (default: all)")

@@ -10,8 +10,8 @@
 # slurm/submit.sh submits its unfinished tasks. A phase starts when every array of the previous phase number
 # succeeded (afterok; phase2_commvq and phase2_eit both wait for phase 1, phase 3 for both). All manifests are
 # planned before anything is submitted, so a bad setting submits nothing. Phases already done submit nothing
-# and add no dependency. phase3_eval_trained needs --plan-args with the --press specs that load the trained
-# codebooks/adapters (DIR/phase2_commvq/..., DIR/phase2_eit/...). With more than one evaluation phase, a last
+# and add no dependency. phase3_eval_trained evaluates AnchorPress with DIR/phase2_eit/M/final and CommVQPress
+# with DIR/phase2_commvq/M/{bits}bit/em (or the --press specs given in its --plan-args). With more than one evaluation phase, a last
 # job (afterany) writes one table over all of them: DIR/comparison.csv and DIR/scores.png.
 # Prints "PHASE array ID [array ID ...] [aggregate ID]" per phase (and "study_aggregate ID") on stdout.
 set -euo pipefail
@@ -75,6 +75,7 @@ OUT="$(cd "$OUT" && pwd)"
 # 1. plan every phase (nothing is submitted if one fails)
 for phase in "${PHASES[@]}"; do
     read -r -a extra <<<"${PLAN_ARGS[$phase]:-}"
+    [[ "$phase" == phase3_eval_trained ]] && extra=(--trained-dir "$OUT" "${extra[@]}")
     pressroom-eval plan "$OUT/$phase/manifest.jsonl" --phase "$phase" --model "${MODELS[@]}" \
         --output-dir "$OUT/$phase" "${extra[@]}" >&2
 done

@@ -156,7 +156,16 @@ def test_phase_presets(tmp_path, capsys):
     assert task["resume_if"].endswith("tiny-llama/checkpoint-*/trainer_state.pt")
     capsys.readouterr()
     assert eval_main(["plan", str(tmp_path / "p3.jsonl"), "--phase", "phase3_eval_trained"]) == 2
-    assert "give --press" in capsys.readouterr().err
+    assert "give --trained-dir" in capsys.readouterr().err
+    args = ["plan", str(tmp_path / "p3.jsonl"), "--phase", "phase3_eval_trained", "--model", "tiny-llama"]
+    args += ["--trained-dir", str(tmp_path), "--ratio", "0.5", "--bits", "2", "--output-dir", str(tmp_path / "p3")]
+    assert eval_main(args) == 0
+    specs = [(t["eval"]["press_name"], t["eval"]["compression_ratio"]) for t in mf.read_manifest(tmp_path / "p3.jsonl")]
+    assert specs == [
+        ("no_press", 0.0),
+        (f"anchor:adapter={tmp_path}/phase2_eit/tiny-llama/final", 0.5),
+        (f"commvq:codebooks={tmp_path}/phase2_commvq/tiny-llama/2bit/em,bits=2", 0.0),
+    ]
 
 
 def test_resume_args_when_a_checkpoint_exists(tmp_path):
