@@ -50,7 +50,8 @@ def kept_indices(full: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     err = (vec.float() - kept.float()[..., None, :]).abs().amax(-1)
     best = err.argmin(-1, keepdim=True)
     idx = cand.gather(-1, best)[..., 0]
-    tol = 1e-3 * kept.float().abs().amax().clamp_min(1.0)
+    eps = torch.finfo(kept.dtype).eps if kept.dtype.is_floating_point else 0.0
+    tol = max(1e-3, 4 * eps) * kept.float().abs().amax().clamp_min(1.0)  # a recomputed key may differ by an ulp
     if bool((err.gather(-1, best)[..., 0] > tol).any()):
         raise ValueError(
             "CommVQPress could not find the positions of the keys another press kept: put only eviction presses that "
