@@ -256,3 +256,21 @@ def test_evicted_perplexity_and_loss_shapes(smollm2_tokenizer):
     assert a == pytest.approx(b) and a["kl"] > 0
     with pytest.raises(ValueError, match="positions"):
         eit.eit_loss(logits[:, 5:], None, labels, 12, 0.0)
+
+
+def test_sigusr1_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
+    import signal
+
+    class Immediately(eit._StopRequest):
+        def __init__(self):
+            super().__init__()
+            os.kill(os.getpid(), signal.SIGUSR1)  # as Slurm's --signal=B:USR1 would, during the first step
+
+    monkeypatch.setattr(eit, "_StopRequest", Immediately)
+    out = tmp_path / "usr1"
+    args = ["eit", "train", "--model", "tiny-llama", "--output", str(out), "--seq-len", str(SEQ)]
+    args += ["--continuation", str(CONT), "--lora-r", "4", "--max-steps", "5", "--save-every", "100"]
+    assert train_main(args) == eit.EXIT_INTERRUPTED
+    assert (out / "checkpoint-1" / "trainer_state.pt").is_file() and not (out / "final").exists()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone again
+    assert eit.latest_checkpoint(out) == out / "checkpoint-1"

@@ -34,8 +34,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -62,6 +64,7 @@ EIT_ATTENTION = "pressroom_eit"
 SCHEDULES = ("curriculum", "adaptive", "fixed")
 TOKEN_TYPES = ("sink", "special", "recent", "separator", "other")
 CHECKPOINT_PREFIX = "checkpoint-"
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on SIGUSR1 after a checkpoint; run again with --resume
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "eit_config.json"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -449,6 +452,33 @@ def _lr_lambda(cfg: EITConfig):
     return f
 
 
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on request (SIGUSR1) after saving ``checkpoint``; resume with ``--resume``."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        super().__init__(f"interrupted by SIGUSR1; saved {checkpoint}: run again with --resume to continue")
+        self.checkpoint = checkpoint
+
+
+class _StopRequest:
+    """Turns SIGUSR1 into a flag read at the end of each step (installed only in the main thread)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+            self._previous = signal.signal(signal.SIGUSR1, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        logger.warning("SIGUSR1: saving a checkpoint at the end of this step, then stopping")
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+
 def latest_checkpoint(output: str | Path) -> Path | None:
     """The ``checkpoint-N`` folder with the largest N under ``output`` (None if there is none)."""
     best, best_step = None, -1
@@ -578,6 +608,7 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
     )
     split = cfg.split
     tail = cfg.seq_len - split  # logits only where the loss is (the continuation)
+    interrupt = _StopRequest()  # SIGUSR1 (Slurm's --signal before the time limit): checkpoint, then stop
     while state["step"] < cfg.max_steps:
         step = state["step"]
         ratio = keep_sched.ratio(step)
@@ -612,9 +643,11 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
             {"step": step + 1, "keep_ratio": round(ratio, 4), **parts_acc, "seconds": round(step_seconds, 4)}
         )
         out_of_time = cfg.max_seconds is not None and state["train_seconds"] >= cfg.max_seconds
-        if cfg.max_seconds is not None and accelerator.num_processes > 1:  # every rank stops at the same step
-            flag = torch.tensor([float(out_of_time)], device=device)
-            out_of_time = bool(accelerator.reduce(flag, reduction="max").item())
+        stop_now = interrupt.requested
+        if accelerator.num_processes > 1:  # every rank stops at the same step
+            flags = torch.tensor([float(out_of_time), float(stop_now)], device=device)
+            flags = accelerator.reduce(flags, reduction="max")
+            out_of_time, stop_now = bool(flags[0].item()), bool(flags[1].item())
         if out_of_time:
             logger.warning("Stopping at step %d: --max-seconds %.0f reached", state["step"], cfg.max_seconds)
         bar.set_postfix(loss=f"{parts_acc['loss']:.3f}", keep=f"{ratio:.2f}")
@@ -624,7 +657,7 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
             ppl = validation_perplexity(unwrapped, val_chunks, ratio, cfg, tables, device)
             moved = keep_sched.observe(ppl)
             state["val"].append({"step": state["step"], "keep_ratio": round(ratio, 4), "ppl": ppl, "moved": moved})
-        if state["step"] % cfg.save_every == 0 or last:
+        if state["step"] % cfg.save_every == 0 or last or stop_now:
             accelerator.wait_for_everyone()
             snapshot = {
                 **state,
@@ -657,7 +690,12 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
                 )
         if out_of_time:
             break
+        if stop_now and not last:
+            bar.close()
+            interrupt.restore()
+            raise TrainingInterrupted(out / name)
     bar.close()
+    interrupt.restore()
     accelerator.wait_for_everyone()
     return out / "final"
 
@@ -846,7 +884,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume: str | bool | None = args.resume
     if resume == "latest":
         resume = True
-    final = train(cfg, resume=resume)
+    try:
+        final = train(cfg, resume=resume)
+    except TrainingInterrupted as err:  # not a success: Slurm's wrapper requeues, the next run resumes
+        print(f"pressroom-train eit: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"wrote {final}")
     return 0
 
