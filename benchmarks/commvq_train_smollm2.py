@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--em-steps", type=int, default=40, help="EM iterations per residual (reference: 100)")
     p.add_argument("--e2e-steps", type=int, default=300)
     p.add_argument("--e2e-batch", type=int, default=2048)
-    p.add_argument("--e2e-lr", type=float, default=5e-3)
+    p.add_argument("--e2e-lr", type=float, default=2e-2)
     p.add_argument("--value-steps", type=int, default=400)
     p.add_argument("--value-lr", type=float, default=1e-2)
     p.add_argument("--value-window", type=int, default=256)

@@ -518,7 +518,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--em-steps", type=int, default=100, help="EM iterations per residual (reference: 100)")
     parser.add_argument("--e2e-steps", type=int, default=2000, help="E2E optimizer steps per layer")
     parser.add_argument("--e2e-batch", type=int, default=2048, help="E2E keys per step")
-    parser.add_argument("--e2e-lr", type=float, default=1e-3, help="E2E Adam learning rate")
+    parser.add_argument("--e2e-lr", type=float, default=1e-2, help="E2E Adam learning rate")
     parser.add_argument("--value-steps", type=int, default=1000, help="value codec steps per layer")
     parser.add_argument("--value-tokens", type=int, default=None, help="training tokens for values (default all)")
     parser.add_argument("--value-window", type=int, default=256, help="attention window of the value loss")
