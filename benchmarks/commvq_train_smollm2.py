@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--em-steps", type=int, default=40, help="EM iterations per residual (reference: 100)")
     p.add_argument("--e2e-steps", type=int, default=300)
-    p.add_argument("--e2e-batch", type=int, default=2048)
+    p.add_argument("--e2e-batch", type=int, default=512)
     p.add_argument("--e2e-lr", type=float, default=2e-2)
-    p.add_argument("--value-steps", type=int, default=400)
+    p.add_argument("--value-steps", type=int, default=300)
     p.add_argument("--value-lr", type=float, default=1e-2)
     p.add_argument("--value-window", type=int, default=256)
     p.add_argument("--deadline-s", type=float, default=440.0, help="start no new layer after this many seconds")
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     del model
     compute_scales(work)
     result["phases"]["collect_s"] = time.time() - t0
+    print(f"collected {result['collected']} in {result['phases']['collect_s']:.1f} s", flush=True)
     layers = range(meta["num_layers"])
     result["shape"] = {"layers": meta["num_layers"], "kv_heads": meta["num_kv_heads"], "head_dim": meta["head_dim"]}
     result["residuals"] = {b: residuals_for_bits(b, meta["head_dim"]) for b in bits_list}
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             done.append(train_keys_layer(work, layer, bits, method, args.train_tokens, device, em, e2e, use_triton))
         result["phases"][f"{key}_keys_s"] = time.time() - t0
         result["phases"][f"{key}_keys_layers"] = done
+        print(f"{key}: keys of {len(done)} layers in {result['phases'][f'{key}_keys_s']:.1f} s", flush=True)
         save()
         if len(done) < meta["num_layers"]:
             continue
@@ -171,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         assemble(work, bits, method, args.model)
         result["heldout"][key] = evaluate_heldout(work, bits, method, args.heldout_tokens, device, use_triton)
         result["phases"][f"{key}_eval_s"] = time.time() - t0
+        print(
+            f"{key}: held-out keys {result['heldout'][key]['keys_rel_mse_mean']:.4f}, values "
+            f"{result['heldout'][key]['values_rel_mse_mean']} (t={time.time() - t_start:.0f} s)",
+            flush=True,
+        )
         save()
 
     # summary table: per layer, EM vs E2E, keys and values
