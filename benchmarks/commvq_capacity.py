@@ -5,12 +5,13 @@ CommVQ cache holds 272 bytes per token and layer. Phases (JSON written after eac
 
 1. model: ``AutoModelForCausalLM.from_config(Llama-3.1-8B config, dtype=bfloat16)`` (random weights), random but
    valid 1-bit codebooks (R=11 key residuals, 1 value bit per element, random value codecs).
-2. chunked prefill through the model: ``--prefill-tokens`` tokens in chunks of ``--chunk`` into the CommVQCache
-   (every chunk attends to the codes of the previous ones, dequantized a block at a time; then it is coded), with
-   its throughput and peak memory.
+2. chunked prefill through the model: ``--prefill-tokens`` tokens (default 8192) in chunks of ``--chunk`` into the
+   CommVQCache (every chunk attends to the codes of the previous ones, dequantized a block at a time; then it is
+   coded), with its throughput and peak memory.
 3. fill: the rest of the context up to ``--tokens`` (default 1,048,576) coded directly into every layer a chunk at a
    time (random pre-RoPE keys / values; a full quadratic prefill of 1M tokens is hours of attention on any GPU and is
-   not what this measures): encode time, bytes held (``memory_bytes()``) against the arithmetic, peak memory.
+   not what this measures), with progress per chunk; it stops early (recorded) if ``--budget-s`` would be
+   exceeded: encode time, bytes held (``memory_bytes()``) against the arithmetic, peak memory.
 4. decode: ``--decode`` tokens generated greedily from the 1M-token cache (attention from the codes, Triton), per-token
    latency and peak memory.
 
@@ -70,6 +71,13 @@ def llama8b_config(smoke: bool):
     )
 
 
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -83,10 +91,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", required=True)
     ap.add_argument("--tokens", type=int, default=1 << 20)
-    ap.add_argument("--prefill-tokens", type=int, default=16384)
-    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--prefill-tokens", type=int, default=8192, help="tokens prefilled through the model (<= 16k)")
+    ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--fill-chunk", type=int, default=65536)
     ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=200.0,
+        help="wall-clock budget: the fill stops early (recorded in the JSON) when its projected end would leave less "
+        "than the decode phase needs",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -106,13 +121,24 @@ def main() -> None:
         "tokens": args.tokens,
     }
     out = Path(args.output)
-    save = lambda: atomic_write_json(out, result)  # noqa: E731
 
+    def save() -> None:
+        result["elapsed_s"] = time.perf_counter() - T0
+        atomic_write_json(out, result)
+
+    log(
+        f"device {result['device']}, torch {torch.__version__}, triton {triton.__version__}; "
+        f"target {args.tokens} tokens"
+    )
+
+    # 1. model and codebooks
     torch.manual_seed(0)
     cfg = llama8b_config(args.smoke)
     cfg._attn_implementation = "sdpa"
+    t = time.perf_counter()
     with torch.device(device):  # initialise the random weights on the GPU (CPU init of 8B parameters is slow)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32 if args.smoke else torch.bfloat16).eval()
+    sync(device)
     layers, heads, head_dim = model_kv_shape(cfg)
     residuals = 11 if head_dim == 128 else 2
     books = CommVQCodebooks(
@@ -129,18 +155,24 @@ def main() -> None:
     fp16_per_token = layers * heads * head_dim * 2 * 2
     per_token = layers * (heads * code_bytes(residuals) + heads * head_dim // 8 + 2 + 2 + 4)
     result["model"] = {"layers": layers, "kv_heads": heads, "head_dim": head_dim, "key_residuals": residuals}
+    result["model_seconds"] = time.perf_counter() - t
     result["bytes_per_token_all_layers"] = {"commvq_1bit": per_token, "fp16": fp16_per_token}
     result["fp16_cache_gb_at_tokens"] = fp16_per_token * args.tokens / 1e9
     result["model_load_peak_gb"] = peak_gb(device)
+    result["phase"] = "model"
     save()
+    log(f"model: {result['model_seconds']:.1f} s, peak {result['model_load_peak_gb']} GB")
 
-    # 2. chunked prefill through the model
+    # 2. chunked prefill through the model (the first chunk also compiles the encode kernel)
     ids = torch.randint(0, cfg.vocab_size, (1, args.prefill_tokens), device=device)
     sync(device)
     t = time.perf_counter()
     with torch.no_grad():
         for s in range(0, args.prefill_tokens, args.chunk):
+            tc = time.perf_counter()
             model.model(input_ids=ids[:, s : s + args.chunk], past_key_values=cache)
+            sync(device)
+            log(f"prefill chunk {s}..{min(args.prefill_tokens, s + args.chunk)}: {time.perf_counter() - tc:.2f} s")
     sync(device)
     dt = time.perf_counter() - t
     result["chunked_prefill"] = {
@@ -151,51 +183,77 @@ def main() -> None:
         "peak_gb": peak_gb(device),
         "cache_bytes": cache.memory_bytes(),
     }
+    result["phase"] = "chunked_prefill"
     save()
+    log(f"chunked prefill: {args.prefill_tokens} tokens in {dt:.1f} s, peak {peak_gb(device)} GB")
 
-    # 3. fill to the full context, a chunk at a time
+    # 3. fill to the full context, a chunk at a time (stops early, recorded, if the budget would be exceeded)
     cache.reserve(args.tokens)
     g = torch.Generator(device=device).manual_seed(1)  # random KV made on the device (CPU randn would dominate)
     pos0 = cache.get_seq_length()
+    decode_reserve_s = 30.0  # what the decode phase may need (compile + steps at 1M tokens)
+    stopped_early = None
     sync(device)
     t = time.perf_counter()
+    s = pos0
     with torch.no_grad():
-        for s in range(pos0, args.tokens, args.fill_chunk):
+        while s < args.tokens:
             m = min(args.fill_chunk, args.tokens - s)
+            tc = time.perf_counter()
             positions = torch.arange(s, s + m, device=device)
             for layer in cache.layers:
                 k = torch.randn(1, heads, m, head_dim, generator=g, device=device, dtype=model.dtype) * 2
                 v = torch.randn(1, heads, m, head_dim, generator=g, device=device, dtype=model.dtype)
                 layer.append_prerope(k, v, positions)
+            sync(device)
+            s += m
+            step = time.perf_counter() - tc
+            rate = (s - pos0) / (time.perf_counter() - t)
+            log(f"fill {s}/{args.tokens} tokens: chunk {step:.2f} s, {rate:.0f} tokens/s over all layers")
+            remaining = (args.tokens - s) / rate
+            if s < args.tokens and time.perf_counter() - T0 + remaining + decode_reserve_s > args.budget_s:
+                stopped_early = (
+                    f"stopped at {s} tokens: the rest ({args.tokens - s}) would take ~{remaining:.0f} s more at "
+                    f"{rate:.0f} tokens/s, over --budget-s {args.budget_s}"
+                )
+                log(stopped_early)
+                break
     sync(device)
     dt = time.perf_counter() - t
     held = cache.memory_bytes()
     result["fill"] = {
-        "tokens_coded": args.tokens - pos0,
+        "tokens_coded": s - pos0,
         "seconds": dt,
-        "seconds_per_layer_per_128k": dt / layers * 131072 / max(1, args.tokens - pos0),
+        "seconds_per_layer_per_128k": dt / layers * 131072 / max(1, s - pos0),
         "peak_gb": peak_gb(device),
+        "stopped_early": stopped_early,
     }
     result["context_tokens"] = cache.get_seq_length()
     result["cache_bytes_held"] = held
     result["cache_gb_held"] = held / 1e9
     result["codebook_bytes"] = cache.codebook_bytes()
     result["fp16_over_commvq"] = fp16_per_token * cache.get_seq_length() / held
+    result["phase"] = "fill"
     save()
+    log(
+        f"fill: {s - pos0} tokens coded in {dt:.1f} s; context {result['context_tokens']} tokens, cache "
+        f"{held / 1e9:.2f} GB held (fp16 would be {fp16_per_token * result['context_tokens'] / 1e9:.1f} GB)"
+    )
 
-    # 4. decode from the 1M-token cache
+    # 4. decode from the cache
     nxt = torch.randint(0, cfg.vocab_size, (1, 1), device=device)
     times = []
     tokens = []
     with torch.no_grad():
-        for _ in range(args.decode):
+        for i in range(args.decode):
             sync(device)
-            t = time.perf_counter()
+            tc = time.perf_counter()
             logits = model(input_ids=nxt, past_key_values=cache).logits
             nxt = logits[:, -1:].argmax(-1)
             sync(device)
-            times.append(time.perf_counter() - t)
+            times.append(time.perf_counter() - tc)
             tokens.append(int(nxt))
+            log(f"decode step {i}: {1e3 * times[-1]:.1f} ms")
     result["decode"] = {
         "tokens": args.decode,
         "context_tokens_after": cache.get_seq_length(),
@@ -206,8 +264,12 @@ def main() -> None:
         "generated": tokens,
     }
     result["total_peak_gb"] = peak_gb(device)
+    result["phase"] = "decode"
     save()
-    print(result)
+    log(
+        f"decode: {args.decode} tokens, median {result['decode']['ms_per_token_median']:.1f} ms/token, "
+        f"peak {result['total_peak_gb']} GB; JSON in {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch
 from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.kernels.commvq_attention import CodedKV, LayerBooks, decode_attention, decode_attention_reference
 from pressroom.kernels.commvq_encode import KeyTables, code_bytes, encode_keys, normalize_keys, pack_bits
+from pressroom.kernels.commvq_resources import BENCHMARK_DECODE_TILINGS
 from pressroom.presses.commvq_codebooks import ValueCodec
 
 HQ, H, D, WINDOW = 32, 8, 128, 128
@@ -125,11 +126,51 @@ def reference_decode_path(q, kv: CodedKV, theta, codec: ValueCodec, inv_freq, sc
     return (out * (codec.scale + codec.eps).view(H, 1, D)).view(HQ, D)
 
 
+SWEEPS = {  # (block_t, nb_chunk, num_warps, num_stages); the first is decode_attention's default
+    "none": [(32, 1024, 8, 1)],
+    "small": list(BENCHMARK_DECODE_TILINGS),  # each compiled for sm_90 by tests/test_commvq_resources.py
+}
+SWEEPS["full"] = SWEEPS["small"] + [
+    (bt, nbc, nw, ns)
+    for bt in (16, 32, 64)
+    for nbc in (512, 1024)
+    for nw in (4, 8)
+    for ns in (1,)
+    if (bt, nbc, nw, ns) not in SWEEPS["small"]
+]
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def attempt(fn, reps: int, device: torch.device) -> float | str:
+    """:func:`timed_ms`, or ``"failed: ..."`` when the call raises (a tiling out of shared memory, a compile error,
+    out of memory): the benchmark records it and goes on."""
+    try:
+        return timed_ms(fn, reps, device)
+    except Exception as err:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        return f"failed: {type(err).__name__}: {str(err)[:300]}"
+
+
+def fmt(ms) -> str:
+    return f"{ms:.4f} ms" if isinstance(ms, float) else str(ms)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", required=True)
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--bits", type=int, nargs="+", default=[1, 2], choices=[1, 2], help="bit widths to run")
+    ap.add_argument("--sweep", choices=sorted(SWEEPS), default="small", help="decode tilings to time")
+    ap.add_argument("--skip-key-scores", action="store_true", help="skip the two key-side designs in isolation")
+    ap.add_argument("--skip-reference-path", action="store_true", help="skip the PyTorch reference decode path")
+    ap.add_argument("--skip-encode", action="store_true", help="skip the encode timings")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -146,33 +187,45 @@ def main() -> None:
         "transformers": transformers.__version__,
         "shape": {"tokens": n, "q_heads": HQ, "kv_heads": H, "head_dim": D, "batch": 1, "window": WINDOW},
         "smoke": args.smoke,
+        "sweep": args.sweep,
         "configs": {},
     }
     out_path = Path(args.output)
-    save = lambda: atomic_write_json(out_path, result)  # noqa: E731
+
+    def save() -> None:
+        result["elapsed_s"] = time.perf_counter() - T0
+        atomic_write_json(out_path, result)
+
     scaling = D**-0.5
+    log(f"device {result['device']}, torch {torch.__version__}, triton {triton.__version__}, {n} tokens")
 
     # fp16 SDPA baseline
     kf = torch.randn(1, H, n + WINDOW, D, device=device, dtype=torch.bfloat16)
     vf = torch.randn_like(kf)
     qf = torch.randn(1, HQ, 1, D, device=device, dtype=torch.bfloat16)
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, enable_gqa=True)  # noqa: E731
-    result["sdpa_bf16_ms"] = timed_ms(sdpa, reps, device)
+    result["sdpa_bf16_ms"] = attempt(sdpa, reps, device)
     result["fp16_bytes_per_token"] = H * D * 2 * 2
     kf = vf = None
     save()
+    log(f"sdpa bf16: {fmt(result['sdpa_bf16_ms'])}")
 
-    for bits, r in CONFIGS:
-        cfg = result["configs"][f"{bits}bit"] = {"bits": bits, "key_residuals": r}
+    for bits, r in (c for c in CONFIGS if c[0] in args.bits):
+        name = f"{bits}bit"
+        cfg = result["configs"][name] = {"bits": bits, "key_residuals": r}
         kv, books, theta, codec = make_layer(n, bits, r, device)
         cfg["key_table"] = "float16" if books.ztab16 is not None else "float32"
         q = torch.randn(1, HQ, D, device=device)
-        # correctness on a slice
+        log(f"{name}: layer built (R={r}, key table {cfg['key_table']})")
+        # correctness on a slice, at the default tiling
         m = min(n, 4096)
         sub = CodedKV(kv.codes, kv.knorm, kv.vcoef, kv.pos, kv.vbits, m, kv.wkeys, kv.wvals, kv.wpos, kv.nw)
         ref = decode_attention_reference(q, sub, books, scaling)
-        ours = decode_attention(q, sub, books, scaling, use_triton=True)
-        cfg["check_max_abs_err"] = float((ours - ref).abs().max())
+        try:
+            ours = decode_attention(q, sub, books, scaling, use_triton=True)
+            cfg["check_max_abs_err"] = float((ours - ref).abs().max())
+        except Exception as err:
+            cfg["check_max_abs_err"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
         cfg["check_ref_max_abs"] = float(ref.abs().max())
         sub.nw = 0
         with torch.no_grad():
@@ -181,137 +234,137 @@ def main() -> None:
             (lut - decode_attention_reference(q, sub, books, scaling)[0]).abs().max()
         )
         save()
-        # a small tiling sweep (the best is reported as ours_ms; all are kept)
-        sweep = (
-            [(32, None, 1024, 8)]
-            if args.smoke
-            else [(bt, nbc, 1024, nw) for bt in (16, 32, 64) for nbc in (512, 1024) for nw in (4, 8)]
+        log(
+            f"{name} check ({m} tokens): kernel vs reference max abs err {cfg['check_max_abs_err']} "
+            f"(reference max abs {cfg['check_ref_max_abs']:.4g}); reference path err "
+            f"{cfg['check_reference_path_max_abs_err']:.3g}"
         )
+        # the tiling sweep (the best is reported as ours_ms; all are kept, failures included)
         cfg["decode_sweep"] = []
-        for bt, nbc, tp, nw in sweep:
-            try:
-                ms = timed_ms(
-                    lambda: decode_attention(
-                        q,
-                        kv,
-                        books,
-                        scaling,
-                        use_triton=True,
-                        block_t=bt,
-                        nb_chunk=nbc,
-                        target_programs=tp,
-                        num_warps=nw,
-                    ),
-                    reps,
-                    device,
-                )
-            except Exception as err:  # a tiling that does not compile (e.g. out of shared memory) is skipped
-                ms = f"failed: {type(err).__name__}: {str(err)[:200]}"
-            cfg["decode_sweep"].append(
-                {"block_t": bt, "nb_chunk": nbc, "target_programs": tp, "num_warps": nw, "ms": ms}
-            )
-        timings = [e for e in cfg["decode_sweep"] if isinstance(e["ms"], float)]
-        best = min(timings, key=lambda e: e["ms"])
-        # the split count is a runtime argument (no compile); ~one program per SM keeps one head's table in L1
-        for tp in () if args.smoke else (120, 128, 256, 512, 2048, 4096):
-            e = dict(best, target_programs=tp)
-            e["ms"] = timed_ms(
+        for bt, nbc, nw, ns in SWEEPS["none" if args.smoke else args.sweep]:
+            e = {"block_t": bt, "nb_chunk": nbc, "num_warps": nw, "num_stages": ns, "target_programs": 1024}
+            e["ms"] = attempt(
                 lambda: decode_attention(
-                    q,
-                    kv,
-                    books,
-                    scaling,
-                    use_triton=True,
-                    block_t=e["block_t"],
-                    nb_chunk=e["nb_chunk"],
-                    target_programs=tp,
-                    num_warps=e["num_warps"],
+                    q, kv, books, scaling, True, bt, nbc, e["target_programs"], num_warps=nw, num_stages=ns
                 ),
                 reps,
                 device,
             )
             cfg["decode_sweep"].append(e)
-        best = min((e for e in cfg["decode_sweep"] if isinstance(e["ms"], float)), key=lambda e: e["ms"])
-        cfg["ours_ms"] = best["ms"]
-        cfg["ours_best_tiling"] = best
+            save()
+            log(f"{name} decode block_t={bt} nb_chunk={nbc} warps={nw} stages={ns}: {fmt(e['ms'])}")
+        timings = [e for e in cfg["decode_sweep"] if isinstance(e["ms"], float)]
+        if timings:
+            best = min(timings, key=lambda e: e["ms"])
+            # the split count is a runtime argument (no compile); ~one program per SM keeps one head's table in L1
+            for tp in () if args.smoke else (132, 264, 512, 2048, 4096):
+                e = dict(best, target_programs=tp)
+                e["ms"] = attempt(
+                    lambda: decode_attention(
+                        q,
+                        kv,
+                        books,
+                        scaling,
+                        True,
+                        e["block_t"],
+                        e["nb_chunk"],
+                        tp,
+                        num_warps=e["num_warps"],
+                        num_stages=e["num_stages"],
+                    ),
+                    reps,
+                    device,
+                )
+                cfg["decode_sweep"].append(e)
+                log(f"{name} decode best tiling, target_programs={tp}: {fmt(e['ms'])}")
+            best = min((e for e in cfg["decode_sweep"] if isinstance(e["ms"], float)), key=lambda e: e["ms"])
+            cfg["ours_ms"] = best["ms"]
+            cfg["ours_best_tiling"] = best
+        else:
+            cfg["ours_ms"] = None
         save()
+        log(f"{name} decode: best {fmt(cfg['ours_ms'])} (sdpa {fmt(result['sdpa_bf16_ms'])})")
         # the two key-side designs in isolation (scores of every coded token, no softmax / values)
-        from pressroom.kernels.commvq_attention import key_luts, key_scores
+        if not args.skip_key_scores:
+            from pressroom.kernels.commvq_attention import key_luts, key_scores
 
-        cfg["key_scores_ms"] = {}
-        luts = key_luts(q, books)
-        for design in ("direct", "lut"):
-            best_ms = None
-            for bt in (32,) if args.smoke else (16, 32, 64):
-                try:
-                    ms = timed_ms(
+            cfg["key_scores_ms"] = {}
+            luts = key_luts(q, books)
+            for design in ("direct", "lut"):
+                best_ms = None
+                for bt in (32,) if args.smoke else (16, 32):
+                    ms = attempt(
                         lambda: key_scores(q, kv, books, design=design, use_triton=True, block_t=bt, luts=luts),
                         reps,
                         device,
                     )
-                except Exception as err:  # a tiling that does not compile is skipped
-                    cfg["key_scores_ms"][f"{design}_bt{bt}"] = f"failed: {type(err).__name__}: {str(err)[:200]}"
-                    continue
-                cfg["key_scores_ms"][f"{design}_bt{bt}"] = ms
-                best_ms = ms if best_ms is None else min(best_ms, ms)
-            cfg["key_scores_ms"][design] = best_ms
-        luts = None
-        save()
-        try:
-            cfg["reference_path_pytorch_ms"] = timed_ms(
+                    cfg["key_scores_ms"][f"{design}_bt{bt}"] = ms
+                    log(f"{name} key scores {design} block_t={bt}: {fmt(ms)}")
+                    if isinstance(ms, float):
+                        best_ms = ms if best_ms is None else min(best_ms, ms)
+                cfg["key_scores_ms"][design] = best_ms
+                save()
+            luts = None
+        if not args.skip_reference_path:
+            cfg["reference_path_pytorch_ms"] = attempt(
                 lambda: reference_decode_path(q[0], kv, theta, codec, books.inv_freq, scaling),
                 max(1, reps // 4),
                 device,
             )
-        except torch.OutOfMemoryError as err:  # pragma: no cover - GPU only
-            cfg["reference_path_pytorch_ms"] = f"OOM: {err}"
-        save()
+            save()
+            log(f"{name} reference decode path (PyTorch): {fmt(cfg['reference_path_pytorch_ms'])}")
         # encode per layer: keys (fused search + packing) and values (encoder MLP + postscale + packing)
-        raw = torch.randn(1, H, n, D, device=device)
-        tables = KeyTables(theta)
-        codes_out = torch.empty(n, H, code_bytes(r), dtype=torch.uint8, device=device)
+        if not args.skip_encode:
+            raw = torch.randn(1, H, n, D, device=device)
+            tables = KeyTables(theta)
+            codes_out = torch.empty(n, H, code_bytes(r), dtype=torch.uint8, device=device)
 
-        def enc_keys(block_n=16, num_warps=8):
-            x, _ = normalize_keys(raw)
-            encode_keys(
-                x[0], theta, use_triton=True, tables=tables, out=codes_out, block_n=block_n, num_warps=num_warps
+            def enc_keys(block_n=16, num_warps=8):
+                x, _ = normalize_keys(raw)
+                encode_keys(
+                    x[0], theta, use_triton=True, tables=tables, out=codes_out, block_n=block_n, num_warps=num_warps
+                )
+
+            vals = torch.randn(1, n, H * D, device=device)
+
+            def enc_values():
+                for s in range(0, n, 16384):
+                    v = vals[:, s : s + 16384]
+                    bits_, pre = codec.encode(v)
+                    post = codec.postscale(bits_)
+                    pack_bits(bits_), (pre + codec.eps) / (post + codec.eps)
+
+            cfg["encode_keys_sweep"] = []
+            for bn, nw in [(16, 8)] if args.smoke else [(16, 8), (16, 4), (32, 8)]:
+                ms = attempt(lambda: enc_keys(bn, nw), max(1, reps // 4), device)
+                cfg["encode_keys_sweep"].append({"block_n": bn, "num_warps": nw, "ms": ms})
+                save()
+                log(f"{name} encode keys block_n={bn} warps={nw}: {fmt(ms)}")
+            ok = [e for e in cfg["encode_keys_sweep"] if isinstance(e["ms"], float)]
+            cfg["encode_keys_ms"] = min(e["ms"] for e in ok) if ok else None
+            cfg["encode_values_ms"] = attempt(enc_values, max(1, reps // 4), device)
+            vms = cfg["encode_values_ms"]
+            cfg["encode_total_ms"] = (
+                cfg["encode_keys_ms"] + vms if cfg["encode_keys_ms"] is not None and isinstance(vms, float) else None
             )
-
-        vals = torch.randn(1, n, H * D, device=device)
-
-        def enc_values():
-            for s in range(0, n, 16384):
-                v = vals[:, s : s + 16384]
-                bits_, pre = codec.encode(v)
-                post = codec.postscale(bits_)
-                pack_bits(bits_), (pre + codec.eps) / (post + codec.eps)
-
-        cfg["encode_keys_sweep"] = []
-        for bn, nw in [(16, 8)] if args.smoke else [(16, 4), (16, 8), (32, 8)]:
-            try:
-                ms = timed_ms(lambda: enc_keys(bn, nw), max(1, reps // 4), device)
-            except Exception as err:
-                ms = f"failed: {type(err).__name__}: {str(err)[:200]}"
-            cfg["encode_keys_sweep"].append({"block_n": bn, "num_warps": nw, "ms": ms})
-        ok = [e for e in cfg["encode_keys_sweep"] if isinstance(e["ms"], float)]
-        cfg["encode_keys_ms"] = min(e["ms"] for e in ok) if ok else None
-        save()
-        cfg["encode_values_ms"] = timed_ms(enc_values, max(1, reps // 4), device)
-        cfg["encode_total_ms"] = (cfg["encode_keys_ms"] or 0.0) + cfg["encode_values_ms"]
+            save()
+            log(f"{name} encode values: {fmt(vms)}; encode total {fmt(cfg['encode_total_ms'])}")
+            raw = vals = None
         per_token = H * code_bytes(r) + H * D * bits // 8 + 2 + 2 + 4
         cfg["bytes_per_token"] = per_token
         cfg["fraction_of_fp16"] = per_token / result["fp16_bytes_per_token"]
         cfg["target_fraction"] = 1 / 7 if bits == 2 else 1 / 12
+        ref_ms = cfg.get("reference_path_pytorch_ms")
         cfg["speedup_vs_reference_path"] = (
-            cfg["reference_path_pytorch_ms"] / cfg["ours_ms"]
-            if isinstance(cfg["reference_path_pytorch_ms"], float)
-            else None
+            ref_ms / cfg["ours_ms"] if isinstance(ref_ms, float) and isinstance(cfg["ours_ms"], float) else None
         )
         save()
-        kv = raw = vals = None
+        log(f"{name}: {per_token} bytes per token ({cfg['fraction_of_fp16']:.4f} of fp16)")
+        kv = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(result)
+    save()
+    log(f"done; JSON in {out_path}")
 
 
 if __name__ == "__main__":

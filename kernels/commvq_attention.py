@@ -250,6 +250,30 @@ def chunk_attention(
 if HAS_TRITON:
 
     @triton.jit
+    def _add_center(
+        kx, ky, ztab_ptr, g, r, code, pp, pmask, R: tl.constexpr, P: tl.constexpr, TABLE_FP16: tl.constexpr
+    ):
+        """``(kx, ky) += z_A + i z_B`` of code ``64 A + B`` of residual ``r``: one gather per entry, ``(x, y)`` of
+        ``z_A`` and of ``z_B`` packed in one int64 (float32 table) or int32 (float16 table)."""
+        za = tl.load(
+            ztab_ptr + (((g * R + r) * 64 + (code >> 6)) * P)[:, None] + pp[None, :], mask=pmask[None, :], other=0
+        )
+        zb = tl.load(
+            ztab_ptr + (((g * R + r) * 64 + (code & 63)) * P)[:, None] + pp[None, :], mask=pmask[None, :], other=0
+        )
+        if TABLE_FP16:  # (x, y) as two float16 in one int32: half the bytes, L1-resident at R=11
+            xa = (za & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            ya = ((za >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            xb = (zb & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            yb = ((zb >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            xa = (za & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+            ya = (za >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+            xb = (zb & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+            yb = (zb >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+        return kx + (xa - yb), ky + (ya + xb)
+
+    @triton.jit
     def _decode_split_kernel(
         q_ptr,  # [B, Hq, D] fp32 interleaved, pre-multiplied by scaling * log2(e)
         codes_ptr,
@@ -332,39 +356,16 @@ if HAS_TRITON:
                 kx = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
                 ky = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
                 crow = codes_ptr + b * s_cb + g * s_ch + tok * s_cn
-                for r in tl.static_range(R):
-                    byte0 = (3 * (r - r % 2)) // 2
-                    if r % 2 == 0:
-                        lo = tl.load(crow + byte0, mask=tmask, other=0).to(tl.int32)
-                        hi = tl.load(crow + byte0 + 1, mask=tmask, other=0).to(tl.int32)
-                        code = lo | ((hi & 15) << 8)
-                    else:
-                        lo = tl.load(crow + byte0 + 1, mask=tmask, other=0).to(tl.int32)
-                        hi = tl.load(crow + byte0 + 2, mask=tmask, other=0).to(tl.int32)
-                        code = (lo >> 4) | (hi << 4)
-                    # one gather per entry: (x, y) of z_A and of z_B packed in one int64 (float32) or int32 (float16)
-                    za = tl.load(
-                        ztab_ptr + (((g * R + r) * 64 + (code >> 6)) * P)[:, None] + pp[None, :],
-                        mask=pmask[None, :],
-                        other=0,
-                    )
-                    zb = tl.load(
-                        ztab_ptr + (((g * R + r) * 64 + (code & 63)) * P)[:, None] + pp[None, :],
-                        mask=pmask[None, :],
-                        other=0,
-                    )
-                    if TABLE_FP16:  # (x, y) as two float16 in one int32: half the bytes, L1-resident at R=11
-                        xa = (za & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                        ya = ((za >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                        xb = (zb & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                        yb = ((zb >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                    else:
-                        xa = (za & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-                        ya = (za >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
-                        xb = (zb & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-                        yb = (zb >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
-                    kx += xa - yb
-                    ky += ya + xb
+                # a runtime loop over residual pairs (two codes in three bytes): a fully unrolled loop over R lets
+                # ptxas hoist all 2 R gathers (8 registers each per thread at BLOCK_T=32, P=64) and spill
+                for j in range(0, (R + 1) // 2):
+                    b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
+                    b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
+                    kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j, b0 | ((b1 & 15) << 8), pp, pmask, R, P, TABLE_FP16)
+                    if 2 * j + 1 < R:
+                        b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
+                        code = (b1 >> 4) | (b2 << 4)
+                        kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, TABLE_FP16)
                 pos = tl.load(pos_ptr + b * s_pb + g * s_ph + tok, mask=tmask, other=0).to(tl.float32)
                 phi = pos[:, None] * invf[None, :]
                 cs = tl.cos(phi)
@@ -481,6 +482,64 @@ def _split_size(n: int, bh: int, block_t: int, target_programs: int) -> int:
     return math.ceil(size / block_t) * block_t
 
 
+DEFAULT_TARGET_PROGRAMS = 1024
+
+
+def _default_nb_chunk(nbits: int) -> int:
+    return min(max(triton.next_power_of_2(nbits), 16), 1024)
+
+
+def decode_meta(
+    h: int,
+    g: int,
+    d: int,
+    r: int,
+    nbits: int,
+    table_fp16: bool = True,
+    block_t: int = 32,
+    nb_chunk: int | None = None,
+    num_warps: int = 8,
+    num_stages: int = 1,
+) -> tuple[dict, tuple[int, int]]:
+    """The decode kernel's constexprs and ``(num_warps, num_stages)`` for ``h`` KV heads of ``g`` query heads, head
+    dim ``d``, ``r`` key residuals and ``nbits`` value bits per token (what :func:`decode_attention` launches; the
+    resource test compiles exactly this).
+
+    ``num_stages=1`` by default: software pipelining stages the theta gathers in shared memory (with the residual
+    loop unrolled: ``2 R`` double-buffered ``BLOCK_T x P`` tiles, 435 KB at ``R = 11``, far over the H100's 227 KB);
+    the gathers hit L1 anyway. Compiled for sm_90 (``python -m pressroom.kernels.commvq_resources``), the defaults
+    (``BLOCK_T=32``, ``NB_CHUNK=1024``, 8 warps) take 73 KB of shared memory and 255 registers with no real spill
+    (8 bytes) at R=11 and R=21; 4 warps spill about 1.6 KB per thread."""
+    p = d // 2
+    meta = dict(
+        H=h,
+        G=g,
+        P=p,
+        R=r,
+        NBITS=nbits,
+        NB_CHUNK=nb_chunk or _default_nb_chunk(nbits),
+        BLOCK_G=max(16, triton.next_power_of_2(g)),
+        BLOCK_T=block_t,
+        BLOCK_P=triton.next_power_of_2(p),
+        BLOCK_D=triton.next_power_of_2(d),
+        USE_DOT=p >= 16,
+        TABLE_FP16=bool(table_fp16),
+    )
+    return meta, (num_warps, num_stages)
+
+
+def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) -> tuple[dict, tuple[int, int]]:
+    """The reduce kernel's constexprs and ``(num_warps, num_stages)`` (see :func:`decode_meta`)."""
+    meta = dict(
+        NBITS=nbits,
+        D=d,
+        BLOCK_S=triton.next_power_of_2(n_splits + 1),
+        NB_CHUNK=nb_chunk or _default_nb_chunk(nbits),
+        BLOCK_D=triton.next_power_of_2(d),
+    )
+    return meta, (4, 1)
+
+
 def decode_attention(
     q: torch.Tensor,
     kv: CodedKV,
@@ -489,8 +548,9 @@ def decode_attention(
     use_triton: bool | None = None,
     block_t: int = 32,
     nb_chunk: int | None = None,
-    target_programs: int = 1024,
+    target_programs: int = DEFAULT_TARGET_PROGRAMS,
     num_warps: int = 8,
+    num_stages: int = 1,
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -506,9 +566,10 @@ def decode_attention(
         Softmax scale.
     use_triton : bool or None
         ``None``: the kernel on CUDA, :func:`decode_attention_reference` elsewhere.
-    block_t, nb_chunk, target_programs, num_warps : int
+    block_t, nb_chunk, target_programs, num_warps, num_stages : int
         Kernel tiling: tokens per block, value bits per program (default ``min(n_bits, 1024)``), the number of
-        programs the split count aims at, warps per program.
+        programs the split count aims at, warps per program, software-pipelining stages (1: none, see
+        :func:`decode_meta`).
 
     Returns
     -------
@@ -524,10 +585,12 @@ def decode_attention(
     if hq % h:
         raise ValueError(f"{hq} query heads are not a multiple of {h} KV heads.")
     g = hq // h
-    p = d // 2
     r = books.theta.shape[1]
     nbits = books.n_bits
-    nb_chunk = nb_chunk or min(max(triton.next_power_of_2(nbits), 16), 1024)
+    meta, (num_warps, num_stages) = decode_meta(
+        h, g, d, r, nbits, books.ztab16 is not None, block_t, nb_chunk, num_warps, num_stages
+    )
+    nb_chunk = meta["NB_CHUNK"]
     n_nbc = triton.cdiv(nbits, nb_chunk)
     split = _split_size(kv.n, b * h * n_nbc, block_t, target_programs)
     n_splits = triton.cdiv(kv.n, split) if kv.n else 0
@@ -539,7 +602,6 @@ def decode_attention(
     accw = torch.empty(b, hq, d, device=dev, dtype=torch.float32)
     pos = kv.pos
     s_pb, s_ph = (pos.stride(0), 0) if pos.dim() == 2 else (pos.stride(0), pos.stride(1))
-    block_g = max(16, triton.next_power_of_2(g))
     _decode_split_kernel[(n_splits + 1, b * h, n_nbc)](
         qs,
         kv.codes,
@@ -576,20 +638,11 @@ def decode_attention(
         kv.wvals.stride(1),
         kv.wvals.stride(2),
         kv.wpos.stride(0),
-        H=h,
-        G=g,
-        P=p,
-        R=r,
-        NBITS=nbits,
-        NB_CHUNK=nb_chunk,
-        BLOCK_G=block_g,
-        BLOCK_T=block_t,
-        BLOCK_P=triton.next_power_of_2(p),
-        BLOCK_D=triton.next_power_of_2(d),
-        USE_DOT=p >= 16,
-        TABLE_FP16=books.ztab16 is not None,
+        **meta,
         num_warps=num_warps,
+        num_stages=num_stages,
     )
+    rmeta, (rwarps, rstages) = reduce_meta(d, nbits, n_splits, nb_chunk)
     out_bits = torch.empty(b * hq, nbits, device=dev, dtype=torch.float32)
     out_w = torch.empty(b * hq, d, device=dev, dtype=torch.float32)
     _decode_reduce_kernel[(b * hq, n_nbc)](
@@ -600,11 +653,9 @@ def decode_attention(
         out_bits,
         out_w,
         n_splits,
-        NBITS=nbits,
-        D=d,
-        BLOCK_S=triton.next_power_of_2(n_splits + 1),
-        NB_CHUNK=nb_chunk,
-        BLOCK_D=triton.next_power_of_2(d),
+        **rmeta,
+        num_warps=rwarps,
+        num_stages=rstages,
     )
     # one small matmul per KV head: (weighted bits) @ E[:, head], times the channel scale
     out = torch.einsum("bhgk,khd->bhgd", out_bits.view(b, h, g, nbits), books.emb) * books.chscale[None, :, None]
@@ -685,16 +736,13 @@ if HAS_TRITON:
         else:
             kx = tl.zeros((BLOCK_T, P), tl.float32)
             ky = tl.zeros((BLOCK_T, P), tl.float32)
-        for r in tl.static_range(R):
-            byte0 = (3 * (r - r % 2)) // 2
-            if r % 2 == 0:
-                lo = tl.load(crow + byte0, mask=tmask, other=0).to(tl.int32)
-                hi = tl.load(crow + byte0 + 1, mask=tmask, other=0).to(tl.int32)
-                code = lo | ((hi & 15) << 8)
-            else:
-                lo = tl.load(crow + byte0 + 1, mask=tmask, other=0).to(tl.int32)
-                hi = tl.load(crow + byte0 + 2, mask=tmask, other=0).to(tl.int32)
-                code = (lo >> 4) | (hi << 4)
+        # a runtime loop (an unrolled one lets ptxas hoist every residual's gathers and spill): code r starts at byte
+        # 3r // 2, on the low nibble for even r and the high one for odd r
+        for r in range(R):
+            byte0 = (3 * r) // 2
+            lo = tl.load(crow + byte0, mask=tmask, other=0).to(tl.int32)
+            hi = tl.load(crow + byte0 + 1, mask=tmask, other=0).to(tl.int32)
+            code = ((lo | (hi << 8)) >> (4 * (r % 2))) & 4095
             if LUT:  # G gathers per entry (one per query head of the group)
                 base = ((b * H * G + hq) * R + r) * 64  # [BLOCK_G]
                 la = tl.load(
@@ -731,6 +779,23 @@ if HAS_TRITON:
         tl.store(out_ptr + (b * H * G + hq)[:, None] * n_codes + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :])
 
 
+def key_scores_meta(
+    h: int,
+    g: int,
+    d: int,
+    r: int,
+    design: str = "direct",
+    block_t: int = 32,
+    num_warps: int | None = None,
+    num_stages: int = 1,
+) -> tuple[dict, tuple[int, int]]:
+    """The key-scores kernel's constexprs and ``(num_warps, num_stages)`` (see :func:`decode_meta`); default warps:
+    4 for the direct design, 8 for the LUT one (its ``G x BLOCK_T x P`` float32 accumulators need the registers)."""
+    num_warps = num_warps or (8 if design == "lut" else 4)
+    meta = dict(H=h, G=g, P=d // 2, R=r, BLOCK_G=triton.next_power_of_2(g), BLOCK_T=block_t, LUT=design == "lut")
+    return meta, (num_warps, num_stages)
+
+
 def key_scores(
     q: torch.Tensor,
     kv: CodedKV,
@@ -738,7 +803,7 @@ def key_scores(
     design: str = "direct",
     use_triton: bool | None = None,
     block_t: int = 32,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     luts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores ``[B, Hq, n]`` of every coded token by one of the two key-side designs (for comparing them).
@@ -768,6 +833,7 @@ def key_scores(
     pos = kv.pos
     s_pb, s_ph = (pos.stride(0), 0) if pos.dim() == 2 else (pos.stride(0), pos.stride(1))
     ztab = books.ztab.view(torch.int64)
+    meta, (num_warps, num_stages) = key_scores_meta(h, g, d, books.theta.shape[1], design, block_t, num_warps)
     _key_scores_kernel[(triton.cdiv(kv.n, block_t), b * h)](
         q.float().contiguous(),
         lut if lut is not None else ztab,
@@ -785,14 +851,9 @@ def key_scores(
         kv.knorm.stride(0),
         s_pb,
         s_ph,
-        H=h,
-        G=g,
-        P=p,
-        R=books.theta.shape[1],
-        BLOCK_G=triton.next_power_of_2(g),
-        BLOCK_T=block_t,
-        LUT=design == "lut",
+        **meta,
         num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
@@ -803,11 +864,14 @@ __all__ = [
     "chunk_attention",
     "decode_attention",
     "decode_attention_reference",
+    "decode_meta",
     "dequantize_keys",
     "dequantize_values",
     "key_luts",
     "key_scores",
+    "key_scores_meta",
     "key_scores_reference",
+    "reduce_meta",
     "rotate_interleaved",
     "window_keys",
 ]

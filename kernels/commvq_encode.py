@@ -199,6 +199,13 @@ if HAS_TRITON:
                 tl.store(out_row + byte0 + 2, (best_idx >> 4).to(tl.uint8), mask=rmask)
 
 
+def encode_meta(d: int, r: int, block_n: int = 16, num_warps: int = 8, num_stages: int = 1) -> tuple[dict, tuple]:
+    """The encode kernel's constexprs and ``(num_warps, num_stages)`` for head dim ``d`` and ``r`` residuals (what
+    :func:`encode_keys` launches; :mod:`pressroom.kernels.commvq_resources` compiles exactly this)."""
+    meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), A_CHUNK=16)
+    return meta, (num_warps, num_stages)
+
+
 def encode_keys(
     x: torch.Tensor,
     thetas: torch.Tensor,
@@ -243,6 +250,7 @@ def encode_keys(
         tables = KeyTables(thetas.to(x.device))
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
+    meta, (num_warps, num_stages) = encode_meta(d, r, block_n, num_warps)
     grid = (triton.cdiv(n, block_n), h)
     _encode_kernel[grid](
         x,
@@ -255,12 +263,9 @@ def encode_keys(
         x.stride(1),
         out.stride(0),
         out.stride(1),
-        D=d,
-        R=r,
-        BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        A_CHUNK=16,
+        **meta,
         num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
@@ -270,6 +275,7 @@ __all__ = [
     "KeyTables",
     "code_bytes",
     "encode_keys",
+    "encode_meta",
     "encode_keys_reference",
     "normalize_keys",
     "pack_bits",

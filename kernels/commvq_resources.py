@@ -1,0 +1,256 @@
+"""Shared memory and registers of the CommVQ Triton kernels, compiled ahead of time for a GPU target without a GPU.
+
+Triton compiles for any NVIDIA target on a CPU-only machine (the wheel ships ``ptxas``): :func:`kernel_resources`
+compiles one kernel with the exact constexprs and launch options its launcher uses (each launcher exposes them:
+:func:`pressroom.kernels.commvq_attention.decode_meta`, :func:`~pressroom.kernels.commvq_attention.reduce_meta`,
+:func:`~pressroom.kernels.commvq_attention.key_scores_meta`, :func:`pressroom.kernels.commvq_encode.encode_meta`)
+and reads the static shared memory from Triton's metadata and the registers / stack (spill) bytes per thread from
+``cuobjdump --dump-resource-usage``. :func:`commvq_resource_table` does it for every default configuration of the
+shapes the cache and the benchmarks use, so a test can assert that everything fits an H100 (227 KB of shared memory
+per block) before a GPU ever sees it.
+
+    python -m pressroom.kernels.commvq_resources            # prints the table (sm_90)
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+H100_SHARED_BYTES = 232448  # 227 KB: the most one block may use on sm_90 (opt-in)
+SM90 = ("cuda", 90, 32)
+
+# the pointer arguments' element types (the rest: int32 scalars, and float32 for the names in _FLOAT_ARGS)
+_POINTERS = {
+    "_decode_split_kernel": {
+        "q_ptr": "*fp32",
+        "codes_ptr": "*u8",
+        "knorm_ptr": "*fp16",
+        "vcoef_ptr": "*fp16",
+        "pos_ptr": "*i32",
+        "vbits_ptr": "*u8",
+        "wk_ptr": "*bf16",
+        "wv_ptr": "*bf16",
+        "wpos_ptr": "*i32",
+        "ztab_ptr": "*i32",  # *i64 for a float32 table (set by table_fp16)
+        "invf_ptr": "*fp32",
+        "m_ptr": "*fp32",
+        "l_ptr": "*fp32",
+        "acc_ptr": "*fp32",
+        "accw_ptr": "*fp32",
+    },
+    "_decode_reduce_kernel": {
+        n: "*fp32" for n in ("m_ptr", "l_ptr", "acc_ptr", "accw_ptr", "out_bits_ptr", "out_w_ptr")
+    },
+    "_key_scores_kernel": {
+        "q_ptr": "*fp32",
+        "lut_ptr": "*i64",
+        "codes_ptr": "*u8",
+        "knorm_ptr": "*fp16",
+        "pos_ptr": "*i32",
+        "ztab_ptr": "*i64",
+        "invf_ptr": "*fp32",
+        "out_ptr": "*fp32",
+    },
+    "_encode_kernel": {"x_ptr": "*fp32", "u_ptr": "*fp32", "w_ptr": "*fp32", "h_ptr": "*fp32", "out_ptr": "*u8"},
+}
+_FLOAT_ARGS = {"rope_scale"}
+
+
+def _signature(fn, constexprs: dict, overrides: dict | None = None) -> dict:
+    pointers = dict(_POINTERS[fn.__name__], **(overrides or {}))
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _cubin_usage(cubin: bytes) -> dict:
+    """Registers and stack bytes per thread from ``cuobjdump --dump-resource-usage`` (``{}`` if it is missing)."""
+    try:
+        from triton import knobs
+
+        tool = knobs.nvidia.cuobjdump.path
+    except Exception:  # pragma: no cover - older Triton
+        tool = None
+    if not tool:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+    out = {}
+    for key, name in (("REG", "regs"), ("STACK", "stack_bytes"), ("LOCAL", "local_bytes")):
+        m = re.search(rf"\b{key}:(\d+)", text)
+        if m:
+            out[name] = int(m.group(1))
+    return out
+
+
+def kernel_resources(fn, constexprs: dict, num_warps: int, num_stages: int, target=SM90, pointers=None) -> dict:
+    """Compile the ``@triton.jit`` function ``fn`` for ``target`` (``(backend, arch, warp_size)``) and return
+    ``{"shared": bytes, "regs": per thread, "stack_bytes": per thread (spills), "fits": shared <= 227 KB}``.
+
+    Raises whatever Triton raises when the kernel does not compile (the caller records it)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, constexprs, pointers), constexprs=constexprs)
+    compiled = triton.compile(
+        src, target=GPUTarget(*target), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+    shared = int(compiled.metadata.shared)
+    res = {"shared": shared, "fits": shared <= H100_SHARED_BYTES}
+    res.update(_cubin_usage(compiled.asm["cubin"]))
+    return res
+
+
+# the shapes the cache and the benchmarks run: (name, KV heads, query heads, head_dim, key residuals, value bits):
+# Llama-3.1-8B (R=11 at 1 bit, 21 at 2 bits), SmolLM2-135M (head_dim 64: R=5 at 1 bit, 11 at 2 bits)
+SHAPES = (
+    ("llama8b_1bit", 8, 32, 128, 11, 1),
+    ("llama8b_2bit", 8, 32, 128, 21, 2),
+    ("smollm2_1bit", 3, 9, 64, 5, 1),
+    ("smollm2_2bit", 3, 9, 64, 11, 2),
+)
+
+# the decode tilings benchmarks/commvq_decode.py sweeps (block_t, nb_chunk, num_warps, num_stages) at the 8B shape
+BENCHMARK_DECODE_TILINGS = (
+    (32, 1024, 8, 1),
+    (16, 1024, 8, 1),
+    (64, 1024, 8, 1),
+    (32, 512, 8, 1),
+    (32, 1024, 4, 1),
+    (16, 1024, 4, 1),
+)
+
+
+def default_configs():
+    """``(label, fn, constexprs, num_warps, num_stages, pointer overrides)`` of every CommVQ kernel as its launcher
+    compiles it by default, at every shape of :data:`SHAPES` (both key-table dtypes for the decode kernel)."""
+    from pressroom.kernels import commvq_attention as att
+    from pressroom.kernels import commvq_encode as enc
+
+    out = []
+    for name, h, hq, d, r, bits in SHAPES:
+        nbits = h * d * bits
+        for fp16 in (True, False):
+            meta, opts = att.decode_meta(h, hq // h, d, r, nbits, table_fp16=fp16)
+            ptr = None if fp16 else {"ztab_ptr": "*i64"}
+            out.append(
+                (f"decode {name} table={'fp16' if fp16 else 'fp32'}", att._decode_split_kernel, meta, *opts, ptr)
+            )
+        meta, opts = att.reduce_meta(d, nbits, n_splits=att.DEFAULT_TARGET_PROGRAMS // h)
+        out.append((f"reduce {name}", att._decode_reduce_kernel, meta, *opts, None))
+        for design in ("direct", "lut"):
+            meta, opts = att.key_scores_meta(h, hq // h, d, r, design)
+            out.append((f"key_scores {design} {name}", att._key_scores_kernel, meta, *opts, None))
+        meta, opts = enc.encode_meta(d, r)
+        out.append((f"encode {name}", enc._encode_kernel, meta, *opts, None))
+    return out
+
+
+def benchmark_configs():
+    """The decode tilings of :data:`BENCHMARK_DECODE_TILINGS` at the 8B shapes, plus the key-scores block sizes and
+    the encode tilings the decode benchmark times (same tuple layout as :func:`default_configs`)."""
+    from pressroom.kernels import commvq_attention as att
+    from pressroom.kernels import commvq_encode as enc
+
+    out = []
+    for name, h, hq, d, r, bits in SHAPES[:2]:
+        for bt, nbc, nw, ns in BENCHMARK_DECODE_TILINGS:
+            meta, opts = att.decode_meta(h, hq // h, d, r, h * d * bits, True, bt, nbc, nw, ns)
+            out.append(
+                (f"decode {name} bt={bt} nbc={nbc} warps={nw} stages={ns}", att._decode_split_kernel, meta, *opts, None)
+            )
+        for design in ("direct", "lut"):
+            meta, opts = att.key_scores_meta(h, hq // h, d, r, design, block_t=16)
+            out.append((f"key_scores {design} {name} bt=16", att._key_scores_kernel, meta, *opts, None))
+        for bn, nw in ((16, 4), (32, 8)):
+            meta, opts = enc.encode_meta(d, r, bn, nw)
+            out.append((f"encode {name} block_n={bn} warps={nw}", enc._encode_kernel, meta, *opts, None))
+    return out
+
+
+def commvq_resource_table(target=SM90, configs=None) -> list[dict]:
+    """Compile every configuration of :func:`default_configs` (or ``configs``) for ``target``; one row each (a
+    compile error is recorded in the row's ``error``)."""
+    rows = []
+    for label, fn, meta, num_warps, num_stages, ptr in configs if configs is not None else default_configs():
+        row = {"config": label, "num_warps": num_warps, "num_stages": num_stages}
+        row.update({k: v for k, v in meta.items() if k.startswith(("BLOCK", "NB_", "A_CHUNK"))})
+        try:
+            row.update(kernel_resources(fn, meta, num_warps, num_stages, target, ptr))
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        rows.append(row)
+    return rows
+
+
+def probe_sm90() -> str | None:
+    """``None`` when a trivial kernel compiles for sm_90 here, else the reason (no Triton, no ptxas, the interpreter
+    replacing ``triton.jit``...)."""
+    try:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _probe(x_ptr, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1.0)
+
+        kernel_resources(_probe, {"BLOCK": 32}, 1, 1, pointers={"x_ptr": "*fp32"})
+    except Exception as err:
+        return f"cannot compile for sm_90 here: {type(err).__name__}: {str(err)[:200]}"
+    return None
+
+
+def _row(index: int, benchmark: bool) -> dict:
+    configs = default_configs() + (benchmark_configs() if benchmark else [])
+    return commvq_resource_table(configs=[configs[index]])[0]
+
+
+def main() -> None:  # pragma: no cover - a report
+    """One JSON line per configuration (a first line ``{"probe": reason}`` when sm_90 is out of reach). Run without
+    ``TRITON_INTERPRET=1`` (ahead-of-time compilation needs the real ``triton.jit``)."""
+    import argparse
+    import json
+    from concurrent.futures import ProcessPoolExecutor
+
+    ap = argparse.ArgumentParser(description="Compile the CommVQ kernels for sm_90 and print their resources.")
+    ap.add_argument("--benchmark", action="store_true", help="also the decode benchmark's tiling sweep")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel compiles")
+    args = ap.parse_args()
+    reason = probe_sm90()
+    if reason is not None:
+        print(json.dumps({"probe": reason}), flush=True)
+        return
+    n = len(default_configs()) + (len(benchmark_configs()) if args.benchmark else 0)
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        for row in pool.map(_row, range(n), [args.benchmark] * n):
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+
+__all__ = [
+    "BENCHMARK_DECODE_TILINGS",
+    "H100_SHARED_BYTES",
+    "SHAPES",
+    "benchmark_configs",
+    "commvq_resource_table",
+    "default_configs",
+    "kernel_resources",
+    "probe_sm90",
+]
