@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The CommVQ GPU benchmarks, one job each (under 8 minutes on one H100; run from the checkout on the GPU host after
-# the .gpu loads; JSON lands in $OUT, then is copied to benchmarks/results/ by hand):
-#   bash benchmarks/gpu_commvq.sh decode     # decode attention + encode per layer at 128k, 1/2 bits, vs SDPA and the
-#                                            # reference's LUT path; KV bytes per token
+# The CommVQ GPU benchmarks, one job each (each meant to finish in under 4 minutes on one H100; run from the checkout
+# on the GPU host after the .gpu loads; JSON lands in $OUT after every phase, then is copied to benchmarks/results/ by
+# hand; every phase prints one line with the elapsed seconds):
+#   bash benchmarks/gpu_commvq.sh decode1    # decode attention + encode per layer at 128k, 1 bit (R=11), vs SDPA and
+#                                            # the reference's LUT path; tiling sweep; KV bytes per token
+#   bash benchmarks/gpu_commvq.sh decode2    # the same at 2 bits (R=21)
+#   bash benchmarks/gpu_commvq.sh decode     # both bit widths in one run (longer: about the sum of the two)
 #   bash benchmarks/gpu_commvq.sh capacity   # 8B-shaped random model, 1M-token context at 1 bit, decode from it
+#                                            # (--budget-s 200 stops the fill early, recorded in the JSON)
 #   CODEBOOKS=DIR [METHOD=em|e2e] bash benchmarks/gpu_commvq.sh ppl      # SmolLM2 held-out perplexity vs fp16 and HQQ (needs hqq)
 #   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh needles   # SmolLM2 needle tasks at 4k (Runner) vs fp16 and HQQ
 set -euo pipefail
@@ -15,6 +19,8 @@ method=${METHOD:-em}  # which native codebook of pressroom-train commvq: em or e
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-decode}" in
 decode) python3 benchmarks/commvq_decode.py --output "$out/commvq_decode.json" ;;
+decode1) python3 benchmarks/commvq_decode.py --bits 1 --output "$out/commvq_decode_1bit.json" ;;
+decode2) python3 benchmarks/commvq_decode.py --bits 2 --output "$out/commvq_decode_2bit.json" ;;
 capacity) python3 benchmarks/commvq_capacity.py --output "$out/commvq_capacity.json" ;;
 ppl)
   : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 1bit/em/ and 2bit/em/)}"
@@ -27,5 +33,5 @@ needles)
     --codebooks-2 "$CODEBOOKS/2bit/$method" --skip-ppl --output "$out/commvq_quality_needles.json" \
     --runs-dir "$out/commvq_quality_runs"
   ;;
-*) echo "usage: $0 decode|capacity|ppl|needles" >&2; exit 2 ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles" >&2; exit 2 ;;
 esac

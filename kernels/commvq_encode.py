@@ -164,13 +164,15 @@ if HAS_TRITON:
         ).to(tl.float32)
         out_row = out_ptr + rows * stride_on + head * stride_oh
         prev = tl.zeros((BLOCK_N,), tl.int32)
-        for r in tl.static_range(R):
+        # runtime loops (over residuals and A chunks): unrolled, R x 64 / A_CHUNK copies of the search made the
+        # kernel take minutes to compile at R=11..21, the first thing a GPU run waited for
+        for r in range(R):
             base = (head * R + r) * 64 * D
             w_t = tl.load(w_ptr + base + ks[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
             rw = tl.dot(res, w_t, input_precision="ieee")  # [BLOCK_N, 64]: r . w_B
             best = tl.full((BLOCK_N,), float("inf"), tl.float32)
             best_idx = tl.zeros((BLOCK_N,), tl.int32)
-            for a0 in tl.static_range(0, 64, A_CHUNK):
+            for a0 in range(0, 64, A_CHUNK):
                 u_t = tl.load(
                     u_ptr + base + (a0 + ac)[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0
                 )  # [BLOCK_D, A_CHUNK]
@@ -188,6 +190,7 @@ if HAS_TRITON:
             ua = tl.load(u_ptr + base + a_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
             wb = tl.load(w_ptr + base + b_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
             res = res - (ua + wb)
+            # code 2j: byte 3j and the low nibble of byte 3j+1; code 2j+1: the high nibble of 3j+1 and byte 3j+2
             byte0 = (3 * (r - r % 2)) // 2
             if r % 2 == 0:
                 tl.store(out_row + byte0, (best_idx & 255).to(tl.uint8), mask=rmask)

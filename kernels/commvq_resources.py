@@ -60,7 +60,7 @@ _FLOAT_ARGS = {"rope_scale"}
 
 
 def _signature(fn, constexprs: dict, overrides: dict | None = None) -> dict:
-    pointers = dict(_POINTERS[fn.__name__], **(overrides or {}))
+    pointers = dict(_POINTERS.get(fn.__name__, {}), **(overrides or {}))
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
