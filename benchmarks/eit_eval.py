@@ -57,13 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppl-continuation", type=int, default=512)
     p.add_argument("--ppl-windows", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script only")
+    p.add_argument("--allow-cpu", action="store_true", help="run the real evaluation on the CPU (slow; no timings)")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.data_dir, args.n_samples, args.max_new_tokens = "tiny-llama", "512", 1, 4
         args.tasks, args.ratios, args.n_recent = ["niah_single", "passkey"], [0.5, 0.75], 8
         args.ppl_context, args.ppl_continuation, args.ppl_windows = 80, 16, 2  # kvpress SnapKV needs > 64 tokens
-    elif not torch.cuda.is_available():
-        print("needs a CUDA GPU (or --smoke)", file=sys.stderr)
+    elif not torch.cuda.is_available() and not args.allow_cpu:
+        print("needs a CUDA GPU (or --smoke, or --allow-cpu for a slow real run on the CPU)", file=sys.stderr)
         return 2
     adapter = str(Path(args.adapter).resolve())
     if not (Path(adapter) / "adapter_config.json").is_file():
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "benchmark": "eit_eval",
         "command": " ".join([sys.executable, *sys.argv]),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke: no timing value)",
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else ("cpu (smoke: no timing value)" if args.smoke else "cpu"),
         "torch": torch.__version__,
         "triton": _version("triton"),
         "transformers": transformers.__version__,

@@ -179,8 +179,9 @@ def kernel_rows(config, n_sink: int, window: int, reps: int) -> list[dict]:
             ),
             reps,
         )
-        fused = cuda_ms(  # what a decoding step runs per layer: the store and the rotation in one launch
-            lambda ut=use_triton: ring_decode(
+
+        def fused_step(ut: bool = use_triton) -> None:  # a decoding step's work per layer: store + rotate, one launch
+            ring_decode(
                 new_k,
                 new_v,
                 cos,
@@ -198,34 +199,10 @@ def kernel_rows(config, n_sink: int, window: int, reps: int) -> list[dict]:
                 window=window,
                 ring_first=(123456 + 1 - n_sink) % window,
                 use_triton=ut,
-            ),
-            reps,
-        )
-        fused_graph = (
-            graph_ms(
-                lambda: ring_decode(
-                    new_k,
-                    new_v,
-                    cos,
-                    sin,
-                    raw,
-                    vals,
-                    out,
-                    inv_freq,
-                    scaling,
-                    seq=123456,
-                    pos_base=0,
-                    rot_start=0,
-                    rot_stop=cap,
-                    n_sink=n_sink,
-                    window=window,
-                    ring_first=(123456 + 1 - n_sink) % window,
-                    use_triton=True,
-                )
             )
-            if use_triton
-            else None
-        )
+
+        fused = cuda_ms(fused_step, reps)
+        fused_graph = graph_ms(fused_step) if use_triton else None
         rows.append(
             {
                 "impl": "triton" if use_triton else "pytorch_reference",

@@ -866,10 +866,52 @@ def ring_decode(
         )
         _check_contiguous_rows(raw_keys, value_buf, workspace)
         inv_freq = inv_freq.to(device=raw_keys.device, dtype=torch.float32).contiguous()
+    _launch_ring_decode(
+        key,
+        value,
+        cos,
+        sin,
+        raw_keys,
+        value_buf,
+        workspace,
+        inv_freq,
+        attention_scaling,
+        seq_ptr=None,
+        slot=seq if seq < n_sink else n_sink + (seq - n_sink) % window,
+        rot_start=rot_start,
+        rot_stop=rot_stop,
+        pos_base=pos_base,
+        n_sink=n_sink,
+        window=window,
+        ring_first=ring_first,
+    )
+
+
+def _launch_ring_decode(
+    key,
+    value,
+    cos,
+    sin,
+    raw_keys,
+    value_buf,
+    workspace,
+    inv_freq,
+    attention_scaling,
+    *,
+    seq_ptr,
+    slot,
+    rot_start,
+    rot_stop,
+    pos_base,
+    n_sink,
+    window,
+    ring_first,
+) -> None:
+    """Launch ``_ring_decode_kernel``; ``seq_ptr`` (a device tensor) makes it read the stream index on the device
+    (then ``slot`` and ``ring_first`` are derived from it, steady state only)."""
     key, value, cos, sin = (_last_dim_contiguous(t) for t in (key, value, cos, sin))
     batch, heads, _, head_dim = raw_keys.shape
     half = head_dim // 2
-    slot = seq if seq < n_sink else n_sink + (seq - n_sink) % window
     grid = (1 + triton.cdiv(max(rot_stop - rot_start, 0), _ROWS), batch * heads)
     _ring_decode_kernel[grid](
         key,
@@ -880,7 +922,7 @@ def ring_decode(
         value_buf,
         workspace,
         inv_freq,
-        inv_freq,  # seq_ptr: unused when SEQ_FROM_PTR is False
+        seq_ptr if seq_ptr is not None else inv_freq,  # unused when SEQ_FROM_PTR is False
         heads,
         slot,
         rot_start,
@@ -908,14 +950,15 @@ def ring_decode(
         HALF=half,
         BLOCK_D=triton.next_power_of_2(half),
         ROWS=_ROWS,
-        SEQ_FROM_PTR=False,
+        SEQ_FROM_PTR=seq_ptr is not None,
         num_warps=1 if half <= 32 else 2,
     )
 
 
-def _steady_ints(seq: int, n_sink: int, window: int) -> tuple[int, int]:
-    """``(slot, ring_first)`` of a decoding step with stream index ``seq`` once the ring is full."""
-    return n_sink + (seq - n_sink) % window, (seq + 1 - n_sink) % window
+def _steady_ring_first(seq: int, n_sink: int, window: int) -> int:
+    """Ring index of the oldest window token after a steady-state step with stream index ``seq`` (the kernel's
+    ``SEQ_FROM_PTR`` branch computes the same)."""
+    return (seq + 1 - n_sink) % window
 
 
 def ring_decode_steady(
@@ -956,8 +999,6 @@ def ring_decode_steady(
         seq_int = int(seq.reshape(()).item())
         if seq_int < capacity - 1:
             raise ValueError(f"ring_decode_steady needs a full ring: seq {seq_int} < n_sink + window - 1.")
-        slot_seq = seq_int
-        _, ring_first = _steady_ints(seq_int, n_sink, window)
         ring_decode_reference(
             key,
             value,
@@ -968,23 +1009,19 @@ def ring_decode_steady(
             workspace,
             inv_freq,
             attention_scaling,
-            seq=slot_seq,
+            seq=seq_int,
             pos_base=0,
             rot_start=0,
             rot_stop=capacity,
             n_sink=n_sink,
             window=window,
-            ring_first=ring_first,
+            ring_first=_steady_ring_first(seq_int, n_sink, window),
             validate=False,
         )
         return
     if seq.device != raw_keys.device:
         raise ValueError(f"seq is on {seq.device}, the ring on {raw_keys.device}.")
-    key, value, cos, sin = (_last_dim_contiguous(t) for t in (key, value, cos, sin))
-    batch, heads, _, head_dim = raw_keys.shape
-    half = head_dim // 2
-    grid = (1 + triton.cdiv(capacity, _ROWS), batch * heads)
-    _ring_decode_kernel[grid](
+    _launch_ring_decode(
         key,
         value,
         cos,
@@ -993,36 +1030,15 @@ def ring_decode_steady(
         value_buf,
         workspace,
         inv_freq,
-        seq,
-        heads,
-        0,  # slot: from seq
-        0,
-        capacity,
-        0,  # pos_base
-        n_sink,
-        window,
-        0,  # ring_first: from seq
-        float(attention_scaling),
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        _batch_stride(cos),
-        _batch_stride(sin),
-        raw_keys.stride(0),
-        raw_keys.stride(1),
-        raw_keys.stride(2),
-        value_buf.stride(0),
-        value_buf.stride(1),
-        value_buf.stride(2),
-        workspace.stride(0),
-        workspace.stride(1),
-        workspace.stride(2),
-        HALF=half,
-        BLOCK_D=triton.next_power_of_2(half),
-        ROWS=_ROWS,
-        SEQ_FROM_PTR=True,
-        num_warps=1 if half <= 32 else 2,
+        attention_scaling,
+        seq_ptr=seq,
+        slot=0,
+        rot_start=0,
+        rot_stop=capacity,
+        pos_base=0,
+        n_sink=n_sink,
+        window=window,
+        ring_first=0,
     )
 
 
