@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codebooks", default=None, help="where to copy the native codebooks (default: none)")
     p.add_argument("--output", required=True)
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (TRITON_INTERPRET=1): checks the script")
+    p.add_argument("--allow-cpu", action="store_true", help="the real job on the CPU, PyTorch references (slow)")
     args = p.parse_args(argv)
     device, use_triton = "cuda", None
     if args.smoke:
@@ -58,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         device, use_triton = "cpu", True
         args.model, args.train_tokens, args.heldout_tokens, args.seq_len = "tiny-llama", 128, 64, 64
         args.em_steps, args.e2e_steps, args.e2e_batch, args.value_steps, args.value_window = 2, 3, 64, 3, 32
+    elif not torch.cuda.is_available() and args.allow_cpu:
+        device, use_triton = "cpu", False
     elif not torch.cuda.is_available():
-        sys.exit("commvq_train_smollm2.py needs a CUDA GPU (or --smoke on the CPU with TRITON_INTERPRET=1)")
+        sys.exit(
+            "commvq_train_smollm2.py needs a CUDA GPU (or --smoke on the CPU with TRITON_INTERPRET=1, or --allow-cpu)"
+        )
+    cpu_label = "cpu (smoke test, Triton interpreter)" if args.smoke else "cpu (PyTorch references)"
     import tempfile
 
     import transformers
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "benchmark": "commvq_train_smollm2",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke test, Triton interpreter)",
+        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_label,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "transformers": transformers.__version__,
