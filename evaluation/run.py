@@ -310,6 +310,8 @@ class Runner:
         press = press if press is not None else make_press(config.press_name, config.compression_ratio)
         config.press_init_command = repr(press)
         pipe = self.pipeline(config.model, config.device, config.dtype, isinstance(press, ObservedAttentionPress))
+        if getattr(press, "tokenizer", False) is None:  # presses that read token types (AnchorPress): the pipeline's
+            press.tokenizer = pipe.tokenizer
         df = self.dataset(config, pipe.tokenizer)
         torch.manual_seed(config.seed)
         device = pipe.model.device

@@ -87,3 +87,14 @@ def test_bad_input_errors(runner, tmp_path):
         runner.run(EvalConfig(output_dir=str(blocker / "results"), **SMALL))
     with pytest.raises(ValueError, match="(?i)too short|at least|minimum"):
         runner.run(EvalConfig(output_dir=str(tmp_path), **dict(SMALL, data_dir="8")))
+
+
+def test_press_that_reads_token_types_gets_the_pipeline_tokenizer(runner, tmp_path):
+    """AnchorPress finds separators with a tokenizer; the Runner hands it the pipeline's (tiny models have no
+    tokenizer of their own on disk), and the press keeps half the context."""
+    press = make_press("anchor", 0.5)
+    assert press.tokenizer is None
+    out = runner.run(EvalConfig(press_name="anchor", compression_ratio=0.5, output_dir=str(tmp_path), **SMALL), press)
+    assert press.tokenizer is not None
+    stats = json.loads((out / "stats.json").read_text())
+    assert 0.4 < stats["kv_bytes"] / stats["kv_bytes_full"] < 0.6
