@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import call_ms
 
 from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.kernels.commvq_attention import CodedKV, LayerBooks, decode_attention, decode_attention_reference
@@ -44,24 +45,7 @@ CONFIGS = ((1, 11), (2, 21))  # (bits, key residuals)
 
 def timed_ms(fn, reps: int, device: torch.device) -> float:
     """Median milliseconds per call (CUDA events on the GPU, wall clock on the CPU)."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-    else:
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
-    return sorted(times)[len(times) // 2]
+    return sorted(call_ms(fn, reps, warmup=1, cuda=device.type == "cuda"))[reps // 2]
 
 
 def make_layer(n: int, bits: int, r: int, device: torch.device, seed: int = 0):

@@ -33,28 +33,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import call_ms
 
 DEVICE = "cuda"
 
 
 def timed_ms(fn, reps: int, warmup: int = 3) -> float:
     """Median milliseconds per call (CUDA events on the GPU, wall clock on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if DEVICE == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return statistics.median(call_ms(fn, reps, warmup, cuda=DEVICE == "cuda"))
 
 
 def _version(dist: str) -> str | None:

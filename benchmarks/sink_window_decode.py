@@ -24,28 +24,14 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import call_ms
 
 DEVICE = "cuda"
 
 
 def cuda_ms(fn, reps: int, warmup: int = 2) -> list[float]:
     """Per-call milliseconds of ``fn`` (CUDA events on the GPU, wall clock for the CPU smoke test)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if DEVICE == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return times
+    return call_ms(fn, reps, warmup, cuda=DEVICE == "cuda")
 
 
 def graph_ms(fn, calls: int = 20, reps: int = 10) -> float | None:
