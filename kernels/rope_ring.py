@@ -403,6 +403,20 @@ if HAS_TRITON:
             tl.store(w_row, k1.to(rot_ptr.dtype.element_ty), mask=m)
             tl.store(w_row + HALF, k2.to(rot_ptr.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _rotate_rows(src, dst, inv_ptr, pos, row_ok, d, d_ok, scaling, HALF: tl.constexpr):
+        """Rotate rows of un-rotated keys (``src``: ``[ROWS, BLOCK_D]`` pointers to the first half of each row) to
+        the positions ``pos`` (float32 angles, times ``scaling``, as the model's rotary embedding) into ``dst``."""
+        m = row_ok[:, None] & d_ok[None, :]
+        inv = tl.load(inv_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        ang = pos.to(tl.float32)[:, None] * inv[None, :]
+        c = tl.cos(ang) * scaling
+        s = tl.sin(ang) * scaling
+        x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+        tl.store(dst, (x1 * c - x2 * s).to(dst.dtype.element_ty), mask=m)
+        tl.store(dst + HALF, (x2 * c + x1 * s).to(dst.dtype.element_ty), mask=m)
+
     @triton.jit(do_not_specialize=["start", "stop", "pos_base", "ring_first"])
     def _ring_rotate_kernel(
         raw_ptr,
@@ -442,22 +456,9 @@ if HAS_TRITON:
             logical = tl.where(idx < n_sink, idx, n_sink + ((idx - n_sink - ring_first) % window + window) % window)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HALF
-        m = row_ok[:, None] & d_ok[None, :]
-        inv = tl.load(inv_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-        pos = (pos_base + logical).to(tl.float32)
-        ang = pos[:, None] * inv[None, :]
-        c = tl.cos(ang) * scaling
-        s = tl.sin(ang) * scaling
-
-        phys64 = phys.to(tl.int64)
-        r_row = raw_ptr + b * s_rb + h * s_rh + phys64[:, None] * s_rs + d[None, :]
-        x1 = tl.load(r_row, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(r_row + HALF, mask=m, other=0.0).to(tl.float32)
-        o1 = x1 * c - x2 * s
-        o2 = x2 * c + x1 * s
-        o_row = out_ptr + b * s_ob + h * s_oh + idx.to(tl.int64)[:, None] * s_os + d[None, :]
-        tl.store(o_row, o1.to(out_ptr.dtype.element_ty), mask=m)
-        tl.store(o_row + HALF, o2.to(out_ptr.dtype.element_ty), mask=m)
+        src = raw_ptr + b * s_rb + h * s_rh + phys.to(tl.int64)[:, None] * s_rs + d[None, :]
+        dst = out_ptr + b * s_ob + h * s_oh + idx.to(tl.int64)[:, None] * s_os + d[None, :]
+        _rotate_rows(src, dst, inv_ptr, pos_base + logical, row_ok, d, d_ok, scaling, HALF)
 
     @triton.jit(do_not_specialize=["slot", "rot_start", "rot_stop", "pos_base", "ring_first"])
     def _ring_decode_kernel(
@@ -538,19 +539,10 @@ if HAS_TRITON:
             idx = rot_start + (pid - 1) * ROWS + tl.arange(0, ROWS)
             row_ok = (idx < rot_stop) & (idx != slot)
             logical = tl.where(idx < n_sink, idx, n_sink + ((idx - n_sink - ring_first) % window + window) % window)
-            m = row_ok[:, None] & d_ok[None, :]
-            inv = tl.load(inv_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-            pos = (pos_base + logical).to(tl.float32)
-            ang = pos[:, None] * inv[None, :]
-            c = tl.cos(ang) * scaling
-            s = tl.sin(ang) * scaling
             idx64 = idx.to(tl.int64)
-            rot_src = raw_ptr + b * s_rb + h * s_rh + idx64[:, None] * s_rs + d[None, :]
-            y1 = tl.load(rot_src, mask=m, other=0.0).to(tl.float32)
-            y2 = tl.load(rot_src + HALF, mask=m, other=0.0).to(tl.float32)
-            rot_dst = ws_ptr + b * s_wb + h * s_wh + idx64[:, None] * s_ws + d[None, :]
-            tl.store(rot_dst, (y1 * c - y2 * s).to(ws_ptr.dtype.element_ty), mask=m)
-            tl.store(rot_dst + HALF, (y2 * c + y1 * s).to(ws_ptr.dtype.element_ty), mask=m)
+            src = raw_ptr + b * s_rb + h * s_rh + idx64[:, None] * s_rs + d[None, :]
+            dst = ws_ptr + b * s_wb + h * s_wh + idx64[:, None] * s_ws + d[None, :]
+            _rotate_rows(src, dst, inv_ptr, pos_base + logical, row_ok, d, d_ok, scaling, HALF)
 
 
 def _check_contiguous_rows(*buffers: torch.Tensor | None) -> None:
