@@ -9,6 +9,11 @@ On the synthetic long-context tasks (``pressroom.evaluation.tasks``, haystacks f
   ``benchmarks/eit_train_smollm2.py``): AnchorPress with the adapter at ratio 0 (the adapter alone, full cache)
   and at each ratio; ``--eit-baselines`` also runs kvpress's presses on the adapted model.
 
+``--query-modes`` (default both): ``agnostic`` is kvpress's default protocol (the press compresses the context alone,
+then the question is asked: no press can know which needle will be asked for); ``aware`` is kvpress's
+``query_aware`` evaluation mode (the question is appended to the context before compression, as SnapKV's paper
+evaluates). The held-out perplexity does not depend on the mode and is computed once per press and ratio.
+
 The adapted model is a separate model instance (a second ``Runner``): AnchorPress loads the adapter into the model
 it is applied to. One JSON (device, versions, command, every score and perplexity, and the targets: fraction of
 the full-cache score kept by EIT+AnchorPress at 0.75, and the best kvpress press at 0.75) written after each run.
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9])
     p.add_argument("--baselines", nargs="+", default=KVPRESS_BASELINES)
     p.add_argument("--eit-baselines", action="store_true", help="also run kvpress's presses on the adapted model")
+    p.add_argument("--query-modes", nargs="+", default=["agnostic", "aware"], choices=["agnostic", "aware"])
     p.add_argument("--n-recent", type=int, default=64)
     p.add_argument("--ppl-context", type=int, default=2048)
     p.add_argument("--ppl-continuation", type=int, default=512)
@@ -111,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     for model_kind, grid in (("base", base_grid), ("eit", eit_grid)):
         runner = Runner(progress=False)
         ids = None
-        for spec, ratio in grid:
+        ppl_done: dict[tuple[str, float], dict] = {}
+        for mode, (spec, ratio) in [(m, g) for m in args.query_modes for g in grid]:
             t0 = time.perf_counter()
             cfg = EvalConfig(
+                query_aware=mode == "aware",
                 dataset="synthetic",
                 data_dir=args.data_dir,
                 model=args.model,
@@ -134,11 +142,14 @@ def main(argv: list[str] | None = None) -> int:
             scores = {task: m["string_match"] for task, m in metrics.items()}
             if ids is None:
                 ids = corpus_tokens(pipe.tokenizer, "pg_essays", "heldout")
-            ppl = evicted_perplexity(
-                pipe.model, ids, press, args.ppl_context, args.ppl_continuation, max_windows=args.ppl_windows
-            )
+            if (spec, ratio) not in ppl_done:
+                ppl_done[spec, ratio] = evicted_perplexity(
+                    pipe.model, ids, press, args.ppl_context, args.ppl_continuation, max_windows=args.ppl_windows
+                )
+            ppl = ppl_done[spec, ratio]
             entry = {
                 "model": model_kind,
+                "query_mode": mode,
                 "press": spec.split(":")[0] if not spec.startswith("anchor") else "anchor",
                 "spec": spec,
                 "ratio": ratio,
@@ -156,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             result["runs"].append(entry)
             save()
             print(
-                f"{model_kind:4s} {entry['press']:14s} {ratio:.2f}  score {entry['average']:6.2f}  "
+                f"{model_kind:4s} {mode:8s} {entry['press']:14s} {ratio:.2f}  score {entry['average']:6.2f}  "
                 f"ppl {entry['heldout_evicted_ppl']:8.3f}  ({entry['wall_seconds']:.1f} s)",
                 flush=True,
             )
@@ -164,28 +175,32 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    runs = result["runs"]
-    full = next(r for r in runs if r["model"] == "base" and r["press"] == "no_press")
-    targets: dict = {"full_cache_average": full["average"], "full_cache_ppl": full["heldout_evicted_ppl"]}
-    for ratio in args.ratios:
+    targets: dict = {}
+    for mode in args.query_modes:
+        runs = [r for r in result["runs"] if r["query_mode"] == mode]
+        full = next(r for r in runs if r["model"] == "base" and r["press"] == "no_press")
+        t: dict = {"full_cache_average": full["average"], "full_cache_ppl": full["heldout_evicted_ppl"]}
+        for ratio in args.ratios:
 
-        def find(kind: str, ratio: float = ratio) -> dict | None:
-            return next(
-                (r for r in runs if r["model"] == kind and r["press"] == "anchor" and r["ratio"] == ratio), None
-            )
+            def find(kind: str, ratio: float = ratio, runs: list = runs) -> dict | None:
+                return next(
+                    (r for r in runs if r["model"] == kind and r["press"] == "anchor" and r["ratio"] == ratio), None
+                )
 
-        eit_r, base_r = find("eit"), find("base")
-        kv = [r for r in runs if r["model"] == "base" and r["press"] in args.baselines and r["ratio"] == ratio]
-        best = max(kv, key=lambda r: r["average"]) if kv else None
-        targets[f"{ratio:.2f}"] = {
-            "eit_anchor_average": eit_r and eit_r["average"],
-            "eit_anchor_fraction_of_full": eit_r and (eit_r["average"] / full["average"] if full["average"] else None),
-            "untrained_anchor_average": base_r and base_r["average"],
-            "best_kvpress": best and {"press": best["press"], "average": best["average"]},
-            "eit_beats_every_kvpress": bool(eit_r and kv and all(eit_r["average"] > r["average"] for r in kv)),
-            "eit_anchor_ppl": eit_r and eit_r["heldout_evicted_ppl"],
-            "untrained_anchor_ppl": base_r and base_r["heldout_evicted_ppl"],
-        }
+            eit_r, base_r = find("eit"), find("base")
+            kv = [r for r in runs if r["model"] == "base" and r["press"] in args.baselines and r["ratio"] == ratio]
+            best = max(kv, key=lambda r: r["average"]) if kv else None
+            t[f"{ratio:.2f}"] = {
+                "eit_anchor_average": eit_r and eit_r["average"],
+                "eit_anchor_fraction_of_full": eit_r
+                and (eit_r["average"] / full["average"] if full["average"] else None),
+                "untrained_anchor_average": base_r and base_r["average"],
+                "best_kvpress": best and {"press": best["press"], "average": best["average"]},
+                "eit_beats_every_kvpress": bool(eit_r and kv and all(eit_r["average"] > r["average"] for r in kv)),
+                "eit_anchor_ppl": eit_r and eit_r["heldout_evicted_ppl"],
+                "untrained_anchor_ppl": base_r and base_r["heldout_evicted_ppl"],
+            }
+        targets[f"query_{mode}"] = t
     result["targets"] = targets
     save()
     print(json.dumps(targets, indent=1))

@@ -52,6 +52,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--max-context-length", type=int, default=None)
     p.add_argument("--fraction", type=float, default=1.0)
+    p.add_argument("--query-aware", action="store_true", help="kvpress's query_aware: compress context + question")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--output-dir", default="./results")
@@ -78,6 +79,7 @@ def _run_grid(args: argparse.Namespace) -> Path:
             max_new_tokens=args.max_new_tokens,
             max_context_length=args.max_context_length,
             fraction=args.fraction,
+            query_aware=args.query_aware,
             device=args.device,
             dtype=args.dtype,
             output_dir=args.output_dir,
@@ -111,6 +113,7 @@ def cmd_main_job(args: argparse.Namespace) -> int:
         max_new_tokens=DEMO_MAX_NEW_TOKENS,
         max_context_length=None,
         fraction=1.0,
+        query_aware=False,
         device=None,
         dtype=None,
         output_dir=args.output_dir,

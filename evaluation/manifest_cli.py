@@ -130,6 +130,7 @@ def _eval_lines(
         "max_new_tokens": args.max_new_tokens,
         "max_context_length": args.max_context_length,
         "fraction": args.fraction,
+        "query_aware": args.query_aware,
         "dtype": args.dtype,
     }
     return mf.plan_eval(
@@ -224,6 +225,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--max-context-length", type=int, default=None)
     g.add_argument("--fraction", type=float, default=1.0)
+    g.add_argument("--query-aware", action="store_true", help="kvpress's query_aware: compress context + question")
     g.add_argument("--dtype", default=None)
     g.add_argument("--no-baseline", action="store_true", help="no no_press run")
     g.add_argument("--trained-dir", default=None, help="phase3 without --press: the study directory with phase2_*/")

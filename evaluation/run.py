@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,11 @@ class EvalConfig:
         Truncates contexts (kvpress's pipeline argument).
     fraction : float
         Fraction of a Hub dataset to sample.
+    query_aware : bool
+        kvpress's ``query_aware`` mode: each question is appended to its context before compression (so
+        query-aware presses such as SnapKV see it, as in their papers), and the question itself is then empty.
+        Every question gets its own prefill. Off by default (kvpress's default: the press compresses the context
+        alone, then all questions of that context are answered from the same compressed cache).
     device, dtype : str, optional
         Where and in which precision to run (default: CUDA in bfloat16 if present, else CPU in float32).
     output_dir : str
@@ -87,6 +92,7 @@ class EvalConfig:
     max_new_tokens: int | None = None
     max_context_length: int | None = None
     fraction: float = 1.0
+    query_aware: bool = False
     device: str | None = None
     dtype: str | None = None
     output_dir: str = "./results"
@@ -125,6 +131,8 @@ class EvalConfig:
             parts.append(f"fraction{self.fraction:.3f}")
         if self.max_context_length is not None:
             parts.append(f"max_context{self.max_context_length}")
+        if self.query_aware:
+            parts.append("query_aware")
         return Path(self.output_dir) / "__".join(parts)
 
     def identity(self) -> dict[str, Any]:
@@ -298,7 +306,9 @@ class Runner:
         results_dir = config.results_dir()
         if is_complete(results_dir):
             stored = yaml.safe_load((results_dir / "config.yaml").read_text())
-            stored_id = {k: stored.get(k) for k in config.identity()}
+            # a field added after the run was written counts as its default (older runs stay reusable)
+            defaults = {f.name: f.default for f in fields(EvalConfig)}
+            stored_id = {k: stored.get(k, defaults.get(k)) for k in config.identity()}
             if stored_id != config.identity():
                 raise ValueError(
                     f"{results_dir} holds a complete run made with a different configuration "
@@ -313,6 +323,9 @@ class Runner:
         if getattr(press, "tokenizer", False) is None:  # presses that read token types (AnchorPress): the pipeline's
             press.tokenizer = pipe.tokenizer
         df = self.dataset(config, pipe.tokenizer)
+        if config.query_aware:  # as kvpress's evaluation: the question joins the context that the press compresses
+            df["context"] = df["context"] + df["question"]
+            df["question"] = ""
         torch.manual_seed(config.seed)
         device = pipe.model.device
         if device.type == "cuda":

@@ -98,3 +98,25 @@ def test_press_that_reads_token_types_gets_the_pipeline_tokenizer(runner, tmp_pa
     assert press.tokenizer is not None
     stats = json.loads((out / "stats.json").read_text())
     assert 0.4 < stats["kv_bytes"] / stats["kv_bytes_full"] < 0.6
+
+
+def test_query_aware_compresses_the_question_with_the_context(runner, tmp_path):
+    # kvpress's query_aware mode: each question joins its context before compression; its own directory suffix
+    cfg = EvalConfig(press_name="snapkv", compression_ratio=0.5, output_dir=str(tmp_path), query_aware=True, **SMALL)
+    out = runner.run(cfg)
+    assert out.name == "synthetic__512__tiny-llama__snapkv__0.50__query_aware"
+    stats = json.loads((out / "stats.json").read_text())
+    agnostic = runner.run(EvalConfig(press_name="snapkv", compression_ratio=0.5, output_dir=str(tmp_path), **SMALL))
+    agnostic_stats = json.loads((agnostic / "stats.json").read_text())
+    # the compressed prefill saw the question's tokens too
+    assert stats["context_tokens"] > agnostic_stats["context_tokens"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["query_aware"] is True
+
+
+def test_runs_written_before_a_new_config_field_are_reused(runner, tmp_path, monkeypatch):
+    out = runner.run(EvalConfig(press_name="knorm", compression_ratio=0.5, output_dir=str(tmp_path), **SMALL))
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    del config["query_aware"]  # as written by an older pressroom
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    monkeypatch.setattr(runner, "pipeline", lambda *a, **k: pytest.fail("must reuse the complete run"))
+    assert runner.run(EvalConfig(press_name="knorm", compression_ratio=0.5, output_dir=str(tmp_path), **SMALL)) == out
