@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baselines", nargs="+", default=KVPRESS_BASELINES)
     p.add_argument("--eit-baselines", action="store_true", help="also run kvpress's presses on the adapted model")
     p.add_argument("--query-modes", nargs="+", default=["agnostic", "aware"], choices=["agnostic", "aware"])
+    p.add_argument(
+        "--reuse-base",
+        default=None,
+        help="an earlier eit_eval JSON of the same settings: its untrained-model runs are copied, not run again",
+    )
     p.add_argument("--n-recent", type=int, default=64)
     p.add_argument("--ppl-context", type=int, default=2048)
     p.add_argument("--ppl-continuation", type=int, default=512)
@@ -114,7 +119,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.eit_baselines:
         eit_grid += [(f"{spec}", r) for spec in args.baselines for r in args.ratios]
 
-    for model_kind, grid in (("base", base_grid), ("eit", eit_grid)):
+    grids = [("base", base_grid), ("eit", eit_grid)]
+    if args.reuse_base:
+        # the untrained model's runs do not depend on the adapter: take them from an earlier run of the same settings
+        same = ("model", "data_dir", "tasks", "n_samples", "max_new_tokens", "ratios", "baselines", "n_recent")
+        same += ("ppl_context", "ppl_continuation", "ppl_windows")
+        prev = json.loads(Path(args.reuse_base).read_text())
+        diff = {k: (prev["args"].get(k), getattr(args, k)) for k in same if prev["args"].get(k) != getattr(args, k)}
+        if diff:
+            print(f"--reuse-base {args.reuse_base} was run with other settings {diff}", file=sys.stderr)
+            return 2
+        modes = set(args.query_modes)
+        reused = [r for r in prev["runs"] if r["model"] == "base" and r.get("query_mode", "agnostic") in modes]
+        have = {(r.get("query_mode", "agnostic"), r["spec"], r["ratio"]) for r in reused}
+        missing = [(m, spec, r) for m in args.query_modes for spec, r in base_grid if (m, spec, r) not in have]
+        if missing:
+            print(f"--reuse-base {args.reuse_base} lacks the base runs {missing}", file=sys.stderr)
+            return 2
+        result["runs"] += [{**r, "query_mode": r.get("query_mode", "agnostic"), "reused": True} for r in reused]
+        result["base_runs_from"] = {"file": args.reuse_base, "command": prev["command"], "device": prev["device"]}
+        grids = [("eit", eit_grid)]
+    for model_kind, grid in grids:
         runner = Runner(progress=False)
         ids = None
         ppl_done: dict[tuple[str, float], dict] = {}

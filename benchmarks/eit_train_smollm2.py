@@ -8,8 +8,10 @@
    the seconds per step, hence the number of steps that fit in ``--budget-seconds``.
 3. Training (``pressroom.training.eit.train``; the essays' *train* split only): curriculum keep ratio
    ``keep_start -> keep_end``, LoRA r=64 on q/k/v/o, CE + lambda*KL against the full-KV teacher. The adapter goes to
-   ``--adapter-dir`` (default: ``eit_smollm2/`` next to ``--output``, i.e. under ``$OUT``), ``final/`` in it.
-4. The same held-out perplexities *after* training, with a fresh model and ``AnchorPress(adapter=.../final)``, and
+   ``--adapter-dir`` (default: ``eit_smollm2/`` next to ``--output``, i.e. under ``$OUT``), ``final/`` and
+   ``best/`` in it (``best/``: the lowest validation perplexity at keep ratio 0.25 on train-split sequences kept
+   aside; it is the adapter evaluated and exported).
+4. The same held-out perplexities *after* training, with a fresh model and ``AnchorPress(adapter=.../best)``, and
    the adapter with the full cache (no eviction).
 
 Records tokens/s, peak GPU memory, the loss curve and the perplexities in one JSON, written after each phase.
@@ -200,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     final = train(cfg, progress=False)
     log = json.loads((adapter_dir / "train_log.json").read_text())
+    # the adapter evaluated and exported: best/ (lowest validation perplexity at the fixed selection keep ratio, on
+    # train-split sequences kept aside), final/ when there is none
+    chosen = adapter_dir / "best" if (adapter_dir / "best" / "adapter_config.json").is_file() else Path(final)
     result["phases"]["training"] = {
         "steps": log["step"],
         "planned_steps": steps,
@@ -211,23 +216,25 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - t0,
         "loss_curve": [{k: h[k] for k in ("step", "keep_ratio", "loss", "ce", "kl")} for h in log["history"]],
         "validation": log["val"],
-        "adapter": str(final),
+        "best": log.get("best"),
+        "adapter": str(chosen),
+        "final_adapter": str(final),
         "config": log["config"],
     }
     save()
     print(
         f"trained {log['step']} steps, {log['tokens_per_second']:.0f} tokens/s, "
-        f"peak {(log['peak_memory_bytes'] or 0) / 2**30:.1f} GiB -> {final}",
+        f"peak {(log['peak_memory_bytes'] or 0) / 2**30:.1f} GiB -> {chosen} (best: {log.get('best')})",
         flush=True,
     )
 
     if args.export_adapter:
-        result["phases"]["training"]["exported_adapter"] = export_adapter(Path(final), Path(args.export_adapter))
+        result["phases"]["training"]["exported_adapter"] = export_adapter(chosen, Path(args.export_adapter))
         save()
 
     t0 = time.perf_counter()
     print("held-out perplexity under eviction, after EIT", flush=True)
-    result["phases"]["ppl_after"] = evicted_ppls(args.model, args.ratios, args, str(final), args.smoke)
+    result["phases"]["ppl_after"] = evicted_ppls(args.model, args.ratios, args, str(chosen), args.smoke)
     result["phases"]["ppl_after"]["wall_seconds"] = time.perf_counter() - t0
     before, after = result["phases"]["ppl_before"], result["phases"]["ppl_after"]
     result["summary"] = {

@@ -25,7 +25,7 @@ speed)
 train)
   python3 benchmarks/eit_train_smollm2.py --output "$out/eit_train_smollm2.json" --adapter-dir "$work/eit_smollm2" \
     --budget-seconds "${TRAIN_SECONDS:-120}" --export-adapter "$out/eit_adapter"
-  python3 benchmarks/eit_eval.py --adapter "$work/eit_smollm2/final" --output "$out/eit_eval.json" \
+  python3 benchmarks/eit_eval.py --adapter "$work/eit_smollm2/best" --output "$out/eit_eval.json" \
     --runs-dir "$work/eit_eval_runs" --n-samples "${EVAL_SAMPLES:-2}"
   ;;
 trainonly)  # a longer training alone (TRAIN_SECONDS=360 fits 8 minutes); then `eval` on the same (warm) host
@@ -33,7 +33,7 @@ trainonly)  # a longer training alone (TRAIN_SECONDS=360 fits 8 minutes); then `
     --budget-seconds "${TRAIN_SECONDS:-360}" --export-adapter "$out/eit_adapter"
   ;;
 eval)  # the evaluation alone, on an adapter already on this host (EIT_ADAPTER, default the last `train`'s)
-  python3 benchmarks/eit_eval.py --adapter "${EIT_ADAPTER:-$work/eit_smollm2/final}" --output "$out/eit_eval.json" \
+  python3 benchmarks/eit_eval.py --adapter "${EIT_ADAPTER:-$work/eit_smollm2/best}" --output "$out/eit_eval.json" \
     --runs-dir "$work/eit_eval_runs_$(date +%s)" --n-samples "${EVAL_SAMPLES:-3}"
   ;;
 analyze)

@@ -116,6 +116,8 @@ def test_schedules_and_config_errors():
         eit.EITConfig(keep_end=1.5)
     with pytest.raises(ValueError, match="keep schedule"):
         eit.EITConfig(keep_schedule="sometimes")
+    with pytest.raises(ValueError, match="select_keep_ratio"):
+        eit.EITConfig(select_keep_ratio=1.5)
     assert train_main(["eit", "train", "--output", "/tmp/x", "--keep-end", "0"]) == 2
     with pytest.raises(SystemExit):
         train_main(["eit", "train", "--output", "/tmp/x", "--keep-schedule", "sometimes"])
@@ -153,6 +155,11 @@ def test_training_lowers_loss_and_checkpoints(trained, smollm2_tokenizer, tables
     assert log["tokens"] == 6 * SEQ and log["tokens_per_second"] > 0
     assert all(h["kl"] >= -1e-6 for h in log["history"])
     assert log["history"][-1]["loss"] < log["history"][0]["loss"] - 0.1
+    # best/: the adapter of the evaluation with the lowest validation perplexity at the fixed selection ratio
+    sel = {v["step"]: v["select_ppl"] for v in log["val"]}
+    assert set(sel) == {3, 6} and log["best"]["step"] == min(sel, key=sel.get)
+    best_cfg = json.loads((out / "best" / "eit_config.json").read_text())
+    assert best_cfg["step"] == log["best"]["step"] and (out / "best" / "adapter_model.safetensors").is_file()
     # the fine-tuned student does better than the base model under eviction on its training sequence
     from peft import PeftModel
 

@@ -23,7 +23,10 @@ whenever the validation perplexity under eviction holds within ``adaptive_tolera
 
 Checkpoints ``checkpoint-N/`` and ``final/`` hold the adapter (``adapter_config.json`` + weights), the tokenizer,
 ``eit_config.json`` and ``trainer_state.pt`` (optimizer, LR and keep schedules, RNG, loss curve); ``--resume``
-continues from the latest one. Runs under ``accelerate launch`` / ``torchrun`` on 1 or N GPUs as it does alone.
+continues from the latest one. ``best/`` holds the adapter with the lowest validation perplexity at the fixed keep
+ratio ``select_keep_ratio`` (measured at every evaluation, on sequences of the *train* split kept aside): on a small
+corpus LoRA overfits once it sees it many times, and ``final/`` can be worse than an earlier step. Runs under
+``accelerate launch`` / ``torchrun`` on 1 or N GPUs as it does alone.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ TOKEN_TYPES = ("sink", "special", "recent", "separator", "other")
 CHECKPOINT_PREFIX = "checkpoint-"
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on SIGUSR1 after a checkpoint; run again with --resume
 STATE_FILE = "trainer_state.pt"
+BEST_DIR = "best"
 CONFIG_FILE = "eit_config.json"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -405,6 +409,7 @@ class EITConfig:
     save_every: int = 200
     eval_every: int = 50
     val_sequences: int = 2
+    select_keep_ratio: float | None = 0.25
     train_sequences: int | None = None
     max_seconds: float | None = None
     seed: int = 0
@@ -423,6 +428,8 @@ class EITConfig:
             raise ValueError(f"train_sequences must be >= batch_size, got {self.train_sequences}.")
         if self.lambda_kl < 0:
             raise ValueError(f"lambda_kl must be >= 0, got {self.lambda_kl}.")
+        if self.select_keep_ratio is not None and not 0.0 < self.select_keep_ratio <= 1.0:
+            raise ValueError(f"select_keep_ratio must be in (0, 1] or None, got {self.select_keep_ratio}.")
         # validates the schedule and ratios early, with a clear message
         self.schedule()
         AnchorSpec(self.n_sink, self.n_recent, self.separator_chars, self.keep_special)
@@ -589,6 +596,7 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
         else:  # the saved state is rank 0's: give every other rank its own stream again
             gen.manual_seed(cfg.seed + accelerator.process_index + 1_000_003 * int(saved["step"]))
         state.update({k: saved[k] for k in ("step", "history", "val", "tokens", "train_seconds")})
+        state["best"] = saved.get("best")
         logger.info("Resumed from %s at step %d", resume_from, state["step"])
     peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
     unwrapped = accelerator.unwrap_model(peft_model)
@@ -656,7 +664,24 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
         if state["step"] % cfg.eval_every == 0 or last:
             ppl = validation_perplexity(unwrapped, val_chunks, ratio, cfg, tables, device)
             moved = keep_sched.observe(ppl)
-            state["val"].append({"step": state["step"], "keep_ratio": round(ratio, 4), "ppl": ppl, "moved": moved})
+            entry = {"step": state["step"], "keep_ratio": round(ratio, 4), "ppl": ppl, "moved": moved}
+            if cfg.select_keep_ratio is not None:
+                # model selection at one fixed keep ratio (the curriculum's ratio moves, so its perplexities are not
+                # comparable across steps): the adapter with the lowest one is kept in best/
+                sel = validation_perplexity(unwrapped, val_chunks, cfg.select_keep_ratio, cfg, tables, device)
+                entry["select_ppl"] = sel
+                if state.get("best") is None or sel < state["best"]["select_ppl"]:
+                    state["best"] = {"step": state["step"], "select_ppl": sel}
+                    accelerator.wait_for_everyone()
+                    _save(
+                        out / BEST_DIR,
+                        unwrapped,
+                        tokenizer,
+                        cfg,
+                        {"step": state["step"], "keep_ratio": ratio, "select_ppl": sel},
+                        accelerator,
+                    )
+            state["val"].append(entry)
         if state["step"] % cfg.save_every == 0 or last or stop_now:
             accelerator.wait_for_everyone()
             snapshot = {
@@ -679,6 +704,7 @@ def train(cfg: EITConfig, resume: str | bool | None = None, progress: bool = Tru
                         "step": state["step"],
                         "history": state["history"],
                         "val": state["val"],
+                        "best": state.get("best"),
                         "tokens": state["tokens"],
                         "train_seconds": state["train_seconds"],
                         "tokens_per_second": snapshot["tokens_per_second"],
@@ -875,6 +901,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         eval_every=args.eval_every,
         val_sequences=args.val_sequences,
+        select_keep_ratio=args.select_keep_ratio or None,
         train_sequences=args.train_sequences,
         max_seconds=args.max_seconds,
         seed=args.seed,
@@ -933,6 +960,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--save-every", type=int, default=200)
     t.add_argument("--eval-every", type=int, default=50)
     t.add_argument("--val-sequences", type=int, default=2, help="train-split sequences kept aside for validation")
+    t.add_argument(
+        "--select-keep-ratio",
+        type=float,
+        default=0.25,
+        help="keep ratio of the validation that picks best/ (the adapter to use); 0 disables best/",
+    )
     t.add_argument("--train-sequences", type=int, default=None, help="use only the first N train sequences")
     t.add_argument("--max-seconds", type=float, default=None, help="stop (and save final/) after this training time")
     t.add_argument("--seed", type=int, default=0)
