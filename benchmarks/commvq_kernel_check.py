@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--decode", type=int, default=160)
     ap.add_argument("--window", type=int, default=128, help="full-precision window of the cache")
+    ap.add_argument("--n-sink", type=int, default=4, help="first tokens kept in full precision")
     ap.add_argument("--smoke", action="store_true", help="small CPU run through the Triton interpreter")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefill": args.prefill,
         "decode": args.decode,
         "window": args.window,
+        "n_sink": args.n_sink,
         "bits": {},
     }
     for bits in (1, 2):
@@ -103,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             ("references", {"mode": "codes", "use_triton": False}),
             ("dequantized", {"mode": "dequantize", "use_triton": False}),
         ):
-            cache = CommVQCache(config, books, bits=bits, window=args.window, rotary_emb=model.model.rotary_emb, **kw)
+            cache = CommVQCache(
+                config, books, bits=bits, window=args.window, n_sink=args.n_sink, rotary_emb=model.model.rotary_emb, **kw
+            )
             with torch.no_grad():
                 logits = [model(ids[:, : args.prefill], past_key_values=cache).logits[:, -1:]]
                 for t in range(args.prefill, args.prefill + args.decode):

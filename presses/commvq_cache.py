@@ -129,6 +129,10 @@ class CommVQLayer(CacheLayerMixin):
         RoPE inverse frequencies; ``attention_scaling``: the rotary cos/sin factor.
     window : int
         Full-precision recent tokens kept (at most); ``flush_chunk``: tokens coded at a time when it overflows.
+    n_sink : int
+        The first ``n_sink`` tokens committed to the layer (the stream's first tokens, the attention sinks of
+        StreamingLLM, arXiv 2309.17453) are never coded: they stay in full precision beside the window, since most
+        heads put a large share of their attention on them and an error in their values reaches every output.
     mode : str
         ``"codes"`` (attention from codes through the wrapped attention functions) or ``"dequantize"``.
     resolver : PositionResolver, optional
@@ -149,11 +153,13 @@ class CommVQLayer(CacheLayerMixin):
         *,
         window: int = 128,
         flush_chunk: int | None = None,
+        n_sink: int = 0,
         mode: str = "codes",
         resolver: PositionResolver | None = None,
         use_triton: bool | None = None,
     ) -> None:
         flush_chunk = _check_window(window, flush_chunk)
+        _check_sink(n_sink)
         if mode not in ("codes", "dequantize"):
             raise ValueError(f"mode must be 'codes' or 'dequantize', got {mode!r}.")
         # codebook constants live in a namespace, not as tensor attributes: tools that sum a layer's tensor
@@ -161,6 +167,8 @@ class CommVQLayer(CacheLayerMixin):
         self.consts = SimpleNamespace(theta=theta.detach().float(), inv_freq=inv_freq.detach().float().cpu())
         self.codec_host = codec
         self.window = int(window)
+        self.n_sink = int(n_sink)
+        self.nsink = 0  # sink tokens held, in window slots [0, nsink)
         self.flush_chunk = int(flush_chunk)
         self.mode = mode
         self.use_triton = use_triton
@@ -217,7 +225,7 @@ class CommVQLayer(CacheLayerMixin):
         )
         self.tables = KeyTables(self.books.theta)
         self._triton = resolve_use_triton(self.use_triton, key_states)
-        wcap = self.window
+        wcap = self.window + self.n_sink
         self.wkeys = torch.zeros(batch, heads, wcap, head_dim, dtype=self.dtype, device=dev)
         self.wvals = torch.zeros(batch, heads, wcap, head_dim, dtype=value_states.dtype, device=dev)
         self.wpos = torch.zeros(batch, wcap, dtype=torch.int32, device=dev)
@@ -297,30 +305,45 @@ class CommVQLayer(CacheLayerMixin):
         self.n += m
 
     def _commit(self, keys_il: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
-        """Add new tokens (pre-RoPE interleaved keys ``[B, H, q, D]``, positions ``[q]``): the window keeps the most
-        recent ones, whole ``flush_chunk`` blocks of the oldest are coded."""
+        """Add new tokens (pre-RoPE interleaved keys ``[B, H, q, D]``, positions ``[q]``): the first ``n_sink`` tokens
+        of the layer stay in window slots ``[0, nsink)`` for good; after them the window keeps the most recent ones,
+        whole ``flush_chunk`` blocks of the oldest are coded."""
+        if self.nsink < self.n_sink and self.nw == self.nsink and self.n == 0:
+            take = min(self.n_sink - self.nsink, keys_il.shape[2])
+            sl = slice(self.nsink, self.nsink + take)
+            self.wkeys[:, :, sl] = keys_il[:, :, :take].to(self.dtype)
+            self.wvals[:, :, sl] = values[:, :, :take].to(self.wvals.dtype)
+            self.wpos[:, sl] = pos[:take].to(torch.int32)
+            self.nsink += take
+            self.nw += take
+            keys_il, values, pos = keys_il[:, :, take:], values[:, :, take:], pos[take:]
         q = keys_il.shape[2]
-        total = self.nw + q
+        if q == 0:
+            return
+        s = self.nsink
+        recent = self.nw - s
+        total = recent + q
         n_flush = 0
         if total > self.window:
             n_flush = min(total, math.ceil((total - self.window) / self.flush_chunk) * self.flush_chunk)
-        from_window = min(n_flush, self.nw)
+        from_window = min(n_flush, recent)
         if from_window:
-            wp = self.wpos[:, :from_window]
-            self._encode(self.wkeys[:, :, :from_window], self.wvals[:, :, :from_window], wp)
+            wp = self.wpos[:, s : s + from_window]
+            self._encode(self.wkeys[:, :, s : s + from_window], self.wvals[:, :, s : s + from_window], wp)
         from_new = n_flush - from_window
         if from_new:
             self._encode(keys_il[:, :, :from_new], values[:, :, :from_new], pos[None, :from_new].expand(self.batch, -1))
-        keep_old = self.nw - from_window
+        keep_old = recent - from_window
         if from_window and keep_old:
-            self.wkeys[:, :, :keep_old] = self.wkeys[:, :, from_window : self.nw].clone()
-            self.wvals[:, :, :keep_old] = self.wvals[:, :, from_window : self.nw].clone()
-            self.wpos[:, :keep_old] = self.wpos[:, from_window : self.nw].clone()
+            self.wkeys[:, :, s : s + keep_old] = self.wkeys[:, :, s + from_window : self.nw].clone()
+            self.wvals[:, :, s : s + keep_old] = self.wvals[:, :, s + from_window : self.nw].clone()
+            self.wpos[:, s : s + keep_old] = self.wpos[:, s + from_window : self.nw].clone()
         add = q - from_new
-        self.wkeys[:, :, keep_old : keep_old + add] = keys_il[:, :, from_new:].to(self.dtype)
-        self.wvals[:, :, keep_old : keep_old + add] = values[:, :, from_new:].to(self.wvals.dtype)
-        self.wpos[:, keep_old : keep_old + add] = pos[from_new:].to(torch.int32)
-        self.nw = keep_old + add
+        at = s + keep_old
+        self.wkeys[:, :, at : at + add] = keys_il[:, :, from_new:].to(self.dtype)
+        self.wvals[:, :, at : at + add] = values[:, :, from_new:].to(self.wvals.dtype)
+        self.wpos[:, at : at + add] = pos[from_new:].to(torch.int32)
+        self.nw = at + add
 
     def append_prerope(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Code tokens given directly (pre-RoPE keys ``[B, H, m, D]`` in the model's ``rotate_half`` layout, values,
@@ -459,13 +482,13 @@ class CommVQLayer(CacheLayerMixin):
         """Record the state; assigning ``keys``/``values`` of the marked length later restores it."""
         if not self.is_initialized:
             return
-        self._mark = (self.n, self.nw, self.wkeys.clone(), self.wvals.clone(), self.wpos.clone())
+        self._mark = (self.n, self.nw, self.wkeys.clone(), self.wvals.clone(), self.wpos.clone(), self.nsink)
 
     def restore(self) -> None:
         if self._mark is None:
             raise RuntimeError("This CommVQLayer has no mark (CommVQPress marks it after the context).")
-        n, nw, wk, wv, wp = self._mark
-        self.n, self.nw = n, nw
+        n, nw, wk, wv, wp, nsink = self._mark
+        self.n, self.nw, self.nsink = n, nw, nsink
         self.wkeys.copy_(wk)
         self.wvals.copy_(wv)
         self.wpos.copy_(wp)
@@ -521,7 +544,7 @@ class CommVQLayer(CacheLayerMixin):
     def _tensors(self) -> list[torch.Tensor]:
         held = [self.codes, self.knorm, self.vcoef, self.pos, self.vbits, self.wkeys, self.wvals, self.wpos]
         if self._mark is not None:  # the window snapshot of kvpress's multi-question protocol
-            held += list(self._mark[2:])
+            held += list(self._mark[2:5])
         return [t for t in held if t is not None]
 
     def memory_bytes(self) -> int:
@@ -538,7 +561,7 @@ class CommVQLayer(CacheLayerMixin):
         return codec + sum(t.numel() * t.element_size() for t in books)
 
     def reset(self) -> None:
-        self.n = self.nw = 0
+        self.n = self.nw = self.nsink = 0
         self._mark = None
         self._next_position = None
 
@@ -568,6 +591,11 @@ class CommVQLayer(CacheLayerMixin):
     @property
     def max_cache_len(self) -> int:
         return -1
+
+
+def _check_sink(n_sink: Any) -> None:
+    if isinstance(n_sink, bool) or not isinstance(n_sink, int) or n_sink < 0:
+        raise ValueError(f"n_sink must be an integer >= 0 (full-precision first tokens), got {n_sink!r}.")
 
 
 def _check_window(window: Any, flush_chunk: Any) -> int:
@@ -613,6 +641,8 @@ class CommVQCache(Cache):
         Expected bit width (checked against the codebooks).
     window : int, default=128
         Full-precision recent tokens kept at most.
+    n_sink : int, default=0
+        First tokens kept in full precision for good (:class:`CommVQLayer`).
     flush_chunk : int, optional
         Tokens coded at once when the window overflows (default ``min(64, window // 2)``).
     mode : str, optional
@@ -642,8 +672,10 @@ class CommVQCache(Cache):
         mode: str | None = None,
         use_triton: bool | None = None,
         rotary_emb: Any = None,
+        n_sink: int = 0,
     ) -> None:
         flush_chunk = _check_window(window, flush_chunk)
+        _check_sink(n_sink)
         text = _text_config(config)
         books = load_codebooks(codebooks, bits, text)
         if rotary_emb is not None and hasattr(rotary_emb, "inv_freq"):
@@ -664,6 +696,7 @@ class CommVQCache(Cache):
                 scaling,
                 window=window,
                 flush_chunk=flush_chunk,
+                n_sink=n_sink,
                 mode=self.mode,
                 resolver=self.resolver,
                 use_triton=use_triton,

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import QuantizedCache
 from transformers.cache_utils import DynamicLayer
 
-from pressroom.presses.commvq_cache import CommVQLayer, _check_window, attention_mode, load_codebooks
+from pressroom.presses.commvq_cache import CommVQLayer, _check_sink, _check_window, attention_mode, load_codebooks
 from pressroom.presses.commvq_codebooks import CommVQCodebooks
 from pressroom.presses.sink_window_cache import UNSUPPORTED_ROPE, PositionResolver, rope_frequencies
 
@@ -85,6 +85,9 @@ class CommVQPress(BasePress):
         Full-precision recent tokens; the rest of the context is coded.
     flush_chunk : int, optional
         Tokens coded at once when the window overflows while decoding (default ``min(64, window // 2)``).
+    n_sink : int, default=0
+        The context's first tokens kept in full precision beside the window (attention sinks); with an eviction
+        press in front (per-head kept tokens) every kept token is coded.
     compression_ratio : float, default=0.0
         Not used to prune (CommVQ keeps every token); present for kvpress's tooling. The memory saving is
         reported by ``memory_bytes()``.
@@ -105,6 +108,7 @@ class CommVQPress(BasePress):
     bits: int = 2
     window: int = 128
     flush_chunk: int | None = None
+    n_sink: int = 0
     compression_ratio: float = 0.0
     use_triton: bool | None = None
     _books: CommVQCodebooks | None = field(init=False, repr=False, compare=False, default=None)
@@ -119,6 +123,7 @@ class CommVQPress(BasePress):
         if self.bits not in (1, 2):
             raise ValueError(f"bits must be 1 or 2, got {self.bits!r}.")
         _check_window(self.window, self.flush_chunk)
+        _check_sink(self.n_sink)
 
     def books_for(self, config: Any) -> CommVQCodebooks:
         """The codebooks, loaded once and validated against ``config``."""
@@ -177,6 +182,7 @@ class CommVQPress(BasePress):
             rotary_scaling,
             window=self.window,
             flush_chunk=self.flush_chunk,
+            n_sink=self.n_sink,
             mode=attention_mode(module.config),
             resolver=self._resolver,
             use_triton=self.use_triton,

@@ -212,6 +212,39 @@ def test_flush_at_chunk_boundary_and_memory_bytes(tiny):
     assert cache.memory_bytes() == layers * per_layer
 
 
+def test_sink_tokens_stay_in_full_precision(tiny):
+    """n_sink: the first tokens never leave the window; the recent part flushes as without sinks."""
+    model, _ = tiny
+    books = random_books(model.config, residuals=3, bits=1)
+    ids = torch.randint(5, 1000, (1, 30))
+    cache = CommVQCache(model.config, books, window=8, flush_chunk=4, mode="dequantize", n_sink=3)
+    plain = CommVQCache(model.config, books, window=8, flush_chunk=4, mode="dequantize")
+    full = DynamicCache()
+    layer = cache.layers[0]
+    with torch.no_grad():
+        model(ids[:, :14], past_key_values=cache)
+        model(ids[:, :14], past_key_values=plain)
+        model(ids[:, :14], past_key_values=full)
+        for t in range(14, 30):
+            model(ids[:, t : t + 1], past_key_values=cache)
+            model(ids[:, t : t + 1], past_key_values=plain)
+            model(ids[:, t : t + 1], past_key_values=full)
+    assert layer.nsink == 3 and layer.wpos[0, :3].tolist() == [0, 1, 2]
+    assert layer.n + layer.nw == 30 and layer.nw - 3 <= 8 and layer.n == plain.layers[0].n - 4
+    assert sorted(layer.pos[0, : layer.n].tolist()) == list(range(3, 3 + layer.n))
+    # the sinks' keys and values are the model's own (full precision)
+    keys, values = layer._dequantized()
+    sink_at = layer.n  # dequantized order: coded tokens, then the window (sinks first)
+    assert torch.allclose(values[:, :, sink_at : sink_at + 3], full.layers[0].values[:, :, :3], atol=1e-6)
+    assert torch.allclose(keys[:, :, sink_at : sink_at + 3], full.layers[0].keys[:, :, :3], atol=1e-5)
+    # memory: the window buffers hold window + n_sink tokens
+    assert cache.memory_bytes() - plain.memory_bytes() >= 0
+    with pytest.raises(ValueError, match="n_sink"):
+        CommVQCache(model.config, books, n_sink=-1)
+    with pytest.raises(ValueError, match="n_sink"):
+        CommVQPress(codebooks=books, bits=1, n_sink=1.5)
+
+
 def test_codes_mode_equals_dequantized_mode(tiny):
     """Attention straight from the codes (wrapped sdpa) == the model's attention over dequantized keys/values."""
     model, _ = tiny
