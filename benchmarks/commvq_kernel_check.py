@@ -106,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             ("dequantized", {"mode": "dequantize", "use_triton": False}),
         ):
             cache = CommVQCache(
-                config, books, bits=bits, window=args.window, n_sink=args.n_sink, rotary_emb=model.model.rotary_emb, **kw
+                config,
+                books,
+                bits=bits,
+                window=args.window,
+                n_sink=args.n_sink,
+                rotary_emb=model.model.rotary_emb,
+                **kw,
             )
             with torch.no_grad():
                 logits = [model(ids[:, : args.prefill], past_key_values=cache).logits[:, -1:]]
