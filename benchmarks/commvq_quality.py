@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--eval", type=int, default=128)
     ap.add_argument("--segments", type=int, default=6)
+    ap.add_argument("--n-sink", type=int, default=0, help="CommVQ: first tokens kept in full precision")
     ap.add_argument("--needle-length", type=int, default=4096)
     ap.add_argument("--needle-samples", type=int, default=3)
     ap.add_argument("--runs-dir", default=None, help="Runner results (default: beside --output)")
@@ -141,6 +142,7 @@ def main() -> None:
         "model": args.model,
         "dtype": dtype,
         "smoke": args.smoke,
+        "commvq_n_sink": args.n_sink,
         "perplexity": {"context": args.context, "eval_tokens_per_segment": args.eval, "segments": args.segments},
         "needles": {},
     }
@@ -161,8 +163,8 @@ def main() -> None:
 
     caches = {
         "fp16": lambda: None,
-        "commvq_1bit": lambda: CommVQCache(model.config, books[1], bits=1, window=128),
-        "commvq_2bit": lambda: CommVQCache(model.config, books[2], bits=2, window=128),
+        "commvq_1bit": lambda: CommVQCache(model.config, books[1], bits=1, window=128, n_sink=args.n_sink),
+        "commvq_2bit": lambda: CommVQCache(model.config, books[2], bits=2, window=128, n_sink=args.n_sink),
         "hqq_1bit": lambda: quantized_cache(model, 1, min(64, head_dim)),
         "hqq_2bit": lambda: quantized_cache(model, 2, min(64, head_dim)),
     }
@@ -209,10 +211,11 @@ def main() -> None:
     )
     for name, press in (
         ("fp16", None),
-        ("commvq_1bit", CommVQPress(codebooks=books[1], bits=1, window=128)),
-        ("commvq_2bit", CommVQPress(codebooks=books[2], bits=2, window=128)),
+        ("commvq_1bit", CommVQPress(codebooks=books[1], bits=1, window=128, n_sink=args.n_sink)),
+        ("commvq_2bit", CommVQPress(codebooks=books[2], bits=2, window=128, n_sink=args.n_sink)),
     ):
-        spec = "no_press" if press is None else f"commvq:bits={press.bits}"
+        sink = f",n_sink={args.n_sink}" if args.n_sink else ""
+        spec = "no_press" if press is None else f"commvq:bits={press.bits}{sink}"
         cfg = EvalConfig(press_name=spec, **base)
         run_dir = runner.run(cfg, press=press)
         import json
