@@ -109,7 +109,10 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--eval", type=int, default=128)
     ap.add_argument("--segments", type=int, default=6)
-    ap.add_argument("--n-sink", type=int, default=0, help="CommVQ: first tokens kept in full precision")
+    ap.add_argument("--bits", type=int, nargs="+", default=[1, 2], choices=[1, 2], help="CommVQ / HQQ bit widths")
+    ap.add_argument(
+        "--n-sink", type=int, nargs="+", default=[0], help="CommVQ: first tokens kept in full precision (each value)"
+    )
     ap.add_argument("--needle-length", type=int, default=4096)
     ap.add_argument("--needle-samples", type=int, default=3)
     ap.add_argument("--runs-dir", default=None, help="Runner results (default: beside --output)")
@@ -120,8 +123,8 @@ def main() -> None:
     if args.smoke:
         args.model, args.context, args.eval, args.segments = "tiny-llama", 200, 3, 1
         args.needle_length, args.needle_samples = 256, 1
-    elif not (args.codebooks or (args.codebooks_1 and args.codebooks_2)):
-        ap.error("--codebooks (or --codebooks-1 and --codebooks-2) is required (except with --smoke)")
+    elif not (args.codebooks or all(getattr(args, f"codebooks_{b}") for b in args.bits)):
+        ap.error("--codebooks (or --codebooks-1 / --codebooks-2 for each of --bits) is required (except with --smoke)")
     import transformers
     import triton
 
@@ -152,7 +155,7 @@ def main() -> None:
     model, tok = pipe.model, pipe.tokenizer
     _, _, head_dim = model_kv_shape(model.config)
     books = {}
-    for bits in (1, 2):
+    for bits in args.bits:
         if args.smoke:
             books[bits] = random_books(model.config, bits)
         else:
@@ -161,13 +164,17 @@ def main() -> None:
         books[bits].validate(model.config)
     result["codebooks"] = {str(b): {"R": bk.residuals, "key_bits": bk.key_bits} for b, bk in books.items()}
 
-    caches = {
-        "fp16": lambda: None,
-        "commvq_1bit": lambda: CommVQCache(model.config, books[1], bits=1, window=128, n_sink=args.n_sink),
-        "commvq_2bit": lambda: CommVQCache(model.config, books[2], bits=2, window=128, n_sink=args.n_sink),
-        "hqq_1bit": lambda: quantized_cache(model, 1, min(64, head_dim)),
-        "hqq_2bit": lambda: quantized_cache(model, 2, min(64, head_dim)),
-    }
+    def commvq_name(bits: int, n_sink: int) -> str:
+        return f"commvq_{bits}bit" + (f"_sink{n_sink}" if n_sink else "")
+
+    caches = {"fp16": lambda: None}
+    for b in args.bits:
+        for ns in args.n_sink:
+            caches[commvq_name(b, ns)] = lambda b=b, ns=ns: CommVQCache(
+                model.config, books[b], bits=b, window=128, n_sink=ns
+            )
+    for b in args.bits:
+        caches[f"hqq_{b}bit"] = lambda b=b: quantized_cache(model, b, min(64, head_dim))
     if not args.skip_ppl:
         ids_all = corpus_tokens(tok, "pg_essays", split="heldout").to(model.device)
         seg = args.context + args.eval
@@ -209,12 +216,12 @@ def main() -> None:
         output_dir=str(runs_dir),
         max_new_tokens=8 if args.smoke else None,
     )
-    for name, press in (
-        ("fp16", None),
-        ("commvq_1bit", CommVQPress(codebooks=books[1], bits=1, window=128, n_sink=args.n_sink)),
-        ("commvq_2bit", CommVQPress(codebooks=books[2], bits=2, window=128, n_sink=args.n_sink)),
-    ):
-        sink = f",n_sink={args.n_sink}" if args.n_sink else ""
+    presses: list[tuple[str, CommVQPress | None]] = [("fp16", None)]
+    for b in args.bits:
+        for ns in args.n_sink:
+            presses.append((commvq_name(b, ns), CommVQPress(codebooks=books[b], bits=b, window=128, n_sink=ns)))
+    for name, press in presses:
+        sink = f",n_sink={press.n_sink}" if press is not None and press.n_sink else ""
         spec = "no_press" if press is None else f"commvq:bits={press.bits}{sink}"
         cfg = EvalConfig(press_name=spec, **base)
         run_dir = runner.run(cfg, press=press)
@@ -233,7 +240,7 @@ def main() -> None:
 
     from kvpress import KVPressTextGenerationPipeline
 
-    for bits in (1, 2):
+    for bits in args.bits:
         cfg = EvalConfig(press_name="no_press", **base)
         df = runner.dataset(cfg, tok)
         df["predicted_answer"] = None
