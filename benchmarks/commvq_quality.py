@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--segments", type=int, default=6)
     ap.add_argument("--bits", type=int, nargs="+", default=[1, 2], choices=[1, 2], help="CommVQ / HQQ bit widths")
     ap.add_argument(
-        "--n-sink", type=int, nargs="+", default=[0], help="CommVQ: first tokens kept in full precision (each value)"
+        "--n-sink", type=int, nargs="+", default=[0, 4], help="CommVQ: first tokens kept in full precision (each value)"
     )
     ap.add_argument("--needle-length", type=int, default=4096)
     ap.add_argument("--needle-samples", type=int, default=3)

@@ -641,7 +641,7 @@ class CommVQCache(Cache):
         Expected bit width (checked against the codebooks).
     window : int, default=128
         Full-precision recent tokens kept at most.
-    n_sink : int, default=0
+    n_sink : int, default=4
         First tokens kept in full precision for good (:class:`CommVQLayer`).
     flush_chunk : int, optional
         Tokens coded at once when the window overflows (default ``min(64, window // 2)``).
@@ -672,7 +672,7 @@ class CommVQCache(Cache):
         mode: str | None = None,
         use_triton: bool | None = None,
         rotary_emb: Any = None,
-        n_sink: int = 0,
+        n_sink: int = 4,
     ) -> None:
         flush_chunk = _check_window(window, flush_chunk)
         _check_sink(n_sink)

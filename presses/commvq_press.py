@@ -85,7 +85,7 @@ class CommVQPress(BasePress):
         Full-precision recent tokens; the rest of the context is coded.
     flush_chunk : int, optional
         Tokens coded at once when the window overflows while decoding (default ``min(64, window // 2)``).
-    n_sink : int, default=0
+    n_sink : int, default=4
         The context's first tokens kept in full precision beside the window (attention sinks); with an eviction
         press in front (per-head kept tokens) every kept token is coded.
     compression_ratio : float, default=0.0
@@ -108,7 +108,7 @@ class CommVQPress(BasePress):
     bits: int = 2
     window: int = 128
     flush_chunk: int | None = None
-    n_sink: int = 0
+    n_sink: int = 4
     compression_ratio: float = 0.0
     use_triton: bool | None = None
     _books: CommVQCodebooks | None = field(init=False, repr=False, compare=False, default=None)

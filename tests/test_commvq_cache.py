@@ -188,7 +188,7 @@ def test_window_only_equals_full_cache(tiny):
 def test_flush_at_chunk_boundary_and_memory_bytes(tiny):
     model, _ = tiny
     books = random_books(model.config, residuals=3, bits=1)
-    cache = CommVQCache(model.config, books, window=8, flush_chunk=4, mode="dequantize")
+    cache = CommVQCache(model.config, books, window=8, flush_chunk=4, mode="dequantize", n_sink=0)
     layer = cache.layers[0]
     with torch.no_grad():
         model(torch.randint(5, 1000, (1, 6)), past_key_values=cache)
@@ -218,7 +218,7 @@ def test_sink_tokens_stay_in_full_precision(tiny):
     books = random_books(model.config, residuals=3, bits=1)
     ids = torch.randint(5, 1000, (1, 30))
     cache = CommVQCache(model.config, books, window=8, flush_chunk=4, mode="dequantize", n_sink=3)
-    plain = CommVQCache(model.config, books, window=8, flush_chunk=4, mode="dequantize")
+    plain = CommVQCache(model.config, books, window=8, flush_chunk=4, mode="dequantize", n_sink=0)
     full = DynamicCache()
     layer = cache.layers[0]
     with torch.no_grad():
