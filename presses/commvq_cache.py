@@ -373,7 +373,7 @@ class CommVQLayer(CacheLayerMixin):
         In ``codes`` mode the new tensors themselves are returned and the wrapped attention function computes the
         attention from the codes (one new token: it is stored first, then attended with everything; several: they
         attend to the stored state and themselves, then are stored). In ``dequantize`` mode the full dequantized
-        keys and values (rotated, model layout) are returned.
+        keys and values (rotated, model layout) are returned, in the same order of storing and attending.
         """
         if _PENDING[0] is not None:
             stale = _PENDING[0]
@@ -399,6 +399,9 @@ class CommVQLayer(CacheLayerMixin):
         pos = torch.arange(position, position + n_new, device=self.device, dtype=torch.int32)
         raw = to_interleaved(_unrotate(key_states, cos, sin))
         if self.mode == "dequantize":
+            if n_new == 1:  # as in codes mode: stored first (a flush codes the window's oldest), then attended
+                self._commit(raw, value_states, pos)
+                return self._dequantized()
             old_k, old_v = self._dequantized()
             self._commit(raw, value_states, pos)
             keys = torch.cat((old_k, key_states.to(old_k.dtype)), dim=2)
