@@ -7,6 +7,8 @@ tokens (default 131072) plus a 128-token full-precision window:
 - ours: :func:`pressroom.kernels.commvq_attention.decode_attention` (split-K Triton kernel + reduce + per-head
   value matmul) at 1 bit (R=11 key residuals, 1 value bit per element) and 2 bits (R=21, 2 value bits);
 - fp16 SDPA (bf16 keys/values of the same length, ``enable_gqa``);
+- transformers' ``QuantizedCache(backend="hqq")`` at the same bits holding the same keys and values: one decode step
+  = ``update`` with a new token (it returns the dequantized cache) + SDPA (``--skip-hqq`` to leave it out);
 - a faithful PyTorch re-implementation of the CommVQ reference's decode path (``commvq/compress_triton.py``: a
   look-up table ``q . center`` per query head, residual and pair, gathers summed over residuals, RoPE per token,
   PyTorch softmax, probability-weighted value bits, matmul with the value codebook), in token chunks;
@@ -141,6 +143,36 @@ def attempt(fn, reps: int, device: torch.device) -> float | str:
         return f"failed: {type(err).__name__}: {str(err)[:300]}"
 
 
+def hqq_decode_ms(kf, vf, qf, bits: int, reps: int, device: torch.device) -> float | str:
+    """One decode step of one layer through transformers' ``QuantizedCache(backend="hqq")`` holding the keys and
+    values ``kf``/``vf`` (``[1, H, n, D]``, prefilled through the cache): ``update`` with one new token (returns the
+    dequantized cache) then SDPA; ``"failed: ..."`` when HQQ is missing or the call raises."""
+    try:
+        from transformers import LlamaConfig, QuantizedCache
+
+        _, h, _, d = kf.shape
+        hq = qf.shape[1]
+        config = LlamaConfig(
+            hidden_size=hq * d, num_attention_heads=hq, num_key_value_heads=h, num_hidden_layers=1, head_dim=d
+        )
+        cache = QuantizedCache(backend="hqq", config=config, nbits=bits, residual_length=128, q_group_size=64)
+        with torch.no_grad():
+            cache.update(kf, vf, 0)
+        k1, v1 = kf[:, :, :1].clone(), vf[:, :, :1].clone()
+
+        def step():
+            keys, values = cache.update(k1, v1, 0)
+            return torch.nn.functional.scaled_dot_product_attention(qf, keys, values, enable_gqa=True)
+
+        with torch.no_grad():
+            return timed_ms(step, reps, device)
+    except Exception as err:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        return f"failed: {type(err).__name__}: {str(err)[:300]}"
+
+
 def fmt(ms) -> str:
     return f"{ms:.4f} ms" if isinstance(ms, float) else str(ms)
 
@@ -155,6 +187,7 @@ def main() -> None:
     ap.add_argument("--skip-key-scores", action="store_true", help="skip the two key-side designs in isolation")
     ap.add_argument("--skip-reference-path", action="store_true", help="skip the PyTorch reference decode path")
     ap.add_argument("--skip-encode", action="store_true", help="skip the encode timings")
+    ap.add_argument("--skip-hqq", action="store_true", help="skip transformers' QuantizedCache (HQQ) decode step")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -190,6 +223,14 @@ def main() -> None:
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, enable_gqa=True)  # noqa: E731
     result["sdpa_bf16_ms"] = attempt(sdpa, reps, device)
     result["fp16_bytes_per_token"] = H * D * 2 * 2
+    # transformers' QuantizedCache (HQQ backend) at the same bits: one decode step of one layer = the cache update
+    # (it dequantizes the whole cache and returns it) + SDPA over it, as a model's attention layer does
+    if not args.skip_hqq:
+        result["hqq_quantized_cache"] = {}
+        for bits in args.bits:
+            result["hqq_quantized_cache"][f"{bits}bit"] = hqq_decode_ms(kf, vf, qf, bits, reps, device)
+            save()
+            log(f"QuantizedCache(hqq) {bits} bit, update + sdpa: {fmt(result['hqq_quantized_cache'][f'{bits}bit'])}")
     kf = vf = None
     save()
     log(f"sdpa bf16: {fmt(result['sdpa_bf16_ms'])}")
