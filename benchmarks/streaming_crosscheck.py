@@ -6,7 +6,9 @@ On the same tokens (the essays, one token per forward, the cache never reset):
 - ``pressroom.evaluation.streaming.parallel_streaming_perplexity`` with the same (n_sink, W): must give the same
   NLL per token (this checks the evaluator used for the 154k-token sweep against the real cache);
 - kvpress's ``DecodingPress(StreamingLLMPress)`` compressing to n_sink + W tokens every step (original positions
-  kept, as kvpress does);
+  kept, as kvpress does), as shipped, and with :class:`pressroom.presses.OrderedStreamingLLMPress` (the kept tokens
+  left in stream order); the parallel evaluator with ``positions="original"`` and window W + 1 must give the
+  ordered one's NLL per token (kvpress's ``topk`` reorders the cache, so the shipped press evicts other tokens);
 - the full ``DynamicCache``.
 
 Writes a small JSON (per-config perplexity, tokens/s, KV bytes, max |NLL difference| to the parallel evaluator,
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from pressroom.evaluation.models import load_model
     from pressroom.evaluation.perplexity import streaming_perplexity
     from pressroom.evaluation.streaming import parallel_streaming_perplexity
-    from pressroom.presses import SinkWindowCache
+    from pressroom.presses import OrderedStreamingLLMPress, SinkWindowCache
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     ids = corpus_tokens(tokenizer, "pg_essays", "all", max_tokens=args.tokens).to(model.device)
@@ -74,11 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     res = streaming_perplexity(model, ids, cache=cache, mode="streaming", progress=False)
     diff = max(abs(a - b) for a, b in zip(res.nll, parallel.nll))
     record("SinkWindowCache, token by token", res, {"max_abs_nll_diff_to_parallel": diff})
-    press = DecodingPress(
-        base_press=StreamingLLMPress(n_sink=args.n_sink), compression_interval=1, target_size=capacity
+    original = parallel_streaming_perplexity(
+        model, ids, n_sink=args.n_sink, window=args.window + 1, progress=False, positions="original"
     )
-    res = streaming_perplexity(model, ids, press=press, mode="streaming", progress=False)
-    record(f"kvpress DecodingPress(StreamingLLMPress), target {capacity}", res)
+    record("parallel evaluator (original positions, window W + 1)", original, {"kv_bytes_note": "computed"})
+    for base in (StreamingLLMPress, OrderedStreamingLLMPress):
+        label = base.__name__
+        press = DecodingPress(base_press=base(n_sink=args.n_sink), compression_interval=1, target_size=capacity)
+        res = streaming_perplexity(model, ids, press=press, mode="streaming", progress=False)
+        diff = max(abs(a - b) for a, b in zip(res.nll, original.nll))
+        record(
+            f"kvpress DecodingPress({label}), target {capacity}",
+            res,
+            {"max_abs_nll_diff_to_parallel_original_positions": diff},
+        )
     res = streaming_perplexity(model, ids, mode="streaming", progress=False)
     record("full DynamicCache, token by token", res)
 

@@ -12,7 +12,11 @@ Configurations (duplicates run once):
   where it breaks);
 - sinks ``--n-sink`` (4) with windows ``--windows`` (256 512 1024 2048);
 - the plain sliding window without sinks (0, ``--ablation-window``) and the sink ablation ``--sinks``
-  (0 1 2 4 8) at window ``--ablation-window`` (1024).
+  (0 1 2 4 8) at window ``--ablation-window`` (1024);
+- kvpress's eviction, ``DecodingPress(StreamingLLMPress(n_sink), compression_interval=1, target_size=n_sink + w - 1)``
+  kept in stream order (:class:`pressroom.presses.OrderedStreamingLLMPress`), for each ``--kvpress-windows`` ``w``
+  (1024): the same tokens as ``n_sink`` sinks + window ``w``, at their original positions (``positions="original"``
+  of the evaluator, tested equal to kvpress token by token).
 
 Writes (atomically) a small JSON (``--output``, default ``benchmarks/results/streaming_ppl.json``) with, per
 configuration, the perplexity, throughput, runtime, computed KV bytes and downsampled curves (cumulative
@@ -84,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--windows", type=_positive, nargs="+", default=[256, 512, 1024, 2048])
     p.add_argument("--sinks", type=_non_negative, nargs="+", default=[0, 1, 2, 4, 8], help="sink ablation")
     p.add_argument("--ablation-window", type=_positive, default=1024)
+    p.add_argument(
+        "--kvpress-windows", type=_positive, nargs="*", default=[1024], help="kvpress eviction (original positions)"
+    )
     p.add_argument("--chunk-size", type=_positive, default=None, help="queries per pass (default 2048 CUDA, 512 CPU)")
     p.add_argument("--segment", type=_positive, default=4096, help="tokens per segment of the perplexity curve")
     p.add_argument("--curve-points", type=_positive, default=200, help="points of the cumulative curve")
@@ -101,17 +108,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The sweep in run order, duplicates removed: full cache, window sweep, sliding window, sink ablation."""
-    wanted: list[tuple[int | None, int | None, str]] = [(None, None, "full cache")]
-    wanted += [(args.n_sink, w, "window sweep") for w in args.windows]
-    wanted += [(0, args.ablation_window, "sliding window")]
-    wanted += [(s, args.ablation_window, "sink ablation") for s in args.sinks]
+    wanted: list[tuple[int | None, int | None, str, str]] = [(None, None, "full cache", "cache")]
+    wanted += [(args.n_sink, w, "window sweep", "cache") for w in args.windows]
+    wanted += [(0, args.ablation_window, "sliding window", "cache")]
+    wanted += [(s, args.ablation_window, "sink ablation", "cache") for s in args.sinks]
+    wanted += [(args.n_sink, w, "kvpress eviction", "original") for w in args.kvpress_windows]
     seen, configs = set(), []
-    for n_sink, window, group in wanted:
-        if (n_sink, window) in seen:
+    for n_sink, window, group, positions in wanted:
+        if (n_sink, window, positions) in seen:
             continue
-        seen.add((n_sink, window))
-        name = "full" if window is None else f"sink{n_sink}_win{window}"
-        configs.append(dict(name=name, n_sink=n_sink, window=window, group=group))
+        seen.add((n_sink, window, positions))
+        if window is None:
+            name = "full"
+        elif positions == "original":
+            name = f"kvpress_sink{n_sink}_win{window}"
+        else:
+            name = f"sink{n_sink}_win{window}"
+        cfg = dict(name=name, n_sink=n_sink, window=window, group=group, positions=positions)
+        if positions == "original":
+            cfg["kvpress_target_size"] = n_sink + window - 1
+        configs.append(cfg)
     return configs
 
 
@@ -167,7 +183,7 @@ def write_plot(path: Path, payload: dict[str, Any]) -> None:
     for run in payload["runs"]:
         seg = run["segments"]
         label = f"{run['label']}: {run['perplexity']:.2f}"
-        style = "--" if run["window"] is None else "-"
+        style = "--" if run["window"] is None else (":" if run.get("positions") == "original" else "-")
         ax.plot(seg["end"], seg["perplexity"], style, marker=".", markersize=3, linewidth=1.2, label=label)
     context = payload["metadata"].get("model_context")
     longest = max(run["tokens"] for run in payload["runs"])
@@ -300,11 +316,20 @@ def main(argv: list[str] | None = None) -> int:
     for k, cfg in enumerate(configs, 1):
         n_tokens = n_full if cfg["window"] is None else n_stream
         label = "full cache" if cfg["window"] is None else f"{cfg['n_sink']} sinks + {cfg['window']}"
+        if cfg["positions"] == "original":
+            label = f"kvpress DecodingPress(StreamingLLM), target {cfg['kvpress_target_size']}, original positions"
         print(f"[{k}/{len(configs)}] {label} ({cfg['group']}) over {n_tokens} tokens ...", flush=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         result = parallel_streaming_perplexity(
-            model, ids, cfg["n_sink"], cfg["window"], chunk_size=chunk, max_tokens=n_tokens, progress=False
+            model,
+            ids,
+            cfg["n_sink"],
+            cfg["window"],
+            chunk_size=chunk,
+            max_tokens=n_tokens,
+            progress=False,
+            positions=cfg["positions"],
         )
         run = {
             **cfg,

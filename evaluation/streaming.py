@@ -29,6 +29,14 @@ Only distances matter, so the window block is rotated at positions relative to t
 the real cache (positions below ``n_sink + window``) never makes. The full cache (``window=None``) uses the true
 absolute positions, as the model does, so it shows what happens beyond the model's context.
 
+Positions. ``positions="cache"`` (the default) is the paper's pos-shift above. ``positions="original"`` keeps every
+token at its position in the stream, as kvpress does when it evicts (``DecodingPress(StreamingLLMPress)``, which
+keeps the rotated keys it was given): the sinks are then seen at their true distance ``t - s`` too, and every
+angle is computed from absolute positions in float32, as the model computes them. With ``window = target_size -
+n_sink + 1`` (kvpress compresses after the step, so a query also sees the token the next compression drops), this
+is what ``DecodingPress(StreamingLLMPress(n_sink), compression_interval=1, target_size)`` computes token by token
+(tested), in parallel.
+
 Three entry points:
 
 - :func:`sink_window_attention`: a context manager that swaps every decoder layer's attention forward for the
@@ -71,6 +79,7 @@ from pressroom.evaluation.perplexity import PerplexityResult, _as_token_ids, _me
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen3")
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
 PARALLEL_MODE = "parallel"
+POSITION_MODES = ("cache", "original")
 # Largest score block (elements, float32) computed at once per layer; bigger chunks are split by query rows.
 MAX_SCORE_ELEMENTS = 1 << 28
 
@@ -96,6 +105,15 @@ def _check_config(n_sink: int | None, window: int | None) -> tuple[int, int | No
             "n_sink=None means the full cache: pass window=None too, or n_sink=0 for a plain sliding window."
         )
     return _check_int("n_sink", n_sink, 0), window
+
+
+def _check_positions(positions: str) -> str:
+    if positions not in POSITION_MODES:
+        raise ValueError(
+            f"positions must be one of {POSITION_MODES} ('cache': StreamingLLM's positions inside the cache; "
+            f"'original': the stream positions, as kvpress's eviction keeps them), got {positions!r}."
+        )
+    return positions
 
 
 # --------------------------------------------------------------------------------------------------- RoPE
@@ -213,10 +231,15 @@ class SinkWindowAttention:
         Attention sinks kept (0 for the full cache).
     window : int or None
         Rolling-window length, counting the current token (``None``: the full cache, true positions).
+    positions : str
+        ``"cache"`` (StreamingLLM's positions inside the cache) or ``"original"`` (stream positions, as kvpress).
     """
 
-    def __init__(self, model: PreTrainedModel, n_sink: int | None, window: int | None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, n_sink: int | None, window: int | None, positions: str = "cache"
+    ) -> None:
         self.n_sink, self.window = _check_config(n_sink, window)
+        self.positions = _check_positions(positions)
         self.modules = _attention_modules(model)
         rotary = _rotary_embedding(model)
         self.inv_freq = rotary.inv_freq
@@ -269,8 +292,11 @@ class SinkWindowAttention:
         b = self._store_start(c0)
         ns = 0 if window is None else min(n_sink, c1)
         scale = self.attention_scaling
+        # window block: relative to b (only distances matter) with positions inside the cache; the stream's own
+        # positions, as the model computes the angles, with original positions
+        origin = 0 if self.positions == "original" else b
         j = torch.arange(b, c1, device=device)
-        cos_k, sin_k = _cos_sin(j - b, self.inv_freq, scale, dtype)
+        cos_k, sin_k = _cos_sin(j - origin, self.inv_freq, scale, dtype)
         cos_ks = sin_ks = None
         if ns:
             cos_ks, sin_ks = _cos_sin(torch.arange(ns, device=device), self.inv_freq, scale, dtype)
@@ -293,12 +319,13 @@ class SinkWindowAttention:
             win = jj[None, :] <= t[:, None]
             if window is not None:
                 win &= (jj[None, :] > t[:, None] - window) & (jj[None, :] >= n_sink)
-            cos_q, sin_q = _cos_sin(t - b, self.inv_freq, scale, dtype)
+            cos_q, sin_q = _cos_sin(t - origin, self.inv_freq, scale, dtype)
             cos_qs = sin_qs = None
             if ns:
                 sink = torch.arange(ns, device=device)[None, :] <= t[:, None]
                 win = torch.cat((sink, win), dim=1)
-                p = torch.clamp(t, max=n_sink + window - 1)  # the query's in-cache position
+                # the query's in-cache position, or its stream position when positions are original
+                p = t if self.positions == "original" else torch.clamp(t, max=n_sink + window - 1)
                 cos_qs, sin_qs = _cos_sin(p, self.inv_freq, scale, dtype)
             blocks.append(_Block(r0, r1, k_lo, k_hi, win, cos_q, sin_q, cos_qs, sin_qs))
         geo = _Geometry(c0, c1, b, ns, cos_k, sin_k, cos_ks, sin_ks, blocks)
@@ -400,7 +427,7 @@ def _patched_forward(state: SinkWindowAttention, i: int, attn: nn.Module):
 
 @contextmanager
 def sink_window_attention(
-    model: PreTrainedModel, n_sink: int | None, window: int | None
+    model: PreTrainedModel, n_sink: int | None, window: int | None, positions: str = "cache"
 ) -> Iterator[SinkWindowAttention]:
     """Swap every decoder layer's attention for StreamingLLM's sink + window attention, computed in parallel.
 
@@ -421,6 +448,9 @@ def sink_window_attention(
     window : int or None
         Recent tokens kept, counting the current one (``>= 1``). ``None`` (with ``n_sink`` ``None`` or any value):
         the full cache with true positions, i.e. ordinary causal attention, also beyond the model's context.
+    positions : str
+        ``"cache"`` (default): StreamingLLM's positions inside the cache. ``"original"``: every token keeps its
+        stream position, as kvpress's ``DecodingPress(StreamingLLMPress)`` does (see the module docstring).
 
     Yields
     ------
@@ -430,9 +460,10 @@ def sink_window_attention(
     Raises
     ------
     ValueError
-        ``window < 1``, ``n_sink < 0``, ``n_sink=None`` with a window, an unsupported model, or nested use.
+        ``window < 1``, ``n_sink < 0``, ``n_sink=None`` with a window, an unknown ``positions``, an unsupported
+        model, or nested use.
     """
-    state = SinkWindowAttention(model, n_sink, window)
+    state = SinkWindowAttention(model, n_sink, window, positions)
     if any(getattr(m, "_pressroom_streaming", False) for m in state.modules):
         raise ValueError("sink_window_attention is already active on this model; it cannot be nested.")
     saved: list[tuple[nn.Module, Any]] = []
@@ -478,6 +509,7 @@ def parallel_streaming_perplexity(
     chunk_size: int = 1024,
     max_tokens: int | None = None,
     progress: bool = True,
+    positions: str = "cache",
 ) -> PerplexityResult:
     """Streaming perplexity of StreamingLLM's sink + window cache, computed exactly and in parallel.
 
@@ -503,6 +535,8 @@ def parallel_streaming_perplexity(
         Use only the first ``max_tokens`` tokens of the stream.
     progress : bool
         Show a tqdm progress bar.
+    positions : str
+        ``"cache"`` (default, the paper's) or ``"original"`` (kvpress's eviction; see the module docstring).
 
     Returns
     -------
@@ -519,6 +553,7 @@ def parallel_streaming_perplexity(
         fewer than 2 tokens, input not ``[T]`` / ``[1, T]``, or an unsupported model.
     """
     n_sink_checked, window = _check_config(n_sink, window)
+    _check_positions(positions)
     chunk_size = _check_int("chunk_size", chunk_size, 1)
     ids = _as_token_ids(input_ids)
     if max_tokens is not None:
@@ -537,7 +572,7 @@ def parallel_streaming_perplexity(
     _sync(device)
     started = time.perf_counter()
     try:
-        with torch.inference_mode(), sink_window_attention(model, n_sink, window):
+        with torch.inference_mode(), sink_window_attention(model, n_sink, window, positions):
             for start in range(0, n_pred, chunk_size):
                 end = min(start + chunk_size, n_pred)
                 positions = torch.arange(start, end, device=device)[None]
@@ -566,7 +601,11 @@ def parallel_streaming_perplexity(
 
 
 def reference_streaming_nll(
-    model: PreTrainedModel, input_ids: torch.LongTensor, n_sink: int | None, window: int | None
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    n_sink: int | None,
+    window: int | None,
+    positions: str = "cache",
 ) -> torch.Tensor:
     """The literal StreamingLLM procedure, token by token, for tests (slow: short sequences only).
 
@@ -584,6 +623,9 @@ def reference_streaming_nll(
         The stream, ``[T]`` or ``[1, T]``.
     n_sink, window : int or None
         As in :func:`parallel_streaming_perplexity` (``window=None``: keep everything, true positions).
+    positions : str
+        ``"cache"``: keys at ``0 .. L-1``, the query at ``L-1`` (the paper). ``"original"``: every key at its stream
+        position and the query at ``t`` (kvpress's eviction).
 
     Returns
     -------
@@ -596,6 +638,7 @@ def reference_streaming_nll(
         Bad ``n_sink``/``window``, fewer than 2 tokens, or an unsupported model.
     """
     n_sink, window = _check_config(n_sink, window)
+    original = _check_positions(positions) == "original"
     ids = _as_token_ids(input_ids)
     if ids.numel() < 2:
         raise ValueError(f"Need at least 2 tokens, got {ids.numel()}.")
@@ -607,12 +650,17 @@ def reference_streaming_nll(
     ids = ids.to(device)
     keys: list[list[torch.Tensor]] = [[] for _ in modules]
     values: list[list[torch.Tensor]] = [[] for _ in modules]
+    kept: list[int] = []  # stream positions of the entries every layer holds
     out = torch.empty(ids.numel() - 1, dtype=torch.float32)
     with torch.inference_mode():
         for t in range(ids.numel() - 1):
             x = base.embed_tokens(ids[None, t : t + 1])  # [1, 1, hidden]
-            length = t + 1 if window is None else min(t + 1, n_sink + window)  # entries kept, at every layer
-            cos, sin = _cos_sin(torch.arange(length, device=device), rotary.inv_freq, scale, x.dtype)
+            kept.append(t)
+            if window is not None and len(kept) > n_sink + window:
+                del kept[n_sink]
+            length = len(kept)  # entries kept, at every layer
+            key_pos = torch.tensor(kept, device=device) if original else torch.arange(length, device=device)
+            cos, sin = _cos_sin(key_pos, rotary.inv_freq, scale, x.dtype)
             for layer, attn, lk, lv in zip(base.layers, modules, keys, values):
                 h = layer.input_layernorm(x)
                 q, k, v = _qkv(attn, h)  # [H, 1, D], [KVH, 1, D]
@@ -622,9 +670,9 @@ def reference_streaming_nll(
                     del lk[n_sink], lv[n_sink]  # evict the oldest window token, keep the sinks
                 if len(lk) != length:
                     raise RuntimeError(f"layer cache holds {len(lk)} entries, expected {length}")
-                k_all = _rotate(torch.stack(lk, dim=1), cos, sin).float()  # [KVH, L, D], at 0 .. L-1
+                k_all = _rotate(torch.stack(lk, dim=1), cos, sin).float()  # [KVH, L, D], at key_pos
                 v_all = torch.stack(lv, dim=1).float()
-                q_rot = _rotate(q, cos[-1:], sin[-1:]).float()  # [H, 1, D], at L-1
+                q_rot = _rotate(q, cos[-1:], sin[-1:]).float()  # [H, 1, D], at key_pos[-1] (L-1, or t)
                 # Query head h reads KV head h // groups (transformers' repeat_kv).
                 kv_heads, d = k_all.shape[0], k_all.shape[2]
                 q_kv = q_rot.view(kv_heads, -1, d)  # [KVH, G, D]

@@ -8,6 +8,7 @@ from pressroom.presses.anchor_press import AnchorPress
 from pressroom.presses.commvq_cache import CommVQCache, CommVQLayer
 from pressroom.presses.commvq_press import CommVQPress
 from pressroom.presses.memory import cache_memory_bytes
+from pressroom.presses.ordered_streaming_llm_press import OrderedStreamingLLMPress
 from pressroom.presses.sink_window_cache import SinkWindowCache, SinkWindowLayer
 from pressroom.presses.sink_window_press import SinkWindowPress
 
@@ -19,6 +20,7 @@ __all__ = [
     "CommVQCache",
     "CommVQLayer",
     "CommVQPress",
+    "OrderedStreamingLLMPress",
     "SinkWindowCache",
     "SinkWindowLayer",
     "SinkWindowPress",

@@ -161,3 +161,49 @@ def test_bad_input_elsewhere_raises_value_error():
     finally:
         model.config.sliding_window = None
     assert "forward" not in model.model.layers[0].self_attn.__dict__
+
+
+@pytest.mark.parametrize("name", ("tiny-llama", "tiny-qwen3"))
+def test_original_positions_parallel_equals_token_by_token(name):
+    """positions="original": every token at its stream position (kvpress's eviction), still exact in parallel."""
+    model, ids = _tiny(name), _ids()
+    reference = reference_streaming_nll(model, ids, 4, 16, positions="original")
+    in_cache = reference_streaming_nll(model, ids, 4, 16)
+    assert (reference - in_cache).abs().max() > 1e-3  # the sinks' distances differ once tokens are evicted
+    for chunk in (7, 300):
+        result = parallel_streaming_perplexity(
+            model, ids, 4, 16, chunk_size=chunk, progress=False, positions="original"
+        )
+        assert (torch.tensor(result.nll) - reference).abs().max().item() < TOL
+
+
+def test_kvpress_decoding_streamingllm_equals_original_positions_once_kept_in_order():
+    """DecodingPress(StreamingLLMPress) compressing every step is the original-positions evaluator with window
+    target - n_sink + 1 (a query also sees the token the next compression drops), if the cache stays in order:
+    OrderedStreamingLLMPress matches it; kvpress's own StreamingLLMPress (topk order) evicts other tokens."""
+    from kvpress import DecodingPress, StreamingLLMPress
+
+    from pressroom.presses import OrderedStreamingLLMPress
+
+    model, ids = _tiny("tiny-llama"), _ids(120)
+    target = 27
+    parallel = torch.tensor(
+        parallel_streaming_perplexity(
+            model, ids, 4, target - 4 + 1, chunk_size=50, progress=False, positions="original"
+        ).nll
+    )
+
+    def kvpress_nll(base) -> torch.Tensor:
+        press = DecodingPress(base_press=base, compression_interval=1, target_size=target)
+        return torch.tensor(streaming_perplexity(model, ids, press=press, mode="streaming", progress=False).nll)
+
+    assert (kvpress_nll(OrderedStreamingLLMPress(n_sink=4)) - parallel).abs().max().item() < TOL
+    shipped = (kvpress_nll(StreamingLLMPress(n_sink=4)) - parallel).abs().max().item()
+    assert shipped > 1e-2, "kvpress's StreamingLLMPress now keeps stream order: update the README's note on it"
+
+
+def test_unknown_positions_mode_is_refused():
+    with pytest.raises(ValueError, match="positions must be one of"):
+        parallel_streaming_perplexity(_tiny("tiny-llama"), _ids(50), 4, 16, progress=False, positions="absolute")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        reference_streaming_nll(_tiny("tiny-llama"), _ids(20), 4, 8, positions="rope")
