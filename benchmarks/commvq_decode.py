@@ -4,8 +4,9 @@
 One layer of a Llama-3.1-8B-shaped model (32 query / 8 KV heads, head_dim 128, batch 1) holding ``--tokens`` coded
 tokens (default 131072) plus a 128-token full-precision window:
 
-- ours: :func:`pressroom.kernels.commvq_attention.decode_attention` (split-K Triton kernel + reduce + per-head
-  value matmul) at 1 bit (R=11 key residuals, 1 value bit per element) and 2 bits (R=21, 2 value bits);
+- ours: :func:`pressroom.kernels.commvq_attention.decode_attention` at 1 bit (R=11 key residuals, 1 value bit per
+  element) and 2 bits (R=21, 2 value bits), both designs (``two_pass``: scores kernel + values kernel over all query
+  heads; ``fused``: one split-K kernel per KV head), each over a small tiling sweep, + reduce + per-head value matmul;
 - fp16 SDPA (bf16 keys/values of the same length, ``enable_gqa``);
 - transformers' ``QuantizedCache(backend="hqq")`` at the same bits holding the same keys and values: one decode step
   = ``update`` with a new token (it returns the dequantized cache) + SDPA (``--skip-hqq`` to leave it out);
@@ -36,9 +37,15 @@ import torch
 from _timing import call_ms
 
 from pressroom.evaluation.atomic import atomic_write_json
-from pressroom.kernels.commvq_attention import CodedKV, LayerBooks, decode_attention, decode_attention_reference
+from pressroom.kernels.commvq_attention import (
+    DESIGNS,
+    CodedKV,
+    LayerBooks,
+    decode_attention,
+    decode_attention_reference,
+)
 from pressroom.kernels.commvq_encode import KeyTables, code_bytes, encode_keys, normalize_keys, pack_bits
-from pressroom.kernels.commvq_resources import BENCHMARK_DECODE_TILINGS
+from pressroom.kernels.commvq_resources import BENCHMARK_DECODE_TILINGS, BENCHMARK_TWO_PASS_TILINGS
 from pressroom.presses.commvq_codebooks import ValueCodec
 
 HQ, H, D, WINDOW = 32, 8, 128, 128
@@ -112,7 +119,7 @@ def reference_decode_path(q, kv: CodedKV, theta, codec: ValueCodec, inv_freq, sc
     return (out * (codec.scale + codec.eps).view(H, 1, D)).view(HQ, D)
 
 
-SWEEPS = {  # (block_t, nb_chunk, num_warps, num_stages); the first is decode_attention's default
+SWEEPS = {  # fused design: (block_t, nb_chunk, num_warps, num_stages); the first is the design's default
     "none": [(32, 1024, 8, 1)],
     "small": list(BENCHMARK_DECODE_TILINGS),  # each compiled for sm_90 by tests/test_commvq_resources.py
 }
@@ -175,6 +182,29 @@ def hqq_decode_ms(kf, vf, qf, bits: int, reps: int, device: torch.device) -> flo
 
 def fmt(ms) -> str:
     return f"{ms:.4f} ms" if isinstance(ms, float) else str(ms)
+
+
+def variants(sweep: str, smoke: bool) -> list[dict]:
+    """decode_attention keyword arguments to time: the two-pass tilings, then the fused ones."""
+    two_pass = BENCHMARK_TWO_PASS_TILINGS[:1] if smoke or sweep == "none" else BENCHMARK_TWO_PASS_TILINGS
+    out = [
+        dict(
+            design="two_pass",
+            block_t=bt,
+            num_warps=nw,
+            values_block_t=vbt,
+            nb_chunk=nbc,
+            values_warps=vw,
+            target_programs=264,
+            score_programs=2048,
+        )
+        for bt, nw, vbt, nbc, vw in two_pass
+    ]
+    out += [
+        dict(design="fused", block_t=bt, nb_chunk=nbc, num_warps=nw, num_stages=ns, target_programs=1024)
+        for bt, nbc, nw, ns in SWEEPS["none" if smoke else sweep]
+    ]
+    return out
 
 
 def main() -> None:
@@ -246,11 +276,13 @@ def main() -> None:
         m = min(n, 4096)
         sub = CodedKV(kv.codes, kv.knorm, kv.vcoef, kv.pos, kv.vbits, m, kv.wkeys, kv.wvals, kv.wpos, kv.nw)
         ref = decode_attention_reference(q, sub, books, scaling)
-        try:
-            ours = decode_attention(q, sub, books, scaling, use_triton=True)
-            cfg["check_max_abs_err"] = float((ours - ref).abs().max())
-        except Exception as err:
-            cfg["check_max_abs_err"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+        for design in DESIGNS:
+            key = "check_max_abs_err" if design == "two_pass" else f"check_max_abs_err_{design}"
+            try:
+                ours = decode_attention(q, sub, books, scaling, use_triton=True, design=design)
+                cfg[key] = float((ours - ref).abs().max())
+            except Exception as err:
+                cfg[key] = f"failed: {type(err).__name__}: {str(err)[:300]}"
         cfg["check_ref_max_abs"] = float(ref.abs().max())
         sub.nw = 0
         with torch.no_grad():
@@ -264,49 +296,40 @@ def main() -> None:
             f"(reference max abs {cfg['check_ref_max_abs']:.4g}); reference path err "
             f"{cfg['check_reference_path_max_abs_err']:.3g}"
         )
-        # the tiling sweep (the best is reported as ours_ms; all are kept, failures included)
+        # the tiling sweep of both designs (the best is reported as ours_ms; all are kept, failures included)
         cfg["decode_sweep"] = []
-        for bt, nbc, nw, ns in SWEEPS["none" if args.smoke else args.sweep]:
-            e = {"block_t": bt, "nb_chunk": nbc, "num_warps": nw, "num_stages": ns, "target_programs": 1024}
-            e["ms"] = attempt(
-                lambda: decode_attention(
-                    q, kv, books, scaling, True, bt, nbc, e["target_programs"], num_warps=nw, num_stages=ns
-                ),
-                reps,
-                device,
-            )
+
+        def run_variant(e: dict) -> None:
+            kw = {k: v for k, v in e.items() if k != "ms"}
+            e["ms"] = attempt(lambda: decode_attention(q, kv, books, scaling, True, **kw), reps, device)
             cfg["decode_sweep"].append(e)
             save()
-            log(f"{name} decode block_t={bt} nb_chunk={nbc} warps={nw} stages={ns}: {fmt(e['ms'])}")
-        timings = [e for e in cfg["decode_sweep"] if isinstance(e["ms"], float)]
-        if timings:
+            log(f"{name} decode {kw}: {fmt(e['ms'])}")
+
+        for variant in variants(args.sweep, args.smoke):
+            run_variant(variant)
+        for design in DESIGNS:
+            timings = [e for e in cfg["decode_sweep"] if e["design"] == design and isinstance(e["ms"], float)]
+            if not timings or args.smoke:
+                continue
             best = min(timings, key=lambda e: e["ms"])
-            # the split count is a runtime argument (no compile); ~one program per SM keeps one head's table in L1
-            for tp in () if args.smoke else (132, 264, 512, 2048, 4096):
-                e = dict(best, target_programs=tp)
-                e["ms"] = attempt(
-                    lambda: decode_attention(
-                        q,
-                        kv,
-                        books,
-                        scaling,
-                        True,
-                        e["block_t"],
-                        e["nb_chunk"],
-                        tp,
-                        num_warps=e["num_warps"],
-                        num_stages=e["num_stages"],
-                    ),
-                    reps,
-                    device,
+            # split counts are runtime arguments (no compile)
+            for tp in (132, 264, 512, 2048, 4096) if design == "fused" else (132, 264, 528, 2048):
+                run_variant(dict(best, target_programs=tp))
+            if design == "two_pass":
+                best = min(
+                    (e for e in cfg["decode_sweep"] if e["design"] == design and isinstance(e["ms"], float)),
+                    key=lambda e: e["ms"],
                 )
-                cfg["decode_sweep"].append(e)
-                log(f"{name} decode best tiling, target_programs={tp}: {fmt(e['ms'])}")
-            best = min((e for e in cfg["decode_sweep"] if isinstance(e["ms"], float)), key=lambda e: e["ms"])
-            cfg["ours_ms"] = best["ms"]
-            cfg["ours_best_tiling"] = best
-        else:
-            cfg["ours_ms"] = None
+                for sp in (512, 1024, 4096, 8192):
+                    run_variant(dict(best, score_programs=sp))
+        for design in DESIGNS:
+            timings = [e for e in cfg["decode_sweep"] if e["design"] == design and isinstance(e["ms"], float)]
+            cfg[f"{design}_best_ms"] = min(e["ms"] for e in timings) if timings else None
+        timings = [e for e in cfg["decode_sweep"] if isinstance(e["ms"], float)]
+        best = min(timings, key=lambda e: e["ms"]) if timings else None
+        cfg["ours_ms"] = best["ms"] if best else None
+        cfg["ours_best_tiling"] = best
         save()
         log(f"{name} decode: best {fmt(cfg['ours_ms'])} (sdpa {fmt(result['sdpa_bf16_ms'])})")
         # the two key-side designs in isolation (scores of every coded token, no softmax / values)

@@ -274,6 +274,169 @@ if HAS_TRITON:
         return kx + (xa - yb), ky + (ya + xb)
 
     @triton.jit
+    def _code_block_scores(
+        qx,
+        qy,
+        invf,
+        codes_ptr,
+        knorm_ptr,
+        pos_ptr,
+        ztab_ptr,
+        b,
+        g,
+        tok,
+        tmask,
+        pp,
+        pmask,
+        rope_scale,
+        s_cb,
+        s_ch,
+        s_cn,
+        s_kb,
+        s_pb,
+        s_ph,
+        R: tl.constexpr,
+        P: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        TABLE_FP16: tl.constexpr,
+    ):
+        """Scores ``[BLOCK_G, BLOCK_T]`` of the (pre-scaled) queries of KV head ``g`` against the coded tokens ``tok``:
+        each key is summed from its codes' table entries, rotated to its position and scaled by its norm (the key never
+        exists in HBM); ``-inf`` where ``tmask`` is off."""
+        kx = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
+        ky = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
+        crow = codes_ptr + b * s_cb + g * s_ch + tok * s_cn
+        # a runtime loop over residual pairs (two codes in three bytes): a fully unrolled loop over R lets ptxas hoist
+        # all 2 R gathers (8 registers each per thread at BLOCK_T=32, P=64) and spill
+        for j in range(0, (R + 1) // 2):
+            b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
+            b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
+            kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j, b0 | ((b1 & 15) << 8), pp, pmask, R, P, TABLE_FP16)
+            if 2 * j + 1 < R:
+                b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
+                code = (b1 >> 4) | (b2 << 4)
+                kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, TABLE_FP16)
+        pos = tl.load(pos_ptr + b * s_pb + g * s_ph + tok, mask=tmask, other=0).to(tl.float32)
+        phi = pos[:, None] * invf[None, :]
+        cs = tl.cos(phi)
+        sn = tl.sin(phi)
+        rx = kx * cs - ky * sn
+        ry = kx * sn + ky * cs
+        nrm = tl.load(knorm_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32) * rope_scale
+        if USE_DOT:  # tensor cores (tf32 inputs, float32 accumulation)
+            sc = tl.dot(qx, tl.trans(rx)) + tl.dot(qy, tl.trans(ry))
+        else:
+            sc = tl.sum(qx[:, None, :] * rx[None, :, :] + qy[:, None, :] * ry[None, :, :], axis=2)
+        sc = sc * nrm[None, :]
+        return tl.where(tmask[None, :], sc, float("-inf"))
+
+    @triton.jit
+    def _window_attention(
+        qx,
+        qy,
+        invf,
+        wk_ptr,
+        wv_ptr,
+        wpos_ptr,
+        b,
+        g,
+        n_win,
+        rope_scale,
+        s_wb,
+        s_wh,
+        s_wn,
+        s_wvb,
+        s_wvh,
+        s_wvn,
+        s_wpb,
+        pp,
+        pmask,
+        P: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        USE_DOT: tl.constexpr,
+    ):
+        """Online softmax of the (pre-scaled) queries of KV head ``g`` over the full-precision window (pre-RoPE keys
+        rotated here): returns the running max, the sum and the unnormalized output ``[BLOCK_G, BLOCK_D]``. Scores in
+        float32 (``ieee`` dots: a ``[G, T, P]`` broadcast would hold ``BLOCK_G * BLOCK_T * P`` values in registers)."""
+        tt = tl.arange(0, BLOCK_T)
+        dd = tl.arange(0, BLOCK_D)
+        dmask = dd < 2 * P
+        m_i = tl.full((BLOCK_G,), -1.0e30, tl.float32)
+        l_i = tl.zeros((BLOCK_G,), tl.float32)
+        accw = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+        for t0 in range(0, n_win, BLOCK_T):
+            tok = t0 + tt
+            tmask = tok < n_win
+            wrow = wk_ptr + b * s_wb + g * s_wh + tok[:, None] * s_wn + 2 * pp[None, :]
+            kx = tl.load(wrow, mask=tmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+            ky = tl.load(wrow + 1, mask=tmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+            pos = tl.load(wpos_ptr + b * s_wpb + tok, mask=tmask, other=0).to(tl.float32)
+            phi = pos[:, None] * invf[None, :]
+            cs = tl.cos(phi) * rope_scale
+            sn = tl.sin(phi) * rope_scale
+            rx = kx * cs - ky * sn
+            ry = kx * sn + ky * cs
+            if USE_DOT:
+                sc = tl.dot(qx, tl.trans(rx), input_precision="ieee") + tl.dot(qy, tl.trans(ry), input_precision="ieee")
+            else:
+                sc = tl.sum(qx[:, None, :] * rx[None, :, :] + qy[:, None, :] * ry[None, :, :], axis=2)
+            sc = tl.where(tmask[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                wv_ptr + b * s_wvb + g * s_wvh + tok[:, None] * s_wvn + dd[None, :],
+                mask=tmask[:, None] & dmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            accw = accw * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            m_i = m_new
+        return m_i, l_i, accw
+
+    @triton.jit
+    def _accumulate_bits(
+        acc,
+        m_i,
+        l_i,
+        sc,
+        vcoef_ptr,
+        vbits_ptr,
+        b,
+        tok,
+        tmask,
+        nbyte,
+        nbytemask,
+        s_kb,
+        s_vb,
+        s_vn,
+        BLOCK_T: tl.constexpr,
+        NB_CHUNK: tl.constexpr,
+    ):
+        """One block of the online softmax over coded tokens: the base-2 scores ``sc [rows, BLOCK_T]`` update the
+        running max and sum, and the ``c_t``-weighted probabilities times the tokens' value bits ``[BLOCK_T,
+        NB_CHUNK]`` (each byte loaded once, expanded to 8 bits in registers) go into ``acc`` on tensor cores."""
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        coef = tl.load(vcoef_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32)
+        pw = (p * coef[None, :]).to(tl.float16)
+        byte = tl.load(
+            vbits_ptr + b * s_vb + tok[:, None] * s_vn + nbyte[None, :],
+            mask=tmask[:, None] & nbytemask[None, :],
+            other=0,
+        ).to(tl.int32)
+        bits = (byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+        bits = tl.reshape(bits, (BLOCK_T, NB_CHUNK)).to(tl.float16)
+        acc = acc * alpha[:, None] + tl.dot(pw, bits, out_dtype=tl.float32)
+        return acc, m_new, l_i
+
+    @triton.jit
     def _decode_split_kernel(
         q_ptr,  # [B, Hq, D] fp32 interleaved, pre-multiplied by scaling * log2(e)
         codes_ptr,
@@ -346,54 +509,44 @@ if HAS_TRITON:
             nbmask = nb < NBITS
             nbyte = nbc * (NB_CHUNK // 8) + tl.arange(0, NB_CHUNK // 8)
             nbytemask = nbyte < NBITS // 8
-            shifts = tl.arange(0, 8)
             acc = tl.zeros((BLOCK_G, NB_CHUNK), tl.float32)
             start = split * split_size
             stop = tl.minimum(start + split_size, n_codes)
             for t0 in range(start, stop, BLOCK_T):
                 tok = t0 + tt
                 tmask = tok < stop
-                kx = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
-                ky = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
-                crow = codes_ptr + b * s_cb + g * s_ch + tok * s_cn
-                # a runtime loop over residual pairs (two codes in three bytes): a fully unrolled loop over R lets
-                # ptxas hoist all 2 R gathers (8 registers each per thread at BLOCK_T=32, P=64) and spill
-                for j in range(0, (R + 1) // 2):
-                    b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
-                    b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
-                    kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j, b0 | ((b1 & 15) << 8), pp, pmask, R, P, TABLE_FP16)
-                    if 2 * j + 1 < R:
-                        b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
-                        code = (b1 >> 4) | (b2 << 4)
-                        kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, TABLE_FP16)
-                pos = tl.load(pos_ptr + b * s_pb + g * s_ph + tok, mask=tmask, other=0).to(tl.float32)
-                phi = pos[:, None] * invf[None, :]
-                cs = tl.cos(phi)
-                sn = tl.sin(phi)
-                rx = kx * cs - ky * sn
-                ry = kx * sn + ky * cs
-                nrm = tl.load(knorm_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32) * rope_scale
-                if USE_DOT:  # tensor cores (tf32 inputs, float32 accumulation)
-                    sc = tl.dot(qx, tl.trans(rx)) + tl.dot(qy, tl.trans(ry))
-                else:
-                    sc = tl.sum(qx[:, None, :] * rx[None, :, :] + qy[:, None, :] * ry[None, :, :], axis=2)
-                sc = sc * nrm[None, :]
-                sc = tl.where(tmask[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(sc - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                coef = tl.load(vcoef_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32)
-                pw = (p * coef[None, :]).to(tl.float16)
-                byte = tl.load(
-                    vbits_ptr + b * s_vb + tok[:, None] * s_vn + nbyte[None, :],
-                    mask=tmask[:, None] & nbytemask[None, :],
-                    other=0,
-                ).to(tl.int32)  # [BLOCK_T, NB_CHUNK / 8]: each byte loaded once, expanded to 8 bits in registers
-                bits = (byte[:, :, None] >> shifts[None, None, :]) & 1
-                bits = tl.reshape(bits, (BLOCK_T, NB_CHUNK)).to(tl.float16)
-                acc = acc * alpha[:, None] + tl.dot(pw, bits, out_dtype=tl.float32)
-                m_i = m_new
+                sc = _code_block_scores(
+                    qx,
+                    qy,
+                    invf,
+                    codes_ptr,
+                    knorm_ptr,
+                    pos_ptr,
+                    ztab_ptr,
+                    b,
+                    g,
+                    tok,
+                    tmask,
+                    pp,
+                    pmask,
+                    rope_scale,
+                    s_cb,
+                    s_ch,
+                    s_cn,
+                    s_kb,
+                    s_pb,
+                    s_ph,
+                    R,
+                    P,
+                    BLOCK_T,
+                    BLOCK_P,
+                    USE_DOT,
+                    TABLE_FP16,
+                )
+                acc, m_i, l_i = _accumulate_bits(
+                    acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_kb, s_vb, s_vn,
+                    BLOCK_T, NB_CHUNK,
+                )  # fmt: skip
             acc_off = ((b * H * G + hq) * n_splits + split)[:, None] * NBITS + nb[None, :]
             tl.store(acc_ptr + acc_off, acc, mask=rmask[:, None] & nbmask[None, :])
             if nbc == 0:
@@ -402,32 +555,32 @@ if HAS_TRITON:
         elif nbc == 0:
             dd = tl.arange(0, BLOCK_D)
             dmask = dd < 2 * P
-            accw = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-            for t0 in range(0, n_win, BLOCK_T):
-                tok = t0 + tt
-                tmask = tok < n_win
-                wrow = wk_ptr + b * s_wb + g * s_wh + tok[:, None] * s_wn + 2 * pp[None, :]
-                kx = tl.load(wrow, mask=tmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
-                ky = tl.load(wrow + 1, mask=tmask[:, None] & pmask[None, :], other=0.0).to(tl.float32)
-                pos = tl.load(wpos_ptr + b * s_wpb + tok, mask=tmask, other=0).to(tl.float32)
-                phi = pos[:, None] * invf[None, :]
-                cs = tl.cos(phi) * rope_scale
-                sn = tl.sin(phi) * rope_scale
-                rx = kx * cs - ky * sn
-                ry = kx * sn + ky * cs
-                sc = tl.sum(qx[:, None, :] * rx[None, :, :] + qy[:, None, :] * ry[None, :, :], axis=2)
-                sc = tl.where(tmask[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(sc - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                v = tl.load(
-                    wv_ptr + b * s_wvb + g * s_wvh + tok[:, None] * s_wvn + dd[None, :],
-                    mask=tmask[:, None] & dmask[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                accw = accw * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-                m_i = m_new
+            m_i, l_i, accw = _window_attention(
+                qx,
+                qy,
+                invf,
+                wk_ptr,
+                wv_ptr,
+                wpos_ptr,
+                b,
+                g,
+                n_win,
+                rope_scale,
+                s_wb,
+                s_wh,
+                s_wn,
+                s_wvb,
+                s_wvh,
+                s_wvn,
+                s_wpb,
+                pp,
+                pmask,
+                P,
+                BLOCK_G,
+                BLOCK_T,
+                BLOCK_D,
+                USE_DOT,
+            )
             tl.store(m_ptr + stat_off, m_i, mask=rmask)
             tl.store(l_ptr + stat_off, l_i, mask=rmask)
             w_off = (b * H * G + hq)[:, None] * (2 * P) + dd[None, :]
@@ -471,6 +624,137 @@ if HAS_TRITON:
             ww = tl.sum(tl.where(ss == n_splits, wgt, 0.0), axis=0)
             aw = tl.load(accw_ptr + row * D + dd, mask=dmask, other=0.0)
             tl.store(out_w_ptr + row * D + dd, aw * ww, mask=dmask)
+
+    @triton.jit
+    def _decode_scores_kernel(
+        q_ptr,  # [B, Hq, D] fp32 interleaved, pre-multiplied by scaling * log2(e)
+        codes_ptr,
+        knorm_ptr,
+        pos_ptr,
+        wk_ptr,
+        wv_ptr,
+        wpos_ptr,
+        ztab_ptr,
+        invf_ptr,
+        s_ptr,  # [B, Hq, n_codes] fp32: base-2 scores of the coded tokens
+        m_ptr,  # [B, Hq, S+1] fp32 (this kernel writes the window's entry S)
+        l_ptr,
+        accw_ptr,  # [B, Hq, D] fp32
+        n_codes,
+        n_win,
+        n_splits,
+        n_code_progs,
+        tokens_per_prog,
+        rope_scale,
+        s_cb,
+        s_ch,
+        s_cn,
+        s_kb,
+        s_pb,
+        s_ph,
+        s_wb,
+        s_wh,
+        s_wn,
+        s_wvb,
+        s_wvh,
+        s_wvn,
+        s_wpb,
+        H: tl.constexpr,
+        G: tl.constexpr,
+        P: tl.constexpr,
+        R: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        TABLE_FP16: tl.constexpr,
+    ):
+        blk = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        g = bh % H
+        rows = tl.arange(0, BLOCK_G)
+        rmask = rows < G
+        pp = tl.arange(0, BLOCK_P)
+        pmask = pp < P
+        hq = g * G + rows
+        q_base = q_ptr + (b * H * G + hq)[:, None] * (2 * P)
+        qx = tl.load(q_base + 2 * pp[None, :], mask=rmask[:, None] & pmask[None, :], other=0.0)
+        qy = tl.load(q_base + 2 * pp[None, :] + 1, mask=rmask[:, None] & pmask[None, :], other=0.0)
+        invf = tl.load(invf_ptr + pp, mask=pmask, other=0.0)
+        if blk < n_code_progs:
+            start = blk * tokens_per_prog
+            stop = tl.minimum(start + tokens_per_prog, n_codes)
+            out_row = s_ptr + (b * H * G + hq).to(tl.int64)[:, None] * n_codes
+            for t0 in range(start, stop, BLOCK_T):
+                tok = t0 + tl.arange(0, BLOCK_T)
+                tmask = tok < stop
+                sc = _code_block_scores(
+                    qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask, rope_scale,
+                    s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT, TABLE_FP16,
+                )  # fmt: skip
+                tl.store(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :])
+        else:
+            m_i, l_i, accw = _window_attention(
+                qx, qy, invf, wk_ptr, wv_ptr, wpos_ptr, b, g, n_win, rope_scale, s_wb, s_wh, s_wn, s_wvb, s_wvh,
+                s_wvn, s_wpb, pp, pmask, P, BLOCK_G, BLOCK_T, BLOCK_D, USE_DOT,
+            )  # fmt: skip
+            stat_off = (b * H * G + hq) * (n_splits + 1) + n_splits
+            tl.store(m_ptr + stat_off, m_i, mask=rmask)
+            tl.store(l_ptr + stat_off, l_i, mask=rmask)
+            dd = tl.arange(0, BLOCK_D)
+            w_off = (b * H * G + hq)[:, None] * (2 * P) + dd[None, :]
+            tl.store(accw_ptr + w_off, accw, mask=rmask[:, None] & (dd < 2 * P)[None, :])
+
+    @triton.jit
+    def _decode_values_kernel(
+        s_ptr,  # [B, Hq, n_codes] fp32 base-2 scores
+        vcoef_ptr,
+        vbits_ptr,
+        m_ptr,  # [B, Hq, S+1] fp32
+        l_ptr,
+        acc_ptr,  # [B, Hq, S, NBITS] fp32
+        n_codes,
+        n_splits,
+        split_size,
+        s_kb,
+        s_vb,
+        s_vn,
+        HQ: tl.constexpr,
+        NBITS: tl.constexpr,
+        NB_CHUNK: tl.constexpr,
+        BLOCK_HQ: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        split = tl.program_id(0)
+        b = tl.program_id(1)
+        nbc = tl.program_id(2)
+        rows = tl.arange(0, BLOCK_HQ)
+        rmask = rows < HQ
+        nb = nbc * NB_CHUNK + tl.arange(0, NB_CHUNK)
+        nbyte = nbc * (NB_CHUNK // 8) + tl.arange(0, NB_CHUNK // 8)
+        nbytemask = nbyte < NBITS // 8
+        m_i = tl.full((BLOCK_HQ,), -1.0e30, tl.float32)
+        l_i = tl.zeros((BLOCK_HQ,), tl.float32)
+        acc = tl.zeros((BLOCK_HQ, NB_CHUNK), tl.float32)
+        start = split * split_size
+        stop = tl.minimum(start + split_size, n_codes)
+        s_row = s_ptr + (b * HQ + rows).to(tl.int64)[:, None] * n_codes
+        for t0 in range(start, stop, BLOCK_T):
+            tok = t0 + tl.arange(0, BLOCK_T)
+            tmask = tok < stop
+            sc = tl.load(s_row + tok[None, :], mask=rmask[:, None] & tmask[None, :], other=float("-inf"))
+            acc, m_i, l_i = _accumulate_bits(
+                acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_kb, s_vb, s_vn,
+                BLOCK_T, NB_CHUNK,
+            )  # fmt: skip
+        acc_off = ((b * HQ + rows) * n_splits + split)[:, None] * NBITS + nb[None, :]
+        tl.store(acc_ptr + acc_off, acc, mask=rmask[:, None] & (nb < NBITS)[None, :])
+        if nbc == 0:
+            stat_off = (b * HQ + rows) * (n_splits + 1) + split
+            tl.store(m_ptr + stat_off, m_i, mask=rmask)
+            tl.store(l_ptr + stat_off, l_i, mask=rmask)
 
 
 def _split_size(n: int, bh: int, block_t: int, target_programs: int) -> int:
@@ -528,6 +812,50 @@ def decode_meta(
     return meta, (num_warps, num_stages)
 
 
+DESIGNS = ("two_pass", "fused")
+DEFAULT_VALUES_NB_CHUNK = 256
+DEFAULT_SCORE_PROGRAMS = 2048
+
+
+def two_pass_meta(
+    h: int,
+    g: int,
+    d: int,
+    r: int,
+    nbits: int,
+    table_fp16: bool = True,
+    block_t: int = 32,
+    num_warps: int = 4,
+    values_block_t: int = 32,
+    nb_chunk: int | None = None,
+    values_warps: int = 4,
+    num_stages: int = 1,
+) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
+    """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
+    :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``."""
+    p = d // 2
+    scores = dict(
+        H=h,
+        G=g,
+        P=p,
+        R=r,
+        BLOCK_G=max(16, triton.next_power_of_2(g)),
+        BLOCK_T=block_t,
+        BLOCK_P=triton.next_power_of_2(p),
+        BLOCK_D=triton.next_power_of_2(d),
+        USE_DOT=p >= 16,
+        TABLE_FP16=bool(table_fp16),
+    )
+    values = dict(
+        HQ=h * g,
+        NBITS=nbits,
+        NB_CHUNK=nb_chunk or min(max(triton.next_power_of_2(nbits), 16), DEFAULT_VALUES_NB_CHUNK),
+        BLOCK_HQ=max(16, triton.next_power_of_2(h * g)),
+        BLOCK_T=values_block_t,
+    )
+    return (scores, (num_warps, num_stages)), (values, (values_warps, num_stages))
+
+
 def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) -> tuple[dict, tuple[int, int]]:
     """The reduce kernel's constexprs and ``(num_warps, num_stages)`` (see :func:`decode_meta`)."""
     meta = dict(
@@ -549,10 +877,25 @@ def decode_attention(
     block_t: int = 32,
     nb_chunk: int | None = None,
     target_programs: int = DEFAULT_TARGET_PROGRAMS,
-    num_warps: int = 8,
+    num_warps: int | None = None,
     num_stages: int = 1,
+    design: str = "two_pass",
+    values_block_t: int = 32,
+    values_warps: int = 4,
+    score_programs: int = DEFAULT_SCORE_PROGRAMS,
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
+
+    Two designs (the same result up to float32 rounding and the float16 probabilities of the value side):
+
+    - ``"two_pass"`` (default): a scores kernel (one program per block of tokens and KV head: keys from the codes,
+      rotated, dotted with the ``G`` query heads; base-2 scores to a float32 buffer of ``4 Hq`` bytes per token, plus
+      the window in one extra program per KV head), then a values kernel per split of the sequence that reads the
+      scores of **all** ``Hq`` query heads of a batch row and unpacks each token's value bits once for all of them
+      (value codes are shared by the KV heads), one ``[Hq, BLOCK_T] x [BLOCK_T, NB_CHUNK]`` tensor-core product per
+      block; then the log-sum-exp merge.
+    - ``"fused"``: one split-K kernel per KV head does both (its value side unpacks each token's bits once per KV
+      head and multiplies ``G``-row tiles padded to 16).
 
     Parameters
     ----------
@@ -567,9 +910,14 @@ def decode_attention(
     use_triton : bool or None
         ``None``: the kernel on CUDA, :func:`decode_attention_reference` elsewhere.
     block_t, nb_chunk, target_programs, num_warps, num_stages : int
-        Kernel tiling: tokens per block, value bits per program (default ``min(n_bits, 1024)``), the number of
-        programs the split count aims at, warps per program, software-pipelining stages (1: none, see
+        Kernel tiling: tokens per block (of the key side), value bits per program (default ``min(n_bits, 1024)``
+        fused, ``min(n_bits, 256)`` two-pass), the number of programs the split count of the value side aims at,
+        warps per program of the key side (default 8 fused, 4 two-pass), software-pipelining stages (1: none, see
         :func:`decode_meta`).
+    design : str
+        ``"two_pass"`` or ``"fused"`` (above).
+    values_block_t, values_warps, score_programs : int
+        Two-pass only: tokens per block and warps of the values kernel; programs the scores kernel aims at.
 
     Returns
     -------
@@ -578,6 +926,8 @@ def decode_attention(
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}.")
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design!r}.")
     if not resolve_use_triton(use_triton, q, kv.codes):
         return decode_attention_reference(q, kv, books, scaling)
     b, hq, d = q.shape
@@ -585,34 +935,149 @@ def decode_attention(
     if hq % h:
         raise ValueError(f"{hq} query heads are not a multiple of {h} KV heads.")
     g = hq // h
-    r = books.theta.shape[1]
     nbits = books.n_bits
-    meta, (num_warps, num_stages) = decode_meta(
-        h, g, d, r, nbits, books.ztab16 is not None, block_t, nb_chunk, num_warps, num_stages
-    )
-    nb_chunk = meta["NB_CHUNK"]
-    n_nbc = triton.cdiv(nbits, nb_chunk)
-    split = _split_size(kv.n, b * h * n_nbc, block_t, target_programs)
-    n_splits = triton.cdiv(kv.n, split) if kv.n else 0
     dev = q.device
     qs = (q.float() * (scaling * LOG2E)).contiguous()
-    m = torch.empty(b, hq, n_splits + 1, device=dev, dtype=torch.float32)
-    lsum = torch.empty_like(m)
-    acc = torch.empty(b, hq, max(n_splits, 1), nbits, device=dev, dtype=torch.float32)
     accw = torch.empty(b, hq, d, device=dev, dtype=torch.float32)
     pos = kv.pos
     s_pb, s_ph = (pos.stride(0), 0) if pos.dim() == 2 else (pos.stride(0), pos.stride(1))
+    ztab = books.ztab16.view(torch.int32) if books.ztab16 is not None else books.ztab.view(torch.int64)
+    if design == "two_pass":
+        m, lsum, acc, n_splits = _two_pass(
+            qs, kv, books, ztab, accw, s_pb, s_ph, block_t, num_warps or 4, num_stages, values_block_t, nb_chunk,
+            values_warps, target_programs, score_programs,
+        )  # fmt: skip
+    else:
+        m, lsum, acc, n_splits = _fused(
+            qs, kv, books, ztab, accw, s_pb, s_ph, block_t, nb_chunk, num_warps or 8, num_stages, target_programs
+        )
+    rmeta, (rwarps, rstages) = reduce_meta(d, nbits, n_splits)
+    n_rbc = triton.cdiv(nbits, rmeta["NB_CHUNK"])
+    out_bits = torch.empty(b * hq, nbits, device=dev, dtype=torch.float32)
+    out_w = torch.empty(b * hq, d, device=dev, dtype=torch.float32)
+    _decode_reduce_kernel[(b * hq, n_rbc)](
+        m,
+        lsum,
+        acc,
+        accw,
+        out_bits,
+        out_w,
+        n_splits,
+        **rmeta,
+        num_warps=rwarps,
+        num_stages=rstages,
+    )
+    # one small matmul per KV head: (weighted bits) @ E[:, head], times the channel scale
+    out = torch.einsum("bhgk,khd->bhgd", out_bits.view(b, h, g, nbits), books.emb) * books.chscale[None, :, None]
+    return out.reshape(b, hq, d) + out_w.view(b, hq, d)
+
+
+def _two_pass(
+    qs, kv, books, ztab, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
+    target_programs, score_programs,
+):  # fmt: skip
+    """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
+    b, hq, d = qs.shape
+    h = kv.codes.shape[1]
+    nbits = books.n_bits
+    (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
+        h, hq // h, d, books.theta.shape[1], nbits, books.ztab16 is not None, block_t, num_warps, values_block_t,
+        nb_chunk, values_warps, num_stages,
+    )  # fmt: skip
+    n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
+    split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)
+    n_splits = triton.cdiv(kv.n, split) if kv.n else 0
+    per_prog = _split_size(kv.n, b * h, block_t, score_programs)
+    n_code_progs = triton.cdiv(kv.n, per_prog) if kv.n else 0
+    dev = qs.device
+    m = torch.empty(b, hq, n_splits + 1, device=dev, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty(b, hq, max(n_splits, 1), nbits, device=dev, dtype=torch.float32)
+    scores = torch.empty(b, hq, max(kv.n, 1), device=dev, dtype=torch.float32)
+    _decode_scores_kernel[(n_code_progs + 1, b * h)](
+        qs,
+        kv.codes,
+        kv.knorm,
+        kv.pos,
+        kv.wkeys,
+        kv.wvals,
+        kv.wpos,
+        ztab,
+        books.inv_freq,
+        scores,
+        m,
+        lsum,
+        accw,
+        kv.n,
+        kv.nw,
+        n_splits,
+        n_code_progs,
+        per_prog,
+        books.rope_scale,
+        kv.codes.stride(0),
+        kv.codes.stride(1),
+        kv.codes.stride(2),
+        kv.knorm.stride(0),
+        s_pb,
+        s_ph,
+        kv.wkeys.stride(0),
+        kv.wkeys.stride(1),
+        kv.wkeys.stride(2),
+        kv.wvals.stride(0),
+        kv.wvals.stride(1),
+        kv.wvals.stride(2),
+        kv.wpos.stride(0),
+        **smeta,
+        num_warps=sw,
+        num_stages=ss,
+    )
+    if n_splits:
+        _decode_values_kernel[(n_splits, b, n_nbc)](
+            scores,
+            kv.vcoef,
+            kv.vbits,
+            m,
+            lsum,
+            acc,
+            kv.n,
+            n_splits,
+            split,
+            kv.knorm.stride(0),
+            kv.vbits.stride(0),
+            kv.vbits.stride(1),
+            **vmeta,
+            num_warps=vw,
+            num_stages=vs,
+        )
+    return m, lsum, acc, n_splits
+
+
+def _fused(qs, kv, books, ztab, accw, s_pb, s_ph, block_t, nb_chunk, num_warps, num_stages, target_programs):
+    """Launch the split-K kernel of ``design="fused"``; returns ``(m, l, acc, n_splits)``."""
+    b, hq, d = qs.shape
+    h = kv.codes.shape[1]
+    nbits = books.n_bits
+    meta, (num_warps, num_stages) = decode_meta(
+        h, hq // h, d, books.theta.shape[1], nbits, books.ztab16 is not None, block_t, nb_chunk, num_warps, num_stages
+    )
+    n_nbc = triton.cdiv(nbits, meta["NB_CHUNK"])
+    split = _split_size(kv.n, b * h * n_nbc, block_t, target_programs)
+    n_splits = triton.cdiv(kv.n, split) if kv.n else 0
+    dev = qs.device
+    m = torch.empty(b, hq, n_splits + 1, device=dev, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty(b, hq, max(n_splits, 1), nbits, device=dev, dtype=torch.float32)
     _decode_split_kernel[(n_splits + 1, b * h, n_nbc)](
         qs,
         kv.codes,
         kv.knorm,
         kv.vcoef,
-        pos,
+        kv.pos,
         kv.vbits,
         kv.wkeys,
         kv.wvals,
         kv.wpos,
-        books.ztab16.view(torch.int32) if books.ztab16 is not None else books.ztab.view(torch.int64),
+        ztab,
         books.inv_freq,
         m,
         lsum,
@@ -642,24 +1107,7 @@ def decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    rmeta, (rwarps, rstages) = reduce_meta(d, nbits, n_splits, nb_chunk)
-    out_bits = torch.empty(b * hq, nbits, device=dev, dtype=torch.float32)
-    out_w = torch.empty(b * hq, d, device=dev, dtype=torch.float32)
-    _decode_reduce_kernel[(b * hq, n_nbc)](
-        m,
-        lsum,
-        acc,
-        accw,
-        out_bits,
-        out_w,
-        n_splits,
-        **rmeta,
-        num_warps=rwarps,
-        num_stages=rstages,
-    )
-    # one small matmul per KV head: (weighted bits) @ E[:, head], times the channel scale
-    out = torch.einsum("bhgk,khd->bhgd", out_bits.view(b, h, g, nbits), books.emb) * books.chscale[None, :, None]
-    return out.reshape(b, hq, d) + out_w.view(b, hq, d)
+    return m, lsum, acc, n_splits
 
 
 # ---------------------------------------------------------------------------------------------------- key-side designs
@@ -859,12 +1307,14 @@ def key_scores(
 
 
 __all__ = [
+    "DESIGNS",
     "CodedKV",
     "LayerBooks",
     "chunk_attention",
     "decode_attention",
     "decode_attention_reference",
     "decode_meta",
+    "two_pass_meta",
     "dequantize_keys",
     "dequantize_values",
     "key_luts",

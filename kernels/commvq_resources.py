@@ -41,6 +41,29 @@ _POINTERS = {
         "acc_ptr": "*fp32",
         "accw_ptr": "*fp32",
     },
+    "_decode_scores_kernel": {
+        "q_ptr": "*fp32",
+        "codes_ptr": "*u8",
+        "knorm_ptr": "*fp16",
+        "pos_ptr": "*i32",
+        "wk_ptr": "*bf16",
+        "wv_ptr": "*bf16",
+        "wpos_ptr": "*i32",
+        "ztab_ptr": "*i32",  # *i64 for a float32 table
+        "invf_ptr": "*fp32",
+        "s_ptr": "*fp32",
+        "m_ptr": "*fp32",
+        "l_ptr": "*fp32",
+        "accw_ptr": "*fp32",
+    },
+    "_decode_values_kernel": {
+        "s_ptr": "*fp32",
+        "vcoef_ptr": "*fp16",
+        "vbits_ptr": "*u8",
+        "m_ptr": "*fp32",
+        "l_ptr": "*fp32",
+        "acc_ptr": "*fp32",
+    },
     "_decode_reduce_kernel": {
         n: "*fp32" for n in ("m_ptr", "l_ptr", "acc_ptr", "accw_ptr", "out_bits_ptr", "out_w_ptr")
     },
@@ -132,6 +155,15 @@ BENCHMARK_DECODE_TILINGS = (
     (32, 1024, 4, 1),
     (16, 1024, 4, 1),
 )
+# the two-pass tilings it sweeps: (block_t, num_warps, values_block_t, nb_chunk, values_warps); the first is the default
+BENCHMARK_TWO_PASS_TILINGS = (
+    (32, 4, 32, 256, 4),
+    (16, 4, 32, 256, 4),
+    (64, 8, 32, 256, 4),
+    (32, 4, 64, 256, 8),
+    (32, 4, 32, 128, 4),
+    (32, 8, 32, 512, 8),
+)
 
 
 def default_configs():
@@ -149,6 +181,13 @@ def default_configs():
             out.append(
                 (f"decode {name} table={'fp16' if fp16 else 'fp32'}", att._decode_split_kernel, meta, *opts, ptr)
             )
+        for fp16 in (True, False):
+            (smeta, sopts), _ = att.two_pass_meta(h, hq // h, d, r, nbits, table_fp16=fp16)
+            ptr = None if fp16 else {"ztab_ptr": "*i64"}
+            label = f"scores {name} table={'fp16' if fp16 else 'fp32'}"
+            out.append((label, att._decode_scores_kernel, smeta, *sopts, ptr))
+        _, (vmeta, vopts) = att.two_pass_meta(h, hq // h, d, r, nbits)
+        out.append((f"values {name}", att._decode_values_kernel, vmeta, *vopts, None))
         meta, opts = att.reduce_meta(d, nbits, n_splits=att.DEFAULT_TARGET_PROGRAMS // h)
         out.append((f"reduce {name}", att._decode_reduce_kernel, meta, *opts, None))
         for design in ("direct", "lut"):
@@ -172,6 +211,12 @@ def benchmark_configs():
             out.append(
                 (f"decode {name} bt={bt} nbc={nbc} warps={nw} stages={ns}", att._decode_split_kernel, meta, *opts, None)
             )
+        for bt, nw, vbt, nbc, vw in BENCHMARK_TWO_PASS_TILINGS[1:]:
+            (smeta, sopts), (vmeta, vopts) = att.two_pass_meta(
+                h, hq // h, d, r, h * d * bits, True, bt, nw, vbt, nbc, vw
+            )
+            out.append((f"scores {name} bt={bt} warps={nw}", att._decode_scores_kernel, smeta, *sopts, None))
+            out.append((f"values {name} bt={vbt} nbc={nbc} warps={vw}", att._decode_values_kernel, vmeta, *vopts, None))
         for design in ("direct", "lut"):
             meta, opts = att.key_scores_meta(h, hq // h, d, r, design, block_t=16)
             out.append((f"key_scores {design} {name} bt=16", att._key_scores_kernel, meta, *opts, None))
@@ -246,6 +291,7 @@ if __name__ == "__main__":  # pragma: no cover
 
 __all__ = [
     "BENCHMARK_DECODE_TILINGS",
+    "BENCHMARK_TWO_PASS_TILINGS",
     "H100_SHARED_BYTES",
     "SHAPES",
     "benchmark_configs",

@@ -120,12 +120,14 @@ def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, 
 
 
 @needs_interpreter
+@pytest.mark.parametrize("design", ["two_pass", "fused"])
 @pytest.mark.parametrize(
     ("per_head_pos", "head_dim", "fp16_theta"), [(False, 16, False), (True, 16, True), (False, 32, False)]
 )
-def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head_dim, fp16_theta):
-    """Tolerance: 2e-3 relative to the output's scale (the kernel weights value bits in float16; head_dim >= 32 also
-    computes scores with tl.dot, tf32 on a GPU, float32 in the interpreter)."""
+def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head_dim, fp16_theta, design):
+    """Both designs. Tolerance: 2e-3 relative to the output's scale (the kernels weight value bits in float16;
+    head_dim >= 32 also computes scores with tl.dot, tf32 on a GPU, float32 in the interpreter)."""
+    tiling = dict(design=design, block_t=16, target_programs=8, values_block_t=16, score_programs=8)
     batch, heads, group, residuals = 2, 2, 3, 3
     kv, books = _coded(
         batch,
@@ -141,14 +143,14 @@ def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head
     assert (books.ztab16 is not None) == fp16_theta  # the float16 table is used exactly when it is exact
     q = torch.randn(batch, heads * group, head_dim)
     ref = decode_attention_reference(q, kv, books, 0.3)
-    out = decode_attention(q, kv, books, 0.3, use_triton=True, block_t=16, target_programs=8)
+    out = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()
     # no coded token (only the window) and no window (only codes)
     for n, nw in ((0, 5), (70, 0)):
         kv.n, kv.nw = n, nw
         ref = decode_attention_reference(q, kv, books, 0.3)
-        out = decode_attention(q, kv, books, 0.3, use_triton=True, block_t=16, target_programs=8)
+        out = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
         assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()
 
 
