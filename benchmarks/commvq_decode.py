@@ -45,7 +45,7 @@ from pressroom.kernels.commvq_attention import (
     decode_attention_reference,
 )
 from pressroom.kernels.commvq_encode import KeyTables, code_bytes, encode_keys, normalize_keys, pack_bits
-from pressroom.kernels.commvq_resources import BENCHMARK_DECODE_TILINGS, BENCHMARK_TWO_PASS_TILINGS
+from pressroom.kernels.commvq_resources import BENCHMARK_DECODE_TILINGS, BENCHMARK_TWO_PASS_TILINGS, ENCODE_TILINGS
 from pressroom.presses.commvq_codebooks import ValueCodec
 
 HQ, H, D, WINDOW = 32, 8, 128, 128
@@ -182,6 +182,10 @@ def hqq_decode_ms(kf, vf, qf, bits: int, reps: int, device: torch.device) -> flo
 
 def fmt(ms) -> str:
     return f"{ms:.4f} ms" if isinstance(ms, float) else str(ms)
+
+
+# encode_keys keyword arguments: its default, then the tilings compiled for sm_90 by tests/test_commvq_resources.py
+ENCODE_VARIANTS = [dict(block_n=16, num_warps=8, search="flat", precision="ieee", a_chunk=16), *ENCODE_TILINGS]
 
 
 def variants(sweep: str, smoke: bool) -> list[dict]:
@@ -367,10 +371,19 @@ def main() -> None:
             tables = KeyTables(theta)
             codes_out = torch.empty(n, H, code_bytes(r), dtype=torch.uint8, device=device)
 
-            def enc_keys(block_n=16, num_warps=8):
+            def enc_keys(block_n=16, num_warps=8, search="flat", precision="ieee", a_chunk=16):
                 x, _ = normalize_keys(raw)
                 encode_keys(
-                    x[0], theta, use_triton=True, tables=tables, out=codes_out, block_n=block_n, num_warps=num_warps
+                    x[0],
+                    theta,
+                    use_triton=True,
+                    tables=tables,
+                    out=codes_out,
+                    block_n=block_n,
+                    num_warps=num_warps,
+                    search=search,
+                    precision=precision,
+                    a_chunk=a_chunk,
                 )
 
             vals = torch.randn(1, n, H * D, device=device)
@@ -383,14 +396,27 @@ def main() -> None:
                     pack_bits(bits_), (pre + codec.eps) / (post + codec.eps)
 
             cfg["encode_keys_sweep"] = []
-            for bn, nw in [(16, 8)] if args.smoke else [(16, 8), (16, 4), (32, 8)]:
-                ms = attempt(lambda: enc_keys(bn, nw), max(1, reps // 4), device)
-                cfg["encode_keys_sweep"].append({"block_n": bn, "num_warps": nw, "ms": ms})
+            first_codes = None
+            for kw in ENCODE_VARIANTS[:1] if args.smoke else ENCODE_VARIANTS:
+                ms = attempt(lambda: enc_keys(**kw), max(1, reps // 4), device)
+                e = dict(kw, ms=ms)
+                if isinstance(ms, float):  # the codes of the last call, against the first variant's (flat, ieee)
+                    if first_codes is None:
+                        first_codes = codes_out.clone()
+                    e["codes_equal_to_first"] = float((codes_out == first_codes).all(-1).float().mean())
+                cfg["encode_keys_sweep"].append(e)
                 save()
-                log(f"{name} encode keys block_n={bn} warps={nw}: {fmt(ms)}")
+                log(f"{name} encode keys {kw}: {fmt(ms)} (same codes as the first: {e.get('codes_equal_to_first')})")
             ok = [e for e in cfg["encode_keys_sweep"] if isinstance(e["ms"], float)]
             cfg["encode_keys_ms"] = min(e["ms"] for e in ok) if ok else None
             cfg["encode_values_ms"] = attempt(enc_values, max(1, reps // 4), device)
+            if device.type == "cuda":  # the same encoder with TF32 matmuls (tensor cores), next to float32
+                tf32 = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = True
+                try:
+                    cfg["encode_values_tf32_ms"] = attempt(enc_values, max(1, reps // 4), device)
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = tf32
             vms = cfg["encode_values_ms"]
             cfg["encode_total_ms"] = (
                 cfg["encode_keys_ms"] + vms if cfg["encode_keys_ms"] is not None and isinstance(vms, float) else None

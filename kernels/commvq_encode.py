@@ -148,6 +148,8 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         A_CHUNK: tl.constexpr,
+        NESTED: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
         head = tl.program_id(1)
@@ -169,19 +171,24 @@ if HAS_TRITON:
         for r in range(R):
             base = (head * R + r) * 64 * D
             w_t = tl.load(w_ptr + base + ks[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
-            rw = tl.dot(res, w_t, input_precision="ieee")  # [BLOCK_N, 64]: r . w_B
+            rw = tl.dot(res, w_t, input_precision=PRECISION)  # [BLOCK_N, 64]: r . w_B
             best = tl.full((BLOCK_N,), float("inf"), tl.float32)
             best_idx = tl.zeros((BLOCK_N,), tl.int32)
             for a0 in range(0, 64, A_CHUNK):
                 u_t = tl.load(
                     u_ptr + base + (a0 + ac)[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0
                 )  # [BLOCK_D, A_CHUNK]
-                ru = tl.dot(res, u_t, input_precision="ieee")  # [BLOCK_N, A_CHUNK]: r . u_A
+                ru = tl.dot(res, u_t, input_precision=PRECISION)  # [BLOCK_N, A_CHUNK]: r . u_A
                 hv = tl.load(h_ptr + (head * R + r) * 4096 + (a0 + ac)[:, None] * 64 + ks[None, :])
                 val = hv[None, :, :] - 2.0 * (ru[:, :, None] + rw[:, None, :])  # [BLOCK_N, A_CHUNK, 64]
-                val = tl.reshape(val, (BLOCK_N, A_CHUNK * 64))
-                m = tl.min(val, axis=1)
-                i = tl.argmin(val, axis=1).to(tl.int32)
+                if NESTED:  # min over B, then over A, with indices: no reshape (a layout change through shared memory)
+                    mb, ib = tl.min(val, axis=2, return_indices=True)  # [BLOCK_N, A_CHUNK]
+                    m, ia = tl.min(mb, axis=1, return_indices=True)  # first A of the smallest, first B within it
+                    i = ia.to(tl.int32) * 64 + tl.sum(tl.where(ac[None, :] == ia[:, None], ib, 0), axis=1).to(tl.int32)
+                else:
+                    val = tl.reshape(val, (BLOCK_N, A_CHUNK * 64))
+                    m = tl.min(val, axis=1)
+                    i = tl.argmin(val, axis=1).to(tl.int32)
                 upd = m < best
                 best = tl.where(upd, m, best)
                 best_idx = tl.where(upd, a0 * 64 + i, best_idx)
@@ -202,10 +209,35 @@ if HAS_TRITON:
                 tl.store(out_row + byte0 + 2, (best_idx >> 4).to(tl.uint8), mask=rmask)
 
 
-def encode_meta(d: int, r: int, block_n: int = 16, num_warps: int = 8, num_stages: int = 1) -> tuple[dict, tuple]:
+SEARCHES = ("flat", "nested")
+PRECISIONS = ("ieee", "tf32")
+
+
+def encode_meta(
+    d: int,
+    r: int,
+    block_n: int = 16,
+    num_warps: int = 8,
+    num_stages: int = 1,
+    search: str = "flat",
+    precision: str = "ieee",
+    a_chunk: int = 16,
+) -> tuple[dict, tuple]:
     """The encode kernel's constexprs and ``(num_warps, num_stages)`` for head dim ``d`` and ``r`` residuals (what
     :func:`encode_keys` launches; :mod:`pressroom.kernels.commvq_resources` compiles exactly this)."""
-    meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), A_CHUNK=16)
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    meta = dict(
+        D=d,
+        R=r,
+        BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        A_CHUNK=a_chunk,
+        NESTED=search == "nested",
+        PRECISION=precision,
+    )
     return meta, (num_warps, num_stages)
 
 
@@ -217,6 +249,9 @@ def encode_keys(
     out: torch.Tensor | None = None,
     block_n: int = 16,
     num_warps: int = 8,
+    search: str = "flat",
+    precision: str = "ieee",
+    a_chunk: int = 16,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
 
@@ -232,8 +267,14 @@ def encode_keys(
         Precomputed tables of ``thetas`` (the cache keeps one per layer).
     out : torch.Tensor, optional
         Where to write (a slice of the cache's code buffer); allocated otherwise.
-    block_n, num_warps : int
-        Kernel tiling: tokens per program (>= 16) and warps per program.
+    block_n, num_warps, a_chunk : int
+        Kernel tiling: tokens per program (>= 16), warps per program, ``A`` entries scored per step (16 .. 64).
+    search : str
+        ``"flat"``: min and argmin over the ``A_CHUNK x 64`` candidates reshaped to one row; ``"nested"``: one
+        min-with-index over ``B``, then over ``A`` (same result, first index on ties).
+    precision : str
+        Of the ``r . u_A`` / ``r . w_B`` dot products: ``"ieee"`` (float32, equal codes to the reference) or
+        ``"tf32"`` (tensor cores on a GPU; near-ties may then pick another center).
 
     Returns
     -------
@@ -253,7 +294,7 @@ def encode_keys(
         tables = KeyTables(thetas.to(x.device))
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
-    meta, (num_warps, num_stages) = encode_meta(d, r, block_n, num_warps)
+    meta, (num_warps, num_stages) = encode_meta(d, r, block_n, num_warps, 1, search, precision, a_chunk)
     grid = (triton.cdiv(n, block_n), h)
     _encode_kernel[grid](
         x,
@@ -279,6 +320,8 @@ __all__ = [
     "code_bytes",
     "encode_keys",
     "encode_meta",
+    "PRECISIONS",
+    "SEARCHES",
     "encode_keys_reference",
     "normalize_keys",
     "pack_bits",

@@ -166,6 +166,18 @@ BENCHMARK_TWO_PASS_TILINGS = (
 )
 
 
+# the encode tilings it times beyond the default (block_n=16, 8 warps, flat search, ieee dots, a_chunk=16)
+ENCODE_TILINGS = (
+    dict(block_n=16, num_warps=4, search="flat", precision="ieee", a_chunk=16),
+    dict(block_n=16, num_warps=8, search="nested", precision="ieee", a_chunk=16),
+    dict(block_n=16, num_warps=4, search="nested", precision="ieee", a_chunk=16),
+    dict(block_n=32, num_warps=8, search="nested", precision="ieee", a_chunk=16),
+    dict(block_n=16, num_warps=8, search="nested", precision="tf32", a_chunk=16),
+    dict(block_n=32, num_warps=8, search="nested", precision="tf32", a_chunk=16),
+    dict(block_n=16, num_warps=8, search="nested", precision="ieee", a_chunk=32),
+)
+
+
 def default_configs():
     """``(label, fn, constexprs, num_warps, num_stages, pointer overrides)`` of every CommVQ kernel as its launcher
     compiles it by default, at every shape of :data:`SHAPES` (both key-table dtypes for the decode kernel)."""
@@ -220,9 +232,14 @@ def benchmark_configs():
         for design in ("direct", "lut"):
             meta, opts = att.key_scores_meta(h, hq // h, d, r, design, block_t=16)
             out.append((f"key_scores {design} {name} bt=16", att._key_scores_kernel, meta, *opts, None))
-        for bn, nw in ((16, 4), (32, 8)):
-            meta, opts = enc.encode_meta(d, r, bn, nw)
-            out.append((f"encode {name} block_n={bn} warps={nw}", enc._encode_kernel, meta, *opts, None))
+        for kw in ENCODE_TILINGS:
+            meta, opts = enc.encode_meta(
+                d, r, kw["block_n"], kw["num_warps"], 1, kw["search"], kw["precision"], kw["a_chunk"]
+            )
+            label = "encode {} block_n={block_n} warps={num_warps} {search} {precision} a_chunk={a_chunk}".format(
+                name, **kw
+            )
+            out.append((label, enc._encode_kernel, meta, *opts, None))
     return out
 
 
@@ -292,6 +309,7 @@ if __name__ == "__main__":  # pragma: no cover
 __all__ = [
     "BENCHMARK_DECODE_TILINGS",
     "BENCHMARK_TWO_PASS_TILINGS",
+    "ENCODE_TILINGS",
     "H100_SHARED_BYTES",
     "SHAPES",
     "benchmark_configs",

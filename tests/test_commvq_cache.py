@@ -65,21 +65,28 @@ def test_pack_bits_round_trip():
 
 
 @needs_interpreter
-def test_encode_kernel_equals_reference_quantizer():
+@pytest.mark.parametrize(("search", "a_chunk"), [("flat", 16), ("nested", 16), ("nested", 32)])
+def test_encode_kernel_equals_reference_quantizer(search, a_chunk):
     torch.manual_seed(1)
     heads, residuals, head_dim = 2, 3, 16
     theta = torch.randn(heads, residuals, 128, head_dim // 2) * 0.2
     x, norms = normalize_keys(torch.randn(1, heads, 45, head_dim))
     assert torch.allclose(x.flatten(2).norm(dim=-1), torch.ones(1, 45), atol=1e-5)
     ref = encode_keys_reference(x[0], theta)
-    tri = encode_keys(x[0], theta, use_triton=True)
+    tri = encode_keys(x[0], theta, use_triton=True, search=search, a_chunk=a_chunk)
     assert torch.equal(ref, tri)
+    # exact ties (two equal rows of theta: equal centers) go to the first index, as torch.argmin does
+    tied = theta.clone()
+    tied[:, :, 2 * 9 : 2 * 9 + 2] = tied[:, :, 2 * 3 : 2 * 3 + 2]  # entry 9 = entry 3
+    assert torch.equal(
+        encode_keys_reference(x[0], tied), encode_keys(x[0], tied, use_triton=True, search=search, a_chunk=a_chunk)
+    )
     # fixed inputs: a vector that is exactly one center, then a sum of centers, is coded exactly
     from pressroom.kernels.commvq_codebook import centers_from_theta, residual_decode
 
     centers = centers_from_theta(theta[0])  # [R, 4096, D]
     exact = centers[0, [7, 4000, 123]].unsqueeze(1).repeat(1, heads, 1)
-    codes = unpack_codes12(encode_keys(exact, theta, use_triton=True), residuals)[:, 0]
+    codes = unpack_codes12(encode_keys(exact, theta, use_triton=True, search=search), residuals)[:, 0]
     assert codes[:, 0].tolist() == [7, 4000, 123]
     # the decoded residual sum approximates the input better than the first step alone
     dec = residual_decode(unpack_codes12(tri[:, 0], residuals), theta[0])
