@@ -327,6 +327,7 @@ def main() -> None:
                 )
                 for sp in (512, 1024, 4096, 8192):
                     run_variant(dict(best, score_programs=sp))
+                run_variant(dict(best, key_table="fp32"))
         for design in DESIGNS:
             timings = [e for e in cfg["decode_sweep"] if e["design"] == design and isinstance(e["ms"], float)]
             cfg[f"{design}_best_ms"] = min(e["ms"] for e in timings) if timings else None

@@ -883,6 +883,7 @@ def decode_attention(
     values_block_t: int = 32,
     values_warps: int = 4,
     score_programs: int = DEFAULT_SCORE_PROGRAMS,
+    key_table: str = "auto",
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -918,6 +919,9 @@ def decode_attention(
         ``"two_pass"`` or ``"fused"`` (above).
     values_block_t, values_warps, score_programs : int
         Two-pass only: tokens per block and warps of the values kernel; programs the scores kernel aims at.
+    key_table : str
+        ``"auto"``: gather ``theta`` from its float16 copy when that is exact (codebooks stored in float16), else
+        float32; ``"fp32"``: always the float32 table (8 bytes per entry, no unpacking).
 
     Returns
     -------
@@ -928,6 +932,8 @@ def decode_attention(
         raise ValueError(f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}.")
     if design not in DESIGNS:
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}.")
+    if key_table not in ("auto", "fp32"):
+        raise ValueError(f"key_table must be 'auto' or 'fp32', got {key_table!r}.")
     if not resolve_use_triton(use_triton, q, kv.codes):
         return decode_attention_reference(q, kv, books, scaling)
     b, hq, d = q.shape
@@ -941,15 +947,16 @@ def decode_attention(
     accw = torch.empty(b, hq, d, device=dev, dtype=torch.float32)
     pos = kv.pos
     s_pb, s_ph = (pos.stride(0), 0) if pos.dim() == 2 else (pos.stride(0), pos.stride(1))
-    ztab = books.ztab16.view(torch.int32) if books.ztab16 is not None else books.ztab.view(torch.int64)
+    fp16 = books.ztab16 is not None and key_table == "auto"
+    ztab = books.ztab16.view(torch.int32) if fp16 else books.ztab.view(torch.int64)
     if design == "two_pass":
         m, lsum, acc, n_splits = _two_pass(
-            qs, kv, books, ztab, accw, s_pb, s_ph, block_t, num_warps or 4, num_stages, values_block_t, nb_chunk,
+            qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps or 4, num_stages, values_block_t, nb_chunk,
             values_warps, target_programs, score_programs,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
-            qs, kv, books, ztab, accw, s_pb, s_ph, block_t, nb_chunk, num_warps or 8, num_stages, target_programs
+            qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, nb_chunk, num_warps or 8, num_stages, target_programs
         )
     rmeta, (rwarps, rstages) = reduce_meta(d, nbits, n_splits)
     n_rbc = triton.cdiv(nbits, rmeta["NB_CHUNK"])
@@ -973,7 +980,7 @@ def decode_attention(
 
 
 def _two_pass(
-    qs, kv, books, ztab, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
+    qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
     target_programs, score_programs,
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
@@ -981,7 +988,7 @@ def _two_pass(
     h = kv.codes.shape[1]
     nbits = books.n_bits
     (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
-        h, hq // h, d, books.theta.shape[1], nbits, books.ztab16 is not None, block_t, num_warps, values_block_t,
+        h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
         nb_chunk, values_warps, num_stages,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
@@ -1052,13 +1059,13 @@ def _two_pass(
     return m, lsum, acc, n_splits
 
 
-def _fused(qs, kv, books, ztab, accw, s_pb, s_ph, block_t, nb_chunk, num_warps, num_stages, target_programs):
+def _fused(qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, nb_chunk, num_warps, num_stages, target_programs):
     """Launch the split-K kernel of ``design="fused"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
     h = kv.codes.shape[1]
     nbits = books.n_bits
     meta, (num_warps, num_stages) = decode_meta(
-        h, hq // h, d, books.theta.shape[1], nbits, books.ztab16 is not None, block_t, nb_chunk, num_warps, num_stages
+        h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, nb_chunk, num_warps, num_stages
     )
     n_nbc = triton.cdiv(nbits, meta["NB_CHUNK"])
     split = _split_size(kv.n, b * h * n_nbc, block_t, target_programs)
