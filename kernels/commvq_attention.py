@@ -813,7 +813,7 @@ def decode_meta(
 
 
 DESIGNS = ("two_pass", "fused")
-DEFAULT_VALUES_NB_CHUNK = 256
+DEFAULT_VALUES_NB_CHUNK = 512
 DEFAULT_SCORE_PROGRAMS = 2048
 
 
@@ -825,10 +825,10 @@ def two_pass_meta(
     nbits: int,
     table_fp16: bool = True,
     block_t: int = 32,
-    num_warps: int = 4,
+    num_warps: int = 8,
     values_block_t: int = 32,
     nb_chunk: int | None = None,
-    values_warps: int = 4,
+    values_warps: int = 8,
     num_stages: int = 1,
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
@@ -876,12 +876,12 @@ def decode_attention(
     use_triton: bool | None = None,
     block_t: int = 32,
     nb_chunk: int | None = None,
-    target_programs: int = DEFAULT_TARGET_PROGRAMS,
-    num_warps: int | None = None,
+    target_programs: int | None = None,
+    num_warps: int = 8,
     num_stages: int = 1,
     design: str = "two_pass",
     values_block_t: int = 32,
-    values_warps: int = 4,
+    values_warps: int = 8,
     score_programs: int = DEFAULT_SCORE_PROGRAMS,
     key_table: str = "auto",
 ) -> torch.Tensor:
@@ -912,9 +912,10 @@ def decode_attention(
         ``None``: the kernel on CUDA, :func:`decode_attention_reference` elsewhere.
     block_t, nb_chunk, target_programs, num_warps, num_stages : int
         Kernel tiling: tokens per block (of the key side), value bits per program (default ``min(n_bits, 1024)``
-        fused, ``min(n_bits, 256)`` two-pass), the number of programs the split count of the value side aims at,
-        warps per program of the key side (default 8 fused, 4 two-pass), software-pipelining stages (1: none, see
-        :func:`decode_meta`).
+        fused, ``min(n_bits, 512)`` two-pass), the number of programs the split count of the value side aims at
+        (default: the GPU's SM count two-pass, 1024 fused), warps per program of the key side, software-pipelining
+        stages (1: none, see :func:`decode_meta`). The defaults are the fastest tiling of
+        ``benchmarks/commvq_decode.py`` on an H100 (``benchmarks/results/commvq_decode.json``).
     design : str
         ``"two_pass"`` or ``"fused"`` (above).
     values_block_t, values_warps, score_programs : int
@@ -951,12 +952,24 @@ def decode_attention(
     ztab = books.ztab16.view(torch.int32) if fp16 else books.ztab.view(torch.int64)
     if design == "two_pass":
         m, lsum, acc, n_splits = _two_pass(
-            qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps or 4, num_stages, values_block_t, nb_chunk,
-            values_warps, target_programs, score_programs,
+            qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
+            values_warps, target_programs or _sm_count(dev), score_programs,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
-            qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, nb_chunk, num_warps or 8, num_stages, target_programs
+            qs,
+            kv,
+            books,
+            ztab,
+            fp16,
+            accw,
+            s_pb,
+            s_ph,
+            block_t,
+            nb_chunk,
+            num_warps,
+            num_stages,
+            target_programs or DEFAULT_TARGET_PROGRAMS,
         )
     rmeta, (rwarps, rstages) = reduce_meta(d, nbits, n_splits)
     n_rbc = triton.cdiv(nbits, rmeta["NB_CHUNK"])
@@ -977,6 +990,13 @@ def decode_attention(
     # one small matmul per KV head: (weighted bits) @ E[:, head], times the channel scale
     out = torch.einsum("bhgk,khd->bhgd", out_bits.view(b, h, g, nbits), books.emb) * books.chscale[None, :, None]
     return out.reshape(b, hq, d) + out_w.view(b, hq, d)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM); 132 elsewhere (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
 
 
 def _two_pass(
