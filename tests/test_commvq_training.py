@@ -164,3 +164,15 @@ def test_cli_rejects_bad_layer(tmp_path, capsys):
                        "--max-tokens", "32", "--seq-len", "32"]) == 0  # fmt: skip
     assert train_main(["commvq", "keys", "--output", str(out), "--layer", "7", "--device", "cpu"]) == 2
     assert "outside 0..1" in capsys.readouterr().err
+
+
+def test_weighted_sums_split_over_tokens_equal_the_plain_product():
+    """The M-step's p^T r, cut into chunks of tokens (equal chunks; an N with no even split falls back)."""
+    from pressroom.training.commvq_em import weighted_sums
+
+    torch.manual_seed(3)
+    for n in (4096, 1000, 1001):
+        p, r = torch.rand(2, n, 64), torch.randn(2, n, 16)
+        exact = (p.double().transpose(1, 2) @ r.double()).float()
+        torch.testing.assert_close(weighted_sums(p, r, min_chunk=64), exact, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(weighted_sums(p, r), exact, atol=1e-4, rtol=1e-5)  # short: the plain product

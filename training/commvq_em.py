@@ -121,6 +121,25 @@ def initial_theta(r: torch.Tensor, generator: torch.Generator, chunk: int = 8192
     return theta_from_stats(counts, _tts_full(sums))
 
 
+def weighted_sums(p: torch.Tensor, r: torch.Tensor, max_chunks: int = 64, min_chunk: int = 16384) -> torch.Tensor:
+    """``p^T r`` for ``p [G, N, K]``, ``r [G, N, d]`` -> ``[G, K, d]`` (float32), split over ``N`` when ``N`` is long.
+
+    The output is tiny and the reduction long (N ~ 1M): one batched GEMM per head leaves most of the GPU idle (30 ms
+    per call on an H100 at 8 x 1M x 64 x 128), so ``N`` is cut into up to ``max_chunks`` equal chunks of at least
+    ``min_chunk`` tokens, multiplied as one larger batch and summed (float32 throughout; only the summation order
+    changes). Shorter inputs take the plain product.
+    """
+    g, n, k = p.shape
+    chunks = min(max_chunks, n // max(1, min_chunk))
+    while chunks > 1 and n % chunks:
+        chunks -= 1
+    if chunks <= 1:
+        return p.transpose(1, 2) @ r
+    d = r.shape[-1]
+    part = torch.bmm(p.reshape(g * chunks, n // chunks, k).transpose(1, 2), r.reshape(g * chunks, n // chunks, d))
+    return part.view(g, chunks, k, d).sum(1)
+
+
 def fit_step_em(
     r: torch.Tensor,
     norm: torch.Tensor,
@@ -156,7 +175,7 @@ def fit_step_em(
             on_iteration(step)
         if not bool(active.any()):
             break
-        tts = stats_TtS(pa.transpose(1, 2) @ r, pb.transpose(1, 2) @ r)
+        tts = stats_TtS(weighted_sums(pa, r), weighted_sums(pb, r))
         theta = torch.where(active.view(-1, 1, 1), theta_from_stats(counts, tts), theta)
     return best_theta, best, iters
 
