@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-steps", type=int, default=300)
     p.add_argument("--e2e-batch", type=int, default=512)
     p.add_argument("--e2e-lr", type=float, default=2e-2)
-    p.add_argument("--value-steps", type=int, default=300)
+    p.add_argument("--value-steps", type=int, default=1000, help="value codec steps (the library default)")
     p.add_argument("--value-lr", type=float, default=1e-2)
     p.add_argument("--value-window", type=int, default=256)
     p.add_argument("--deadline-s", type=float, default=440.0, help="start no new layer after this many seconds")
