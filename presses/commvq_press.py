@@ -12,7 +12,14 @@ from torch import nn
 from transformers import QuantizedCache
 from transformers.cache_utils import DynamicLayer
 
-from pressroom.presses.commvq_cache import CommVQLayer, _check_sink, _check_window, attention_mode, load_codebooks
+from pressroom.presses.commvq_cache import (
+    CommVQLayer,
+    _check_precision,
+    _check_sink,
+    _check_window,
+    attention_mode,
+    load_codebooks,
+)
 from pressroom.presses.commvq_codebooks import CommVQCodebooks
 from pressroom.presses.sink_window_cache import UNSUPPORTED_ROPE, PositionResolver, rope_frequencies
 
@@ -93,6 +100,8 @@ class CommVQPress(BasePress):
         reported by ``memory_bytes()``.
     use_triton : bool, optional
         ``None``: Triton kernels on CUDA, PyTorch references elsewhere.
+    encode_precision : str, default="ieee"
+        Key encoder dot products on the GPU: ``"ieee"`` or ``"tf32"`` (see :class:`~pressroom.presses.CommVQLayer`).
 
     Raises
     ------
@@ -111,6 +120,7 @@ class CommVQPress(BasePress):
     n_sink: int = 4
     compression_ratio: float = 0.0
     use_triton: bool | None = None
+    encode_precision: str = "ieee"
     _books: CommVQCodebooks | None = field(init=False, repr=False, compare=False, default=None)
     _resolver: PositionResolver = field(init=False, repr=False, compare=False, default_factory=PositionResolver)
 
@@ -124,6 +134,7 @@ class CommVQPress(BasePress):
             raise ValueError(f"bits must be 1 or 2, got {self.bits!r}.")
         _check_window(self.window, self.flush_chunk)
         _check_sink(self.n_sink)
+        _check_precision(self.encode_precision)
 
     def books_for(self, config: Any) -> CommVQCodebooks:
         """The codebooks, loaded once and validated against ``config``."""
@@ -186,6 +197,7 @@ class CommVQPress(BasePress):
             mode=attention_mode(module.config),
             resolver=self._resolver,
             use_triton=self.use_triton,
+            encode_precision=self.encode_precision,
         )
         new_layer.load_prefill(keys, values, cos, sin, index=index)
         new_layer.mark()

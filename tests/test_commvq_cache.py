@@ -389,6 +389,11 @@ def test_wrong_codebooks_raise(tiny, tmp_path):
         CommVQCache(cfg, random_books(cfg, values=False))
     with pytest.raises(ValueError, match="1-bit"):
         CommVQCache(cfg, random_books(cfg, bits=1), bits=2)
+    with pytest.raises(ValueError, match="encode_precision must be one of"):
+        CommVQPress(codebooks="x", encode_precision="bf16")
+    with pytest.raises(ValueError, match="encode_precision must be one of"):
+        CommVQCache(cfg, random_books(cfg), encode_precision="fp8")
+    assert CommVQCache(cfg, random_books(cfg), encode_precision="tf32").layers[0].encode_precision == "tf32"
     press = CommVQPress(codebooks=wrong, window=16)
     with pytest.raises(ValueError, match="do not fit"):
         _pipe(tiny)("Some context here.", question="Q?", press=press, max_new_tokens=2)
