@@ -138,16 +138,21 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
 
 
+def failed(err: Exception, device: torch.device) -> str:
+    """What the benchmark records for a call that raised (after freeing what it left on the GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return f"failed: {type(err).__name__}: {str(err)[:300]}"
+
+
 def attempt(fn, reps: int, device: torch.device) -> float | str:
     """:func:`timed_ms`, or ``"failed: ..."`` when the call raises (a tiling out of shared memory, a compile error,
     out of memory): the benchmark records it and goes on."""
     try:
         return timed_ms(fn, reps, device)
     except Exception as err:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-        return f"failed: {type(err).__name__}: {str(err)[:300]}"
+        return failed(err, device)
 
 
 def hqq_decode_ms(kf, vf, qf, bits: int, reps: int, device: torch.device) -> float | str:
@@ -174,10 +179,7 @@ def hqq_decode_ms(kf, vf, qf, bits: int, reps: int, device: torch.device) -> flo
         with torch.no_grad():
             return timed_ms(step, reps, device)
     except Exception as err:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-        return f"failed: {type(err).__name__}: {str(err)[:300]}"
+        return failed(err, device)
 
 
 def fmt(ms) -> str:

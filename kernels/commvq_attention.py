@@ -274,6 +274,24 @@ if HAS_TRITON:
         return kx + (xa - yb), ky + (ya + xb)
 
     @triton.jit
+    def _group_queries(
+        q_ptr, invf_ptr, b, g, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):  # fmt: skip
+        """The ``G`` (pre-scaled, interleaved) query heads of KV head ``g`` of batch row ``b`` as ``(x, y)`` pair
+        halves ``[BLOCK_G, BLOCK_P]``, their row mask and head indices, the pair indices and the RoPE frequencies."""
+        rows = tl.arange(0, BLOCK_G)
+        rmask = rows < G
+        pp = tl.arange(0, BLOCK_P)
+        pmask = pp < P
+        hq = g * G + rows
+        q_base = q_ptr + (b * H * G + hq)[:, None] * (2 * P)
+        qx = tl.load(q_base + 2 * pp[None, :], mask=rmask[:, None] & pmask[None, :], other=0.0)
+        qy = tl.load(q_base + 2 * pp[None, :] + 1, mask=rmask[:, None] & pmask[None, :], other=0.0)
+        invf = tl.load(invf_ptr + pp, mask=pmask, other=0.0)
+        return rmask, pp, pmask, hq, qx, qy, invf
+
+    @triton.jit
     def _code_block_scores(
         qx,
         qy,
@@ -491,15 +509,7 @@ if HAS_TRITON:
         nbc = tl.program_id(2)
         b = bh // H
         g = bh % H
-        rows = tl.arange(0, BLOCK_G)
-        rmask = rows < G
-        pp = tl.arange(0, BLOCK_P)
-        pmask = pp < P
-        hq = g * G + rows
-        q_base = q_ptr + (b * H * G + hq)[:, None] * (2 * P)
-        qx = tl.load(q_base + 2 * pp[None, :], mask=rmask[:, None] & pmask[None, :], other=0.0)
-        qy = tl.load(q_base + 2 * pp[None, :] + 1, mask=rmask[:, None] & pmask[None, :], other=0.0)
-        invf = tl.load(invf_ptr + pp, mask=pmask, other=0.0)
+        rmask, pp, pmask, hq, qx, qy, invf = _group_queries(q_ptr, invf_ptr, b, g, H, G, P, BLOCK_G, BLOCK_P)
         m_i = tl.full((BLOCK_G,), -1.0e30, tl.float32)
         l_i = tl.zeros((BLOCK_G,), tl.float32)
         tt = tl.arange(0, BLOCK_T)
@@ -674,15 +684,7 @@ if HAS_TRITON:
         bh = tl.program_id(1)
         b = bh // H
         g = bh % H
-        rows = tl.arange(0, BLOCK_G)
-        rmask = rows < G
-        pp = tl.arange(0, BLOCK_P)
-        pmask = pp < P
-        hq = g * G + rows
-        q_base = q_ptr + (b * H * G + hq)[:, None] * (2 * P)
-        qx = tl.load(q_base + 2 * pp[None, :], mask=rmask[:, None] & pmask[None, :], other=0.0)
-        qy = tl.load(q_base + 2 * pp[None, :] + 1, mask=rmask[:, None] & pmask[None, :], other=0.0)
-        invf = tl.load(invf_ptr + pp, mask=pmask, other=0.0)
+        rmask, pp, pmask, hq, qx, qy, invf = _group_queries(q_ptr, invf_ptr, b, g, H, G, P, BLOCK_G, BLOCK_P)
         if blk < n_code_progs:
             start = blk * tokens_per_prog
             stop = tl.minimum(start + tokens_per_prog, n_codes)
@@ -773,6 +775,23 @@ def _default_nb_chunk(nbits: int) -> int:
     return min(max(triton.next_power_of_2(nbits), 16), 1024)
 
 
+def _key_side_meta(h: int, g: int, d: int, r: int, table_fp16: bool, block_t: int) -> dict:
+    """Constexprs of the key side (codes -> scores, window) shared by the fused and the scores kernels."""
+    p = d // 2
+    return dict(
+        H=h,
+        G=g,
+        P=p,
+        R=r,
+        BLOCK_G=max(16, triton.next_power_of_2(g)),
+        BLOCK_T=block_t,
+        BLOCK_P=triton.next_power_of_2(p),
+        BLOCK_D=triton.next_power_of_2(d),
+        USE_DOT=p >= 16,
+        TABLE_FP16=bool(table_fp16),
+    )
+
+
 def decode_meta(
     h: int,
     g: int,
@@ -794,21 +813,8 @@ def decode_meta(
     the gathers hit L1 anyway. Compiled for sm_90 (``python -m pressroom.kernels.commvq_resources``), the defaults
     (``BLOCK_T=32``, ``NB_CHUNK=1024``, 8 warps) take 73 KB of shared memory and 255 registers with no real spill
     (8 bytes) at R=11 and R=21; 4 warps spill about 1.6 KB per thread."""
-    p = d // 2
-    meta = dict(
-        H=h,
-        G=g,
-        P=p,
-        R=r,
-        NBITS=nbits,
-        NB_CHUNK=nb_chunk or _default_nb_chunk(nbits),
-        BLOCK_G=max(16, triton.next_power_of_2(g)),
-        BLOCK_T=block_t,
-        BLOCK_P=triton.next_power_of_2(p),
-        BLOCK_D=triton.next_power_of_2(d),
-        USE_DOT=p >= 16,
-        TABLE_FP16=bool(table_fp16),
-    )
+    meta = _key_side_meta(h, g, d, r, table_fp16, block_t)
+    meta.update(NBITS=nbits, NB_CHUNK=nb_chunk or _default_nb_chunk(nbits))
     return meta, (num_warps, num_stages)
 
 
@@ -833,19 +839,7 @@ def two_pass_meta(
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``."""
-    p = d // 2
-    scores = dict(
-        H=h,
-        G=g,
-        P=p,
-        R=r,
-        BLOCK_G=max(16, triton.next_power_of_2(g)),
-        BLOCK_T=block_t,
-        BLOCK_P=triton.next_power_of_2(p),
-        BLOCK_D=triton.next_power_of_2(d),
-        USE_DOT=p >= 16,
-        TABLE_FP16=bool(table_fp16),
-    )
+    scores = _key_side_meta(h, g, d, r, table_fp16, block_t)
     values = dict(
         HQ=h * g,
         NBITS=nbits,
