@@ -11,6 +11,9 @@ prepared as CommVQ does (interleaved RoPE pairs, divided by the token's norm ove
    the reference does; both per head and per layer (x 8 heads for the reference).
 2. ``mse``: the first ``--mse-residuals`` residual steps of head 0, complete EM (up to 100 iterations, the
    reference's early stop), from the same initialization, ours vs the reference: best MSE per step and time.
+0. ``estep`` (first, when asked): the E-step kernel alone on the same data at the first iteration's temperature,
+   each design and launch of ``--estep-grid``; outputs checked against the ``two_pass`` kernel. The fastest
+   configuration is then used by the other phases (recorded as ``estep_options``).
 3. ``full_layer`` (ours only): all 21 residuals of all 8 heads, the complete per-layer job, wall time.
 
 Each phase writes the JSON (atomic) so a time-out keeps what finished.
@@ -47,7 +50,9 @@ def make_keys(n: int, heads: int, head_dim: int, device: str, seed: int = 0) -> 
     return prepare_keys(keys, heads)
 
 
-def time_ours(r, norm, iters: int, device: str, use_triton: bool | None) -> list[float]:
+def time_ours(
+    r, norm, iters: int, device: str, use_triton: bool | None, estep_options: dict | None = None
+) -> list[float]:
     """Milliseconds of each of our EM iterations (all heads at once), through ``fit_step_em``'s own loop."""
     from pressroom.training.commvq_em import EMConfig, fit_step_em
 
@@ -58,7 +63,7 @@ def time_ours(r, norm, iters: int, device: str, use_triton: bool | None) -> list
         stamps.append(time.perf_counter())
 
     cfg = EMConfig(n_steps=iters + 2, tol=-math.inf)  # no early stop: time exactly iters + 2 iterations
-    fit_step_em(r, norm, 1.0, cfg, torch.Generator().manual_seed(0), use_triton, on_iteration)
+    fit_step_em(r, norm, 1.0, cfg, torch.Generator().manual_seed(0), use_triton, on_iteration, estep_options)
     deltas = [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
     return deltas[1:]  # the first one includes compilation / warm-up
 
@@ -82,6 +87,51 @@ def time_reference(r1, norm, iters: int, device: str) -> list[float]:
     return times[1:]
 
 
+def estep_sweep(r, args, device: str, use_triton: bool | None, result: dict, save) -> dict | None:
+    """Time ``em_estep`` alone per entry of ``--estep-grid``; return the fastest entry's options."""
+    from pressroom.kernels.commvq_codebook import em_estep
+    from pressroom.training.commvq_em import EMConfig, initial_theta, temperature_at
+
+    theta = initial_theta(r, torch.Generator().manual_seed(0))
+    temp = temperature_at(0, EMConfig(), 1.0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
+    rows, first = [], None
+    for entry in args.estep_grid.split(","):
+        design, block_n, warps, per_sm = entry.split(":")
+        opts = {"design": design, "block_n": int(block_n), "num_warps": int(warps)}
+        opts["programs"] = -(-int(per_sm) * sms // r.shape[0])
+        row: dict = {"entry": entry, **opts}
+        try:
+            out = em_estep(r, theta, temp, use_triton, **opts)  # compile + warm-up
+            times = []
+            for _ in range(args.iters):
+                sync(device)
+                t0 = time.perf_counter()
+                em_estep(r, theta, temp, use_triton, **opts)
+                sync(device)
+                times.append(1e3 * (time.perf_counter() - t0))
+            row["ms"] = statistics.median(times)
+            if first is None:
+                first = out
+            row["codes_equal_to_first"] = float((out[0] == first[0]).float().mean())
+            row["max_abs_diff_to_first"] = {
+                k: float((a - b).abs().max()) for k, a, b in zip(("counts", "pa", "pb"), out[1:], first[1:])
+            }
+        except Exception as exc:  # noqa: BLE001 - a launch that fails is a result, recorded
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        print(row, flush=True)
+        rows.append(row)
+        result["estep"] = {"temperature": temp, "rows": rows}
+        save()
+    timed = [row for row in rows if "ms" in row and row["codes_equal_to_first"] > 0.999]
+    if not timed:
+        return None
+    best = min(timed, key=lambda row: row["ms"])
+    result["estep_options"] = {k: best[k] for k in ("design", "block_n", "num_warps", "programs")}
+    save()
+    return result["estep_options"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=1 << 20)
@@ -91,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=5, help="timed iterations per implementation (phase 1)")
     p.add_argument("--mse-residuals", type=int, default=2, help="residual steps compared in phase 2 (head 0)")
     p.add_argument("--em-steps", type=int, default=100, help="EM iterations per residual (reference: 100)")
-    p.add_argument("--phases", default="iteration,mse,full_layer")
+    p.add_argument("--phases", default="iteration,mse,full_layer", help="of estep,iteration,mse,full_layer")
+    p.add_argument(
+        "--estep-grid",
+        default="two_pass:32:4:4,three_pass:16:4:4,three_pass:16:4:8,three_pass:32:4:4,three_pass:32:8:4,"
+        "three_pass:32:8:8,three_pass:16:8:8,three_pass:64:8:4,three_pass:16:2:8",
+        help="design:block_n:num_warps:programs-per-SM entries timed by the estep phase",
+    )
     p.add_argument("--output", required=True)
     p.add_argument(
         "--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1): checks the script"
@@ -138,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         result["wall_s"] = time.time() - t_start
         atomic_write_json(args.output, result)
 
+    estep_options: dict | None = None
+    if "estep" in phases:
+        estep_options = estep_sweep(r, args, device, use_triton, result, save)
+
     if "iteration" in phases:
-        ours = time_ours(r, norm, args.iters, device, use_triton)
+        ours = time_ours(r, norm, args.iters, device, use_triton, estep_options)
         ref = time_reference(r[0], norm, args.iters, device)
         ours_ms, ref_ms = statistics.median(ours), statistics.median(ref)
         result["iteration"] = {
@@ -166,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.mse_residuals):
             sync(device)
             t0 = time.perf_counter()
-            theta_o, best_o, it_o = fit_step_em(res_o, norm, t_scale, cfg, gen_o, use_triton)
+            theta_o, best_o, it_o = fit_step_em(res_o, norm, t_scale, cfg, gen_o, use_triton, None, estep_options)
             sync(device)
             t1 = time.perf_counter()
             theta_r, best_r, it_r = reference_fit_step(res_r, norm, t_scale, cfg, gen_r)

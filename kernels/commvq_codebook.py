@@ -359,12 +359,94 @@ if HAS_TRITON:
             tl.store(codes_ptr + rows, best_idx.to(tl.int64), mask=rmask)
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _estep3_kernel(
+        ru_ptr,
+        rw_ptr,
+        rr_ptr,
+        h_ptr,
+        codes_ptr,
+        pa_ptr,
+        pb_ptr,
+        part_ptr,
+        n_rows,
+        n_out,
+        n_blocks,
+        inv_temp,
+        BLOCK_N: tl.constexpr,
+        K: tl.constexpr,
+    ):
+        # The dot products r.u_A, r.w_B and ||r||^2 come precomputed (one GEMM each), so the loops over A hold
+        # [BLOCK_N, 64] tiles only and do no cross-lane reduction except where a row sum is the output (pa).
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        g = tl.program_id(1).to(tl.int64)
+        ru_ptr += g * n_rows * K
+        rw_ptr += g * n_rows * K
+        rr_ptr += g * n_rows
+        h_ptr += g * K * K
+        codes_ptr += g * n_out  # outputs: a slice of rows of [G, n_out, ...] tensors
+        pa_ptr += g * n_out * K
+        pb_ptr += g * n_out * K
+        part_ptr += g * n_prog * K * K
+        ks = tl.arange(0, K)
+        part = part_ptr + pid * K * K  # this program's partial column sums of the soft assignments
+        for blk in range(pid, n_blocks, n_prog):
+            rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            rmask = rows < n_rows
+            rw = tl.load(rw_ptr + rows[:, None] * K + ks[None, :], mask=rmask[:, None], other=0.0)
+            rr = tl.load(rr_ptr + rows, mask=rmask, other=0.0)
+            # pass 1 (no special functions): per (row, B) the smallest value over A and its first A
+            best = tl.full((BLOCK_N, K), float("inf"), tl.float32)
+            best_a = tl.zeros((BLOCK_N, K), tl.int32)
+            for a in range(K):
+                ra = tl.load(ru_ptr + rows * K + a, mask=rmask, other=0.0)
+                h = tl.load(h_ptr + a * K + ks)
+                val = h[None, :] - 2.0 * (ra[:, None] + rw)
+                upd = val < best
+                best = tl.where(upd, val, best)
+                best_a = tl.where(upd, a, best_a)
+            vmin = tl.min(best, axis=1)
+            # first code (64 A + B) among the minima: the reference's arg-min over the flattened 4096
+            best_idx = tl.min(tl.where(best == vmin[:, None], best_a * K + ks[None, :], K * K), axis=1)
+            m = -tl.sqrt(tl.maximum(vmin + rr, 0.0)) * inv_temp  # the largest logit, at the nearest center
+            # pass 2: the softmax normalizer; its per-(row, B) partial sums are pb before normalization
+            sb = tl.zeros((BLOCK_N, K), tl.float32)
+            for a in range(K):
+                ra = tl.load(ru_ptr + rows * K + a, mask=rmask, other=0.0)
+                h = tl.load(h_ptr + a * K + ks)
+                val = h[None, :] - 2.0 * (ra[:, None] + rw)
+                sb += tl.exp(-tl.sqrt(tl.maximum(val + rr[:, None], 0.0)) * inv_temp - m[:, None])
+            inv_s = tl.where(rmask, 1.0 / tl.sum(sb, axis=1), 0.0)
+            tl.store(pb_ptr + rows[:, None] * K + ks[None, :], sb * inv_s[:, None], mask=rmask[:, None])
+            tl.store(codes_ptr + rows, best_idx.to(tl.int64), mask=rmask)
+            # pass 3: normalized probabilities, reduced to the A marginals (rows) and column sums (centers)
+            for a in range(K):
+                ra = tl.load(ru_ptr + rows * K + a, mask=rmask, other=0.0)
+                h = tl.load(h_ptr + a * K + ks)
+                val = h[None, :] - 2.0 * (ra[:, None] + rw)
+                z = -tl.sqrt(tl.maximum(val + rr[:, None], 0.0)) * inv_temp
+                p = tl.exp(z - m[:, None]) * inv_s[:, None]
+                tl.store(pa_ptr + rows * K + a, tl.sum(p, axis=1), mask=rmask)
+                col = tl.load(part + a * K + ks)
+                tl.store(part + a * K + ks, col + tl.sum(p, axis=0))
+
+
+ESTEP_DESIGNS = ("three_pass", "two_pass")
+
+
 def em_estep(
     r: torch.Tensor,
     theta: torch.Tensor,
     temperature: float,
     use_triton: bool | None = None,
     programs: int | None = None,
+    design: str = "three_pass",
+    block_n: int = 32,
+    num_warps: int = 4,
+    chunk_rows: int = 1 << 18,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Soft E-step of CommVQ's codebook EM over the centers of ``theta``, reduced to sufficient statistics.
 
@@ -378,11 +460,25 @@ def em_estep(
     Batched: ``r [G, N, 2P]`` with ``theta [G, 128, P]`` gives ``[G, ...]`` outputs (one launch for all heads).
 
     The M-step needs only these: ``T^T s`` of the weighted sums ``s_C = sum_n p[n, C] r_n`` is a function of
-    ``pa^T r`` and ``pb^T r`` (:func:`theta_from_stats`). The Triton kernel keeps each row's 4096 probabilities in
-    registers (two passes, online softmax) and accumulates column sums per program without atomics (deterministic).
+    ``pa^T r`` and ``pb^T r`` (:func:`theta_from_stats`). The Triton kernels keep each row's 4096 probabilities in
+    registers and accumulate column sums per program without atomics (deterministic). Designs:
+
+    - ``"three_pass"`` (default): ``r.u_A``, ``r.w_B`` and ``||r||^2`` are computed first, ``chunk_rows`` rows at a
+      time (one float32 GEMM each, ``2 x 64`` floats per row of scratch). Then one kernel makes three passes over
+      ``A`` with ``[block_n, 64]`` tiles. Pass 1 finds the nearest center with running per-``B`` minima, without
+      special functions. That gives the largest logit exactly, so pass 2 sums ``exp`` without rescaling, and its
+      per-``B`` sums are ``pb``. Pass 3 reduces the normalized probabilities to ``pa`` and the counts.
+    - ``"two_pass"``: the earlier kernel, kept for comparison. It reads ``r`` itself (a dot product per ``A``) and
+      runs an online softmax with per-``A`` row reductions.
+
+    ``programs``, ``block_n``, ``num_warps`` set the launch (persistent programs per head, rows per tile, warps).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if design not in ESTEP_DESIGNS:
+        raise ValueError(f"design must be one of {ESTEP_DESIGNS}, got {design!r}.")
+    if block_n < 1 or block_n & (block_n - 1) or chunk_rows < 1:
+        raise ValueError(f"block_n must be a power of two and chunk_rows >= 1, got {block_n} and {chunk_rows}.")
     if not resolve_use_triton(use_triton, r):
         return em_estep_reference(r, theta, temperature)
     r, u, w, h, batched = _prepare(r, theta)
@@ -390,19 +486,31 @@ def em_estep(
     codes = torch.empty(groups, n, dtype=torch.int64, device=r.device)
     pa = torch.empty(groups, n, N_ENTRIES, dtype=torch.float32, device=r.device)
     pb = torch.empty_like(pa)
-    block_n = 32
-    n_blocks = triton.cdiv(n, block_n)
+    counts = torch.zeros(groups, N_CENTERS, dtype=torch.float32, device=r.device)
     if programs is None:
         sms = torch.cuda.get_device_properties(r.device).multi_processor_count if r.is_cuda else 2
         programs = triton.cdiv(4 * sms, groups)
-    programs = max(1, min(programs, n_blocks))
-    part = torch.zeros(groups, programs, N_CENTERS, dtype=torch.float32, device=r.device)
-    if n:
-        _estep_kernel[(programs, groups)](
-            r, u, w, h, codes, pa, pb, part, n, n_blocks, 1.0 / temperature,
-            D=d, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), K=N_ENTRIES,
-        )  # fmt: skip
-    counts = part.sum(1)
+    step = n if design == "two_pass" else chunk_rows
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        n_blocks = triton.cdiv(e - s, block_n)
+        progs = max(1, min(programs, n_blocks))
+        part = torch.zeros(groups, progs, N_CENTERS, dtype=torch.float32, device=r.device)
+        if design == "two_pass":
+            _estep_kernel[(progs, groups)](
+                r, u, w, h, codes, pa, pb, part, n, n_blocks, 1.0 / temperature,
+                D=d, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), K=N_ENTRIES, num_warps=num_warps,
+            )  # fmt: skip
+        else:
+            rc = r[:, s:e]
+            ru = torch.matmul(rc, u.transpose(1, 2)).contiguous()  # [G, c, 64]
+            rw = torch.matmul(rc, w.transpose(1, 2)).contiguous()
+            rr = rc.pow(2).sum(-1).contiguous()
+            _estep3_kernel[(progs, groups)](
+                ru, rw, rr, h, codes[:, s:], pa[:, s:], pb[:, s:], part, e - s, n, n_blocks, 1.0 / temperature,
+                BLOCK_N=block_n, K=N_ENTRIES, num_warps=num_warps,
+            )  # fmt: skip
+        counts += part.sum(1)
     if not batched:
         return codes[0], counts[0], pa[0], pb[0]
     return codes, counts, pa, pb

@@ -132,6 +132,21 @@ class KeyTables:
 if HAS_TRITON:
 
     @triton.jit
+    def _store_code12(out_row, r, R: tl.constexpr, code, prev, rmask):
+        """Write step ``r``'s 12-bit codes; returns the code the odd step after it packs with."""
+        # code 2j: byte 3j and the low nibble of byte 3j+1; code 2j+1: the high nibble of 3j+1 and byte 3j+2
+        byte0 = (3 * (r - r % 2)) // 2
+        if r % 2 == 0:
+            tl.store(out_row + byte0, (code & 255).to(tl.uint8), mask=rmask)
+            if r == R - 1:
+                tl.store(out_row + byte0 + 1, (code >> 8).to(tl.uint8), mask=rmask)
+            prev = code
+        else:
+            tl.store(out_row + byte0 + 1, ((prev >> 8) | ((code & 15) << 4)).to(tl.uint8), mask=rmask)
+            tl.store(out_row + byte0 + 2, (code >> 4).to(tl.uint8), mask=rmask)
+        return prev
+
+    @triton.jit
     def _encode_kernel(
         x_ptr,
         u_ptr,
@@ -197,19 +212,78 @@ if HAS_TRITON:
             ua = tl.load(u_ptr + base + a_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
             wb = tl.load(w_ptr + base + b_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
             res = res - (ua + wb)
-            # code 2j: byte 3j and the low nibble of byte 3j+1; code 2j+1: the high nibble of 3j+1 and byte 3j+2
-            byte0 = (3 * (r - r % 2)) // 2
-            if r % 2 == 0:
-                tl.store(out_row + byte0, (best_idx & 255).to(tl.uint8), mask=rmask)
-                if r == R - 1:
-                    tl.store(out_row + byte0 + 1, (best_idx >> 8).to(tl.uint8), mask=rmask)
-                prev = best_idx
-            else:
-                tl.store(out_row + byte0 + 1, ((prev >> 8) | ((best_idx & 15) << 4)).to(tl.uint8), mask=rmask)
-                tl.store(out_row + byte0 + 2, (best_idx >> 4).to(tl.uint8), mask=rmask)
+            prev = _store_code12(out_row, r, R, best_idx, prev, rmask)
+
+    @triton.jit
+    def _encode_running_kernel(
+        x_ptr,
+        u_ptr,
+        w_ptr,
+        h_ptr,
+        out_ptr,
+        scr_ptr,
+        n_rows,
+        n_blocks,
+        stride_xn,
+        stride_xh,
+        stride_on,
+        stride_oh,
+        D: tl.constexpr,
+        R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # Persistent programs. Per step: r.u_A and r.w_B for all 64 entries by two dots; r.u_A goes through this
+        # program's scratch so the loop over A reads one column per A, and keeps per-(row, B) running minima over
+        # A in a [BLOCK_N, 64] tile: no cross-lane reduction inside the loop, one min at the end of the step.
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        head = tl.program_id(1)
+        lrow = tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_D)
+        ks = tl.arange(0, 64)
+        dmask = cols < D
+        scr = scr_ptr + (head * n_prog + pid) * BLOCK_N * 64 + lrow * 64
+        for blk in range(pid, n_blocks, n_prog):
+            rows = blk * BLOCK_N + lrow
+            rmask = rows < n_rows
+            res = tl.load(
+                x_ptr + rows[:, None] * stride_xn + head * stride_xh + cols[None, :],
+                mask=rmask[:, None] & dmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            out_row = out_ptr + rows * stride_on + head * stride_oh
+            prev = tl.zeros((BLOCK_N,), tl.int32)
+            for r in range(R):
+                base = (head * R + r) * 64 * D
+                w_t = tl.load(w_ptr + base + ks[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
+                rw = tl.dot(res, w_t, input_precision=PRECISION)  # [BLOCK_N, 64]: r . w_B
+                u_t = tl.load(u_ptr + base + ks[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
+                tl.debug_barrier()  # the previous step's reads of the scratch are done
+                tl.store(scr[:, None] + ks[None, :], tl.dot(res, u_t, input_precision=PRECISION))
+                tl.debug_barrier()
+                hrow = h_ptr + (head * R + r) * 4096 + ks
+                best = tl.full((BLOCK_N, 64), float("inf"), tl.float32)
+                best_a = tl.zeros((BLOCK_N, 64), tl.int32)
+                for a in range(64):
+                    ra = tl.load(scr + a)
+                    val = tl.load(hrow + a * 64)[None, :] - 2.0 * (ra[:, None] + rw)
+                    upd = val < best
+                    best = tl.where(upd, val, best)
+                    best_a = tl.where(upd, a, best_a)
+                vmin = tl.min(best, axis=1)
+                # the first code (64 A + B) among the minima, as the reference's arg-min over the flattened 4096
+                best_idx = tl.min(tl.where(best == vmin[:, None], best_a * 64 + ks[None, :], 4096), axis=1)
+                a_idx = best_idx // 64
+                b_idx = best_idx % 64
+                ua = tl.load(u_ptr + base + a_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
+                wb = tl.load(w_ptr + base + b_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
+                res = res - (ua + wb)
+                prev = _store_code12(out_row, r, R, best_idx, prev, rmask)
 
 
-SEARCHES = ("flat", "nested")
+SEARCHES = ("flat", "nested", "running")
 PRECISIONS = ("ieee", "tf32")
 
 
@@ -229,16 +303,17 @@ def encode_meta(
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}.")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
-    meta = dict(
-        D=d,
-        R=r,
-        BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        A_CHUNK=a_chunk,
-        NESTED=search == "nested",
-        PRECISION=precision,
-    )
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16 (a tl.dot operand), got {block_n}.")
+    meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION=precision)
+    if search != "running":
+        meta.update(A_CHUNK=a_chunk, NESTED=search == "nested")
     return meta, (num_warps, num_stages)
+
+
+def encode_kernel(search: str = "flat"):
+    """The Triton kernel :func:`encode_keys` launches for ``search``."""
+    return _encode_running_kernel if search == "running" else _encode_kernel
 
 
 def encode_keys(
@@ -252,6 +327,7 @@ def encode_keys(
     search: str = "flat",
     precision: str = "ieee",
     a_chunk: int = 16,
+    programs: int | None = None,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
 
@@ -268,10 +344,16 @@ def encode_keys(
     out : torch.Tensor, optional
         Where to write (a slice of the cache's code buffer); allocated otherwise.
     block_n, num_warps, a_chunk : int
-        Kernel tiling: tokens per program (>= 16), warps per program, ``A`` entries scored per step (16 .. 64).
+        Kernel tiling: tokens per tile (a power of two >= 16), warps per program, ``A`` entries scored per step
+        (16 .. 64; flat and nested searches).
     search : str
         ``"flat"``: min and argmin over the ``A_CHUNK x 64`` candidates reshaped to one row; ``"nested"``: one
-        min-with-index over ``B``, then over ``A`` (same result, first index on ties).
+        min-with-index over ``B``, then over ``A`` (same result, first index on ties); ``"running"``: persistent
+        programs keep, per ``B``, the running minimum over ``A`` in a ``[block_n, 64]`` tile (one elementwise
+        compare per candidate, ``r . u_A`` read back per ``A`` from a 4 KB per-program scratch), then one min per
+        step (same result).
+    programs : int, optional
+        Persistent programs per KV head for ``"running"`` (default: 8 per SM over all heads).
     precision : str
         Of the ``r . u_A`` / ``r . w_B`` dot products: ``"ieee"`` (float32, equal codes to the reference) or
         ``"tf32"`` (tensor cores on a GPU; near-ties may then pick another center).
@@ -295,22 +377,22 @@ def encode_keys(
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
     meta, (num_warps, num_stages) = encode_meta(d, r, block_n, num_warps, 1, search, precision, a_chunk)
-    grid = (triton.cdiv(n, block_n), h)
-    _encode_kernel[grid](
-        x,
-        tables.u,
-        tables.w,
-        tables.h,
-        out,
-        n,
-        x.stride(0),
-        x.stride(1),
-        out.stride(0),
-        out.stride(1),
-        **meta,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
+    n_blocks = triton.cdiv(n, block_n)
+    if search == "running":
+        if programs is None:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+            programs = triton.cdiv(8 * sms, h)
+        programs = max(1, min(programs, n_blocks))
+        scratch = torch.empty(h, programs, block_n, N_ENTRIES, dtype=torch.float32, device=x.device)
+        _encode_running_kernel[(programs, h)](
+            x, tables.u, tables.w, tables.h, out, scratch, n, n_blocks, *strides,
+            **meta, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+    else:
+        _encode_kernel[(n_blocks, h)](
+            x, tables.u, tables.w, tables.h, out, n, *strides, **meta, num_warps=num_warps, num_stages=num_stages
+        )
     return out
 
 
@@ -319,6 +401,7 @@ __all__ = [
     "KeyTables",
     "code_bytes",
     "encode_keys",
+    "encode_kernel",
     "encode_meta",
     "PRECISIONS",
     "SEARCHES",

@@ -78,6 +78,14 @@ _POINTERS = {
         "out_ptr": "*fp32",
     },
     "_encode_kernel": {"x_ptr": "*fp32", "u_ptr": "*fp32", "w_ptr": "*fp32", "h_ptr": "*fp32", "out_ptr": "*u8"},
+    "_encode_running_kernel": {
+        "x_ptr": "*fp32",
+        "u_ptr": "*fp32",
+        "w_ptr": "*fp32",
+        "h_ptr": "*fp32",
+        "out_ptr": "*u8",
+        "scr_ptr": "*fp32",
+    },
 }
 _FLOAT_ARGS = {"rope_scale"}
 
@@ -175,6 +183,11 @@ ENCODE_TILINGS = (
     dict(block_n=16, num_warps=8, search="nested", precision="tf32", a_chunk=16),
     dict(block_n=32, num_warps=8, search="nested", precision="tf32", a_chunk=16),
     dict(block_n=16, num_warps=8, search="nested", precision="ieee", a_chunk=32),
+    dict(block_n=16, num_warps=4, search="running", precision="ieee", a_chunk=16),
+    dict(block_n=16, num_warps=4, search="running", precision="tf32", a_chunk=16),
+    dict(block_n=32, num_warps=4, search="running", precision="tf32", a_chunk=16),
+    dict(block_n=32, num_warps=8, search="running", precision="tf32", a_chunk=16),
+    dict(block_n=64, num_warps=8, search="running", precision="tf32", a_chunk=16),
 )
 
 
@@ -206,7 +219,7 @@ def default_configs():
             meta, opts = att.key_scores_meta(h, hq // h, d, r, design)
             out.append((f"key_scores {design} {name}", att._key_scores_kernel, meta, *opts, None))
         meta, opts = enc.encode_meta(d, r)
-        out.append((f"encode {name}", enc._encode_kernel, meta, *opts, None))
+        out.append((f"encode {name}", enc.encode_kernel(), meta, *opts, None))
     return out
 
 
@@ -245,7 +258,7 @@ def benchmark_configs():
             label = "encode {} block_n={block_n} warps={num_warps} {search} {precision} a_chunk={a_chunk}".format(
                 name, **kw
             )
-            out.append((label, enc._encode_kernel, meta, *opts, None))
+            out.append((label, enc.encode_kernel(kw["search"]), meta, *opts, None))
     return out
 
 

@@ -65,7 +65,7 @@ def test_pack_bits_round_trip():
 
 
 @needs_interpreter
-@pytest.mark.parametrize(("search", "a_chunk"), [("flat", 16), ("nested", 16), ("nested", 32)])
+@pytest.mark.parametrize(("search", "a_chunk"), [("flat", 16), ("nested", 16), ("nested", 32), ("running", 16)])
 def test_encode_kernel_equals_reference_quantizer(search, a_chunk):
     torch.manual_seed(1)
     heads, residuals, head_dim = 2, 3, 16
@@ -75,6 +75,8 @@ def test_encode_kernel_equals_reference_quantizer(search, a_chunk):
     ref = encode_keys_reference(x[0], theta)
     tri = encode_keys(x[0], theta, use_triton=True, search=search, a_chunk=a_chunk)
     assert torch.equal(ref, tri)
+    if search == "running":  # 3 tiles over 2 persistent programs: one program does two
+        assert torch.equal(ref, encode_keys(x[0], theta, use_triton=True, search=search, programs=2))
     # exact ties (two equal rows of theta: equal centers) go to the first index, as torch.argmin does
     tied = theta.clone()
     tied[:, :, 2 * 9 : 2 * 9 + 2] = tied[:, :, 2 * 3 : 2 * 3 + 2]  # entry 9 = entry 3

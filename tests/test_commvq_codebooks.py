@@ -248,12 +248,14 @@ def test_estep_statistics_give_the_reference_m_step(temperature):
 
 @pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 (CPU) or CUDA")
 @pytest.mark.parametrize("temperature", [1.0, 1e-3])
-def test_triton_estep_equals_reference(temperature):
+@pytest.mark.parametrize("design", ["three_pass", "two_pass"])
+def test_triton_estep_equals_reference(temperature, design):
     torch.manual_seed(8)
     theta = torch.randn(128, 8) * 0.1
     r = torch.randn(70, 16) * 0.2
     ref = em_estep_reference(r, theta, temperature)
-    out = em_estep(r, theta, temperature, use_triton=True, programs=2)
+    # three_pass in chunks of 48 rows: a full chunk, then a partial one with a partial tile
+    out = em_estep(r, theta, temperature, use_triton=True, programs=2, design=design, chunk_rows=48)
     assert torch.equal(out[0], ref[0])
     for a, b in zip(out[1:], ref[1:]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -265,13 +267,37 @@ def test_batched_heads_equal_one_by_one():
     theta = torch.randn(3, 128, 8) * 0.1
     r = torch.randn(3, 40, 16) * 0.2
     codes = nearest_centers(r, theta, use_triton=True)
-    est = em_estep(r, theta, 1e-2, use_triton=True, programs=1)
+    est = em_estep(r, theta, 1e-2, use_triton=True, programs=1, chunk_rows=32)
     for g in range(3):
         assert torch.equal(codes[g], nearest_centers_reference(r[g], theta[g]))
         ref = em_estep_reference(r[g], theta[g], 1e-2)
         assert torch.equal(est[0][g], ref[0])
         for a, b in zip(est[1:], ref[1:]):
             torch.testing.assert_close(a[g], b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 (CPU) or CUDA")
+@pytest.mark.parametrize("design", ["three_pass", "two_pass"])
+def test_triton_estep_breaks_ties_like_the_reference(design):
+    # entries A=5 and A=9 (and B=2, B=7) equal: centers repeat, and the first of equal centers must win
+    torch.manual_seed(11)
+    theta = torch.randn(128, 8) * 0.1
+    theta[18:20] = theta[10:12]  # z_9 = z_5
+    theta[14:16] = theta[4:6]  # z_7 = z_2
+    centers = centers_from_theta(theta)
+    r = centers[torch.tensor([64 * 9 + 7, 64 * 5 + 2, 64 * 9 + 3, 12])]  # exactly on repeated centers
+    ref = em_estep_reference(r, theta, 1e-2)
+    out = em_estep(r, theta, 1e-2, use_triton=True, design=design)
+    assert ref[0].tolist() == [64 * 5 + 2, 64 * 5 + 2, 64 * 5 + 3, 12]
+    assert torch.equal(out[0], ref[0])
+
+
+def test_estep_rejects_bad_launch_settings():
+    r, theta = torch.randn(8, 16), torch.randn(128, 8)
+    with pytest.raises(ValueError, match="design must be one of"):
+        em_estep(r, theta, 1.0, design="one_pass")
+    with pytest.raises(ValueError, match="power of two"):
+        em_estep(r, theta, 1.0, block_n=24)
 
 
 def test_reference_written_codebooks_load_unchanged(tmp_path):

@@ -148,11 +148,13 @@ def fit_step_em(
     generator: torch.Generator,
     use_triton: bool | None = None,
     on_iteration: Callable[[int], None] | None = None,
+    estep_options: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One residual step of EM for ``G`` heads at once.
 
     Returns ``(theta [G, 128, P], best_mse [G], iterations [G])``; each head keeps its best iterate and stops by the
-    reference's rule (an iterate no better than the best but within ``tol`` of it) on its own.
+    reference's rule (an iterate no better than the best but within ``tol`` of it) on its own. ``estep_options``
+    are passed to :func:`~pressroom.kernels.commvq_codebook.em_estep` (design and launch settings).
     """
     groups = r.shape[0]
     w2 = norm.float().pow(2)
@@ -163,7 +165,7 @@ def fit_step_em(
     iters = torch.zeros(groups, dtype=torch.long)
     for step in range(cfg.n_steps):
         temp = temperature_at(step, cfg, t_scale)
-        codes, counts, pa, pb = em_estep(r, theta, temp, use_triton=use_triton)
+        codes, counts, pa, pb = em_estep(r, theta, temp, use_triton=use_triton, **(estep_options or {}))
         mse = _weighted_mse(r - _gather_centers(centers_from_theta(theta), codes), w2)
         improved = active & (mse < best)
         stop = active & ~improved & ((mse - best) < cfg.tol)
