@@ -444,8 +444,8 @@ def em_estep(
     use_triton: bool | None = None,
     programs: int | None = None,
     design: str = "three_pass",
-    block_n: int = 32,
-    num_warps: int = 4,
+    block_n: int = 16,
+    num_warps: int = 2,
     chunk_rows: int = 1 << 18,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Soft E-step of CommVQ's codebook EM over the centers of ``theta``, reduced to sufficient statistics.
@@ -472,6 +472,8 @@ def em_estep(
       runs an online softmax with per-``A`` row reductions.
 
     ``programs``, ``block_n``, ``num_warps`` set the launch (persistent programs per head, rows per tile, warps).
+    The defaults (16 programs per SM over all heads, 16 rows, 2 warps) were the fastest of the launches timed on an
+    H100 (``benchmarks/commvq_em_speed.py``, phase ``estep``).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
@@ -489,7 +491,7 @@ def em_estep(
     counts = torch.zeros(groups, N_CENTERS, dtype=torch.float32, device=r.device)
     if programs is None:
         sms = torch.cuda.get_device_properties(r.device).multi_processor_count if r.is_cuda else 2
-        programs = triton.cdiv(4 * sms, groups)
+        programs = triton.cdiv(16 * sms, groups)
     step = n if design == "two_pass" else chunk_rows
     for s in range(0, n, step):
         e = min(n, s + step)
