@@ -1,13 +1,18 @@
-"""CommVQ key encode at 128k tokens per layer (Llama-3.1-8B shape): float32 (ieee) vs TF32 dot products.
+"""CommVQ key encode at 128k tokens per layer (Llama-3.1-8B shape): the searches and dot precisions side by side.
 
 The encode kernel (:func:`pressroom.kernels.commvq_encode.encode_keys`) scores the residual against the 64 ``u_A``
 and 64 ``w_B`` of each step with ``tl.dot``; ``precision="ieee"`` (the default) keeps float32 and reproduces the
-PyTorch reference's codes, ``precision="tf32"`` runs the dots on tensor cores. This times the flat search and the
-running-minima search (``search="running"``) at a few tilings in both precisions (median of 5 calls after a
-warm-up, CUDA events) on random float16-exact codebooks and random keys, and reports the fraction of tokens whose
-packed codes equal the first (ieee) variant's.
+PyTorch reference's codes, ``"tf32"`` runs the dots on tensor cores, ``"tf32x3"`` splits float32 into three TF32
+products. This times the flat search (the default), the running-minima search and the split search (per ``A`` the
+minimum over ``B`` of a fixed cross-term table plus ``g_B``, then the arg-mins) at the tilings of
+:data:`pressroom.kernels.commvq_resources.ENCODE_TILINGS` (median of 5 calls after a warm-up, CUDA events) on random
+float16-exact codebooks and random keys. For each variant it reports the fraction of tokens whose packed codes equal
+the first (flat, ieee) variant's and the mean squared reconstruction error of the codes (so a faster variant that
+picks other centers on near-ties shows whether that costs anything).
 
     source benchmarks/gpu_env.sh && cd benchmarks && python3 commvq_encode_variants.py --output $OUT/x.json
+    # only the split sweep next to the flat baselines (the file commvq_encode_split.json):
+    python3 commvq_encode_variants.py --searches flat split --output $OUT/commvq_encode_split.json
 """
 
 from __future__ import annotations
@@ -19,27 +24,42 @@ import sys
 import torch
 from _timing import call_ms
 
-from pressroom.kernels.commvq_encode import KeyTables, code_bytes, encode_keys, normalize_keys
+from pressroom.kernels.commvq_codebook import residual_decode
+from pressroom.kernels.commvq_encode import SEARCHES, KeyTables, code_bytes, encode_keys, normalize_keys, unpack_codes12
+from pressroom.kernels.commvq_resources import ENCODE_TILINGS
 
 H, D = 8, 128
-VARIANTS = (
+BASELINES = (
     dict(block_n=16, num_warps=4, search="flat", precision="ieee"),
     dict(block_n=16, num_warps=8, search="flat", precision="ieee"),
     dict(block_n=16, num_warps=4, search="flat", precision="tf32"),
-    dict(block_n=16, num_warps=4, search="running", precision="ieee"),
-    dict(block_n=32, num_warps=4, search="running", precision="ieee"),
-    dict(block_n=32, num_warps=8, search="running", precision="ieee"),
-    dict(block_n=64, num_warps=8, search="running", precision="ieee"),
-    dict(block_n=16, num_warps=4, search="running", precision="tf32"),
-    dict(block_n=32, num_warps=4, search="running", precision="tf32"),
-    dict(block_n=32, num_warps=8, search="running", precision="tf32"),
-    dict(block_n=64, num_warps=8, search="running", precision="tf32"),
 )
+
+
+def variants(searches: list[str]) -> list[dict]:
+    """The flat baselines, then the swept tilings of the other searches asked for."""
+    swept = [{k: v for k, v in kw.items() if k != "a_chunk"} for kw in ENCODE_TILINGS if kw["search"] != "nested"]
+    out: list[dict] = []
+    for kw in (*BASELINES, *swept):
+        if kw["search"] in searches and kw not in out:
+            out.append(kw)
+    return out
+
+
+def reconstruction_mse(packed: torch.Tensor, x: torch.Tensor, theta: torch.Tensor, r: int) -> float:
+    """Mean over tokens and heads of ||x - decoded||^2 (x is unit-norm per token over all heads)."""
+    err = 0.0
+    for h in range(H):
+        dec = residual_decode(unpack_codes12(packed[:, h], r), theta[h])
+        err += float((dec - x[:, h]).pow(2).sum(-1).mean())
+    return err / H
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--searches", nargs="+", default=["flat", "running", "split"], choices=SEARCHES)
+    ap.add_argument("--bits", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     ap.add_argument("--output", required=True)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -55,14 +75,15 @@ def main() -> int:
         "command": " ".join(sys.argv),
         "rows": [],
     }
-    for bits, r in ((1, 11), (2, 21)):
+    for bits in args.bits:
+        r = {1: 11, 2: 21}[bits]
         g = torch.Generator().manual_seed(0)
         theta = ((torch.randn(H, r, 128, D // 2, generator=g) * 0.1).half().float()).cuda()
         raw = torch.randn(1, H, n, D, device="cuda")
         tables = KeyTables(theta)
         x, _ = normalize_keys(raw)
         first = None
-        for kw in VARIANTS:
+        for kw in variants(args.searches):
             o = torch.empty(n, H, code_bytes(r), dtype=torch.uint8, device="cuda")
 
             def f(o=o, kw=kw, x=x, theta=theta, tables=tables):
@@ -74,6 +95,7 @@ def main() -> int:
                 ms = f"failed: {e}"[:200]
             first = o.clone() if first is None else first
             row = dict(kw, bits=bits, ms=ms, codes_equal_to_first=float((o == first).all(-1).float().mean()))
+            row["mse"] = reconstruction_mse(o[: 1 << 14], x[0, : 1 << 14], theta, r)  # the first 16k tokens
             out["rows"].append(row)
             print(row, flush=True)
             with open(args.output, "w") as fh:  # after every row: a time-out keeps what finished

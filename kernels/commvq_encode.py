@@ -127,6 +127,16 @@ class KeyTables:
         self.u, self.w = (t.contiguous() for t in additive_parts(theta))
         self.h = (self.u.unsqueeze(-2) + self.w.unsqueeze(-3)).pow(2).sum(-1).contiguous()
         self.residuals = thetas.shape[1]
+        self._split: tuple[torch.Tensor, ...] | None = None
+
+    def split_tables(self) -> tuple[torch.Tensor, ...]:
+        """What the ``"split"`` search reads: ``||u_A||^2``, ``||w_B||^2`` ``[H, R, 64]`` and the cross term
+        ``K[A, B] = 2 u_A . w_B`` ``[H, R, 64, 64]`` with its transpose (``H[A, B] = ||u_A||^2 + ||w_B||^2 + K``)."""
+        if self._split is None:
+            k = 2.0 * torch.matmul(self.u, self.w.transpose(-1, -2))
+            un, wn = self.u.pow(2).sum(-1), self.w.pow(2).sum(-1)
+            self._split = (un.contiguous(), wn.contiguous(), k.contiguous(), k.transpose(-1, -2).contiguous())
+        return self._split
 
 
 if HAS_TRITON:
@@ -283,8 +293,85 @@ if HAS_TRITON:
                 prev = _store_code12(out_row, r, R, best_idx, prev, rmask)
 
 
-SEARCHES = ("flat", "nested", "running")
-PRECISIONS = ("ieee", "tf32")
+if HAS_TRITON:
+
+    @triton.jit
+    def _encode_split_kernel(
+        x_ptr,
+        u_ptr,
+        w_ptr,
+        un_ptr,
+        wn_ptr,
+        k_ptr,
+        kt_ptr,
+        out_ptr,
+        scr_ptr,
+        n_rows,
+        n_blocks,
+        stride_xn,
+        stride_xh,
+        stride_on,
+        stride_oh,
+        D: tl.constexpr,
+        R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UNROLL: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # ||r - u_A - w_B||^2 - ||r||^2 = f_A + (K[A, B] + g_B) with f_A = ||u_A||^2 - 2 r.u_A, g_B = ||w_B||^2 -
+        # 2 r.w_B and the fixed cross term K = 2 u_A . w_B. Rounding is monotone, so min over (A, B) of
+        # f_A + (K + g_B) is min over A of f_A + m_A with m_A = min_B (K[A, B] + g_B): the 4,096 candidates cost one
+        # add and one min each, without indices; the arg-min is then found over 64 A, and over 64 B for that A only.
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        head = tl.program_id(1)
+        lrow = tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_D)
+        ks = tl.arange(0, 64)
+        dmask = cols < D
+        scr = scr_ptr + (head * n_prog + pid) * BLOCK_N * 64 + lrow * 64  # this program's g, read back per B
+        for blk in range(pid, n_blocks, n_prog):
+            rows = blk * BLOCK_N + lrow
+            rmask = rows < n_rows
+            res = tl.load(
+                x_ptr + rows[:, None] * stride_xn + head * stride_xh + cols[None, :],
+                mask=rmask[:, None] & dmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            out_row = out_ptr + rows * stride_on + head * stride_oh
+            prev = tl.zeros((BLOCK_N,), tl.int32)
+            for r in range(R):
+                step = head * R + r
+                base = step * 64 * D
+                w_t = tl.load(w_ptr + base + ks[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
+                g = tl.load(wn_ptr + step * 64 + ks)[None, :] - 2.0 * tl.dot(res, w_t, input_precision=PRECISION)
+                tl.debug_barrier()  # the previous step's reads of the scratch are done
+                tl.store(scr[:, None] + ks[None, :], g)
+                tl.debug_barrier()  # (also keeps the two [D, 64] operand tiles from being live at once)
+                u_t = tl.load(u_ptr + base + ks[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
+                f = tl.load(un_ptr + step * 64 + ks)[None, :] - 2.0 * tl.dot(res, u_t, input_precision=PRECISION)
+                kt = kt_ptr + step * 4096 + ks  # row B of K^T: K[:, B]
+                m = tl.full((BLOCK_N, 64), float("inf"), tl.float32)  # [row, A]: min over B so far
+                for b0 in range(0, 64, UNROLL):
+                    for j in tl.static_range(UNROLL):
+                        gb = tl.load(scr + b0 + j)
+                        m = tl.minimum(m, tl.load(kt + (b0 + j) * 64)[None, :] + gb[:, None])
+                tot = m + f
+                vmin = tl.min(tot, axis=1)
+                a_idx = tl.min(tl.where(tot == vmin[:, None], ks[None, :], 64), axis=1)  # first A of the minimum
+                kb = tl.load(k_ptr + step * 4096 + a_idx[:, None] * 64 + ks[None, :]) + g  # the same sums, for A
+                mb = tl.min(kb, axis=1)
+                b_idx = tl.min(tl.where(kb == mb[:, None], ks[None, :], 64), axis=1)
+                ua = tl.load(u_ptr + base + a_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
+                wb = tl.load(w_ptr + base + b_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
+                res = res - (ua + wb)
+                prev = _store_code12(out_row, r, R, a_idx * 64 + b_idx, prev, rmask)
+
+
+SEARCHES = ("flat", "nested", "running", "split")
+PERSISTENT_SEARCHES = ("running", "split")
+PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
 def encode_meta(
@@ -296,6 +383,7 @@ def encode_meta(
     search: str = "flat",
     precision: str = "ieee",
     a_chunk: int = 16,
+    unroll: int = 4,
 ) -> tuple[dict, tuple]:
     """The encode kernel's constexprs and ``(num_warps, num_stages)`` for head dim ``d`` and ``r`` residuals (what
     :func:`encode_keys` launches; :mod:`pressroom.kernels.commvq_resources` compiles exactly this)."""
@@ -306,14 +394,18 @@ def encode_meta(
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16 (a tl.dot operand), got {block_n}.")
     meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION=precision)
-    if search != "running":
+    if search == "split":
+        if unroll < 1 or 64 % unroll:
+            raise ValueError(f"unroll must divide 64, got {unroll}.")
+        meta.update(UNROLL=unroll)
+    elif search != "running":
         meta.update(A_CHUNK=a_chunk, NESTED=search == "nested")
     return meta, (num_warps, num_stages)
 
 
 def encode_kernel(search: str = "flat"):
     """The Triton kernel :func:`encode_keys` launches for ``search``."""
-    return _encode_running_kernel if search == "running" else _encode_kernel
+    return {"running": _encode_running_kernel, "split": _encode_split_kernel}.get(search, _encode_kernel)
 
 
 def encode_keys(
@@ -328,6 +420,7 @@ def encode_keys(
     precision: str = "ieee",
     a_chunk: int = 16,
     programs: int | None = None,
+    unroll: int = 4,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
 
@@ -351,12 +444,18 @@ def encode_keys(
         min-with-index over ``B``, then over ``A`` (same result, first index on ties); ``"running"``: persistent
         programs keep, per ``B``, the running minimum over ``A`` in a ``[block_n, 64]`` tile (one elementwise
         compare per candidate, ``r . u_A`` read back per ``A`` from a 4 KB per-program scratch), then one min per
-        step (same result).
+        step (same result); ``"split"``: persistent programs first take, per ``A``, the minimum over ``B`` of
+        ``2 u_A . w_B + ||w_B||^2 - 2 r . w_B`` (one add and one min per candidate, no indices: the cross term is a
+        fixed table), then the arg-min over ``A`` and, for that ``A`` only, over ``B`` (the first index on exact
+        ties, as the others; distances rounded in another order, so near-ties may differ from the reference).
     programs : int, optional
-        Persistent programs per KV head for ``"running"`` (default: 8 per SM over all heads).
+        Persistent programs per KV head for ``"running"`` and ``"split"`` (default: 8 per SM over all heads).
+    unroll : int
+        ``"split"``: candidates ``B`` per iteration of its inner loop (a divisor of 64).
     precision : str
         Of the ``r . u_A`` / ``r . w_B`` dot products: ``"ieee"`` (float32, equal codes to the reference) or
-        ``"tf32"`` (tensor cores on a GPU; near-ties may then pick another center).
+        ``"tf32"`` (tensor cores on a GPU; near-ties may then pick another center) or ``"tf32x3"`` (three TF32
+        products per float32 product: close to float32 on tensor cores).
 
     Returns
     -------
@@ -376,19 +475,25 @@ def encode_keys(
         tables = KeyTables(thetas.to(x.device))
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
-    meta, (num_warps, num_stages) = encode_meta(d, r, block_n, num_warps, 1, search, precision, a_chunk)
+    meta, (num_warps, num_stages) = encode_meta(d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll)
     strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
     n_blocks = triton.cdiv(n, block_n)
-    if search == "running":
+    if search in PERSISTENT_SEARCHES:
         if programs is None:
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
             programs = triton.cdiv(8 * sms, h)
         programs = max(1, min(programs, n_blocks))
         scratch = torch.empty(h, programs, block_n, N_ENTRIES, dtype=torch.float32, device=x.device)
-        _encode_running_kernel[(programs, h)](
-            x, tables.u, tables.w, tables.h, out, scratch, n, n_blocks, *strides,
-            **meta, num_warps=num_warps, num_stages=num_stages,
-        )  # fmt: skip
+        if search == "split":
+            _encode_split_kernel[(programs, h)](
+                x, tables.u, tables.w, *tables.split_tables(), out, scratch, n, n_blocks, *strides,
+                **meta, num_warps=num_warps, num_stages=num_stages,
+            )  # fmt: skip
+        else:
+            _encode_running_kernel[(programs, h)](
+                x, tables.u, tables.w, tables.h, out, scratch, n, n_blocks, *strides,
+                **meta, num_warps=num_warps, num_stages=num_stages,
+            )  # fmt: skip
     else:
         _encode_kernel[(n_blocks, h)](
             x, tables.u, tables.w, tables.h, out, n, *strides, **meta, num_warps=num_warps, num_stages=num_stages
@@ -403,6 +508,7 @@ __all__ = [
     "encode_keys",
     "encode_kernel",
     "encode_meta",
+    "PERSISTENT_SEARCHES",
     "PRECISIONS",
     "SEARCHES",
     "encode_keys_reference",

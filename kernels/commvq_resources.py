@@ -86,6 +86,10 @@ _POINTERS = {
         "out_ptr": "*u8",
         "scr_ptr": "*fp32",
     },
+    "_encode_split_kernel": {
+        **{k: "*fp32" for k in ("x_ptr", "u_ptr", "w_ptr", "un_ptr", "wn_ptr", "k_ptr", "kt_ptr", "scr_ptr")},
+        "out_ptr": "*u8",
+    },
 }
 _FLOAT_ARGS = {"rope_scale"}
 
@@ -188,6 +192,21 @@ ENCODE_TILINGS = (
     dict(block_n=32, num_warps=4, search="running", precision="tf32", a_chunk=16),
     dict(block_n=32, num_warps=8, search="running", precision="tf32", a_chunk=16),
     dict(block_n=64, num_warps=8, search="running", precision="tf32", a_chunk=16),
+    *(
+        dict(block_n=bn, num_warps=nw, search="split", precision=p, a_chunk=16, unroll=u)
+        for bn, nw, p, u in (
+            (16, 4, "tf32", 4),
+            (32, 4, "tf32", 4),
+            (32, 8, "tf32", 4),
+            (64, 4, "tf32", 4),
+            (64, 8, "tf32", 4),
+            (128, 8, "tf32", 4),
+            (64, 8, "tf32", 8),
+            (32, 8, "tf32x3", 4),
+            (64, 8, "tf32x3", 4),
+            (32, 8, "ieee", 4),
+        )
+    ),
 )
 
 
@@ -253,11 +272,12 @@ def benchmark_configs():
             out.append((f"key_scores {design} {name} bt=16", att._key_scores_kernel, meta, *opts, None))
         for kw in ENCODE_TILINGS:
             meta, opts = enc.encode_meta(
-                d, r, kw["block_n"], kw["num_warps"], 1, kw["search"], kw["precision"], kw["a_chunk"]
-            )
+                d, r, kw["block_n"], kw["num_warps"], 1, kw["search"], kw["precision"], kw["a_chunk"],
+                kw.get("unroll", 4),
+            )  # fmt: skip
             label = "encode {} block_n={block_n} warps={num_warps} {search} {precision} a_chunk={a_chunk}".format(
                 name, **kw
-            )
+            ) + (f" unroll={kw['unroll']}" if "unroll" in kw else "")
             out.append((label, enc.encode_kernel(kw["search"]), meta, *opts, None))
     return out
 

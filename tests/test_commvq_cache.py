@@ -65,7 +65,9 @@ def test_pack_bits_round_trip():
 
 
 @needs_interpreter
-@pytest.mark.parametrize(("search", "a_chunk"), [("flat", 16), ("nested", 16), ("nested", 32), ("running", 16)])
+@pytest.mark.parametrize(
+    ("search", "a_chunk"), [("flat", 16), ("nested", 16), ("nested", 32), ("running", 16), ("split", 16)]
+)
 def test_encode_kernel_equals_reference_quantizer(search, a_chunk):
     torch.manual_seed(1)
     heads, residuals, head_dim = 2, 3, 16
@@ -75,7 +77,7 @@ def test_encode_kernel_equals_reference_quantizer(search, a_chunk):
     ref = encode_keys_reference(x[0], theta)
     tri = encode_keys(x[0], theta, use_triton=True, search=search, a_chunk=a_chunk)
     assert torch.equal(ref, tri)
-    if search == "running":  # 3 tiles over 2 persistent programs: one program does two
+    if search in ("running", "split"):  # 3 tiles over 2 persistent programs: one program does two
         assert torch.equal(ref, encode_keys(x[0], theta, use_triton=True, search=search, programs=2))
     # exact ties (two equal rows of theta: equal centers) go to the first index, as torch.argmin does
     tied = theta.clone()
@@ -94,6 +96,34 @@ def test_encode_kernel_equals_reference_quantizer(search, a_chunk):
     dec = residual_decode(unpack_codes12(tri[:, 0], residuals), theta[0])
     first = centers[0][unpack_codes12(tri[:, 0], residuals)[:, 0]]
     assert (dec - x[0, :, 0]).pow(2).sum() < (first - x[0, :, 0]).pow(2).sum()
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("unroll", "block_n", "precision"), [(1, 16, "ieee"), (8, 32, "tf32x3")])
+def test_split_search_picks_a_nearest_center(unroll, block_n, precision):
+    """The split search (min over B without indices, then arg-mins) codes every step with a nearest center: its
+    distance equals the smallest of the 4,096 (float64) up to float32 rounding, and the codes equal the reference
+    quantizer's on these inputs."""
+    from pressroom.kernels.commvq_codebook import centers_from_theta
+
+    torch.manual_seed(3)
+    heads, residuals, head_dim, n = 2, 2, 32, 150
+    theta = torch.randn(heads, residuals, 128, head_dim // 2) * 0.15
+    x, _ = normalize_keys(torch.randn(1, heads, n, head_dim))
+    packed = encode_keys(x[0], theta, use_triton=True, search="split", unroll=unroll, block_n=block_n,
+                         precision=precision)  # fmt: skip
+    assert torch.equal(packed, encode_keys_reference(x[0], theta))
+    for h in range(heads):
+        codes = unpack_codes12(packed[:, h], residuals)
+        res = x[0, :, h].double()
+        for r in range(residuals):
+            centers = centers_from_theta(theta[h, r].double())
+            d2 = torch.cdist(res, centers).pow(2)
+            picked = d2.gather(1, codes[:, r : r + 1])[:, 0]
+            assert torch.all(picked <= d2.min(1).values + 1e-5)
+            res = res - centers[codes[:, r]]
+    with pytest.raises(ValueError, match="unroll must divide 64"):
+        encode_keys(x[0], theta, use_triton=True, search="split", unroll=3)
 
 
 def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, fp16_theta=False, seed=0):
