@@ -372,6 +372,24 @@ if HAS_TRITON:
 SEARCHES = ("flat", "nested", "running", "split")
 PERSISTENT_SEARCHES = ("running", "split")
 PRECISIONS = ("ieee", "tf32", "tf32x3")
+# (block_n, num_warps) per search, and where a precision has its own; the fastest measured at 128k tokens x 8 KV
+# heads, head_dim 128, R = 11 and 21 (benchmarks/results/commvq_encode_split.json, H200; commvq_encode_variants.json
+# for the running search, H100)
+_TILINGS = {"flat": (16, 4), "nested": (16, 8), "running": (64, 8), "split": (128, 8), ("split", "tf32x3"): (64, 8)}
+
+
+def encode_defaults(precision: str = "ieee", search: str | None = None) -> dict:
+    """``search``, ``block_n`` and ``num_warps`` that :func:`encode_keys` uses unless told otherwise: with float32
+    dots (``"ieee"``) the flat search (the split search's float32 dots spill: 267 ms vs 121 ms per layer at 1 bit),
+    with ``"tf32"`` / ``"tf32x3"`` the split search (15.0 / 29.3 ms vs 50.3 ms for the flat search with TF32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if search is None:
+        search = "flat" if precision == "ieee" else "split"
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}.")
+    block_n, num_warps = _TILINGS.get((search, precision), _TILINGS[search])
+    return dict(search=search, block_n=block_n, num_warps=num_warps)
 
 
 def encode_meta(
@@ -414,9 +432,9 @@ def encode_keys(
     use_triton: bool | None = None,
     tables: KeyTables | None = None,
     out: torch.Tensor | None = None,
-    block_n: int = 16,
-    num_warps: int = 8,
-    search: str = "flat",
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    search: str | None = None,
     precision: str = "ieee",
     a_chunk: int = 16,
     programs: int | None = None,
@@ -438,8 +456,9 @@ def encode_keys(
         Where to write (a slice of the cache's code buffer); allocated otherwise.
     block_n, num_warps, a_chunk : int
         Kernel tiling: tokens per tile (a power of two >= 16), warps per program, ``A`` entries scored per step
-        (16 .. 64; flat and nested searches).
-    search : str
+        (16 .. 64; flat and nested searches). ``block_n`` / ``num_warps`` default to :func:`encode_defaults`.
+    search : str, optional
+        Default: ``"flat"`` with ``precision="ieee"``, ``"split"`` otherwise (:func:`encode_defaults`).
         ``"flat"``: min and argmin over the ``A_CHUNK x 64`` candidates reshaped to one row; ``"nested"``: one
         min-with-index over ``B``, then over ``A`` (same result, first index on ties); ``"running"``: persistent
         programs keep, per ``B``, the running minimum over ``A`` in a ``[block_n, 64]`` tile (one elementwise
@@ -464,6 +483,10 @@ def encode_keys(
         equals :func:`encode_keys_reference` (first index on exact ties) up to float32 rounding of the dot products.
     """
     n, h, d, r = _check_encode(x, thetas)
+    chosen = encode_defaults(precision, search)
+    search = chosen["search"]
+    block_n = chosen["block_n"] if block_n is None else block_n
+    num_warps = chosen["num_warps"] if num_warps is None else num_warps
     if out is None:
         out = torch.empty(n, h, code_bytes(r), dtype=torch.uint8, device=x.device)
     if not resolve_use_triton(use_triton, x, out):
@@ -511,6 +534,7 @@ __all__ = [
     "PERSISTENT_SEARCHES",
     "PRECISIONS",
     "SEARCHES",
+    "encode_defaults",
     "encode_keys_reference",
     "normalize_keys",
     "pack_bits",

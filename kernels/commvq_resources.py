@@ -237,8 +237,10 @@ def default_configs():
         for design in ("direct", "lut"):
             meta, opts = att.key_scores_meta(h, hq // h, d, r, design)
             out.append((f"key_scores {design} {name}", att._key_scores_kernel, meta, *opts, None))
-        meta, opts = enc.encode_meta(d, r)
-        out.append((f"encode {name}", enc.encode_kernel(), meta, *opts, None))
+        for precision in enc.PRECISIONS:  # the tiling encode_keys launches for each precision
+            kw = enc.encode_defaults(precision)
+            meta, opts = enc.encode_meta(d, r, kw["block_n"], kw["num_warps"], 1, kw["search"], precision)
+            out.append((f"encode {name} {precision}", enc.encode_kernel(kw["search"]), meta, *opts, None))
     return out
 
 

@@ -102,8 +102,8 @@ def install_attention() -> list[str]:
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(
-            f"encode_precision must be one of {PRECISIONS} ('ieee': the reference quantizer's codes; 'tf32': "
-            f"tensor-core key search), got {precision!r}."
+            f"encode_precision must be one of {PRECISIONS} ('ieee': the reference quantizer's codes; 'tf32x3' / "
+            f"'tf32': the key search's dot products on tensor cores, 4x / 8x faster), got {precision!r}."
         )
 
 
@@ -148,9 +148,11 @@ class CommVQLayer(CacheLayerMixin):
     use_triton : bool or None
         ``None``: Triton kernels on CUDA, PyTorch references elsewhere.
     encode_precision : str
-        Of the key encoder's dot products on the GPU: ``"ieee"`` (float32, the reference quantizer's codes) or
-        ``"tf32"`` (tensor cores: 2.5x faster key encoding on an H100, 99.4% of tokens coded identically at 1 bit;
-        ``benchmarks/results/commvq_encode_variants.json``). The CPU reference ignores it.
+        Of the key encoder's dot products on the GPU: ``"ieee"`` (float32, the reference quantizer's codes; flat
+        search, 121 ms per layer for 128k tokens at 1 bit on an H200), ``"tf32x3"`` (three TF32 products per float32
+        one, split search: 29.3 ms, 99.999% of tokens coded identically) or ``"tf32"`` (split search: 15.0 ms, 99.4%
+        identical, the same reconstruction error; ``benchmarks/results/commvq_encode_split.json``). The CPU reference
+        ignores it.
     """
 
     is_sliding = False
@@ -679,7 +681,7 @@ class CommVQCache(Cache):
         is then used to rotate the coded keys, bit-identical to the queries' rotation even at million-token
         positions; default: the frequencies computed from the config on the CPU.
     encode_precision : str, default="ieee"
-        Key encoder dot products on the GPU, ``"ieee"`` or ``"tf32"`` (:class:`CommVQLayer`).
+        Key encoder dot products on the GPU, ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` (:class:`CommVQLayer`).
 
     Raises
     ------

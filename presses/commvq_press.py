@@ -101,7 +101,8 @@ class CommVQPress(BasePress):
     use_triton : bool, optional
         ``None``: Triton kernels on CUDA, PyTorch references elsewhere.
     encode_precision : str, default="ieee"
-        Key encoder dot products on the GPU: ``"ieee"`` or ``"tf32"`` (see :class:`~pressroom.presses.CommVQLayer`).
+        Key encoder dot products on the GPU: ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` (see
+        :class:`~pressroom.presses.CommVQLayer`).
 
     Raises
     ------

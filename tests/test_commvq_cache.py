@@ -126,6 +126,27 @@ def test_split_search_picks_a_nearest_center(unroll, block_n, precision):
         encode_keys(x[0], theta, use_triton=True, search="split", unroll=3)
 
 
+def test_encode_defaults_pick_the_search_by_precision():
+    from pressroom.kernels.commvq_encode import encode_defaults
+
+    assert encode_defaults() == dict(search="flat", block_n=16, num_warps=4)
+    assert encode_defaults("tf32") == dict(search="split", block_n=128, num_warps=8)
+    assert encode_defaults("tf32x3")["search"] == "split"
+    assert encode_defaults("ieee", "split")["block_n"] == 128
+    with pytest.raises(ValueError, match="precision must be one of"):
+        encode_defaults("fp8")
+    with pytest.raises(ValueError, match="search must be one of"):
+        encode_defaults("ieee", "greedy")
+
+
+@needs_interpreter
+def test_tf32_encode_runs_the_split_search_by_default():
+    torch.manual_seed(4)
+    theta = torch.randn(2, 2, 128, 8) * 0.2
+    x, _ = normalize_keys(torch.randn(1, 2, 40, 16))
+    assert torch.equal(encode_keys(x[0], theta, use_triton=True, precision="tf32"), encode_keys_reference(x[0], theta))
+
+
 def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, fp16_theta=False, seed=0):
     torch.manual_seed(seed)
     p = head_dim // 2
