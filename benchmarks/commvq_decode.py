@@ -44,8 +44,21 @@ from pressroom.kernels.commvq_attention import (
     decode_attention,
     decode_attention_reference,
 )
-from pressroom.kernels.commvq_encode import KeyTables, code_bytes, encode_keys, normalize_keys, pack_bits
-from pressroom.kernels.commvq_resources import BENCHMARK_DECODE_TILINGS, BENCHMARK_TWO_PASS_TILINGS, ENCODE_TILINGS
+from pressroom.kernels.commvq_encode import (
+    PRECISIONS,
+    KeyTables,
+    code_bytes,
+    encode_defaults,
+    encode_keys,
+    normalize_keys,
+    pack_bits,
+)
+from pressroom.kernels.commvq_resources import (
+    BENCHMARK_DECODE_TILINGS,
+    BENCHMARK_TABLE_GATHER_TILINGS,
+    BENCHMARK_TWO_PASS_TILINGS,
+    ENCODE_TILINGS,
+)
 from pressroom.presses.commvq_codebooks import ValueCodec
 
 HQ, H, D, WINDOW = 32, 8, 128, 128
@@ -187,7 +200,7 @@ def fmt(ms) -> str:
 
 
 # encode_keys keyword arguments: its default, then the tilings compiled for sm_90 by tests/test_commvq_resources.py
-ENCODE_VARIANTS = [dict(block_n=16, num_warps=8, search="flat", precision="ieee", a_chunk=16), *ENCODE_TILINGS]
+ENCODE_VARIANTS = [dict(block_n=16, num_warps=4, search="flat", precision="ieee", a_chunk=16), *ENCODE_TILINGS[1:]]
 
 
 def variants(sweep: str, smoke: bool) -> list[dict]:
@@ -206,6 +219,11 @@ def variants(sweep: str, smoke: bool) -> list[dict]:
         )
         for bt, nw, vbt, nbc, vw in two_pass
     ]
+    # the scores kernel gathering from a per-block copy of each residual's table (values side at the default)
+    out += [
+        dict(out[0], block_t=bt, num_warps=nw, key_gather="table")
+        for bt, nw in (BENCHMARK_TABLE_GATHER_TILINGS[:1] if smoke else BENCHMARK_TABLE_GATHER_TILINGS)
+    ]
     out += [
         dict(design="fused", block_t=bt, nb_chunk=nbc, num_warps=nw, num_stages=ns, target_programs=1024)
         for bt, nbc, nw, ns in SWEEPS["none" if smoke else sweep]
@@ -223,6 +241,12 @@ def main() -> None:
     ap.add_argument("--skip-key-scores", action="store_true", help="skip the two key-side designs in isolation")
     ap.add_argument("--skip-reference-path", action="store_true", help="skip the PyTorch reference decode path")
     ap.add_argument("--skip-encode", action="store_true", help="skip the encode timings")
+    ap.add_argument(
+        "--encode-sweep",
+        choices=["all", "defaults"],
+        default="all",
+        help="encode_keys variants: the swept tilings, or only encode_keys' default for each precision",
+    )
     ap.add_argument("--skip-hqq", action="store_true", help="skip transformers' QuantizedCache (HQQ) decode step")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path (TRITON_INTERPRET=1)")
     args = ap.parse_args()
@@ -289,6 +313,11 @@ def main() -> None:
                 cfg[key] = float((ours - ref).abs().max())
             except Exception as err:
                 cfg[key] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+        try:
+            ours = decode_attention(q, sub, books, scaling, use_triton=True, key_gather="table")
+            cfg["check_max_abs_err_table_gather"] = float((ours - ref).abs().max())
+        except Exception as err:
+            cfg["check_max_abs_err_table_gather"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
         cfg["check_ref_max_abs"] = float(ref.abs().max())
         sub.nw = 0
         with torch.no_grad():
@@ -374,20 +403,9 @@ def main() -> None:
             tables = KeyTables(theta)
             codes_out = torch.empty(n, H, code_bytes(r), dtype=torch.uint8, device=device)
 
-            def enc_keys(block_n=16, num_warps=8, search="flat", precision="ieee", a_chunk=16):
+            def enc_keys(**kw):
                 x, _ = normalize_keys(raw)
-                encode_keys(
-                    x[0],
-                    theta,
-                    use_triton=True,
-                    tables=tables,
-                    out=codes_out,
-                    block_n=block_n,
-                    num_warps=num_warps,
-                    search=search,
-                    precision=precision,
-                    a_chunk=a_chunk,
-                )
+                encode_keys(x[0], theta, use_triton=True, tables=tables, out=codes_out, **kw)
 
             vals = torch.randn(1, n, H * D, device=device)
 
@@ -400,7 +418,11 @@ def main() -> None:
 
             cfg["encode_keys_sweep"] = []
             first_codes = None
-            for kw in ENCODE_VARIANTS[:1] if args.smoke else ENCODE_VARIANTS:
+            if args.encode_sweep == "defaults":
+                enc_variants = [dict(encode_defaults(p), precision=p) for p in PRECISIONS]
+            else:
+                enc_variants = ENCODE_VARIANTS
+            for kw in enc_variants[:1] if args.smoke else enc_variants:
                 ms = attempt(lambda: enc_keys(**kw), max(1, reps // 4), device)
                 e = dict(kw, ms=ms)
                 if isinstance(ms, float):  # the codes of the last call, against the first variant's (flat, ieee)
@@ -420,6 +442,12 @@ def main() -> None:
                     cfg["encode_values_tf32_ms"] = attempt(enc_values, max(1, reps // 4), device)
                 finally:
                     torch.backends.cuda.matmul.allow_tf32 = tf32
+
+                def enc_values_bf16():  # the encoder's matmuls in bfloat16 (autocast); bits and norms as before
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        enc_values()
+
+                cfg["encode_values_bf16_ms"] = attempt(enc_values_bf16, max(1, reps // 4), device)
             vms = cfg["encode_values_ms"]
             cfg["encode_total_ms"] = (
                 cfg["encode_keys_ms"] + vms if cfg["encode_keys_ms"] is not None and isinstance(vms, float) else None

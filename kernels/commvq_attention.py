@@ -251,16 +251,26 @@ if HAS_TRITON:
 
     @triton.jit
     def _add_center(
-        kx, ky, ztab_ptr, g, r, code, pp, pmask, R: tl.constexpr, P: tl.constexpr, TABLE_FP16: tl.constexpr
-    ):
+        kx, ky, ztab_ptr, g, r, code, pp, pmask, R: tl.constexpr, P: tl.constexpr, TABLE_FP16: tl.constexpr,
+        GATHER_TABLE: tl.constexpr = False,
+    ):  # fmt: skip
         """``(kx, ky) += z_A + i z_B`` of code ``64 A + B`` of residual ``r``: one gather per entry, ``(x, y)`` of
-        ``z_A`` and of ``z_B`` packed in one int64 (float32 table) or int32 (float16 table)."""
-        za = tl.load(
-            ztab_ptr + (((g * R + r) * 64 + (code >> 6)) * P)[:, None] + pp[None, :], mask=pmask[None, :], other=0
-        )
-        zb = tl.load(
-            ztab_ptr + (((g * R + r) * 64 + (code & 63)) * P)[:, None] + pp[None, :], mask=pmask[None, :], other=0
-        )
+        ``z_A`` and of ``z_B`` packed in one int64 (float32 table) or int32 (float16 table). ``GATHER_TABLE``: the
+        residual's whole ``[64, P]`` table is loaded once (coalesced) and both entries are gathered from it on chip
+        (``tl.gather``) instead of from global memory row by row."""
+        if GATHER_TABLE:
+            ks = tl.arange(0, 64)
+            tab = tl.load(ztab_ptr + ((g * R + r) * 64 + ks)[:, None] * P + pp[None, :], mask=pmask[None, :], other=0)
+            zero = tl.zeros_like(pp)[None, :]
+            za = tl.gather(tab, (code >> 6)[:, None] + zero, 0)
+            zb = tl.gather(tab, (code & 63)[:, None] + zero, 0)
+        else:
+            za = tl.load(
+                ztab_ptr + (((g * R + r) * 64 + (code >> 6)) * P)[:, None] + pp[None, :], mask=pmask[None, :], other=0
+            )
+            zb = tl.load(
+                ztab_ptr + (((g * R + r) * 64 + (code & 63)) * P)[:, None] + pp[None, :], mask=pmask[None, :], other=0
+            )
         if TABLE_FP16:  # (x, y) as two float16 in one int32: half the bytes, L1-resident at R=11
             xa = (za & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             ya = ((za >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -319,6 +329,7 @@ if HAS_TRITON:
         BLOCK_P: tl.constexpr,
         USE_DOT: tl.constexpr,
         TABLE_FP16: tl.constexpr,
+        GATHER_TABLE: tl.constexpr = False,
     ):
         """Scores ``[BLOCK_G, BLOCK_T]`` of the (pre-scaled) queries of KV head ``g`` against the coded tokens ``tok``:
         each key is summed from its codes' table entries, rotated to its position and scaled by its norm (the key never
@@ -331,11 +342,12 @@ if HAS_TRITON:
         for j in range(0, (R + 1) // 2):
             b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
             b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
-            kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j, b0 | ((b1 & 15) << 8), pp, pmask, R, P, TABLE_FP16)
+            code = b0 | ((b1 & 15) << 8)
+            kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE)
             if 2 * j + 1 < R:
                 b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
                 code = (b1 >> 4) | (b2 << 4)
-                kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, TABLE_FP16)
+                kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE)
         pos = tl.load(pos_ptr + b * s_pb + g * s_ph + tok, mask=tmask, other=0).to(tl.float32)
         phi = pos[:, None] * invf[None, :]
         cs = tl.cos(phi)
@@ -679,6 +691,7 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         USE_DOT: tl.constexpr,
         TABLE_FP16: tl.constexpr,
+        GATHER_TABLE: tl.constexpr = False,
     ):
         blk = tl.program_id(0)
         bh = tl.program_id(1)
@@ -694,7 +707,7 @@ if HAS_TRITON:
                 tmask = tok < stop
                 sc = _code_block_scores(
                     qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask, rope_scale,
-                    s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT, TABLE_FP16,
+                    s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT, TABLE_FP16, GATHER_TABLE,
                 )  # fmt: skip
                 tl.store(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :])
         else:
@@ -819,6 +832,7 @@ def decode_meta(
 
 
 DESIGNS = ("two_pass", "fused")
+KEY_GATHERS = ("global", "table")
 DEFAULT_VALUES_NB_CHUNK = 512
 DEFAULT_SCORE_PROGRAMS = 2048
 
@@ -836,10 +850,15 @@ def two_pass_meta(
     nb_chunk: int | None = None,
     values_warps: int = 8,
     num_stages: int = 1,
+    key_gather: str = "global",
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``."""
+    if key_gather not in KEY_GATHERS:
+        raise ValueError(f"key_gather must be one of {KEY_GATHERS}, got {key_gather!r}.")
     scores = _key_side_meta(h, g, d, r, table_fp16, block_t)
+    if key_gather == "table":
+        scores["GATHER_TABLE"] = True
     values = dict(
         HQ=h * g,
         NBITS=nbits,
@@ -878,6 +897,7 @@ def decode_attention(
     values_warps: int = 8,
     score_programs: int = DEFAULT_SCORE_PROGRAMS,
     key_table: str = "auto",
+    key_gather: str = "global",
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -917,6 +937,11 @@ def decode_attention(
     key_table : str
         ``"auto"``: gather ``theta`` from its float16 copy when that is exact (codebooks stored in float16), else
         float32; ``"fp32"``: always the float32 table (8 bytes per entry, no unpacking).
+    key_gather : str
+        Two-pass only. ``"global"``: each token's table entries are gathered from global memory (L1 / L2), two
+        ``P``-entry rows per residual and token; ``"table"``: per block of ``block_t`` tokens and residual the whole
+        ``[64, P]`` table is loaded once and the entries gathered on chip (``tl.gather``), which reads
+        ``64 / (2 block_t)`` as many table bytes from the cache hierarchy.
 
     Returns
     -------
@@ -929,6 +954,10 @@ def decode_attention(
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}.")
     if key_table not in ("auto", "fp32"):
         raise ValueError(f"key_table must be 'auto' or 'fp32', got {key_table!r}.")
+    if key_gather not in KEY_GATHERS:
+        raise ValueError(f"key_gather must be one of {KEY_GATHERS}, got {key_gather!r}.")
+    if key_gather != "global" and design != "two_pass":
+        raise ValueError(f"key_gather={key_gather!r} is implemented for design='two_pass' only.")
     if not resolve_use_triton(use_triton, q, kv.codes):
         return decode_attention_reference(q, kv, books, scaling)
     b, hq, d = q.shape
@@ -947,7 +976,7 @@ def decode_attention(
     if design == "two_pass":
         m, lsum, acc, n_splits = _two_pass(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
-            values_warps, target_programs or _sm_count(dev), score_programs,
+            values_warps, target_programs or _sm_count(dev), score_programs, key_gather,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -995,7 +1024,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
-    target_programs, score_programs,
+    target_programs, score_programs, key_gather="global",
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -1003,7 +1032,7 @@ def _two_pass(
     nbits = books.n_bits
     (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
         h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
-        nb_chunk, values_warps, num_stages,
+        nb_chunk, values_warps, num_stages, key_gather,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
     split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)
@@ -1329,6 +1358,7 @@ def key_scores(
 
 __all__ = [
     "DESIGNS",
+    "KEY_GATHERS",
     "CodedKV",
     "LayerBooks",
     "chunk_attention",

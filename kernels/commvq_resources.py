@@ -176,6 +176,8 @@ BENCHMARK_TWO_PASS_TILINGS = (
     (32, 4, 64, 256, 8),
     (32, 4, 32, 128, 4),
 )
+# the scores kernel with on-chip table gathers (key_gather="table"): (block_t, num_warps), values side at the default
+BENCHMARK_TABLE_GATHER_TILINGS = ((32, 8), (64, 8), (128, 8))
 
 
 # the encode tilings it times beyond the default (block_n=16, 8 warps, flat search, ieee dots, a_chunk=16)
@@ -269,6 +271,11 @@ def benchmark_configs():
                 if label not in seen:  # tilings share one of their two kernels
                     seen.add(label)
                     out.append((label, fn, meta, *opts, None))
+        for bt, nw in BENCHMARK_TABLE_GATHER_TILINGS:
+            (smeta, sopts), _ = att.two_pass_meta(h, hq // h, d, r, h * d * bits, True, bt, nw, key_gather="table")
+            out.append(
+                (f"scores {name} bt={bt} warps={nw} gather=table", att._decode_scores_kernel, smeta, *sopts, None)
+            )
         for design in ("direct", "lut"):
             meta, opts = att.key_scores_meta(h, hq // h, d, r, design, block_t=16)
             out.append((f"key_scores {design} {name} bt=16", att._key_scores_kernel, meta, *opts, None))
@@ -349,6 +356,7 @@ if __name__ == "__main__":  # pragma: no cover
 
 __all__ = [
     "BENCHMARK_DECODE_TILINGS",
+    "BENCHMARK_TABLE_GATHER_TILINGS",
     "BENCHMARK_TWO_PASS_TILINGS",
     "ENCODE_TILINGS",
     "H100_SHARED_BYTES",

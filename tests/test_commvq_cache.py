@@ -180,14 +180,17 @@ def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, 
 
 
 @needs_interpreter
-@pytest.mark.parametrize("design", ["two_pass", "fused"])
+@pytest.mark.parametrize("design", ["two_pass", "fused", "two_pass_table"])
 @pytest.mark.parametrize(
     ("per_head_pos", "head_dim", "fp16_theta"), [(False, 16, False), (True, 16, True), (False, 32, False)]
 )
 def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head_dim, fp16_theta, design):
-    """Both designs. Tolerance: 2e-3 relative to the output's scale (the kernels weight value bits in float16;
-    head_dim >= 32 also computes scores with tl.dot, tf32 on a GPU, float32 in the interpreter)."""
-    tiling = dict(design=design, block_t=16, target_programs=8, values_block_t=16, score_programs=8)
+    """Both designs, and the two-pass one with on-chip table gathers. Tolerance: 2e-3 relative to the output's scale
+    (the kernels weight value bits in float16; head_dim >= 32 also computes scores with tl.dot, tf32 on a GPU, float32
+    in the interpreter)."""
+    gather = dict(key_gather="table") if design.endswith("_table") else {}
+    tiling = dict(design=design.removesuffix("_table"), block_t=16, target_programs=8, values_block_t=16)
+    tiling.update(score_programs=8, **gather)
     batch, heads, group, residuals = 2, 2, 3, 3
     kv, books = _coded(
         batch,
@@ -450,3 +453,12 @@ def test_wrong_codebooks_raise(tiny, tmp_path):
     press = CommVQPress(codebooks=wrong, window=16)
     with pytest.raises(ValueError, match="do not fit"):
         _pipe(tiny)("Some context here.", question="Q?", press=press, max_new_tokens=2)
+
+
+def test_decode_key_gather_is_validated():
+    kv, books = _coded(1, 2, 16, 2, n=8, nw=2, nbits=2 * 2 * 16)
+    q = torch.randn(1, 4, 16)
+    with pytest.raises(ValueError, match="key_gather must be one of"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, key_gather="smem")
+    with pytest.raises(ValueError, match="design='two_pass' only"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", key_gather="table")
