@@ -462,3 +462,17 @@ def test_decode_key_gather_is_validated():
         decode_attention(q, kv, books, 0.3, use_triton=True, key_gather="smem")
     with pytest.raises(ValueError, match="design='two_pass' only"):
         decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", key_gather="table")
+
+
+def test_value_encoder_tf32_scope_restores_the_global_setting():
+    from pressroom.presses.commvq_cache import _matmul_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    with _matmul_tf32(True):
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    with pytest.raises(RuntimeError), _matmul_tf32(True):
+        raise RuntimeError("an error inside the block")
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    with _matmul_tf32(False):
+        assert torch.backends.cuda.matmul.allow_tf32 == before
