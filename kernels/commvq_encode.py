@@ -157,6 +157,24 @@ if HAS_TRITON:
         return prev
 
     @triton.jit
+    def _load_block(x_ptr, out_ptr, rows, head, cols, dmask, n_rows, stride_xn, stride_xh, stride_on, stride_oh):
+        """A block of normalized keys of one head (float32 ``[rows, BLOCK_D]``), its row mask and output rows."""
+        rmask = rows < n_rows
+        res = tl.load(
+            x_ptr + rows[:, None] * stride_xn + head * stride_xh + cols[None, :],
+            mask=rmask[:, None] & dmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        return res, rmask, out_ptr + rows * stride_on + head * stride_oh
+
+    @triton.jit
+    def _subtract_center(res, u_ptr, w_ptr, base, a_idx, b_idx, cols, dmask, D: tl.constexpr):
+        """``res - (u_A + w_B)`` per row: the residual left for the next step."""
+        ua = tl.load(u_ptr + base + a_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
+        wb = tl.load(w_ptr + base + b_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
+        return res - (ua + wb)
+
+    @triton.jit
     def _encode_kernel(
         x_ptr,
         u_ptr,
@@ -182,14 +200,10 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK_D)
         ks = tl.arange(0, 64)
         ac = tl.arange(0, A_CHUNK)
-        rmask = rows < n_rows
         dmask = cols < D
-        res = tl.load(
-            x_ptr + rows[:, None] * stride_xn + head * stride_xh + cols[None, :],
-            mask=rmask[:, None] & dmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        out_row = out_ptr + rows * stride_on + head * stride_oh
+        res, rmask, out_row = _load_block(
+            x_ptr, out_ptr, rows, head, cols, dmask, n_rows, stride_xn, stride_xh, stride_on, stride_oh
+        )
         prev = tl.zeros((BLOCK_N,), tl.int32)
         # runtime loops (over residuals and A chunks): unrolled, R x 64 / A_CHUNK copies of the search made the
         # kernel take minutes to compile at R=11..21, the first thing a GPU run waited for
@@ -219,9 +233,7 @@ if HAS_TRITON:
                 best_idx = tl.where(upd, a0 * 64 + i, best_idx)
             a_idx = best_idx // 64
             b_idx = best_idx % 64
-            ua = tl.load(u_ptr + base + a_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
-            wb = tl.load(w_ptr + base + b_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
-            res = res - (ua + wb)
+            res = _subtract_center(res, u_ptr, w_ptr, base, a_idx, b_idx, cols, dmask, D)
             prev = _store_code12(out_row, r, R, best_idx, prev, rmask)
 
     @triton.jit
@@ -256,14 +268,10 @@ if HAS_TRITON:
         dmask = cols < D
         scr = scr_ptr + (head * n_prog + pid) * BLOCK_N * 64 + lrow * 64
         for blk in range(pid, n_blocks, n_prog):
-            rows = blk * BLOCK_N + lrow
-            rmask = rows < n_rows
-            res = tl.load(
-                x_ptr + rows[:, None] * stride_xn + head * stride_xh + cols[None, :],
-                mask=rmask[:, None] & dmask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            out_row = out_ptr + rows * stride_on + head * stride_oh
+            res, rmask, out_row = _load_block(
+                x_ptr, out_ptr, blk * BLOCK_N + lrow, head, cols, dmask, n_rows, stride_xn, stride_xh, stride_on,
+                stride_oh,
+            )  # fmt: skip
             prev = tl.zeros((BLOCK_N,), tl.int32)
             for r in range(R):
                 base = (head * R + r) * 64 * D
@@ -287,9 +295,7 @@ if HAS_TRITON:
                 best_idx = tl.min(tl.where(best == vmin[:, None], best_a * 64 + ks[None, :], 4096), axis=1)
                 a_idx = best_idx // 64
                 b_idx = best_idx % 64
-                ua = tl.load(u_ptr + base + a_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
-                wb = tl.load(w_ptr + base + b_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
-                res = res - (ua + wb)
+                res = _subtract_center(res, u_ptr, w_ptr, base, a_idx, b_idx, cols, dmask, D)
                 prev = _store_code12(out_row, r, R, best_idx, prev, rmask)
 
 
@@ -332,14 +338,10 @@ if HAS_TRITON:
         dmask = cols < D
         scr = scr_ptr + (head * n_prog + pid) * BLOCK_N * 64 + lrow * 64  # this program's g, read back per B
         for blk in range(pid, n_blocks, n_prog):
-            rows = blk * BLOCK_N + lrow
-            rmask = rows < n_rows
-            res = tl.load(
-                x_ptr + rows[:, None] * stride_xn + head * stride_xh + cols[None, :],
-                mask=rmask[:, None] & dmask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            out_row = out_ptr + rows * stride_on + head * stride_oh
+            res, rmask, out_row = _load_block(
+                x_ptr, out_ptr, blk * BLOCK_N + lrow, head, cols, dmask, n_rows, stride_xn, stride_xh, stride_on,
+                stride_oh,
+            )  # fmt: skip
             prev = tl.zeros((BLOCK_N,), tl.int32)
             for r in range(R):
                 step = head * R + r
@@ -363,9 +365,7 @@ if HAS_TRITON:
                 kb = tl.load(k_ptr + step * 4096 + a_idx[:, None] * 64 + ks[None, :]) + g  # the same sums, for A
                 mb = tl.min(kb, axis=1)
                 b_idx = tl.min(tl.where(kb == mb[:, None], ks[None, :], 64), axis=1)
-                ua = tl.load(u_ptr + base + a_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
-                wb = tl.load(w_ptr + base + b_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
-                res = res - (ua + wb)
+                res = _subtract_center(res, u_ptr, w_ptr, base, a_idx, b_idx, cols, dmask, D)
                 prev = _store_code12(out_row, r, R, a_idx * 64 + b_idx, prev, rmask)
 
 
