@@ -203,7 +203,7 @@ def fmt(ms) -> str:
 ENCODE_VARIANTS = [dict(block_n=16, num_warps=4, search="flat", precision="ieee", a_chunk=16), *ENCODE_TILINGS[1:]]
 
 
-def variants(sweep: str, smoke: bool) -> list[dict]:
+def variants(sweep: str, smoke: bool, key_side: tuple[str, ...] = ("table", "parts")) -> list[dict]:
     """decode_attention keyword arguments to time: the two-pass tilings, then the fused ones."""
     two_pass = BENCHMARK_TWO_PASS_TILINGS[:1] if smoke or sweep == "none" else BENCHMARK_TWO_PASS_TILINGS
     out = [
@@ -220,10 +220,13 @@ def variants(sweep: str, smoke: bool) -> list[dict]:
         for bt, nw, vbt, nbc, vw in two_pass
     ]
     # the scores kernel gathering from a per-block copy of each residual's table (values side at the default)
-    out += [
-        dict(out[0], block_t=bt, num_warps=nw, key_gather="table")
-        for bt, nw in (BENCHMARK_TABLE_GATHER_TILINGS[:1] if smoke else BENCHMARK_TABLE_GATHER_TILINGS)
-    ]
+    if "table" in key_side:
+        out += [
+            dict(out[0], block_t=bt, num_warps=nw, key_gather="table")
+            for bt, nw in (BENCHMARK_TABLE_GATHER_TILINGS[:1] if smoke else BENCHMARK_TABLE_GATHER_TILINGS)
+        ]
+    if "parts" in key_side:  # the residual steps scored in two halves by separate programs
+        out += [dict(out[0], key_parts=2)]
     out += [
         dict(design="fused", block_t=bt, nb_chunk=nbc, num_warps=nw, num_stages=ns, target_programs=1024)
         for bt, nbc, nw, ns in SWEEPS["none" if smoke else sweep]
@@ -248,6 +251,13 @@ def main() -> None:
         help="encode_keys variants: the swept tilings, or only encode_keys' default for each precision",
     )
     ap.add_argument("--skip-hqq", action="store_true", help="skip transformers' QuantizedCache (HQQ) decode step")
+    ap.add_argument(
+        "--key-side",
+        nargs="*",
+        choices=["table", "parts"],
+        default=["table", "parts"],
+        help="two-pass key-side alternatives timed next to the default: on-chip table gathers, residuals in two parts",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -313,11 +323,12 @@ def main() -> None:
                 cfg[key] = float((ours - ref).abs().max())
             except Exception as err:
                 cfg[key] = f"failed: {type(err).__name__}: {str(err)[:300]}"
-        try:
-            ours = decode_attention(q, sub, books, scaling, use_triton=True, key_gather="table")
-            cfg["check_max_abs_err_table_gather"] = float((ours - ref).abs().max())
-        except Exception as err:
-            cfg["check_max_abs_err_table_gather"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+        for label, kw in (("table_gather", dict(key_gather="table")), ("key_parts_2", dict(key_parts=2))):
+            try:
+                ours = decode_attention(q, sub, books, scaling, use_triton=True, **kw)
+                cfg[f"check_max_abs_err_{label}"] = float((ours - ref).abs().max())
+            except Exception as err:
+                cfg[f"check_max_abs_err_{label}"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
         cfg["check_ref_max_abs"] = float(ref.abs().max())
         sub.nw = 0
         with torch.no_grad():
@@ -341,7 +352,7 @@ def main() -> None:
             save()
             log(f"{name} decode {kw}: {fmt(e['ms'])}")
 
-        for variant in variants(args.sweep, args.smoke):
+        for variant in variants(args.sweep, args.smoke, tuple(args.key_side)):
             run_variant(variant)
         for design in DESIGNS:
             timings = [e for e in cfg["decode_sweep"] if e["design"] == design and isinstance(e["ms"], float)]

@@ -317,6 +317,8 @@ if HAS_TRITON:
         pp,
         pmask,
         rope_scale,
+        j0,
+        j1,
         s_cb,
         s_ch,
         s_cn,
@@ -333,13 +335,14 @@ if HAS_TRITON:
     ):
         """Scores ``[BLOCK_G, BLOCK_T]`` of the (pre-scaled) queries of KV head ``g`` against the coded tokens ``tok``:
         each key is summed from its codes' table entries, rotated to its position and scaled by its norm (the key never
-        exists in HBM); ``-inf`` where ``tmask`` is off."""
+        exists in HBM); ``-inf`` where ``tmask`` is off. Only the residual pairs ``j0 <= j < j1`` (codes ``2j`` and
+        ``2j + 1``) are summed: the score is linear in the key, so parts of the residuals give partial scores."""
         kx = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
         ky = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
         crow = codes_ptr + b * s_cb + g * s_ch + tok * s_cn
         # a runtime loop over residual pairs (two codes in three bytes): a fully unrolled loop over R lets ptxas hoist
         # all 2 R gathers (8 registers each per thread at BLOCK_T=32, P=64) and spill
-        for j in range(0, (R + 1) // 2):
+        for j in range(j0, j1):
             b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
             b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
             code = b0 | ((b1 & 15) << 8)
@@ -552,6 +555,8 @@ if HAS_TRITON:
                     pp,
                     pmask,
                     rope_scale,
+                    0,
+                    (R + 1) // 2,
                     s_cb,
                     s_ch,
                     s_cn,
@@ -692,13 +697,22 @@ if HAS_TRITON:
         USE_DOT: tl.constexpr,
         TABLE_FP16: tl.constexpr,
         GATHER_TABLE: tl.constexpr = False,
+        R_PARTS: tl.constexpr = 1,
     ):
         blk = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         g = bh % H
         rmask, pp, pmask, hq, qx, qy, invf = _group_queries(q_ptr, invf_ptr, b, g, H, G, P, BLOCK_G, BLOCK_P)
-        if blk < n_code_progs:
+        if blk < n_code_progs * R_PARTS:
+            # R_PARTS > 1: the residual pairs are split in parts, one program per part and token range, the part
+            # slowest in the grid (programs resident together read one part's tables); partial scores are added
+            part = blk // n_code_progs
+            blk = blk % n_code_progs
+            n_pairs: tl.constexpr = (R + 1) // 2
+            per_part: tl.constexpr = (n_pairs + R_PARTS - 1) // R_PARTS
+            j0 = part * per_part
+            j1 = tl.minimum(j0 + per_part, n_pairs)
             start = blk * tokens_per_prog
             stop = tl.minimum(start + tokens_per_prog, n_codes)
             out_row = s_ptr + (b * H * G + hq).to(tl.int64)[:, None] * n_codes
@@ -707,9 +721,13 @@ if HAS_TRITON:
                 tmask = tok < stop
                 sc = _code_block_scores(
                     qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask, rope_scale,
-                    s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT, TABLE_FP16, GATHER_TABLE,
+                    j0, j1, s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT, TABLE_FP16,
+                    GATHER_TABLE,
                 )  # fmt: skip
-                tl.store(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :])
+                if R_PARTS == 1:
+                    tl.store(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :])
+                else:  # two parts: (0 + a) + b == (0 + b) + a, so the order of the two adds does not matter
+                    tl.atomic_add(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :], sem="relaxed")
         else:
             m_i, l_i, accw = _window_attention(
                 qx, qy, invf, wk_ptr, wv_ptr, wpos_ptr, b, g, n_win, rope_scale, s_wb, s_wh, s_wn, s_wvb, s_wvh,
@@ -851,6 +869,7 @@ def two_pass_meta(
     values_warps: int = 8,
     num_stages: int = 1,
     key_gather: str = "global",
+    key_parts: int = 1,
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``."""
@@ -859,6 +878,10 @@ def two_pass_meta(
     scores = _key_side_meta(h, g, d, r, table_fp16, block_t)
     if key_gather == "table":
         scores["GATHER_TABLE"] = True
+    if key_parts not in (1, 2):
+        raise ValueError(f"key_parts must be 1 or 2, got {key_parts}.")
+    if key_parts > 1:
+        scores["R_PARTS"] = key_parts
     values = dict(
         HQ=h * g,
         NBITS=nbits,
@@ -898,6 +921,7 @@ def decode_attention(
     score_programs: int = DEFAULT_SCORE_PROGRAMS,
     key_table: str = "auto",
     key_gather: str = "global",
+    key_parts: int = 1,
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -942,6 +966,10 @@ def decode_attention(
         ``P``-entry rows per residual and token; ``"table"``: per block of ``block_t`` tokens and residual the whole
         ``[64, P]`` table is loaded once and the entries gathered on chip (``tl.gather``), which reads
         ``64 / (2 block_t)`` as many table bytes from the cache hierarchy.
+    key_parts : int
+        Two-pass only. ``2``: the residual steps are split in two halves scored by separate programs (the half
+        slowest in the grid, so that programs resident together read half of the tables) whose partial scores are
+        added in the scores buffer (two float adds onto zero: deterministic); ``1``: one program per token range.
 
     Returns
     -------
@@ -958,6 +986,10 @@ def decode_attention(
         raise ValueError(f"key_gather must be one of {KEY_GATHERS}, got {key_gather!r}.")
     if key_gather != "global" and design != "two_pass":
         raise ValueError(f"key_gather={key_gather!r} is implemented for design='two_pass' only.")
+    if key_parts not in (1, 2):
+        raise ValueError(f"key_parts must be 1 or 2, got {key_parts}.")
+    if key_parts != 1 and design != "two_pass":
+        raise ValueError(f"key_parts={key_parts} is implemented for design='two_pass' only.")
     if not resolve_use_triton(use_triton, q, kv.codes):
         return decode_attention_reference(q, kv, books, scaling)
     b, hq, d = q.shape
@@ -976,7 +1008,7 @@ def decode_attention(
     if design == "two_pass":
         m, lsum, acc, n_splits = _two_pass(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
-            values_warps, target_programs or _sm_count(dev), score_programs, key_gather,
+            values_warps, target_programs or _sm_count(dev), score_programs, key_gather, key_parts,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -1024,7 +1056,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
-    target_programs, score_programs, key_gather="global",
+    target_programs, score_programs, key_gather="global", key_parts=1,
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -1032,7 +1064,7 @@ def _two_pass(
     nbits = books.n_bits
     (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
         h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
-        nb_chunk, values_warps, num_stages, key_gather,
+        nb_chunk, values_warps, num_stages, key_gather, key_parts,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
     split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)
@@ -1043,8 +1075,9 @@ def _two_pass(
     m = torch.empty(b, hq, n_splits + 1, device=dev, dtype=torch.float32)
     lsum = torch.empty_like(m)
     acc = torch.empty(b, hq, max(n_splits, 1), nbits, device=dev, dtype=torch.float32)
-    scores = torch.empty(b, hq, max(kv.n, 1), device=dev, dtype=torch.float32)
-    _decode_scores_kernel[(n_code_progs + 1, b * h)](
+    alloc = torch.zeros if key_parts > 1 else torch.empty  # partial scores are added onto zeros
+    scores = alloc(b, hq, max(kv.n, 1), device=dev, dtype=torch.float32)
+    _decode_scores_kernel[(n_code_progs * key_parts + 1, b * h)](
         qs,
         kv.codes,
         kv.knorm,

@@ -276,6 +276,8 @@ def benchmark_configs():
             out.append(
                 (f"scores {name} bt={bt} warps={nw} gather=table", att._decode_scores_kernel, smeta, *sopts, None)
             )
+        (smeta, sopts), _ = att.two_pass_meta(h, hq // h, d, r, h * d * bits, key_parts=2)
+        out.append((f"scores {name} key_parts=2", att._decode_scores_kernel, smeta, *sopts, None))
         for design in ("direct", "lut"):
             meta, opts = att.key_scores_meta(h, hq // h, d, r, design, block_t=16)
             out.append((f"key_scores {design} {name} bt=16", att._key_scores_kernel, meta, *opts, None))

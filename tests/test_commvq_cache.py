@@ -180,7 +180,7 @@ def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, 
 
 
 @needs_interpreter
-@pytest.mark.parametrize("design", ["two_pass", "fused", "two_pass_table"])
+@pytest.mark.parametrize("design", ["two_pass", "fused", "two_pass_table", "two_pass_parts"])
 @pytest.mark.parametrize(
     ("per_head_pos", "head_dim", "fp16_theta"), [(False, 16, False), (True, 16, True), (False, 32, False)]
 )
@@ -188,8 +188,9 @@ def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head
     """Both designs, and the two-pass one with on-chip table gathers. Tolerance: 2e-3 relative to the output's scale
     (the kernels weight value bits in float16; head_dim >= 32 also computes scores with tl.dot, tf32 on a GPU, float32
     in the interpreter)."""
-    gather = dict(key_gather="table") if design.endswith("_table") else {}
-    tiling = dict(design=design.removesuffix("_table"), block_t=16, target_programs=8, values_block_t=16)
+    gather = {"two_pass_table": dict(key_gather="table"), "two_pass_parts": dict(key_parts=2)}.get(design, {})
+    tiling = dict(design="fused" if design == "fused" else "two_pass", block_t=16, target_programs=8)
+    tiling.update(values_block_t=16)
     tiling.update(score_programs=8, **gather)
     batch, heads, group, residuals = 2, 2, 3, 3
     kv, books = _coded(
@@ -462,6 +463,8 @@ def test_decode_key_gather_is_validated():
         decode_attention(q, kv, books, 0.3, use_triton=True, key_gather="smem")
     with pytest.raises(ValueError, match="design='two_pass' only"):
         decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", key_gather="table")
+    with pytest.raises(ValueError, match="key_parts must be 1 or 2"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, key_parts=3)
 
 
 def test_value_encoder_tf32_scope_restores_the_global_setting():
