@@ -9,7 +9,9 @@ prefill; a 128-token full-precision window); ``QuantizedCache(backend="hqq", nbi
 q_group_size=64)``. Bytes held after the context are recorded for each.
 
 Needles: the synthetic tasks at ``--needle-length`` tokens through :class:`pressroom.evaluation.run.Runner` for no
-press and :class:`~pressroom.presses.CommVQPress` at 1 and 2 bits (results directories under ``--runs-dir``), and
+press and :class:`~pressroom.presses.CommVQPress` at 1 and 2 bits (results directories under ``--runs-dir``; with
+``--ablation`` also :class:`~pressroom.presses.commvq_ablation_press.CommVQAblationPress` with only the keys, then
+only the values coded, to attribute a loss to one side), and
 through kvpress's pipeline with ``cache=QuantizedCache(hqq)`` (the Runner takes presses, not caches), scored the same
 way.
 
@@ -33,6 +35,7 @@ import torch
 
 from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.presses import CommVQCache, CommVQPress
+from pressroom.presses.commvq_ablation_press import SIDES, CommVQAblationPress
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, model_kv_shape
 
 NEEDLE_TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "passkey", "vt"]
@@ -117,6 +120,11 @@ def main() -> None:
     ap.add_argument("--needle-samples", type=int, default=3)
     ap.add_argument("--runs-dir", default=None, help="Runner results (default: beside --output)")
     ap.add_argument("--skip-needles", action="store_true")
+    ap.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also needles with only the keys, then only the values, CommVQ-coded (CommVQAblationPress: no savings)",
+    )
     ap.add_argument("--skip-ppl", action="store_true", help="needles only (e.g. a second job)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: tiny-llama, random codebooks")
     args = ap.parse_args()
@@ -220,9 +228,17 @@ def main() -> None:
     for b in args.bits:
         for ns in args.n_sink:
             presses.append((commvq_name(b, ns), CommVQPress(codebooks=books[b], bits=b, window=128, n_sink=ns)))
+            for side in SIDES if args.ablation else ():
+                ablation = CommVQAblationPress(codebooks=books[b], bits=b, window=128, n_sink=ns, coded=side)
+                presses.append((f"{commvq_name(b, ns)}_{side}_only", ablation))
     for name, press in presses:
         sink = f",n_sink={press.n_sink}" if press is not None and press.n_sink else ""
-        spec = "no_press" if press is None else f"commvq:bits={press.bits}{sink}"
+        if press is None:
+            spec = "no_press"
+        elif isinstance(press, CommVQAblationPress):
+            spec = f"commvq_ablation:bits={press.bits},coded={press.coded}{sink}"
+        else:
+            spec = f"commvq:bits={press.bits}{sink}"
         cfg = EvalConfig(press_name=spec, **base)
         run_dir = runner.run(cfg, press=press)
         import json

@@ -5,6 +5,7 @@ takes ``compression_ratio`` and works in kvpress's pipeline.
 """
 
 from pressroom.presses.anchor_press import AnchorPress
+from pressroom.presses.commvq_ablation_press import CommVQAblationPress
 from pressroom.presses.commvq_cache import CommVQCache, CommVQLayer
 from pressroom.presses.commvq_press import CommVQPress
 from pressroom.presses.memory import cache_memory_bytes
@@ -17,6 +18,7 @@ PRESSES: dict[str, type] = {"sink_window": SinkWindowPress, "anchor": AnchorPres
 __all__ = [
     "PRESSES",
     "AnchorPress",
+    "CommVQAblationPress",
     "CommVQCache",
     "CommVQLayer",
     "CommVQPress",

@@ -12,6 +12,7 @@ import pytest
 import torch
 from kvpress import ComposedPress, KVPressTextGenerationPipeline, SnapKVPress
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from pressroom.kernels.commvq_attention import CodedKV, LayerBooks, decode_attention, decode_attention_reference
 from pressroom.kernels.commvq_encode import (
@@ -479,3 +480,52 @@ def test_value_encoder_tf32_scope_restores_the_global_setting():
     assert torch.backends.cuda.matmul.allow_tf32 == before
     with _matmul_tf32(False):
         assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+@pytest.mark.parametrize("coded", ["keys", "values"])
+def test_ablation_press_codes_one_side_only(tiny, coded):
+    """CommVQAblationPress keeps one side exact and the other equal to the CommVQ layer's own reconstruction."""
+    from pressroom.presses.commvq_ablation_press import CommVQAblationPress
+
+    model, _ = tiny
+    books = random_books(model.config)
+    ids = torch.randint(5, 1000, (1, 40))
+    with torch.no_grad():
+        plain = DynamicCache()
+        model(ids, past_key_values=plain)
+        coded_cache = DynamicCache()
+        with CommVQPress(codebooks=books, window=8, n_sink=2)(model):
+            model(ids, past_key_values=coded_cache)
+        ablated = DynamicCache()
+        with CommVQAblationPress(codebooks=books, window=8, n_sink=2, coded=coded)(model):
+            model(ids, past_key_values=ablated)
+    for i, layer in enumerate(ablated.layers):
+        assert type(layer) is DynamicLayer
+        exact = (plain.layers[i].keys, plain.layers[i].values)
+        cl = coded_cache.layers[i]  # its tensors list the coded tokens, then the window slots (sinks first)
+        order = torch.cat((cl.pos[0, : cl.n], cl.wpos[0, : cl.nw])).long().argsort()
+        recon = (cl.keys[:, :, order], cl.values[:, :, order])
+        side = 0 if coded == "keys" else 1
+        got = (layer.keys, layer.values)
+        assert torch.equal(got[1 - side], exact[1 - side])  # the other side is untouched
+        assert torch.allclose(got[side].float(), recon[side].float(), atol=1e-5)  # the coded side is CommVQ's
+        assert not torch.allclose(got[side].float(), exact[side].float(), atol=1e-3)  # ... and differs
+        # sinks and the full-precision window are exact on the coded side too
+        assert torch.allclose(got[side][:, :, :2].float(), exact[side][:, :, :2].float(), atol=1e-5)
+        recent = cl.nw - cl.nsink  # the window after the prefill (flushed in chunks: at most 8)
+        assert 0 < recent <= 8 and cl.nsink == 2
+        assert torch.allclose(got[side][:, :, -recent:].float(), exact[side][:, :, -recent:].float(), atol=1e-5)
+    with pytest.raises(ValueError, match="coded must be one of"):
+        CommVQAblationPress(codebooks=books, coded="both")
+
+
+def test_ablation_press_in_pipeline_with_several_questions(tiny):
+    from pressroom.presses import CommVQAblationPress
+
+    model, _ = tiny
+    press = CommVQAblationPress(codebooks=random_books(model.config), window=16, coded="values")
+    pipe = _pipe(tiny)
+    context = "The quick brown fox jumps over the lazy dog. " * 8
+    questions = ["What jumps?", "Who is lazy?"]
+    both = pipe(context, questions=questions, press=press, max_new_tokens=5)["answers"]
+    assert both == [pipe(context, question=q, press=press, max_new_tokens=5)["answer"] for q in questions]
