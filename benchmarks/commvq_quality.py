@@ -15,7 +15,8 @@ only the values coded, to attribute a loss to one side), and
 through kvpress's pipeline with ``cache=QuantizedCache(hqq)`` (the Runner takes presses, not caches), scored the same
 way.
 
-HQQ must be installed (``pip install hqq``; pure Python, it runs without its optional CUDA extension).
+HQQ must be installed (``pip install hqq``; pure Python, it runs without its optional CUDA extension), except with
+``--skip-hqq``.
 
     source benchmarks/gpu_env.sh
     python benchmarks/commvq_quality.py --codebooks CODEBOOK_DIR --output $OUT/commvq_quality.json
@@ -120,6 +121,7 @@ def main() -> None:
     ap.add_argument("--needle-samples", type=int, default=3)
     ap.add_argument("--runs-dir", default=None, help="Runner results (default: beside --output)")
     ap.add_argument("--skip-needles", action="store_true")
+    ap.add_argument("--skip-hqq", action="store_true", help="no QuantizedCache(hqq) baseline (e.g. measured already)")
     ap.add_argument(
         "--ablation",
         action="store_true",
@@ -181,7 +183,7 @@ def main() -> None:
             caches[commvq_name(b, ns)] = lambda b=b, ns=ns: CommVQCache(
                 model.config, books[b], bits=b, window=128, n_sink=ns
             )
-    for b in args.bits:
+    for b in () if args.skip_hqq else args.bits:
         caches[f"hqq_{b}bit"] = lambda b=b: quantized_cache(model, b, min(64, head_dim))
     if not args.skip_ppl:
         ids_all = corpus_tokens(tok, "pg_essays", split="heldout").to(model.device)
@@ -256,7 +258,7 @@ def main() -> None:
 
     from kvpress import KVPressTextGenerationPipeline
 
-    for bits in args.bits:
+    for bits in () if args.skip_hqq else args.bits:
         cfg = EvalConfig(press_name="no_press", **base)
         df = runner.dataset(cfg, tok)
         df["predicted_answer"] = None

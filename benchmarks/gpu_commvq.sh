@@ -10,6 +10,9 @@
 #                                            # (--budget-s 200 stops the fill early, recorded in the JSON)
 #   CODEBOOKS=DIR [METHOD=em|e2e] bash benchmarks/gpu_commvq.sh ppl      # SmolLM2 held-out perplexity vs fp16 and HQQ (needs hqq)
 #   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh needles   # SmolLM2 needle tasks at 4k (Runner) vs fp16 and HQQ
+#   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh ablation  # 2-bit needles, 12 samples per task: fp16, CommVQ, and
+#                                            # keys-only / values-only coding (CommVQAblationPress), no HQQ
+#                                            # (about 9 minutes on an H200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
@@ -33,5 +36,11 @@ needles)
     --codebooks-2 "$CODEBOOKS/2bit/$method" --skip-ppl --output "$out/commvq_quality_needles.json" \
     --runs-dir "$out/commvq_quality_runs"
   ;;
-*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles" >&2; exit 2 ;;
+ablation)
+  : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
+  python3 benchmarks/commvq_quality.py --codebooks-2 "$CODEBOOKS/2bit/$method" --bits 2 --n-sink 4 \
+    --needle-samples 12 --skip-ppl --skip-hqq --ablation --output "$out/commvq_quality_ablation.json" \
+    --runs-dir "$out/commvq_quality_runs12"
+  ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation" >&2; exit 2 ;;
 esac
