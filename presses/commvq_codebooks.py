@@ -133,9 +133,17 @@ class ValueCodec(nn.Module):
             logits, prescale = self.logits(v)
             if sample:
                 onehot = nn.functional.gumbel_softmax(logits.float(), tau=tau, hard=True)
-            else:
-                onehot = nn.functional.one_hot(logits.argmax(-1), 4).float()
-            return self.choices_to_bits(onehot).to(torch.uint8), prescale.float()
+                return self.choices_to_bits(onehot).to(torch.uint8), prescale.float()
+            return self.argmax_to_bits(logits.argmax(-1)), prescale.float()
+
+    @staticmethod
+    def argmax_to_bits(choice: torch.Tensor) -> torch.Tensor:
+        """Choices ``[..., n_e]`` (0..3) -> bits uint8 ``[..., 2 n_e]``, as :meth:`choices_to_bits` of their one-hot
+        (0 -> 10, 1 -> 01, 2 -> 11, 3 -> 00) without the ``[..., n_e, 4]`` float tensor."""
+        c = choice.to(torch.uint8)
+        first = 1 - (c & 1)  # choices 0 and 2
+        second = ((c == 1) | (c == 2)).to(torch.uint8)
+        return torch.stack((first, second), dim=-1).flatten(-2)
 
     def postscale(self, bits: torch.Tensor) -> torch.Tensor:
         """Norm of ``bits @ embedding`` ``[..., 1]`` (the decoded direction is divided by it)."""

@@ -219,6 +219,11 @@ def test_value_codec_bits_and_decode():
     torch.testing.assert_close((out / (codec.scale + codec.eps)).norm(dim=-1, keepdim=True), prescale + codec.eps)
     assert codec.postscale(bits).shape == (2, 7, 1)
     assert not math.isnan(codec(v).sum().item())
+    # the deterministic path equals the one-hot mapping of the reference (0 -> 10, 1 -> 01, 2 -> 11, 3 -> 00)
+    logits, _ = codec.logits(v)
+    onehot = torch.nn.functional.one_hot(logits.argmax(-1), 4).float()
+    assert torch.equal(bits, ValueCodec.choices_to_bits(onehot).to(torch.uint8))
+    assert ValueCodec.argmax_to_bits(torch.tensor([0, 1, 2, 3])).tolist() == [1, 0, 0, 1, 1, 1, 0, 0]
 
 
 def _reference_m_step(r: torch.Tensor, centers: torch.Tensor, temperature: float) -> torch.Tensor:
