@@ -460,9 +460,17 @@ def main() -> None:
 
                 cfg["encode_values_bf16_ms"] = attempt(enc_values_bf16, max(1, reps // 4), device)
             vms = cfg["encode_values_ms"]
-            cfg["encode_total_ms"] = (
-                cfg["encode_keys_ms"] + vms if cfg["encode_keys_ms"] is not None and isinstance(vms, float) else None
-            )
+
+            def keys_ms(precision: str) -> float | None:  # the fastest key encode timed at this precision
+                times = [e["ms"] for e in ok if e.get("precision", "ieee") == precision]
+                return min(times) if times else None
+
+            def total(keys: float | None, values) -> float | None:
+                return keys + values if keys is not None and isinstance(values, float) else None
+
+            # the whole layer's encode at one precision for both halves (float32 / TF32), never mixed
+            cfg["encode_total_ms"] = total(keys_ms("ieee"), vms)
+            cfg["encode_total_tf32_ms"] = total(keys_ms("tf32"), cfg.get("encode_values_tf32_ms"))
             save()
             log(f"{name} encode values: {fmt(vms)}; encode total {fmt(cfg['encode_total_ms'])}")
             raw = vals = None

@@ -91,11 +91,13 @@ def main() -> int:
 
             try:
                 ms = sorted(call_ms(f, 5, warmup=1, cuda=True))[2]
-            except Exception as e:  # a tiling that fails is recorded, not fatal
+            except Exception as e:  # a tiling that fails is recorded, not fatal (and its buffer is not read)
                 ms = f"failed: {e}"[:200]
-            first = o.clone() if first is None else first
-            row = dict(kw, bits=bits, ms=ms, codes_equal_to_first=float((o == first).all(-1).float().mean()))
-            row["mse"] = reconstruction_mse(o[: 1 << 14], x[0, : 1 << 14], theta, r)  # the first 16k tokens
+            row = dict(kw, bits=bits, ms=ms, codes_equal_to_first=None, mse=None)
+            if isinstance(ms, float):
+                first = o.clone() if first is None else first  # the first variant that ran (flat, ieee by default)
+                row["codes_equal_to_first"] = float((o == first).all(-1).float().mean())
+                row["mse"] = reconstruction_mse(o[: 1 << 14], x[0, : 1 << 14], theta, r)  # the first 16k tokens
             out["rows"].append(row)
             print(row, flush=True)
             with open(args.output, "w") as fh:  # after every row: a time-out keeps what finished

@@ -133,7 +133,8 @@ class KeyTables:
         """What the ``"split"`` search reads: ``||u_A||^2``, ``||w_B||^2`` ``[H, R, 64]`` and the cross term
         ``K[A, B] = 2 u_A . w_B`` ``[H, R, 64, 64]`` with its transpose (``H[A, B] = ||u_A||^2 + ||w_B||^2 + K``)."""
         if self._split is None:
-            k = 2.0 * torch.matmul(self.u, self.w.transpose(-1, -2))
+            # float64: exact to float32 whatever the global TF32 setting of float32 matmuls
+            k = (2.0 * torch.matmul(self.u.double(), self.w.double().transpose(-1, -2))).float()
             un, wn = self.u.pow(2).sum(-1), self.w.pow(2).sum(-1)
             self._split = (un.contiguous(), wn.contiguous(), k.contiguous(), k.transpose(-1, -2).contiguous())
         return self._split

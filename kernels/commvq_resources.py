@@ -180,7 +180,7 @@ BENCHMARK_TWO_PASS_TILINGS = (
 BENCHMARK_TABLE_GATHER_TILINGS = ((32, 8), (64, 8), (128, 8))
 
 
-# the encode tilings it times beyond the default (block_n=16, 8 warps, flat search, ieee dots, a_chunk=16)
+# the encode tilings the benchmarks time (the defaults of encode_defaults are compiled by default_configs)
 ENCODE_TILINGS = (
     dict(block_n=16, num_warps=4, search="flat", precision="ieee", a_chunk=16),
     dict(block_n=16, num_warps=8, search="nested", precision="ieee", a_chunk=16),
