@@ -169,6 +169,18 @@ if HAS_TRITON:
         return res, rmask, out_ptr + rows * stride_on + head * stride_oh
 
     @triton.jit
+    def _persistent_program(scr_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A persistent program's ids (program, programs, head), row / column / entry ranges, column mask and its
+        own ``[BLOCK_N, 64]`` float32 scratch rows."""
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        head = tl.program_id(1)
+        lrow = tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_D)
+        scr = scr_ptr + (head * n_prog + pid) * BLOCK_N * 64 + lrow * 64
+        return pid, n_prog, head, lrow, cols, tl.arange(0, 64), cols < D, scr
+
+    @triton.jit
     def _subtract_center(res, u_ptr, w_ptr, base, a_idx, b_idx, cols, dmask, D: tl.constexpr):
         """``res - (u_A + w_B)`` per row: the residual left for the next step."""
         ua = tl.load(u_ptr + base + a_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
@@ -260,14 +272,7 @@ if HAS_TRITON:
         # Persistent programs. Per step: r.u_A and r.w_B for all 64 entries by two dots; r.u_A goes through this
         # program's scratch so the loop over A reads one column per A, and keeps per-(row, B) running minima over
         # A in a [BLOCK_N, 64] tile: no cross-lane reduction inside the loop, one min at the end of the step.
-        pid = tl.program_id(0)
-        n_prog = tl.num_programs(0)
-        head = tl.program_id(1)
-        lrow = tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_D)
-        ks = tl.arange(0, 64)
-        dmask = cols < D
-        scr = scr_ptr + (head * n_prog + pid) * BLOCK_N * 64 + lrow * 64
+        pid, n_prog, head, lrow, cols, ks, dmask, scr = _persistent_program(scr_ptr, D, BLOCK_N, BLOCK_D)
         for blk in range(pid, n_blocks, n_prog):
             res, rmask, out_row = _load_block(
                 x_ptr, out_ptr, blk * BLOCK_N + lrow, head, cols, dmask, n_rows, stride_xn, stride_xh, stride_on,
@@ -330,14 +335,7 @@ if HAS_TRITON:
         # 2 r.w_B and the fixed cross term K = 2 u_A . w_B. Rounding is monotone, so min over (A, B) of
         # f_A + (K + g_B) is min over A of f_A + m_A with m_A = min_B (K[A, B] + g_B): the 4,096 candidates cost one
         # add and one min each, without indices; the arg-min is then found over 64 A, and over 64 B for that A only.
-        pid = tl.program_id(0)
-        n_prog = tl.num_programs(0)
-        head = tl.program_id(1)
-        lrow = tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_D)
-        ks = tl.arange(0, 64)
-        dmask = cols < D
-        scr = scr_ptr + (head * n_prog + pid) * BLOCK_N * 64 + lrow * 64  # this program's g, read back per B
+        pid, n_prog, head, lrow, cols, ks, dmask, scr = _persistent_program(scr_ptr, D, BLOCK_N, BLOCK_D)
         for blk in range(pid, n_blocks, n_prog):
             res, rmask, out_row = _load_block(
                 x_ptr, out_ptr, blk * BLOCK_N + lrow, head, cols, dmask, n_rows, stride_xn, stride_xh, stride_on,
