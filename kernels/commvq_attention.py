@@ -851,6 +851,16 @@ def decode_meta(
 
 DESIGNS = ("two_pass", "fused")
 KEY_GATHERS = ("global", "table")
+
+
+def _check_key_side(key_gather: str, key_parts: int) -> None:
+    """The two-pass scores kernel's options (see :func:`decode_attention`)."""
+    if key_gather not in KEY_GATHERS:
+        raise ValueError(f"key_gather must be one of {KEY_GATHERS}, got {key_gather!r}.")
+    if key_parts not in (1, 2):
+        raise ValueError(f"key_parts must be 1 or 2, got {key_parts}.")
+
+
 DEFAULT_VALUES_NB_CHUNK = 512
 DEFAULT_SCORE_PROGRAMS = 2048
 
@@ -873,13 +883,10 @@ def two_pass_meta(
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``."""
-    if key_gather not in KEY_GATHERS:
-        raise ValueError(f"key_gather must be one of {KEY_GATHERS}, got {key_gather!r}.")
+    _check_key_side(key_gather, key_parts)
     scores = _key_side_meta(h, g, d, r, table_fp16, block_t)
     if key_gather == "table":
         scores["GATHER_TABLE"] = True
-    if key_parts not in (1, 2):
-        raise ValueError(f"key_parts must be 1 or 2, got {key_parts}.")
     if key_parts > 1:
         scores["R_PARTS"] = key_parts
     values = dict(
@@ -982,12 +989,9 @@ def decode_attention(
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}.")
     if key_table not in ("auto", "fp32"):
         raise ValueError(f"key_table must be 'auto' or 'fp32', got {key_table!r}.")
-    if key_gather not in KEY_GATHERS:
-        raise ValueError(f"key_gather must be one of {KEY_GATHERS}, got {key_gather!r}.")
+    _check_key_side(key_gather, key_parts)
     if key_gather != "global" and design != "two_pass":
         raise ValueError(f"key_gather={key_gather!r} is implemented for design='two_pass' only.")
-    if key_parts not in (1, 2):
-        raise ValueError(f"key_parts must be 1 or 2, got {key_parts}.")
     if key_parts != 1 and design != "two_pass":
         raise ValueError(f"key_parts={key_parts} is implemented for design='two_pass' only.")
     if not resolve_use_triton(use_triton, q, kv.codes):

@@ -506,16 +506,11 @@ def encode_keys(
             programs = triton.cdiv(8 * sms, h)
         programs = max(1, min(programs, n_blocks))
         scratch = torch.empty(h, programs, block_n, N_ENTRIES, dtype=torch.float32, device=x.device)
-        if search == "split":
-            _encode_split_kernel[(programs, h)](
-                x, tables.u, tables.w, *tables.split_tables(), out, scratch, n, n_blocks, *strides,
-                **meta, num_warps=num_warps, num_stages=num_stages,
-            )  # fmt: skip
-        else:
-            _encode_running_kernel[(programs, h)](
-                x, tables.u, tables.w, tables.h, out, scratch, n, n_blocks, *strides,
-                **meta, num_warps=num_warps, num_stages=num_stages,
-            )  # fmt: skip
+        search_tables = tables.split_tables() if search == "split" else (tables.h,)
+        encode_kernel(search)[(programs, h)](
+            x, tables.u, tables.w, *search_tables, out, scratch, n, n_blocks, *strides,
+            **meta, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
     else:
         _encode_kernel[(n_blocks, h)](
             x, tables.u, tables.w, tables.h, out, n, *strides, **meta, num_warps=num_warps, num_stages=num_stages
