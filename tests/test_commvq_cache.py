@@ -211,15 +211,47 @@ def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head
     out = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()
-    if fp16_theta:  # the float32 table gives the same result
+    if fp16_theta:  # the float32 table, or float32 sums of the float16 one, give the same result
         out32 = decode_attention(q, kv, books, 0.3, use_triton=True, key_table="fp32", **tiling)
-        assert (out32 - out).abs().max() <= 1e-5 * ref.abs().max()
+        out16 = decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp32", **tiling)
+        assert (out32 - out16).abs().max() <= 1e-5 * ref.abs().max()
+        assert (out32 - ref).abs().max() <= 2e-3 * ref.abs().max()
     # no coded token (only the window) and no window (only codes)
     for n, nw in ((0, 5), (70, 0)):
         kv.n, kv.nw = n, nw
         ref = decode_attention_reference(q, kv, books, 0.3)
         out = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
         assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("design", ["two_pass", "fused"])
+def test_fp16_key_sums_are_exact_where_float16_is(design):
+    """``key_accum="fp16"`` adds packed float16 pairs: with table entries on a 2^-6 grid and small enough that every
+    partial sum is a float16, the sums are exact, so the result equals the float32 sums (1e-5 relative: only the
+    order of float32 operations differs). This checks which half of which entry goes where (x, y of z_A and z_B)."""
+    tiling = dict(design=design, block_t=16, target_programs=8, values_block_t=16, score_programs=8)
+    kv, books = _coded(1, 2, 32, 5, n=40, nw=3, nbits=2 * 2 * 32, fp16_theta=True)
+    grid = (books.theta * 64).round() / 64
+    books = LayerBooks.build(grid, books.emb.reshape(books.n_bits, -1), books.chscale.reshape(-1), books.inv_freq)
+    assert books.ztab16 is not None
+    q = torch.randn(1, 4, 32)
+    exact = decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp32", **tiling)
+    half = decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp16", **tiling)
+    assert (half - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+@needs_interpreter
+def test_fp16_key_sums_error_is_small_at_r21():
+    """Random codebooks at R = 21 (2 bits at head_dim 128): the float16 sums move the output by under 1e-3 of its
+    scale (each of the 21 adds rounds to float16: relative 2^-11 per add)."""
+    kv, books = _coded(1, 1, 32, 21, n=64, nw=0, nbits=32, fp16_theta=True)
+    q = torch.randn(1, 2, 32)
+    tiling = dict(block_t=16, target_programs=4, values_block_t=16, score_programs=4)
+    exact = decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp32", **tiling)
+    half = decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp16", **tiling)
+    err = (half - exact).abs().max() / exact.abs().max()
+    assert 0 < err <= 1e-3
 
 
 @needs_interpreter
@@ -466,6 +498,15 @@ def test_decode_key_gather_is_validated():
         decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", key_gather="table")
     with pytest.raises(ValueError, match="key_parts must be 1 or 2"):
         decode_attention(q, kv, books, 0.3, use_triton=True, key_parts=3)
+    with pytest.raises(ValueError, match="key_accum must be one of"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="bf16")
+    with pytest.raises(ValueError, match="rope_trig must be one of"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, rope_trig="approx")
+    with pytest.raises(ValueError, match="needs codebooks exact in float16"):  # this theta is not
+        decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp16")
+    kv, books = _coded(1, 2, 16, 2, n=8, nw=2, nbits=2 * 2 * 16, fp16_theta=True)
+    with pytest.raises(ValueError, match="key_gather='global' only"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp16", key_gather="table")
 
 
 def test_value_encoder_tf32_scope_restores_the_global_setting():
