@@ -503,6 +503,20 @@ def main() -> None:
                         enc_values()
 
                 cfg["encode_values_bf16_ms"] = attempt(enc_values_bf16, max(1, reps // 4), device)
+
+                def enc_values_refined(steps: int = 64):  # CommVQLayer's default: TF32 encoder, float32 refine
+                    for s in range(0, n, 16384):
+                        v = vals[:, s : s + 16384]
+                        torch.backends.cuda.matmul.allow_tf32 = True
+                        try:
+                            bits_, _ = codec.encode(v)
+                        finally:
+                            torch.backends.cuda.matmul.allow_tf32 = tf32
+                        bits_, coef = codec.refine(v, bits_, steps)
+                        pack_bits(bits_)
+
+                # random values and codec: every token may use all 64 flips (real values converge sooner)
+                cfg["encode_values_tf32_refine64_ms"] = attempt(enc_values_refined, max(1, reps // 4), device)
             vms = cfg["encode_values_ms"]
 
             def keys_ms(precision: str) -> float | None:  # the fastest key encode timed at this precision

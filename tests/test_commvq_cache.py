@@ -314,6 +314,61 @@ def test_flush_at_chunk_boundary_and_memory_bytes(tiny):
     assert cache.memory_bytes() == layers * per_layer
 
 
+def test_value_refine_lowers_every_tokens_error():
+    """``ValueCodec.refine``: 0 steps keeps the bits and gives the least-squares coefficient; each token's error with
+    the refined bits is never above its error with the encoder's bits, and lower on average."""
+    torch.manual_seed(0)
+    codec = ValueCodec(48, 2).eval()
+    codec.scale.copy_(torch.rand(48) + 0.5)
+    v = torch.randn(300, 48) * codec.scale
+    bits, _ = codec.encode(v)
+    e = codec.channel_embedding()
+
+    def err(b, c):
+        return ((v - c * (b.float() @ e)) ** 2).sum(-1)
+
+    same, coef0 = codec.refine(v, bits, 0)
+    assert torch.equal(same, bits) and same.dtype == torch.uint8
+    torch.testing.assert_close(coef0, codec.least_squares_coef(v, bits))
+    refined, coef = codec.refine(v, bits, 16)
+    assert refined.shape == bits.shape and coef.shape == (300, 1)
+    assert ((refined != bits).sum(-1) <= 16).all()
+    assert (err(refined, coef) <= err(bits, coef0) * (1 + 1e-5)).all()
+    assert err(refined, coef).mean() < 0.9 * err(bits, coef0).mean()
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        codec.refine(v, bits, -1)
+    with pytest.raises(ValueError, match="bits must be"):
+        codec.refine(v, bits[:, :-8], 4)
+
+
+def test_value_refine_in_the_cache(tiny):
+    """``value_refine=0`` stores the reference's coding (values equal ``codec.decode(*codec.encode(v))`` up to the
+    float16 coefficient); the default refinement codes the same prompt with a lower value error; bad values raise."""
+    model, _ = tiny
+    books = random_books(model.config, residuals=3, bits=2)
+    ids = torch.randint(5, 1000, (1, 40))
+    with torch.no_grad():
+        plain = DynamicCache()
+        model(ids, past_key_values=plain)
+        errors = {}
+        for steps in (0, 64):
+            cache = CommVQCache(model.config, books, window=8, mode="dequantize", n_sink=0, value_refine=steps)
+            model(ids, past_key_values=cache)
+            layer = cache.layers[1]
+            v = plain.layers[1].values[:, :, : layer.n].transpose(1, 2).flatten(2)  # the coded tokens
+            got = layer.values[:, :, : layer.n].transpose(1, 2).flatten(2)
+            errors[steps] = float(((got - v) ** 2).sum())
+            if steps == 0:
+                codec = books.values[1]
+                torch.testing.assert_close(got, codec.decode(*codec.encode(v)), rtol=2e-3, atol=2e-3)
+    assert errors[64] < errors[0]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="value_refine must be an int"):
+            CommVQCache(model.config, books, value_refine=bad)
+        with pytest.raises(ValueError, match="value_refine must be an int"):
+            CommVQPress(codebooks=books, value_refine=bad)
+
+
 def test_sink_tokens_stay_in_full_precision(tiny):
     """n_sink: the first tokens never leave the window; the recent part flushes as without sinks."""
     model, _ = tiny
