@@ -29,3 +29,26 @@ def call_ms(fn, reps: int, warmup: int, cuda: bool) -> list[float]:
             fn()
             times.append(1e3 * (time.perf_counter() - t0))
     return times
+
+
+def kernel_ms(fn, reps: int) -> dict[str, float]:
+    """Mean GPU milliseconds per call of each kernel ``fn`` launches (``torch.profiler``, after one warm-up call),
+    by kernel name; empty off CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(ev, "cuda_time_total", 0.0)
+        if dev_us:
+            out[ev.key[:80]] = dev_us / 1e3 / reps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from _timing import call_ms
+from _timing import call_ms, kernel_ms
 
 from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.kernels.commvq_attention import (
@@ -136,6 +136,7 @@ SWEEPS = {  # fused design: (block_t, nb_chunk, num_warps, num_stages); the firs
     "none": [(32, 1024, 8, 1)],
     "small": list(BENCHMARK_DECODE_TILINGS),  # each compiled for sm_90 by tests/test_commvq_resources.py
 }
+SWEEPS["two_pass"] = SWEEPS["none"]  # every two-pass tiling, the fused design at its default only
 SWEEPS["full"] = SWEEPS["small"] + [
     (bt, nbc, nw, ns)
     for bt in (16, 32, 64)
@@ -203,7 +204,13 @@ def fmt(ms) -> str:
 ENCODE_VARIANTS = [dict(block_n=16, num_warps=4, search="flat", precision="ieee", a_chunk=16), *ENCODE_TILINGS[1:]]
 
 
-def variants(sweep: str, smoke: bool, key_side: tuple[str, ...] = ("table", "parts")) -> list[dict]:
+# the key side's arithmetic (decode_attention's key_accum, rope_trig): the default first, then the alternatives
+KEY_MATH = (("auto", "fast"), ("fp32", "fast"), ("auto", "libdevice"), ("fp32", "libdevice"))
+
+
+def variants(
+    sweep: str, smoke: bool, key_side: tuple[str, ...] = ("table", "parts"), key_math: bool = True
+) -> list[dict]:
     """decode_attention keyword arguments to time: the two-pass tilings, then the fused ones."""
     two_pass = BENCHMARK_TWO_PASS_TILINGS[:1] if smoke or sweep == "none" else BENCHMARK_TWO_PASS_TILINGS
     out = [
@@ -227,6 +234,8 @@ def variants(sweep: str, smoke: bool, key_side: tuple[str, ...] = ("table", "par
         ]
     if "parts" in key_side:  # the residual steps scored in two halves by separate programs
         out += [dict(out[0], key_parts=2)]
+    if key_math:  # float32 sums of the key entries and/or libdevice trig (the previous defaults)
+        out += [dict(out[0], key_accum=a, rope_trig=t) for a, t in KEY_MATH[1:]]
     out += [
         dict(design="fused", block_t=bt, nb_chunk=nbc, num_warps=nw, num_stages=ns, target_programs=1024)
         for bt, nbc, nw, ns in SWEEPS["none" if smoke else sweep]
@@ -257,6 +266,16 @@ def main() -> None:
         choices=["table", "parts"],
         default=["table", "parts"],
         help="two-pass key-side alternatives timed next to the default: on-chip table gathers, residuals in two parts",
+    )
+    ap.add_argument(
+        "--skip-key-math",
+        action="store_true",
+        help="skip the key-side arithmetic alternatives (float32 sums, libdevice trig) timed next to the default",
+    )
+    ap.add_argument(
+        "--full-check",
+        action="store_true",
+        help="also check every key-side arithmetic against the float32 reference over all --tokens (large angles)",
     )
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path (TRITON_INTERPRET=1)")
     args = ap.parse_args()
@@ -330,6 +349,17 @@ def main() -> None:
             except Exception as err:
                 cfg[f"check_max_abs_err_{label}"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
         cfg["check_ref_max_abs"] = float(ref.abs().max())
+        if args.full_check:  # every position up to --tokens: the fast trig's range reduction at large angles
+            ref = decode_attention_reference(q, kv, books, scaling)
+            cfg["full_check"] = {"tokens": n, "ref_max_abs": float(ref.abs().max())}
+            for acc, trig in KEY_MATH:
+                try:
+                    ours = decode_attention(q, kv, books, scaling, use_triton=True, key_accum=acc, rope_trig=trig)
+                    cfg["full_check"][f"{acc}_{trig}_max_abs_err"] = float((ours - ref).abs().max())
+                except Exception as err:
+                    cfg["full_check"][f"{acc}_{trig}_max_abs_err"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+            log(f"{name} full check: {cfg['full_check']}")
+            ref = None
         sub.nw = 0
         with torch.no_grad():
             lut = reference_decode_path(q[0], sub, theta, codec, books.inv_freq, scaling)
@@ -352,7 +382,7 @@ def main() -> None:
             save()
             log(f"{name} decode {kw}: {fmt(e['ms'])}")
 
-        for variant in variants(args.sweep, args.smoke, tuple(args.key_side)):
+        for variant in variants(args.sweep, args.smoke, tuple(args.key_side), not args.skip_key_math):
             run_variant(variant)
         for design in DESIGNS:
             timings = [e for e in cfg["decode_sweep"] if e["design"] == design and isinstance(e["ms"], float)]
@@ -377,6 +407,20 @@ def main() -> None:
         best = min(timings, key=lambda e: e["ms"]) if timings else None
         cfg["ours_ms"] = best["ms"] if best else None
         cfg["ours_best_tiling"] = best
+        # where the time goes: per-kernel GPU time of the default launch and of the best one (torch.profiler)
+        if device.type == "cuda":
+            cfg["kernel_breakdown_ms"] = {}
+            for label, e in (("default", cfg["decode_sweep"][0]), ("best", best)):
+                if e is None:
+                    continue
+                kw = {k: v for k, v in e.items() if k != "ms"}
+                try:
+                    cfg["kernel_breakdown_ms"][label] = kernel_ms(
+                        lambda: decode_attention(q, kv, books, scaling, True, **kw), reps
+                    )
+                except Exception as err:
+                    cfg["kernel_breakdown_ms"][label] = failed(err, device)
+            log(f"{name} kernel breakdown: {cfg['kernel_breakdown_ms']}")
         save()
         log(f"{name} decode: best {fmt(cfg['ours_ms'])} (sdpa {fmt(result['sdpa_bf16_ms'])})")
         # the two key-side designs in isolation (scores of every coded token, no softmax / values)
@@ -459,6 +503,20 @@ def main() -> None:
                         enc_values()
 
                 cfg["encode_values_bf16_ms"] = attempt(enc_values_bf16, max(1, reps // 4), device)
+
+                def enc_values_refined(steps: int = 64):  # CommVQLayer's default: TF32 encoder, float32 refine
+                    for s in range(0, n, 16384):
+                        v = vals[:, s : s + 16384]
+                        torch.backends.cuda.matmul.allow_tf32 = True
+                        try:
+                            bits_, _ = codec.encode(v)
+                        finally:
+                            torch.backends.cuda.matmul.allow_tf32 = tf32
+                        bits_, coef = codec.refine(v, bits_, steps)
+                        pack_bits(bits_)
+
+                # random values and codec: every token may use all 64 flips (real values converge sooner)
+                cfg["encode_values_tf32_refine64_ms"] = attempt(enc_values_refined, max(1, reps // 4), device)
             vms = cfg["encode_values_ms"]
 
             def keys_ms(precision: str) -> float | None:  # the fastest key encode timed at this precision

@@ -37,11 +37,12 @@ import torch
 
 from pressroom.kernels.commvq_codebook import N_ENTRIES, THETA_ROWS, centers_from_theta
 from pressroom.kernels.commvq_encode import unpack_bits, unpack_codes12
-from pressroom.kernels.rope_ring import HAS_TRITON, resolve_use_triton
+from pressroom.kernels.rope_ring import HAS_TRITON, resolve_use_triton, triton_interpreted
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
 LOG2E = 1.4426950408889634
 
@@ -284,6 +285,66 @@ if HAS_TRITON:
         return kx + (xa - yb), ky + (ya + xb)
 
     @triton.jit
+    def _f16_halves(z):
+        """The two float16 halves (low, high) of int32 ``z``."""
+        lo = (z & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        hi = ((z >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        return lo, hi
+
+    @triton.jit
+    def _hadd2(a, b, NATIVE: tl.constexpr):
+        """Lane-wise sum of two float16 pairs packed in int32, rounded to nearest: one ``add.rn.f16x2`` when
+        ``NATIVE`` (compiled for a GPU), else the same correctly rounded float16 adds on unpacked halves (the
+        interpreter, which runs no PTX)."""
+        if NATIVE:
+            return tl.inline_asm_elementwise(
+                "add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
+            )
+        else:
+            alo, ahi = _f16_halves(a)
+            blo, bhi = _f16_halves(b)
+            lo = (alo + blo).to(tl.uint16, bitcast=True).to(tl.int32)
+            hi = (ahi + bhi).to(tl.uint16, bitcast=True).to(tl.int32)
+            return lo | (hi << 16)
+
+    @triton.jit
+    def _add_center_h2(
+        sa, sb, ztab_ptr, g, r, code, pp, pmask, R: tl.constexpr, P: tl.constexpr, NATIVE: tl.constexpr
+    ):  # fmt: skip
+        """Float16 accumulation (``key_accum="fp16"``): ``sa += z_A`` and ``sb += z_B`` of code ``64 A + B`` of
+        residual ``r``, each ``(x, y)`` pair one packed ``f16x2`` add on the gathered int32 entry (the key is
+        ``sa + i sb``, formed once per token in float32 by :func:`_h2_key`)."""
+        row = (g * R + r) * 64
+        za = tl.load(ztab_ptr + ((row + (code >> 6)) * P)[:, None] + pp[None, :], mask=pmask[None, :], other=0)
+        zb = tl.load(ztab_ptr + ((row + (code & 63)) * P)[:, None] + pp[None, :], mask=pmask[None, :], other=0)
+        return _hadd2(sa, za, NATIVE), _hadd2(sb, zb, NATIVE)
+
+    @triton.jit
+    def _h2_key(sa, sb):
+        """``(kx, ky)`` float32 of the key ``sa + i sb`` from the two packed float16 sums."""
+        ax, ay = _f16_halves(sa)
+        bx, by = _f16_halves(sb)
+        return ax.to(tl.float32) - by.to(tl.float32), ay.to(tl.float32) + bx.to(tl.float32)
+
+    @triton.jit
+    def _rope_cos_sin(phi, FAST: tl.constexpr, NATIVE: tl.constexpr):
+        """``cos(phi), sin(phi)`` of the RoPE angles. ``FAST``: ``phi`` reduced to ``[-pi, pi]`` with two FMAs
+        (``2 pi`` split in a float32 head and tail: the reduction adds under 1e-6 rad up to 2^24 rad) and then the
+        hardware approximations (``sin.approx``/``cos.approx``, absolute error about 5e-7 on ``[-pi, pi]``) when
+        ``NATIVE``, ``tl.cos``/``tl.sin`` of the reduced angle in the interpreter; else ``tl.cos``/``tl.sin``
+        (libdevice, exact to float32 rounding, with a slow path past ``|phi| ~ 1e5`` rad)."""
+        if FAST:
+            k = tl.floor(phi * 0.15915494309189535 + 0.5)
+            red = tl.fma(-k, 6.2831854820251465, phi)
+            red = tl.fma(-k, -1.7484555314695172e-07, red)
+            if NATIVE:
+                return libdevice.fast_cosf(red), libdevice.fast_sinf(red)
+            else:
+                return tl.cos(red), tl.sin(red)
+        else:
+            return tl.cos(phi), tl.sin(phi)
+
+    @triton.jit
     def _group_queries(
         q_ptr, invf_ptr, b, g, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_P: tl.constexpr,
@@ -332,29 +393,48 @@ if HAS_TRITON:
         USE_DOT: tl.constexpr,
         TABLE_FP16: tl.constexpr,
         GATHER_TABLE: tl.constexpr = False,
+        ACC_FP16: tl.constexpr = False,
+        FAST_ROPE: tl.constexpr = False,
+        NATIVE: tl.constexpr = False,
     ):
         """Scores ``[BLOCK_G, BLOCK_T]`` of the (pre-scaled) queries of KV head ``g`` against the coded tokens ``tok``:
         each key is summed from its codes' table entries, rotated to its position and scaled by its norm (the key never
         exists in HBM); ``-inf`` where ``tmask`` is off. Only the residual pairs ``j0 <= j < j1`` (codes ``2j`` and
-        ``2j + 1``) are summed: the score is linear in the key, so parts of the residuals give partial scores."""
-        kx = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
-        ky = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
+        ``2j + 1``) are summed: the score is linear in the key, so parts of the residuals give partial scores.
+        ``ACC_FP16`` (float16 table only): the entries are summed as packed float16 pairs (:func:`_add_center_h2`);
+        ``FAST_ROPE``: see :func:`_rope_cos_sin`."""
         crow = codes_ptr + b * s_cb + g * s_ch + tok * s_cn
         # a runtime loop over residual pairs (two codes in three bytes): a fully unrolled loop over R lets ptxas hoist
         # all 2 R gathers (8 registers each per thread at BLOCK_T=32, P=64) and spill
-        for j in range(j0, j1):
-            b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
-            b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
-            code = b0 | ((b1 & 15) << 8)
-            kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE)
-            if 2 * j + 1 < R:
-                b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
-                code = (b1 >> 4) | (b2 << 4)
-                kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE)
+        if ACC_FP16:
+            sa = tl.zeros((BLOCK_T, BLOCK_P), tl.int32)  # float16 (0, 0)
+            sb = tl.zeros((BLOCK_T, BLOCK_P), tl.int32)
+            for j in range(j0, j1):
+                b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
+                b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
+                sa, sb = _add_center_h2(sa, sb, ztab_ptr, g, 2 * j, b0 | ((b1 & 15) << 8), pp, pmask, R, P, NATIVE)
+                if 2 * j + 1 < R:
+                    b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
+                    code = (b1 >> 4) | (b2 << 4)
+                    sa, sb = _add_center_h2(sa, sb, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, NATIVE)
+            kx, ky = _h2_key(sa, sb)
+        else:
+            kx = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
+            ky = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
+            for j in range(j0, j1):
+                b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
+                b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
+                code = b0 | ((b1 & 15) << 8)
+                kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE)
+                if 2 * j + 1 < R:
+                    b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
+                    code = (b1 >> 4) | (b2 << 4)
+                    kx, ky = _add_center(
+                        kx, ky, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE
+                    )
         pos = tl.load(pos_ptr + b * s_pb + g * s_ph + tok, mask=tmask, other=0).to(tl.float32)
         phi = pos[:, None] * invf[None, :]
-        cs = tl.cos(phi)
-        sn = tl.sin(phi)
+        cs, sn = _rope_cos_sin(phi, FAST_ROPE, NATIVE)
         rx = kx * cs - ky * sn
         ry = kx * sn + ky * cs
         nrm = tl.load(knorm_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32) * rope_scale
@@ -518,6 +598,9 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         USE_DOT: tl.constexpr,
         TABLE_FP16: tl.constexpr,
+        ACC_FP16: tl.constexpr = False,
+        FAST_ROPE: tl.constexpr = False,
+        NATIVE: tl.constexpr = False,
     ):
         split = tl.program_id(0)
         bh = tl.program_id(1)
@@ -569,6 +652,10 @@ if HAS_TRITON:
                     BLOCK_P,
                     USE_DOT,
                     TABLE_FP16,
+                    False,
+                    ACC_FP16,
+                    FAST_ROPE,
+                    NATIVE,
                 )
                 acc, m_i, l_i = _accumulate_bits(
                     acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_kb, s_vb, s_vn,
@@ -698,6 +785,9 @@ if HAS_TRITON:
         TABLE_FP16: tl.constexpr,
         GATHER_TABLE: tl.constexpr = False,
         R_PARTS: tl.constexpr = 1,
+        ACC_FP16: tl.constexpr = False,
+        FAST_ROPE: tl.constexpr = False,
+        NATIVE: tl.constexpr = False,
     ):
         blk = tl.program_id(0)
         bh = tl.program_id(1)
@@ -722,7 +812,7 @@ if HAS_TRITON:
                 sc = _code_block_scores(
                     qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask, rope_scale,
                     j0, j1, s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT, TABLE_FP16,
-                    GATHER_TABLE,
+                    GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE,
                 )  # fmt: skip
                 if R_PARTS == 1:
                     tl.store(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :])
@@ -806,9 +896,43 @@ def _default_nb_chunk(nbits: int) -> int:
     return min(max(triton.next_power_of_2(nbits), 16), 1024)
 
 
-def _key_side_meta(h: int, g: int, d: int, r: int, table_fp16: bool, block_t: int) -> dict:
-    """Constexprs of the key side (codes -> scores, window) shared by the fused and the scores kernels."""
+KEY_ACCUMS = ("auto", "fp16", "fp32")
+ROPE_TRIGS = ("fast", "libdevice")
+
+
+def _key_math(key_accum: str, rope_trig: str, table_fp16: bool, key_gather: str = "global") -> tuple[bool, bool]:
+    """``(ACC_FP16, FAST_ROPE)`` of the key side, checked (see :func:`decode_attention`)."""
+    if key_accum not in KEY_ACCUMS:
+        raise ValueError(f"key_accum must be one of {KEY_ACCUMS}, got {key_accum!r}.")
+    if rope_trig not in ROPE_TRIGS:
+        raise ValueError(f"rope_trig must be one of {ROPE_TRIGS}, got {rope_trig!r}.")
+    if key_accum == "fp16":
+        if not table_fp16:
+            raise ValueError(
+                "key_accum='fp16' sums the float16 copy of the key codebooks, which needs codebooks exact in float16 "
+                "(stored in float16, as the native format does) and key_table='auto'; use key_accum='fp32' or 'auto'."
+            )
+        if key_gather != "global":
+            raise ValueError(f"key_accum='fp16' is implemented for key_gather='global' only, got {key_gather!r}.")
+    acc_fp16 = key_accum == "fp16" or (key_accum == "auto" and table_fp16 and key_gather == "global")
+    return acc_fp16, rope_trig == "fast"
+
+
+def _key_side_meta(
+    h: int,
+    g: int,
+    d: int,
+    r: int,
+    table_fp16: bool,
+    block_t: int,
+    key_accum: str = "auto",
+    rope_trig: str = "fast",
+    key_gather: str = "global",
+) -> dict:
+    """Constexprs of the key side (codes -> scores, window) shared by the fused and the scores kernels. ``NATIVE``:
+    compiled for a GPU (inline PTX, hardware approximations), off in the interpreter, which emulates them."""
     p = d // 2
+    acc_fp16, fast_rope = _key_math(key_accum, rope_trig, table_fp16, key_gather)
     return dict(
         H=h,
         G=g,
@@ -820,6 +944,9 @@ def _key_side_meta(h: int, g: int, d: int, r: int, table_fp16: bool, block_t: in
         BLOCK_D=triton.next_power_of_2(d),
         USE_DOT=p >= 16,
         TABLE_FP16=bool(table_fp16),
+        ACC_FP16=acc_fp16,
+        FAST_ROPE=fast_rope,
+        NATIVE=not triton_interpreted(),
     )
 
 
@@ -834,6 +961,8 @@ def decode_meta(
     nb_chunk: int | None = None,
     num_warps: int = 8,
     num_stages: int = 1,
+    key_accum: str = "auto",
+    rope_trig: str = "fast",
 ) -> tuple[dict, tuple[int, int]]:
     """The decode kernel's constexprs and ``(num_warps, num_stages)`` for ``h`` KV heads of ``g`` query heads, head
     dim ``d``, ``r`` key residuals and ``nbits`` value bits per token (what :func:`decode_attention` launches; the
@@ -844,7 +973,7 @@ def decode_meta(
     the gathers hit L1 anyway. Compiled for sm_90 (``python -m pressroom.kernels.commvq_resources``), the defaults
     (``BLOCK_T=32``, ``NB_CHUNK=1024``, 8 warps) take 73 KB of shared memory and 255 registers with no real spill
     (8 bytes) at R=11 and R=21; 4 warps spill about 1.6 KB per thread."""
-    meta = _key_side_meta(h, g, d, r, table_fp16, block_t)
+    meta = _key_side_meta(h, g, d, r, table_fp16, block_t, key_accum, rope_trig)
     meta.update(NBITS=nbits, NB_CHUNK=nb_chunk or _default_nb_chunk(nbits))
     return meta, (num_warps, num_stages)
 
@@ -880,11 +1009,13 @@ def two_pass_meta(
     num_stages: int = 1,
     key_gather: str = "global",
     key_parts: int = 1,
+    key_accum: str = "auto",
+    rope_trig: str = "fast",
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``."""
     _check_key_side(key_gather, key_parts)
-    scores = _key_side_meta(h, g, d, r, table_fp16, block_t)
+    scores = _key_side_meta(h, g, d, r, table_fp16, block_t, key_accum, rope_trig, key_gather)
     if key_gather == "table":
         scores["GATHER_TABLE"] = True
     if key_parts > 1:
@@ -929,6 +1060,8 @@ def decode_attention(
     key_table: str = "auto",
     key_gather: str = "global",
     key_parts: int = 1,
+    key_accum: str = "auto",
+    rope_trig: str = "fast",
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -977,6 +1110,17 @@ def decode_attention(
         Two-pass only. ``2``: the residual steps are split in two halves scored by separate programs (the half
         slowest in the grid, so that programs resident together read half of the tables) whose partial scores are
         added in the scores buffer (two float adds onto zero: deterministic); ``1``: one program per token range.
+    key_accum : str
+        How the ``2 R`` table entries of a key are summed. ``"fp16"``: as packed float16 pairs, one ``add.rn.f16x2``
+        per entry for both halves of a RoPE pair (a third of the float32 path's instructions); each add rounds to
+        float16, so a key carries a relative error of about ``2^-11 sqrt(2 R)`` (under 0.3% at ``R = 21``, against
+        the codes' own 10%); needs the exact float16 table and ``key_gather="global"``. ``"fp32"``: unpacked and
+        summed in float32. ``"auto"`` (default): ``"fp16"`` where it applies, else ``"fp32"``.
+    rope_trig : str
+        ``"fast"`` (default): each angle reduced to ``[-pi, pi]`` with two FMAs, then the hardware ``sin``/``cos``
+        approximations (absolute error about 1e-6); ``"libdevice"``: ``tl.cos``/``tl.sin`` of the full angle
+        (float32-exact, with a slow path past about 1e5 rad, i.e. at long contexts). Both use the float32 angle
+        ``pos * inv_freq`` that transformers' RoPE uses.
 
     Returns
     -------
@@ -994,6 +1138,8 @@ def decode_attention(
         raise ValueError(f"key_gather={key_gather!r} is implemented for design='two_pass' only.")
     if key_parts != 1 and design != "two_pass":
         raise ValueError(f"key_parts={key_parts} is implemented for design='two_pass' only.")
+    fp16 = books.ztab16 is not None and key_table == "auto"
+    _key_math(key_accum, rope_trig, fp16, key_gather)
     if not resolve_use_triton(use_triton, q, kv.codes):
         return decode_attention_reference(q, kv, books, scaling)
     b, hq, d = q.shape
@@ -1007,12 +1153,12 @@ def decode_attention(
     accw = torch.empty(b, hq, d, device=dev, dtype=torch.float32)
     pos = kv.pos
     s_pb, s_ph = (pos.stride(0), 0) if pos.dim() == 2 else (pos.stride(0), pos.stride(1))
-    fp16 = books.ztab16 is not None and key_table == "auto"
     ztab = books.ztab16.view(torch.int32) if fp16 else books.ztab.view(torch.int64)
     if design == "two_pass":
         m, lsum, acc, n_splits = _two_pass(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
-            values_warps, target_programs or _sm_count(dev), score_programs, key_gather, key_parts,
+            values_warps, target_programs or _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
+            rope_trig,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -1029,6 +1175,8 @@ def decode_attention(
             num_warps,
             num_stages,
             target_programs or DEFAULT_TARGET_PROGRAMS,
+            key_accum,
+            rope_trig,
         )
     rmeta, (rwarps, rstages) = reduce_meta(d, nbits, n_splits)
     n_rbc = triton.cdiv(nbits, rmeta["NB_CHUNK"])
@@ -1060,7 +1208,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
-    target_programs, score_programs, key_gather="global", key_parts=1,
+    target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -1068,7 +1216,7 @@ def _two_pass(
     nbits = books.n_bits
     (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
         h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
-        nb_chunk, values_warps, num_stages, key_gather, key_parts,
+        nb_chunk, values_warps, num_stages, key_gather, key_parts, key_accum, rope_trig,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
     split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)
@@ -1139,14 +1287,18 @@ def _two_pass(
     return m, lsum, acc, n_splits
 
 
-def _fused(qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, nb_chunk, num_warps, num_stages, target_programs):
+def _fused(
+    qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, nb_chunk, num_warps, num_stages, target_programs,
+    key_accum="auto", rope_trig="fast",
+):  # fmt: skip
     """Launch the split-K kernel of ``design="fused"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
     h = kv.codes.shape[1]
     nbits = books.n_bits
     meta, (num_warps, num_stages) = decode_meta(
-        h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, nb_chunk, num_warps, num_stages
-    )
+        h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, nb_chunk, num_warps, num_stages, key_accum,
+        rope_trig,
+    )  # fmt: skip
     n_nbc = triton.cdiv(nbits, meta["NB_CHUNK"])
     split = _split_size(kv.n, b * h * n_nbc, block_t, target_programs)
     n_splits = triton.cdiv(kv.n, split) if kv.n else 0
@@ -1395,7 +1547,9 @@ def key_scores(
 
 __all__ = [
     "DESIGNS",
+    "KEY_ACCUMS",
     "KEY_GATHERS",
+    "ROPE_TRIGS",
     "CodedKV",
     "LayerBooks",
     "chunk_attention",

@@ -175,6 +175,8 @@ BENCHMARK_TWO_PASS_TILINGS = (
     (64, 8, 32, 256, 4),
     (32, 4, 64, 256, 8),
     (32, 4, 32, 128, 4),
+    (64, 4, 32, 512, 8),
+    (128, 8, 32, 512, 8),
 )
 # the scores kernel with on-chip table gathers (key_gather="table"): (block_t, num_warps), values side at the default
 BENCHMARK_TABLE_GATHER_TILINGS = ((32, 8), (64, 8), (128, 8))

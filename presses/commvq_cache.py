@@ -50,6 +50,7 @@ from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec
 from pressroom.presses.sink_window_cache import PositionResolver, _text_config, rope_frequencies
 
 ENCODE_BLOCK = 8192  # tokens encoded at once (bounds the value encoder's activations)
+DEFAULT_VALUE_REFINE = 64  # greedy bit flips per token after the value encoder (CommVQLayer.value_refine)
 
 # ------------------------------------------------------------------------------------------- attention interception
 _PENDING: list[Any] = [None]
@@ -170,6 +171,11 @@ class CommVQLayer(CacheLayerMixin):
         identical, the same reconstruction error; ``benchmarks/results/commvq_encode_split.json``; the value
         encoder's matmuls then run in TF32 too: 15.2 ms instead of 48.7 ms per layer). The CPU reference ignores
         it.
+    value_refine : int
+        Greedy bit flips per token after the value encoder (:meth:`ValueCodec.refine`), each lowering the token's
+        reconstruction error, and the least-squares coefficient stored as ``c_t``; ``0``: the encoder's bits and the
+        reference's ``c_t = (prescale + eps) / (postscale + eps)``. Our addition to CommVQ: on SmolLM2's held-out
+        values (2 bits) the relative MSE goes from 0.169 to 0.068 with 64 (the search has converged by then).
     """
 
     is_sliding = False
@@ -189,11 +195,14 @@ class CommVQLayer(CacheLayerMixin):
         resolver: PositionResolver | None = None,
         use_triton: bool | None = None,
         encode_precision: str = "ieee",
+        value_refine: int = DEFAULT_VALUE_REFINE,
     ) -> None:
         flush_chunk = _check_window(window, flush_chunk)
         _check_sink(n_sink)
         _check_precision(encode_precision)
+        _check_value_refine(value_refine)
         self.encode_precision = encode_precision
+        self.value_refine = int(value_refine)
         if mode not in ("codes", "dequantize"):
             raise ValueError(f"mode must be 'codes' or 'dequantize', got {mode!r}.")
         # codebook constants live in a namespace, not as tensor attributes: tools that sum a layer's tensor
@@ -335,8 +344,11 @@ class CommVQLayer(CacheLayerMixin):
             v = values[:, :, s:e].transpose(1, 2).reshape(self.batch, e - s, -1).float()
             with _matmul_tf32(v.is_cuda and self.encode_precision == "tf32"):
                 bits, prescale = self.codec.encode(v)
-            post = self.codec.postscale(bits)
-            coef = (prescale + self.codec.eps) / (post + self.codec.eps)
+            if self.value_refine:  # float32 throughout: it tracks each token's error through the flips
+                bits, coef = self.codec.refine(v, bits, self.value_refine)
+            else:
+                post = self.codec.postscale(bits)
+                coef = (prescale + self.codec.eps) / (post + self.codec.eps)
             self.vcoef[:, lo:hi] = coef[..., 0].to(torch.float16)
             self.vbits[:, lo:hi] = pack_bits(bits)
             p = pos[..., s:e].to(torch.int32)
@@ -638,6 +650,14 @@ class CommVQLayer(CacheLayerMixin):
         return -1
 
 
+def _check_value_refine(value_refine: Any) -> None:
+    if isinstance(value_refine, bool) or not isinstance(value_refine, int) or value_refine < 0:
+        raise ValueError(
+            f"value_refine must be an int >= 0 (greedy bit flips per token; 0: the encoder's bits as the reference "
+            f"codes them), got {value_refine!r}."
+        )
+
+
 def _check_sink(n_sink: Any) -> None:
     if isinstance(n_sink, bool) or not isinstance(n_sink, int) or n_sink < 0:
         raise ValueError(f"n_sink must be an integer >= 0 (full-precision first tokens), got {n_sink!r}.")
@@ -700,6 +720,8 @@ class CommVQCache(Cache):
         positions; default: the frequencies computed from the config on the CPU.
     encode_precision : str, default="ieee"
         Key encoder dot products on the GPU, ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` (:class:`CommVQLayer`).
+    value_refine : int, default=64
+        Greedy bit flips per token after the value encoder; ``0``: the reference's coding (:class:`CommVQLayer`).
 
     Raises
     ------
@@ -721,10 +743,12 @@ class CommVQCache(Cache):
         rotary_emb: Any = None,
         n_sink: int = 4,
         encode_precision: str = "ieee",
+        value_refine: int = DEFAULT_VALUE_REFINE,
     ) -> None:
         flush_chunk = _check_window(window, flush_chunk)
         _check_sink(n_sink)
         _check_precision(encode_precision)
+        _check_value_refine(value_refine)
         text = _text_config(config)
         books = load_codebooks(codebooks, bits, text)
         if rotary_emb is not None and hasattr(rotary_emb, "inv_freq"):
@@ -750,6 +774,7 @@ class CommVQCache(Cache):
                 resolver=self.resolver,
                 use_triton=use_triton,
                 encode_precision=encode_precision,
+                value_refine=value_refine,
             )
             for i in range(books.num_layers)
         ]

@@ -13,9 +13,11 @@ from transformers import QuantizedCache
 from transformers.cache_utils import DynamicLayer
 
 from pressroom.presses.commvq_cache import (
+    DEFAULT_VALUE_REFINE,
     CommVQLayer,
     _check_precision,
     _check_sink,
+    _check_value_refine,
     _check_window,
     attention_mode,
     load_codebooks,
@@ -103,6 +105,9 @@ class CommVQPress(BasePress):
     encode_precision : str, default="ieee"
         Key encoder dot products on the GPU: ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` (see
         :class:`~pressroom.presses.CommVQLayer`).
+    value_refine : int, default=64
+        Greedy bit flips per token after the value encoder, each lowering the token's error (our addition; ``0``:
+        the reference's coding; see :class:`~pressroom.presses.CommVQLayer`).
 
     Raises
     ------
@@ -122,6 +127,7 @@ class CommVQPress(BasePress):
     compression_ratio: float = 0.0
     use_triton: bool | None = None
     encode_precision: str = "ieee"
+    value_refine: int = DEFAULT_VALUE_REFINE
     _books: CommVQCodebooks | None = field(init=False, repr=False, compare=False, default=None)
     _resolver: PositionResolver = field(init=False, repr=False, compare=False, default_factory=PositionResolver)
 
@@ -136,6 +142,7 @@ class CommVQPress(BasePress):
         _check_window(self.window, self.flush_chunk)
         _check_sink(self.n_sink)
         _check_precision(self.encode_precision)
+        _check_value_refine(self.value_refine)
 
     def books_for(self, config: Any) -> CommVQCodebooks:
         """The codebooks, loaded once and validated against ``config``."""
@@ -199,6 +206,7 @@ class CommVQPress(BasePress):
             resolver=self._resolver,
             use_triton=self.use_triton,
             encode_precision=self.encode_precision,
+            value_refine=self.value_refine,
         )
         new_layer.load_prefill(keys, values, cos, sin, index=index)
         new_layer.mark()

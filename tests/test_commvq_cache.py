@@ -211,15 +211,47 @@ def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head
     out = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()
-    if fp16_theta:  # the float32 table gives the same result
+    if fp16_theta:  # the float32 table, or float32 sums of the float16 one, give the same result
         out32 = decode_attention(q, kv, books, 0.3, use_triton=True, key_table="fp32", **tiling)
-        assert (out32 - out).abs().max() <= 1e-5 * ref.abs().max()
+        out16 = decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp32", **tiling)
+        assert (out32 - out16).abs().max() <= 1e-5 * ref.abs().max()
+        assert (out32 - ref).abs().max() <= 2e-3 * ref.abs().max()
     # no coded token (only the window) and no window (only codes)
     for n, nw in ((0, 5), (70, 0)):
         kv.n, kv.nw = n, nw
         ref = decode_attention_reference(q, kv, books, 0.3)
         out = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
         assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("design", ["two_pass", "fused"])
+def test_fp16_key_sums_are_exact_where_float16_is(design):
+    """``key_accum="fp16"`` adds packed float16 pairs: with table entries on a 2^-6 grid and small enough that every
+    partial sum is a float16, the sums are exact, so the result equals the float32 sums (1e-5 relative: only the
+    order of float32 operations differs). This checks which half of which entry goes where (x, y of z_A and z_B)."""
+    tiling = dict(design=design, block_t=16, target_programs=8, values_block_t=16, score_programs=8)
+    kv, books = _coded(1, 2, 32, 5, n=40, nw=3, nbits=2 * 2 * 32, fp16_theta=True)
+    grid = (books.theta * 64).round() / 64
+    books = LayerBooks.build(grid, books.emb.reshape(books.n_bits, -1), books.chscale.reshape(-1), books.inv_freq)
+    assert books.ztab16 is not None
+    q = torch.randn(1, 4, 32)
+    exact = decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp32", **tiling)
+    half = decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp16", **tiling)
+    assert (half - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+@needs_interpreter
+def test_fp16_key_sums_error_is_small_at_r21():
+    """Random codebooks at R = 21 (2 bits at head_dim 128): the float16 sums move the output by under 1e-3 of its
+    scale (each of the 21 adds rounds to float16: relative 2^-11 per add)."""
+    kv, books = _coded(1, 1, 32, 21, n=64, nw=0, nbits=32, fp16_theta=True)
+    q = torch.randn(1, 2, 32)
+    tiling = dict(block_t=16, target_programs=4, values_block_t=16, score_programs=4)
+    exact = decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp32", **tiling)
+    half = decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp16", **tiling)
+    err = (half - exact).abs().max() / exact.abs().max()
+    assert 0 < err <= 1e-3
 
 
 @needs_interpreter
@@ -280,6 +312,61 @@ def test_flush_at_chunk_boundary_and_memory_bytes(tiny):
         + 8 * 4  # window positions
     )
     assert cache.memory_bytes() == layers * per_layer
+
+
+def test_value_refine_lowers_every_tokens_error():
+    """``ValueCodec.refine``: 0 steps keeps the bits and gives the least-squares coefficient; each token's error with
+    the refined bits is never above its error with the encoder's bits, and lower on average."""
+    torch.manual_seed(0)
+    codec = ValueCodec(48, 2).eval()
+    codec.scale.copy_(torch.rand(48) + 0.5)
+    v = torch.randn(300, 48) * codec.scale
+    bits, _ = codec.encode(v)
+    e = codec.channel_embedding()
+
+    def err(b, c):
+        return ((v - c * (b.float() @ e)) ** 2).sum(-1)
+
+    same, coef0 = codec.refine(v, bits, 0)
+    assert torch.equal(same, bits) and same.dtype == torch.uint8
+    torch.testing.assert_close(coef0, codec.least_squares_coef(v, bits))
+    refined, coef = codec.refine(v, bits, 16)
+    assert refined.shape == bits.shape and coef.shape == (300, 1)
+    assert ((refined != bits).sum(-1) <= 16).all()
+    assert (err(refined, coef) <= err(bits, coef0) * (1 + 1e-5)).all()
+    assert err(refined, coef).mean() < 0.9 * err(bits, coef0).mean()
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        codec.refine(v, bits, -1)
+    with pytest.raises(ValueError, match="bits must be"):
+        codec.refine(v, bits[:, :-8], 4)
+
+
+def test_value_refine_in_the_cache(tiny):
+    """``value_refine=0`` stores the reference's coding (values equal ``codec.decode(*codec.encode(v))`` up to the
+    float16 coefficient); the default refinement codes the same prompt with a lower value error; bad values raise."""
+    model, _ = tiny
+    books = random_books(model.config, residuals=3, bits=2)
+    ids = torch.randint(5, 1000, (1, 40))
+    with torch.no_grad():
+        plain = DynamicCache()
+        model(ids, past_key_values=plain)
+        errors = {}
+        for steps in (0, 64):
+            cache = CommVQCache(model.config, books, window=8, mode="dequantize", n_sink=0, value_refine=steps)
+            model(ids, past_key_values=cache)
+            layer = cache.layers[1]
+            v = plain.layers[1].values[:, :, : layer.n].transpose(1, 2).flatten(2)  # the coded tokens
+            got = layer.values[:, :, : layer.n].transpose(1, 2).flatten(2)
+            errors[steps] = float(((got - v) ** 2).sum())
+            if steps == 0:
+                codec = books.values[1]
+                torch.testing.assert_close(got, codec.decode(*codec.encode(v)), rtol=2e-3, atol=2e-3)
+    assert errors[64] < errors[0]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="value_refine must be an int"):
+            CommVQCache(model.config, books, value_refine=bad)
+        with pytest.raises(ValueError, match="value_refine must be an int"):
+            CommVQPress(codebooks=books, value_refine=bad)
 
 
 def test_sink_tokens_stay_in_full_precision(tiny):
@@ -466,6 +553,15 @@ def test_decode_key_gather_is_validated():
         decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", key_gather="table")
     with pytest.raises(ValueError, match="key_parts must be 1 or 2"):
         decode_attention(q, kv, books, 0.3, use_triton=True, key_parts=3)
+    with pytest.raises(ValueError, match="key_accum must be one of"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="bf16")
+    with pytest.raises(ValueError, match="rope_trig must be one of"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, rope_trig="approx")
+    with pytest.raises(ValueError, match="needs codebooks exact in float16"):  # this theta is not
+        decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp16")
+    kv, books = _coded(1, 2, 16, 2, n=8, nw=2, nbits=2 * 2 * 16, fp16_theta=True)
+    with pytest.raises(ValueError, match="key_gather='global' only"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp16", key_gather="table")
 
 
 def test_value_encoder_tf32_scope_restores_the_global_setting():
