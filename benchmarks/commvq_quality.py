@@ -36,6 +36,7 @@ import torch
 
 from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.presses import CommVQCache, CommVQPress
+from pressroom.presses.commvq_cache import DEFAULT_VALUE_REFINE
 from pressroom.presses.commvq_ablation_press import SIDES, CommVQAblationPress
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, model_kv_shape
 
@@ -127,6 +128,13 @@ def main() -> None:
         action="store_true",
         help="also needles with only the keys, then only the values, CommVQ-coded (CommVQAblationPress: no savings)",
     )
+    ap.add_argument(
+        "--value-refine",
+        type=int,
+        nargs="+",
+        default=[DEFAULT_VALUE_REFINE],
+        help="CommVQ value_refine settings to run (greedy bit flips per token; 0: the reference's value coding)",
+    )
     ap.add_argument("--skip-ppl", action="store_true", help="needles only (e.g. a second job)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: tiny-llama, random codebooks")
     args = ap.parse_args()
@@ -156,6 +164,7 @@ def main() -> None:
         "dtype": dtype,
         "smoke": args.smoke,
         "commvq_n_sink": args.n_sink,
+        "commvq_value_refine": args.value_refine,
         "perplexity": {"context": args.context, "eval_tokens_per_segment": args.eval, "segments": args.segments},
         "needles": {},
     }
@@ -174,15 +183,16 @@ def main() -> None:
         books[bits].validate(model.config)
     result["codebooks"] = {str(b): {"R": bk.residuals, "key_bits": bk.key_bits} for b, bk in books.items()}
 
-    def commvq_name(bits: int, n_sink: int) -> str:
-        return f"commvq_{bits}bit" + (f"_sink{n_sink}" if n_sink else "")
+    def commvq_name(bits: int, n_sink: int, refine: int) -> str:
+        name = f"commvq_{bits}bit" + (f"_sink{n_sink}" if n_sink else "")
+        return name + (f"_refine{refine}" if refine != DEFAULT_VALUE_REFINE else "")
 
+    settings = [(b, ns, vr) for b in args.bits for ns in args.n_sink for vr in args.value_refine]
     caches = {"fp16": lambda: None}
-    for b in args.bits:
-        for ns in args.n_sink:
-            caches[commvq_name(b, ns)] = lambda b=b, ns=ns: CommVQCache(
-                model.config, books[b], bits=b, window=128, n_sink=ns
-            )
+    for b, ns, vr in settings:
+        caches[commvq_name(b, ns, vr)] = lambda b=b, ns=ns, vr=vr: CommVQCache(
+            model.config, books[b], bits=b, window=128, n_sink=ns, value_refine=vr
+        )
     for b in () if args.skip_hqq else args.bits:
         caches[f"hqq_{b}bit"] = lambda b=b: quantized_cache(model, b, min(64, head_dim))
     if not args.skip_ppl:
@@ -227,14 +237,14 @@ def main() -> None:
         max_new_tokens=8 if args.smoke else None,
     )
     presses: list[tuple[str, CommVQPress | None]] = [("fp16", None)]
-    for b in args.bits:
-        for ns in args.n_sink:
-            presses.append((commvq_name(b, ns), CommVQPress(codebooks=books[b], bits=b, window=128, n_sink=ns)))
-            for side in SIDES if args.ablation else ():
-                ablation = CommVQAblationPress(codebooks=books[b], bits=b, window=128, n_sink=ns, coded=side)
-                presses.append((f"{commvq_name(b, ns)}_{side}_only", ablation))
+    for b, ns, vr in settings:
+        kw = dict(codebooks=books[b], bits=b, window=128, n_sink=ns, value_refine=vr)
+        presses.append((commvq_name(b, ns, vr), CommVQPress(**kw)))
+        for side in SIDES if args.ablation else ():
+            presses.append((f"{commvq_name(b, ns, vr)}_{side}_only", CommVQAblationPress(**kw, coded=side)))
     for name, press in presses:
         sink = f",n_sink={press.n_sink}" if press is not None and press.n_sink else ""
+        sink += f",value_refine={press.value_refine}" if press is not None else ""
         if press is None:
             spec = "no_press"
         elif isinstance(press, CommVQAblationPress):
