@@ -36,8 +36,8 @@ import torch
 
 from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.presses import CommVQCache, CommVQPress
-from pressroom.presses.commvq_cache import DEFAULT_VALUE_REFINE
 from pressroom.presses.commvq_ablation_press import SIDES, CommVQAblationPress
+from pressroom.presses.commvq_cache import DEFAULT_VALUE_REFINE
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, model_kv_shape
 
 NEEDLE_TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "passkey", "vt"]

@@ -13,6 +13,8 @@
 #   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh ablation  # 2-bit needles, 12 samples per task: fp16, CommVQ, and
 #                                            # keys-only / values-only coding (CommVQAblationPress), no HQQ
 #                                            # (about 9 minutes on an H200)
+#   bash benchmarks/gpu_commvq.sh refine     # the value-refinement Triton kernel against its PyTorch path (8B and
+#                                            # SmolLM2 value shapes; needs no .gpu load: torch and triton only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
@@ -42,5 +44,6 @@ ablation)
     --needle-samples 12 --skip-ppl --skip-hqq --ablation --output "$out/commvq_quality_ablation.json" \
     --runs-dir "$out/commvq_quality_runs12"
   ;;
-*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation" >&2; exit 2 ;;
+refine) python3 benchmarks/commvq_value_refine.py --output "$out/commvq_value_refine.json" ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|refine" >&2; exit 2 ;;
 esac

@@ -990,7 +990,7 @@ def _check_key_side(key_gather: str, key_parts: int) -> None:
         raise ValueError(f"key_parts must be 1 or 2, got {key_parts}.")
 
 
-DEFAULT_VALUES_NB_CHUNK = 512
+DEFAULT_VALUES_NB_CHUNK = 256
 DEFAULT_SCORE_PROGRAMS = 2048
 
 
@@ -1002,10 +1002,10 @@ def two_pass_meta(
     nbits: int,
     table_fp16: bool = True,
     block_t: int = 32,
-    num_warps: int = 8,
+    num_warps: int = 4,
     values_block_t: int = 32,
     nb_chunk: int | None = None,
-    values_warps: int = 8,
+    values_warps: int = 4,
     num_stages: int = 1,
     key_gather: str = "global",
     key_parts: int = 1,
@@ -1051,11 +1051,11 @@ def decode_attention(
     block_t: int = 32,
     nb_chunk: int | None = None,
     target_programs: int | None = None,
-    num_warps: int = 8,
+    num_warps: int | None = None,
     num_stages: int = 1,
     design: str = "two_pass",
     values_block_t: int = 32,
-    values_warps: int = 8,
+    values_warps: int = 4,
     score_programs: int = DEFAULT_SCORE_PROGRAMS,
     key_table: str = "auto",
     key_gather: str = "global",
@@ -1090,10 +1090,12 @@ def decode_attention(
         ``None``: the kernel on CUDA, :func:`decode_attention_reference` elsewhere.
     block_t, nb_chunk, target_programs, num_warps, num_stages : int
         Kernel tiling: tokens per block (of the key side), value bits per program (default ``min(n_bits, 1024)``
-        fused, ``min(n_bits, 512)`` two-pass), the number of programs the split count of the value side aims at
-        (default: the GPU's SM count two-pass, 1024 fused), warps per program of the key side, software-pipelining
-        stages (1: none, see :func:`decode_meta`). The defaults are the fastest tiling of
-        ``benchmarks/commvq_decode.py`` on an H100 (``benchmarks/results/commvq_decode.json``).
+        fused, ``min(n_bits, 256)`` two-pass), the number of programs the split count of the value side aims at
+        (default: the GPU's SM count two-pass, 1024 fused), warps per program of the key side (default 4 two-pass,
+        8 fused), software-pipelining stages (1: none, see :func:`decode_meta`). The two-pass defaults (32 tokens,
+        4 warps; values 32 tokens, 256 bits, 4 warps) are the fastest tiling of ``benchmarks/commvq_decode.py`` at
+        1 bit on an H200 and faster than the previous ones at 2 bits
+        (``benchmarks/results/commvq_decode_key_math.json``).
     design : str
         ``"two_pass"`` or ``"fused"`` (above).
     values_block_t, values_warps, score_programs : int
@@ -1140,6 +1142,8 @@ def decode_attention(
         raise ValueError(f"key_parts={key_parts} is implemented for design='two_pass' only.")
     fp16 = books.ztab16 is not None and key_table == "auto"
     _key_math(key_accum, rope_trig, fp16, key_gather)
+    if num_warps is None:
+        num_warps = 4 if design == "two_pass" else 8
     if not resolve_use_triton(use_triton, q, kv.codes):
         return decode_attention_reference(q, kv, books, scaling)
     b, hq, d = q.shape

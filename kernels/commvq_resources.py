@@ -24,6 +24,14 @@ SM90 = ("cuda", 90, 32)
 
 # the pointer arguments' element types (the rest: int32 scalars, and float32 for the names in _FLOAT_ARGS)
 _POINTERS = {
+    "_refine_kernel": {
+        "u_ptr": "*fp32",
+        "w_ptr": "*fp32",
+        "bits_ptr": "*u8",
+        "gram_ptr": "*fp32",
+        "sq_ptr": "*fp32",
+        "coef_ptr": "*fp32",
+    },
     "_decode_split_kernel": {
         "q_ptr": "*fp32",
         "codes_ptr": "*u8",
@@ -169,8 +177,8 @@ BENCHMARK_DECODE_TILINGS = (
 )
 # the two-pass tilings it sweeps: (block_t, num_warps, values_block_t, nb_chunk, values_warps); the first is the default
 BENCHMARK_TWO_PASS_TILINGS = (
-    (32, 8, 32, 512, 8),
     (32, 4, 32, 256, 4),
+    (32, 8, 32, 512, 8),
     (16, 4, 32, 256, 4),
     (64, 8, 32, 256, 4),
     (32, 4, 64, 256, 8),
@@ -219,6 +227,7 @@ def default_configs():
     compiles it by default, at every shape of :data:`SHAPES` (both key-table dtypes for the decode kernel)."""
     from pressroom.kernels import commvq_attention as att
     from pressroom.kernels import commvq_encode as enc
+    from pressroom.kernels import commvq_refine as ref
 
     out = []
     for name, h, hq, d, r, bits in SHAPES:
@@ -241,6 +250,8 @@ def default_configs():
         for design in ("direct", "lut"):
             meta, opts = att.key_scores_meta(h, hq // h, d, r, design)
             out.append((f"key_scores {design} {name}", att._key_scores_kernel, meta, *opts, None))
+        meta, warps = ref.refine_meta(nbits)
+        out.append((f"refine {name}", ref._refine_kernel, meta, warps, 1, None))
         for precision in enc.PRECISIONS:  # the tiling encode_keys launches for each precision
             kw = enc.encode_defaults(precision)
             meta, opts = enc.encode_meta(d, r, kw["block_n"], kw["num_warps"], 1, kw["search"], precision)

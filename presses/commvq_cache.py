@@ -175,7 +175,9 @@ class CommVQLayer(CacheLayerMixin):
         Greedy bit flips per token after the value encoder (:meth:`ValueCodec.refine`), each lowering the token's
         reconstruction error, and the least-squares coefficient stored as ``c_t``; ``0``: the encoder's bits and the
         reference's ``c_t = (prescale + eps) / (postscale + eps)``. Our addition to CommVQ: on SmolLM2's held-out
-        values (2 bits) the relative MSE goes from 0.169 to 0.068 with 64 (the search has converged by then).
+        values (2 bits) the relative MSE goes from 0.169 to 0.068 with 64 (the search has converged by then). It
+        runs in PyTorch unless ``use_triton=True`` (the Triton kernel of :mod:`pressroom.kernels.commvq_refine` is
+        tested under the interpreter but not yet measured on a GPU).
     """
 
     is_sliding = False
@@ -345,7 +347,9 @@ class CommVQLayer(CacheLayerMixin):
             with _matmul_tf32(v.is_cuda and self.encode_precision == "tf32"):
                 bits, prescale = self.codec.encode(v)
             if self.value_refine:  # float32 throughout: it tracks each token's error through the flips
-                bits, coef = self.codec.refine(v, bits, self.value_refine)
+                # the refine kernel has passed its interpreter test and compiles for sm_90 but has not run on a GPU
+                # yet: it runs only when asked for (use_triton=True); the PyTorch path otherwise (measured on the H200)
+                bits, coef = self.codec.refine(v, bits, self.value_refine, self.use_triton is True)
             else:
                 post = self.codec.postscale(bits)
                 coef = (prescale + self.codec.eps) / (post + self.codec.eps)

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pressroom.kernels.commvq_codebook import THETA_ROWS, centers_from_theta
+from pressroom.kernels.commvq_refine import refine_value_bits
 
 NATIVE_CONFIG = "commvq.json"
 NATIVE_KEYS = "keys.safetensors"
@@ -167,14 +168,15 @@ class ValueCodec(nn.Module):
         y = bits.float() @ self.channel_embedding()
         return (v.float() * y).sum(-1, keepdim=True) / (y * y).sum(-1, keepdim=True).clamp_min(1e-30)
 
-    def refine(self, v: torch.Tensor, bits: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def refine(
+        self, v: torch.Tensor, bits: torch.Tensor, steps: int, use_triton: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy bit flips that lower each token's reconstruction error, from the encoder's ``bits``.
 
         Our addition to CommVQ (the paper and the reference decode the encoder's choices as they are): with
         ``E' = channel_embedding()`` and the least-squares coefficient, a token's error is ``|v|^2 - <v, y>^2 /
-        |y|^2`` for ``y = bits @ E'``. Each step flips, per token, the one bit that lowers it most (none when no
-        flip helps), tracking ``<v, y>``, ``|y|^2`` and ``y @ E'^T`` through the Gram matrix of ``E'``, so a step
-        costs ``O(n_bits)`` per token. The error never rises.
+        |y|^2`` for ``y = bits @ E'``; each step flips, per token, the one bit that lowers it most (none when no
+        flip helps). See :mod:`pressroom.kernels.commvq_refine` (a Triton kernel on CUDA).
 
         Parameters
         ----------
@@ -184,47 +186,26 @@ class ValueCodec(nn.Module):
             Starting bits ``[..., 2 n_e]`` (0/1, any dtype), e.g. from :meth:`encode`.
         steps : int
             At most this many flips per token (``0``: the bits as given).
+        use_triton : bool or None
+            ``None``: the kernel on CUDA, the PyTorch reference elsewhere.
 
         Returns
         -------
         tuple of torch.Tensor
             Bits (uint8, same shape) and the least-squares coefficient ``[..., 1]`` (float32).
         """
-        if steps < 0:
-            raise ValueError(f"refine steps must be >= 0, got {steps}.")
         self._check(v)
         if bits.shape[-1] != self.code_bits or bits.shape[:-1] != v.shape[:-1]:
             raise ValueError(f"bits must be {tuple(v.shape[:-1]) + (self.code_bits,)}, got {tuple(bits.shape)}.")
         lead = v.shape[:-1]
-        with torch.no_grad():
-            ep = self.channel_embedding().to(v.device)
-            x = v.reshape(-1, self.feat_dim).float()
-            b = bits.reshape(-1, self.code_bits).float().clone()
-            gram = ep @ ep.T  # [nb, nb]
-            sq = gram.diagonal()
-            u = x @ ep.T  # <v, E'_i>
-            w = b @ gram  # <y, E'_i>
-            a = (b * u).sum(-1)  # <v, y>
-            q = (b * w).sum(-1)  # |y|^2
-            rows = torch.arange(x.shape[0], device=x.device)
-            for _ in range(steps):
-                d = 1.0 - 2.0 * b  # +1 turns a bit on, -1 off
-                a2 = a[:, None] + d * u
-                q2 = q[:, None] + 2.0 * d * w + sq[None, :]
-                gain = a2.clamp_min(0) ** 2 / q2.clamp_min(1e-30)
-                best, i = gain.max(-1)
-                cur = a.clamp_min(0) ** 2 / q.clamp_min(1e-30)
-                move = best > cur * (1 + 1e-6)
-                if not bool(move.any()):
-                    break
-                r, i = rows[move], i[move]
-                di = d[r, i]
-                a[r] = a2[r, i]
-                q[r] = q2[r, i]
-                w[r] += di[:, None] * gram[i]
-                b[r, i] = 1.0 - b[r, i]
-            coef = torch.where(q > 0, a / q.clamp_min(1e-30), torch.zeros_like(a))
-        return b.to(torch.uint8).reshape(*lead, self.code_bits), coef.reshape(*lead, 1)
+        out, coef = refine_value_bits(
+            v.reshape(-1, self.feat_dim),
+            bits.reshape(-1, self.code_bits),
+            self.channel_embedding().to(v.device),
+            steps,
+            use_triton,
+        )
+        return out.reshape(*lead, self.code_bits), coef.reshape(*lead, 1)
 
     def forward(self, v: torch.Tensor, tau: float = 1.0, hard: bool = True) -> torch.Tensor:
         """Training reconstruction: Gumbel-softmax choices (straight-through when ``hard``), decoded."""

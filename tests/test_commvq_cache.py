@@ -335,10 +335,30 @@ def test_value_refine_lowers_every_tokens_error():
     assert ((refined != bits).sum(-1) <= 16).all()
     assert (err(refined, coef) <= err(bits, coef0) * (1 + 1e-5)).all()
     assert err(refined, coef).mean() < 0.9 * err(bits, coef0).mean()
-    with pytest.raises(ValueError, match="steps must be >= 0"):
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
         codec.refine(v, bits, -1)
     with pytest.raises(ValueError, match="bits must be"):
         codec.refine(v, bits[:, :-8], 4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("n_bits", "feat", "steps"), [(48, 24, 40), (384, 192, 64), (64, 32, 0)])
+def test_refine_kernel_equals_reference(n_bits, feat, steps):
+    """The Triton refine kernel runs the reference's float32 updates in the same order: the same bits and the same
+    coefficient (1e-6 relative), on bit counts that are and are not powers of two, with tail blocks of tokens."""
+    from pressroom.kernels.commvq_refine import refine_value_bits, refine_value_bits_reference
+
+    torch.manual_seed(1)
+    emb = torch.randn(n_bits, feat) * 0.3
+    x = torch.randn(37, feat)
+    bits = torch.randint(0, 2, (37, n_bits), dtype=torch.uint8)
+    ref_bits, ref_coef = refine_value_bits_reference(x, bits, emb, steps)
+    out_bits, out_coef = refine_value_bits(x, bits, emb, steps, use_triton=True)
+    assert out_bits.dtype == torch.uint8 and out_coef.shape == (37, 1)
+    assert torch.equal(out_bits, ref_bits)
+    torch.testing.assert_close(out_coef, ref_coef, rtol=1e-6, atol=1e-7)
+    if steps:
+        assert (ref_bits != bits).any()
 
 
 def test_value_refine_in_the_cache(tiny):
@@ -362,6 +382,13 @@ def test_value_refine_in_the_cache(tiny):
                 codec = books.values[1]
                 torch.testing.assert_close(got, codec.decode(*codec.encode(v)), rtol=2e-3, atol=2e-3)
     assert errors[64] < errors[0]
+    if INTERPRET:  # use_triton=True: the refine kernel codes the same bits as the PyTorch path
+        kernel = CommVQCache(model.config, books, window=8, mode="dequantize", n_sink=0, use_triton=True)
+        torch_path = CommVQCache(model.config, books, window=8, mode="dequantize", n_sink=0, use_triton=False)
+        with torch.no_grad():
+            model(ids, past_key_values=kernel)
+            model(ids, past_key_values=torch_path)
+        assert torch.equal(kernel.layers[1].vbits, torch_path.layers[1].vbits)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="value_refine must be an int"):
             CommVQCache(model.config, books, value_refine=bad)
