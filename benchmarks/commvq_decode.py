@@ -504,7 +504,9 @@ def main() -> None:
 
                 cfg["encode_values_bf16_ms"] = attempt(enc_values_bf16, max(1, reps // 4), device)
 
-                def enc_values_refined(steps: int = 64):  # CommVQLayer's default: TF32 encoder, float32 refine
+                # the value encoder in TF32 (encode_precision="tf32"), then 64 flips on the PyTorch path (what
+                # CommVQLayer runs unless use_triton=True), on 16384-token chunks
+                def enc_values_refined(steps: int = 64):
                     for s in range(0, n, 16384):
                         v = vals[:, s : s + 16384]
                         torch.backends.cuda.matmul.allow_tf32 = True
@@ -512,7 +514,7 @@ def main() -> None:
                             bits_, _ = codec.encode(v)
                         finally:
                             torch.backends.cuda.matmul.allow_tf32 = tf32
-                        bits_, coef = codec.refine(v, bits_, steps)
+                        bits_, coef = codec.refine(v, bits_, steps, use_triton=False)
                         pack_bits(bits_)
 
                 # random values and codec: every token may use all 64 flips (real values converge sooner)

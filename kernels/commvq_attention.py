@@ -328,9 +328,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_cos_sin(phi, FAST: tl.constexpr, NATIVE: tl.constexpr):
-        """``cos(phi), sin(phi)`` of the RoPE angles. ``FAST``: ``phi`` reduced to ``[-pi, pi]`` with two FMAs
+        """``cos(phi), sin(phi)`` of the RoPE angles. ``FAST``: ``phi`` reduced to about ``[-pi, pi]`` with two FMAs
         (``2 pi`` split in a float32 head and tail: the reduction adds under 1e-6 rad up to 2^24 rad) and then the
-        hardware approximations (``sin.approx``/``cos.approx``, absolute error about 5e-7 on ``[-pi, pi]``) when
+        hardware approximations (``sin.approx``/``cos.approx``, absolute error about 5e-7 there) when
         ``NATIVE``, ``tl.cos``/``tl.sin`` of the reduced angle in the interpreter; else ``tl.cos``/``tl.sin``
         (libdevice, exact to float32 rounding, with a slow path past ``|phi| ~ 1e5`` rad)."""
         if FAST:
@@ -1119,7 +1119,7 @@ def decode_attention(
         the codes' own 10%); needs the exact float16 table and ``key_gather="global"``. ``"fp32"``: unpacked and
         summed in float32. ``"auto"`` (default): ``"fp16"`` where it applies, else ``"fp32"``.
     rope_trig : str
-        ``"fast"`` (default): each angle reduced to ``[-pi, pi]`` with two FMAs, then the hardware ``sin``/``cos``
+        ``"fast"`` (default): each angle reduced to about ``[-pi, pi]`` with two FMAs, then the hardware ``sin``/``cos``
         approximations (absolute error about 1e-6); ``"libdevice"``: ``tl.cos``/``tl.sin`` of the full angle
         (float32-exact, with a slow path past about 1e5 rad, i.e. at long contexts). Both use the float32 angle
         ``pos * inv_freq`` that transformers' RoPE uses.

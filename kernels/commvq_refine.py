@@ -14,8 +14,9 @@ Gram matrix ``E' E'^T``), so a step costs ``O(n_bits)`` per token and the error 
 token of a block can improve, or after ``steps`` flips; it returns the bits and ``c = a / q``.
 
 :func:`refine_value_bits` runs the Triton kernel on CUDA and :func:`refine_value_bits_reference` elsewhere; both
-start from ``u``, ``w`` computed by two matmuls and run the same float32 updates in the same order, so under the
-interpreter the kernel reproduces the reference's bits exactly.
+start from the same state (``u``, ``w``, ``a``, ``q``, computed in PyTorch) and run the same float32 updates in the
+same order, so under the interpreter the kernel reproduces the reference's bits exactly. The coefficient may come out
+negative (the least-squares one, as with ``steps=0``).
 """
 
 from __future__ import annotations
@@ -41,14 +42,18 @@ def _check(x: torch.Tensor, bits: torch.Tensor, emb: torch.Tensor, steps: int) -
         raise ValueError(f"values must be [tokens, {emb.shape[1]}], got {tuple(x.shape)}.")
     if bits.shape != (x.shape[0], emb.shape[0]):
         raise ValueError(f"bits must be [{x.shape[0]}, {emb.shape[0]}], got {tuple(bits.shape)}.")
+    if bits.numel() and (bool((bits < 0).any()) or bool((bits > 1).any())):
+        raise ValueError("bits must be 0 or 1 (unpacked, one per code bit).")
 
 
 def _start(x: torch.Tensor, bits: torch.Tensor, emb: torch.Tensor):
-    """``b`` (float32), ``u = x E'^T``, ``w = b G``, ``G = E' E'^T`` and ``diag(G)``: the search's starting state."""
+    """The search's starting state: ``b`` (float32), ``u = x E'^T``, ``w = b G``, ``a = <x, y>``, ``q = |y|^2``,
+    ``G = E' E'^T`` and ``diag(G)``."""
     ep = emb.float()
     gram = ep @ ep.T
     b = bits.float()
-    return b, x.float() @ ep.T, b @ gram, gram, gram.diagonal().contiguous()
+    u, w = x.float() @ ep.T, b @ gram
+    return b, u, w, (b * u).sum(-1), (b * w).sum(-1), gram, gram.diagonal().contiguous()
 
 
 def _coef(a: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -61,19 +66,16 @@ def refine_value_bits_reference(
     """Plain-PyTorch :func:`refine_value_bits`."""
     _check(x, bits, emb, steps)
     with torch.no_grad():
-        b, u, w, gram, sq = _start(x, bits, emb)
+        b, u, w, a, q, gram, sq = _start(x, bits, emb)  # a = <v, y>, q = |y|^2
         b = b.clone()
-        a = (b * u).sum(-1)  # <v, y>
-        q = (b * w).sum(-1)  # |y|^2
         rows = torch.arange(x.shape[0], device=x.device)
         for _ in range(steps):
             d = 1.0 - 2.0 * b
             a2 = a[:, None] + d * u
             q2 = q[:, None] + 2.0 * d * w + sq[None, :]
-            gain = a2.clamp_min(0) * a2.clamp_min(0) / q2.clamp_min(_TINY)
+            gain = a2 * a2 / q2.clamp_min(_TINY)  # the error is |v|^2 - gain
             best, i = gain.max(-1)
-            ac = a.clamp_min(0)
-            move = best > ac * ac / q.clamp_min(_TINY) * (1 + _MIN_GAIN)
+            move = best > a * a / q.clamp_min(_TINY) * (1 + _MIN_GAIN)
             if not bool(move.any()):
                 break
             r, i = rows[move], i[move]
@@ -92,6 +94,8 @@ if HAS_TRITON:
         u_ptr,  # [N, NB] float32: <v, E'_i>
         w_ptr,  # [N, NB] float32: <y, E'_i>
         bits_ptr,  # [N, NB] uint8 (in and out)
+        a_ptr,  # [N] float32: <v, y>
+        q_ptr,  # [N] float32: |y|^2
         gram_ptr,  # [NB, NB] float32
         sq_ptr,  # [NB] float32: |E'_i|^2
         coef_ptr,  # [N] float32 (out)
@@ -111,20 +115,18 @@ if HAS_TRITON:
         w = tl.load(w_ptr + off, mask=m2, other=0.0)
         b = tl.load(bits_ptr + off, mask=m2, other=0).to(tl.float32)
         sq = tl.load(sq_ptr + cols, mask=cmask, other=0.0)
-        a = tl.sum(b * u, axis=1)
-        q = tl.sum(b * w, axis=1)
+        a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
+        q = tl.load(q_ptr + rows, mask=rmask, other=0.0)
         step = 0
         active = tl.max(rmask.to(tl.int32), axis=0) > 0
         while (step < steps) & active:
             d = 1.0 - 2.0 * b
             a2 = a[:, None] + d * u
             q2 = q[:, None] + 2.0 * d * w + sq[None, :]
-            ap = tl.maximum(a2, 0.0)
-            gain = tl.where(cmask[None, :], ap * ap / tl.maximum(q2, 1e-30), -1.0)
+            gain = tl.where(cmask[None, :], a2 * a2 / tl.maximum(q2, 1e-30), -1.0)
             best = tl.max(gain, axis=1)
             i = tl.argmax(gain, axis=1)
-            ac = tl.maximum(a, 0.0)
-            move = (best > ac * ac / tl.maximum(q, 1e-30) * (1 + 1e-6)) & rmask
+            move = (best > a * a / tl.maximum(q, 1e-30) * (1 + 1e-6)) & rmask
             active = tl.max(move.to(tl.int32), axis=0) > 0
             sel = (cols[None, :] == i[:, None]) & move[:, None]
             di = tl.sum(tl.where(sel, d, 0.0), axis=1)
@@ -174,13 +176,25 @@ def refine_value_bits(
     _check(x, bits, emb, steps)
     n, nb = bits.shape
     with torch.no_grad():
-        b, u, w, gram, sq = _start(x, bits, emb)
+        b, u, w, a, q, gram, sq = _start(x, bits, emb)
         out = b.to(torch.uint8).contiguous()
         coef = torch.empty(n, device=x.device, dtype=torch.float32)
         if n:
             meta, warps = refine_meta(nb)
             _refine_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
-                u.contiguous(), w.contiguous(), out, gram.contiguous(), sq, coef, n, nb, steps, **meta, num_warps=warps
+                u.contiguous(),
+                w.contiguous(),
+                out,
+                a.contiguous(),
+                q.contiguous(),
+                gram.contiguous(),
+                sq,
+                coef,
+                n,
+                nb,
+                steps,
+                **meta,
+                num_warps=warps,
             )
     return out, coef[:, None]
 

@@ -169,7 +169,7 @@ class ValueCodec(nn.Module):
         return (v.float() * y).sum(-1, keepdim=True) / (y * y).sum(-1, keepdim=True).clamp_min(1e-30)
 
     def refine(
-        self, v: torch.Tensor, bits: torch.Tensor, steps: int, use_triton: bool | None = None
+        self, v: torch.Tensor, bits: torch.Tensor, steps: int, use_triton: bool | None = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy bit flips that lower each token's reconstruction error, from the encoder's ``bits``.
 
@@ -187,7 +187,8 @@ class ValueCodec(nn.Module):
         steps : int
             At most this many flips per token (``0``: the bits as given).
         use_triton : bool or None
-            ``None``: the kernel on CUDA, the PyTorch reference elsewhere.
+            ``False`` (default): the PyTorch reference; ``True``: the Triton kernel (tested under the interpreter, not
+            yet measured on a GPU); ``None``: the kernel on CUDA, the reference elsewhere.
 
         Returns
         -------

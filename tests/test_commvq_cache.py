@@ -330,25 +330,44 @@ def test_value_refine_lowers_every_tokens_error():
     same, coef0 = codec.refine(v, bits, 0)
     assert torch.equal(same, bits) and same.dtype == torch.uint8
     torch.testing.assert_close(coef0, codec.least_squares_coef(v, bits))
-    refined, coef = codec.refine(v, bits, 16)
-    assert refined.shape == bits.shape and coef.shape == (300, 1)
-    assert ((refined != bits).sum(-1) <= 16).all()
-    assert (err(refined, coef) <= err(bits, coef0) * (1 + 1e-5)).all()
+    for steps in (1, 16):  # also after one step: tokens that start with <v, y> < 0 (negative coefficient) included
+        refined, coef = codec.refine(v, bits, steps)
+        assert refined.shape == bits.shape and coef.shape == (300, 1)
+        assert ((refined != bits).sum(-1) <= steps).all()
+        assert (err(refined, coef) <= err(bits, coef0) * (1 + 1e-5)).all()
+    assert (coef0 < 0).any()
     assert err(refined, coef).mean() < 0.9 * err(bits, coef0).mean()
     with pytest.raises(ValueError, match="steps must be an int >= 0"):
         codec.refine(v, bits, -1)
     with pytest.raises(ValueError, match="bits must be"):
         codec.refine(v, bits[:, :-8], 4)
+    with pytest.raises(ValueError, match="bits must be 0 or 1"):
+        codec.refine(v, bits * 2, 4)
 
 
 @needs_interpreter
-@pytest.mark.parametrize(("n_bits", "feat", "steps"), [(48, 24, 40), (384, 192, 64), (64, 32, 0)])
+@pytest.mark.parametrize("rope_trig", ["fast", "libdevice"])
+def test_rope_trig_at_long_context_positions(rope_trig):
+    """Positions up to about 1.5M (angles past 1e6 rad for the highest frequency): both trig paths equal the float32
+    reference (2e-3 of the output scale, as the other decode tests)."""
+    kv, books = _coded(1, 2, 32, 3, n=48, nw=4, nbits=2 * 2 * 32)
+    kv.pos[:, :48] = torch.randint(1_000_000, 1_500_000, (48,), dtype=torch.int32).sort().values
+    kv.wpos[:] = torch.arange(1_500_000, 1_500_008, dtype=torch.int32)
+    q = torch.randn(1, 4, 32)
+    ref = decode_attention_reference(q, kv, books, 0.3)
+    tiling = dict(block_t=16, target_programs=4, values_block_t=16, score_programs=4)
+    out = decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp32", rope_trig=rope_trig, **tiling)
+    assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("n_bits", "feat", "steps"), [(48, 24, 40), (384, 192, 300), (64, 32, 0)])
 def test_refine_kernel_equals_reference(n_bits, feat, steps):
     """The Triton refine kernel runs the reference's float32 updates in the same order: the same bits and the same
     coefficient (1e-6 relative), on bit counts that are and are not powers of two, with tail blocks of tokens."""
     from pressroom.kernels.commvq_refine import refine_value_bits, refine_value_bits_reference
 
-    torch.manual_seed(1)
+    torch.manual_seed(n_bits)
     emb = torch.randn(n_bits, feat) * 0.3
     x = torch.randn(37, feat)
     bits = torch.randint(0, 2, (37, n_bits), dtype=torch.uint8)
