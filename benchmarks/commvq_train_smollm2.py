@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--value-steps", type=int, default=1000, help="value codec steps (the library default)")
     p.add_argument("--value-lr", type=float, default=1e-2)
     p.add_argument("--value-window", type=int, default=256)
+    p.add_argument(
+        "--value-ls-rounds",
+        type=int,
+        default=None,
+        help="least-squares codebook rounds after the value training (default: the library's; 0: none)",
+    )
     p.add_argument("--deadline-s", type=float, default=440.0, help="start no new layer after this many seconds")
     p.add_argument("--workdir", default=None, help="KV shards and intermediate files (default: a temp dir)")
     p.add_argument("--codebooks", default=None, help="where to copy the native codebooks (default: none)")
@@ -91,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="commvq_smollm2_"))
     bits_list = [int(b) for b in args.bits.split(",")]
     methods = args.methods.split(",")
+    vcfg = ValueConfig(steps=args.value_steps, window=args.value_window, lr=args.value_lr)
+    if args.value_ls_rounds is not None:
+        vcfg.ls_rounds = args.value_ls_rounds
     result: dict = {
         "benchmark": "commvq_train_smollm2",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
@@ -112,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             "value_steps": args.value_steps,
             "value_lr": args.value_lr,
             "value_window": args.value_window,
+            "value_ls_rounds": vcfg.ls_rounds,
             "value_batch_windows": 8,
             "deadline_s": args.deadline_s,
         },  # fmt: skip
@@ -150,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
 
     em = EMConfig(n_steps=args.em_steps)
     e2e = E2EConfig(steps=args.e2e_steps, batch=args.e2e_batch, lr=args.e2e_lr)
-    vcfg = ValueConfig(steps=args.value_steps, window=args.value_window, lr=args.value_lr)
     order = [(b, m) for m in methods for b in bits_list]  # all EM first: the paper's method has priority
     for bits, method in order:
         key = f"{bits}bit_{method}"
@@ -181,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         result["phases"][f"{key}_eval_s"] = time.time() - t0
         print(
             f"{key}: held-out keys {result['heldout'][key]['keys_rel_mse_mean']:.4f}, values "
-            f"{result['heldout'][key]['values_rel_mse_mean']} (t={time.time() - t_start:.0f} s)",
+            f"{result['heldout'][key]['values_rel_mse_mean']} (refined: "
+            f"{result['heldout'][key]['values_rel_mse_refined_mean']}) (t={time.time() - t_start:.0f} s)",
             flush=True,
         )
         save()
@@ -196,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     result["table"] = table
     result["summary"] = {
         key: {"keys_rel_mse_mean": res["keys_rel_mse_mean"], "values_rel_mse_mean": res["values_rel_mse_mean"],
-              "key_bits": res["key_bits"], "residuals": res["residuals"]}
+              "values_rel_mse_refined_mean": res["values_rel_mse_refined_mean"], "key_bits": res["key_bits"],
+              "residuals": res["residuals"]}
         for key, res in result["heldout"].items()
     }  # fmt: skip
     save()

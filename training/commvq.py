@@ -10,10 +10,13 @@ Steps (each resumable; one layer is one unit of work, ``--layer L`` or ``all``):
 - ``keys``: key codebooks, ``--method em`` (the paper's EM) or ``e2e`` (end-to-end), written in the reference's
   format to ``OUT/{bits}bit/keys_{method}/{layer:03d}_{group}.pt``.
 - ``values``: the value codec of each layer (encoder + binary additive codebook) trained with the model frozen on
-  value reconstruction + attention-output error: ``OUT/{bits}bit/values/layer_{layer:03d}.safetensors``.
+  value reconstruction + attention-output error, then ``--value-ls-rounds`` least-squares rounds on the codebook
+  (:func:`polish_value_codebook`, our addition; 0 keeps the paper's codec):
+  ``OUT/{bits}bit/values/layer_{layer:03d}.safetensors``.
 - ``convert``: assemble the native codebook ``OUT/{bits}bit/{method}/`` (what ``CommVQPress`` loads), or with
   ``--input SRC --to native|reference`` convert any codebook directory into ``--output``.
-- ``eval``: per-layer relative MSE of keys and values on the held-out split
+- ``eval``: per-layer relative MSE of keys and values on the held-out split (values both as the encoder codes them and
+  with the cache's default refinement)
   (``OUT/{bits}bit/{method}/heldout_mse.json``).
 - ``all``: every step for every layer.
 
@@ -39,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pressroom.evaluation.atomic import atomic_path, atomic_write_json
+from pressroom.presses.commvq_cache import DEFAULT_VALUE_REFINE
 from pressroom.presses.commvq_codebooks import (
     CommVQCodebooks,
     ValueCodec,
@@ -272,6 +276,8 @@ class ValueConfig:
     attn_weight: float = 1.0
     grad_clip: float = 1.0
     seed: int = 0
+    ls_rounds: int = 3  # least-squares codebook rounds after training (polish_value_codebook; 0: the paper's codec)
+    ls_refine: int = 64  # refinement flips per token in those rounds (CommVQLayer's default value_refine)
 
 
 def _rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -362,6 +368,51 @@ def train_value_codec(
     return history
 
 
+def polish_value_codebook(
+    codec: ValueCodec,
+    v: torch.Tensor,
+    rounds: int,
+    refine_steps: int = 64,
+    chunk: int = 8192,
+    ridge: float = 1e-4,
+    use_triton: bool | None = False,
+) -> list[float]:
+    """Least-squares rounds on the value codebook (our addition to CommVQ's training; ``rounds=0`` leaves it as
+    trained).
+
+    Each round codes the training values ``v [N, feat_dim]`` as the cache does (the encoder's bits refined with
+    ``refine_steps`` flips and the least-squares coefficient ``c_t``, :meth:`ValueCodec.refine`), then solves for
+    the codebook that minimises ``sum_t ||v_t - c_t (b_t @ E')||^2`` with those bits and coefficients fixed (normal
+    equations, a ridge of ``ridge`` times the mean diagonal), ``E' = embedding * (scale + eps)``. The encoder is
+    unchanged. On SmolLM2 (2 bits, 16k training tokens per layer, 4 rounds) the held-out relative MSE with 64 flips
+    went from 0.070 to 0.061 on layer 3, and the encoder's bits alone from 0.155 to 0.149.
+
+    Returns the training relative MSE before each round's solve (``rounds`` entries).
+    """
+    if rounds < 0:
+        raise ValueError(f"rounds must be >= 0, got {rounds}.")
+    history = []
+    with torch.no_grad():
+        for _ in range(rounds):
+            ep = codec.channel_embedding()
+            gram = torch.zeros(codec.code_bits, codec.code_bits, device=ep.device, dtype=torch.float64)
+            rhs = torch.zeros(codec.code_bits, codec.feat_dim, device=ep.device, dtype=torch.float64)
+            err = total = 0.0
+            for s in range(0, v.shape[0], chunk):
+                x = v[s : s + chunk].to(ep.device).float()
+                bits, coef = codec.refine(x, codec.encode(x)[0], refine_steps, use_triton)
+                scaled = (coef * bits.float()).double()
+                gram += scaled.T @ scaled
+                rhs += scaled.T @ x.double()
+                err += float(((x - coef * (bits.float() @ ep)) ** 2).sum())
+                total += float((x**2).sum())
+            history.append(err / max(total, 1e-30))
+            eye = torch.eye(codec.code_bits, device=gram.device, dtype=gram.dtype)
+            new = torch.linalg.solve(gram + ridge * gram.diagonal().mean().clamp_min(1e-30) * eye, rhs)
+            codec.embedding.copy_((new / (codec.scale.double() + codec.eps)).to(codec.embedding.dtype))
+    return history
+
+
 def values_path(out_dir: Path, bits: int, layer: int) -> Path:
     return out_dir / f"{bits}bit" / "values" / f"layer_{layer:03d}.safetensors"
 
@@ -398,11 +449,21 @@ def train_values_layer(
         codec, data["q"], data["k"], data["v"], lengths, rope["inv_freq"], scaling,
         meta["num_heads"], meta["num_kv_heads"], cfg, log,
     )  # fmt: skip
+    cfg = cfg or ValueConfig()
+    ls = polish_value_codebook(codec, data["v"], cfg.ls_rounds, cfg.ls_refine, use_triton=False)
+    if log is not None and ls:
+        log(f"values layer {layer}: least-squares rounds, training relative MSE {[round(x, 4) for x in ls]}")
     target.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().float().contiguous() for k, v in codec.state_dict().items()}
     with atomic_path(target) as tmp:
         save_file(state, str(tmp), metadata={"sizes": json.dumps(codec.sizes())})
-    return {"layer": layer, "seconds": time.perf_counter() - start, "loss_first": history[0], "loss_last": history[-1]}
+    return {
+        "layer": layer,
+        "seconds": time.perf_counter() - start,
+        "loss_first": history[0],
+        "loss_last": history[-1],
+        "ls_train_rel_mse": ls,
+    }
 
 
 def load_value_codec(path: Path) -> ValueCodec:
@@ -453,7 +514,7 @@ def evaluate_heldout(
     books = CommVQCodebooks.load(native_dir(out_dir, bits, method))
     kv_dir = out_dir / "kv" / "heldout"
     meta = read_meta(kv_dir)
-    keys, keys_per_head, values = [], [], []
+    keys, keys_per_head, values, values_refined = [], [], [], []
     n_tokens = 0
     for layer in range(books.num_layers):
         data, _ = load_layer(kv_dir, layer, ("k", "v"), max_tokens)
@@ -467,8 +528,12 @@ def evaluate_heldout(
             codec = books.values[layer].to(device)
             v = data["v"].to(device).float()
             with torch.no_grad():
-                v_hat = codec.decode(*codec.encode(v))
+                code, prescale = codec.encode(v)
+                v_hat = codec.decode(code, prescale)
+                code, coef = codec.refine(v, code, DEFAULT_VALUE_REFINE)
+                v_ref = coef * (code.float() @ codec.channel_embedding())
             values.append(float((v_hat - v).pow(2).sum() / v.pow(2).sum()))
+            values_refined.append(float((v_ref - v).pow(2).sum() / v.pow(2).sum()))
         n_tokens = int(r.shape[1])
     result = {
         "model": books.model_name,
@@ -481,8 +546,11 @@ def evaluate_heldout(
         "keys_rel_mse": keys,
         "keys_rel_mse_per_head": keys_per_head,
         "values_rel_mse": values or None,
+        "values_rel_mse_refined": values_refined or None,
+        "value_refine": DEFAULT_VALUE_REFINE,
         "keys_rel_mse_mean": sum(keys) / len(keys),
         "values_rel_mse_mean": (sum(values) / len(values)) if values else None,
+        "values_rel_mse_refined_mean": (sum(values_refined) / len(values_refined)) if values_refined else None,
     }
     atomic_write_json(native_dir(out_dir, bits, method) / "heldout_mse.json", result)
     return result
@@ -523,6 +591,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--value-tokens", type=int, default=None, help="training tokens for values (default all)")
     parser.add_argument("--value-window", type=int, default=256, help="attention window of the value loss")
     parser.add_argument("--value-lr", type=float, default=1e-2, help="value codec Adam learning rate")
+    parser.add_argument(
+        "--value-ls-rounds",
+        type=int,
+        default=ValueConfig.ls_rounds,
+        help="least-squares codebook rounds after the value training (0: the paper's codec as trained)",
+    )
     parser.add_argument("--input", type=Path, default=None, help="convert: source codebook directory")
     parser.add_argument("--to", default="native", choices=("native", "reference"), help="convert: target format")
     parser.add_argument("--device", default=None, help="device (default cuda if available)")
@@ -569,7 +643,13 @@ def run(args: argparse.Namespace) -> int:
     if args.step in ("values", "all"):
         if not (out / SCALE).exists():
             compute_scales(out)
-        cfg = ValueConfig(steps=args.value_steps, window=args.value_window, lr=args.value_lr, seed=args.seed)
+        cfg = ValueConfig(
+            steps=args.value_steps,
+            window=args.value_window,
+            lr=args.value_lr,
+            seed=args.seed,
+            ls_rounds=args.value_ls_rounds,
+        )
         for layer in tqdm(layers, desc=f"values {args.bits}bit"):
             summary["layers"][f"values.{layer}"] = train_values_layer(
                 out, layer, args.bits, args.value_tokens, device, cfg, force=args.force, log=log
