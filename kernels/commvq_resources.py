@@ -28,6 +28,8 @@ _POINTERS = {
         "u_ptr": "*fp32",
         "w_ptr": "*fp32",
         "bits_ptr": "*u8",
+        "a_ptr": "*fp32",
+        "q_ptr": "*fp32",
         "gram_ptr": "*fp32",
         "sq_ptr": "*fp32",
         "coef_ptr": "*fp32",
