@@ -59,6 +59,7 @@ from pressroom.kernels.commvq_resources import (
     BENCHMARK_TWO_PASS_TILINGS,
     ENCODE_TILINGS,
 )
+from pressroom.presses.commvq_cache import _matmul_tf32
 from pressroom.presses.commvq_codebooks import ValueCodec
 
 HQ, H, D, WINDOW = 32, 8, 128, 128
@@ -509,11 +510,8 @@ def main() -> None:
                 def enc_values_refined(steps: int = 64):
                     for s in range(0, n, 16384):
                         v = vals[:, s : s + 16384]
-                        torch.backends.cuda.matmul.allow_tf32 = True
-                        try:
+                        with _matmul_tf32(True):
                             bits_, _ = codec.encode(v)
-                        finally:
-                            torch.backends.cuda.matmul.allow_tf32 = tf32
                         bits_, coef = codec.refine(v, bits_, steps, use_triton=False)
                         pack_bits(bits_)
 

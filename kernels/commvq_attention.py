@@ -327,6 +327,18 @@ if HAS_TRITON:
         return ax.to(tl.float32) - by.to(tl.float32), ay.to(tl.float32) + bx.to(tl.float32)
 
     @triton.jit
+    def _add_code(
+        k0, k1, ztab_ptr, g, r, code, pp, pmask, R: tl.constexpr, P: tl.constexpr, TABLE_FP16: tl.constexpr,
+        GATHER_TABLE: tl.constexpr, ACC_FP16: tl.constexpr, NATIVE: tl.constexpr,
+    ):  # fmt: skip
+        """One code's entries into the key's accumulators: packed float16 sums ``(sum z_A, sum z_B)`` when
+        ``ACC_FP16`` (:func:`_add_center_h2`), else the float32 ``(x, y)`` (:func:`_add_center`)."""
+        if ACC_FP16:
+            return _add_center_h2(k0, k1, ztab_ptr, g, r, code, pp, pmask, R, P, NATIVE)
+        else:
+            return _add_center(k0, k1, ztab_ptr, g, r, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE)
+
+    @triton.jit
     def _rope_cos_sin(phi, FAST: tl.constexpr, NATIVE: tl.constexpr):
         """``cos(phi), sin(phi)`` of the RoPE angles. ``FAST``: ``phi`` reduced to about ``[-pi, pi]`` with two FMAs
         (``2 pi`` split in a float32 head and tail: the reduction adds under 1e-6 rad up to 2^24 rad) and then the
@@ -406,32 +418,29 @@ if HAS_TRITON:
         crow = codes_ptr + b * s_cb + g * s_ch + tok * s_cn
         # a runtime loop over residual pairs (two codes in three bytes): a fully unrolled loop over R lets ptxas hoist
         # all 2 R gathers (8 registers each per thread at BLOCK_T=32, P=64) and spill
+        if ACC_FP16:  # two packed float16 sums (z_A and z_B entries), see _add_code
+            k0 = tl.zeros((BLOCK_T, BLOCK_P), tl.int32)  # float16 (0, 0)
+            k1 = tl.zeros((BLOCK_T, BLOCK_P), tl.int32)
+        else:  # the key's (x, y) in float32
+            k0 = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
+            k1 = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
+        for j in range(j0, j1):
+            b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
+            b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
+            code = b0 | ((b1 & 15) << 8)
+            k0, k1 = _add_code(
+                k0, k1, ztab_ptr, g, 2 * j, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
+            )
+            if 2 * j + 1 < R:
+                b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
+                code = (b1 >> 4) | (b2 << 4)
+                k0, k1 = _add_code(
+                    k0, k1, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
+                )
         if ACC_FP16:
-            sa = tl.zeros((BLOCK_T, BLOCK_P), tl.int32)  # float16 (0, 0)
-            sb = tl.zeros((BLOCK_T, BLOCK_P), tl.int32)
-            for j in range(j0, j1):
-                b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
-                b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
-                sa, sb = _add_center_h2(sa, sb, ztab_ptr, g, 2 * j, b0 | ((b1 & 15) << 8), pp, pmask, R, P, NATIVE)
-                if 2 * j + 1 < R:
-                    b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
-                    code = (b1 >> 4) | (b2 << 4)
-                    sa, sb = _add_center_h2(sa, sb, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, NATIVE)
-            kx, ky = _h2_key(sa, sb)
+            kx, ky = _h2_key(k0, k1)
         else:
-            kx = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
-            ky = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
-            for j in range(j0, j1):
-                b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
-                b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
-                code = b0 | ((b1 & 15) << 8)
-                kx, ky = _add_center(kx, ky, ztab_ptr, g, 2 * j, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE)
-                if 2 * j + 1 < R:
-                    b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
-                    code = (b1 >> 4) | (b2 << 4)
-                    kx, ky = _add_center(
-                        kx, ky, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE
-                    )
+            kx, ky = k0, k1
         pos = tl.load(pos_ptr + b * s_pb + g * s_ph + tok, mask=tmask, other=0).to(tl.float32)
         phi = pos[:, None] * invf[None, :]
         cs, sn = _rope_cos_sin(phi, FAST_ROPE, NATIVE)

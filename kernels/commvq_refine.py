@@ -42,7 +42,7 @@ def _check(x: torch.Tensor, bits: torch.Tensor, emb: torch.Tensor, steps: int) -
         raise ValueError(f"values must be [tokens, {emb.shape[1]}], got {tuple(x.shape)}.")
     if bits.shape != (x.shape[0], emb.shape[0]):
         raise ValueError(f"bits must be [{x.shape[0]}, {emb.shape[0]}], got {tuple(bits.shape)}.")
-    if bits.numel() and (bool((bits < 0).any()) or bool((bits > 1).any())):
+    if bits.numel() and bool(((bits != 0) & (bits != 1)).any()):
         raise ValueError("bits must be 0 or 1 (unpacked, one per code bit).")
 
 
