@@ -6,6 +6,7 @@ held-out relative MSE ``sum ||v - v_hat||^2 / sum ||v||^2`` of the values:
 
 - ``encoder``: the encoder's bits decoded as the reference does (``value_refine=0``);
 - ``refined``: those bits after ``--steps`` greedy flips with the least-squares coefficient (``value_refine``);
+- ``refined_by_steps``: the refined error for each of ``--sweep-steps`` (0: the least-squares coefficient alone);
 - the same two after ``--rounds`` least-squares codebook rounds on ``--train-tokens`` training values
   (:func:`pressroom.training.commvq.polish_value_codebook`, what ``--value-ls-rounds`` does in training).
 
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--heldout-tokens", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sweep-steps", type=int, nargs="*", default=[0, 4, 16, 64, 256])
     args = ap.parse_args()
     for split in ("train", "heldout"):
         if not (args.kv / split).is_dir():
@@ -73,11 +75,16 @@ def main() -> None:
         codec = books.values[layer].float().eval()
         row = {"layer": layer}
         row["encoder"], row["refined"] = errors(codec, held["v"].float(), args.steps)
+        row["refined_by_steps"] = {str(k): errors(codec, held["v"].float(), k)[1] for k in args.sweep_steps}
         row["ls_train"] = polish_value_codebook(codec, train["v"].float(), args.rounds, args.steps)
         row["encoder_ls"], row["refined_ls"] = errors(codec, held["v"].float(), args.steps)
         result["layers"].append(row)
         for k in ("encoder", "refined", "encoder_ls", "refined_ls"):
             result[f"mean_{k}"] = sum(r[k] for r in result["layers"]) / len(result["layers"])
+        result["mean_refined_by_steps"] = {
+            k: sum(r["refined_by_steps"][k] for r in result["layers"]) / len(result["layers"])
+            for k in row["refined_by_steps"]
+        }
         result["elapsed_s"] = time.perf_counter() - t0
         atomic_write_json(args.output, result)
         print(layer, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}, flush=True)
