@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout-tokens", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--em-steps", type=int, default=40, help="EM iterations per residual (reference: 100)")
+    p.add_argument("--key-query-weight", type=float, default=None, help="key distance weights (default: the library's)")
     p.add_argument("--e2e-steps", type=int, default=300)
     p.add_argument("--e2e-batch", type=int, default=512)
     p.add_argument("--e2e-lr", type=float, default=2e-2)
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         train_keys_layer,
         train_values_layer,
     )
-    from pressroom.training.commvq_em import E2EConfig, EMConfig
+    from pressroom.training.commvq_em import DEFAULT_KEY_QUERY_WEIGHT, E2EConfig, EMConfig
 
     t_start = time.time()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="commvq_smollm2_"))
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     result["residuals"] = {b: residuals_for_bits(b, meta["head_dim"]) for b in bits_list}
     save()
 
+    qw = DEFAULT_KEY_QUERY_WEIGHT if args.key_query_weight is None else args.key_query_weight
+    result["caps"]["key_query_weight"] = qw
     em = EMConfig(n_steps=args.em_steps)
     e2e = E2EConfig(steps=args.e2e_steps, batch=args.e2e_batch, lr=args.e2e_lr)
     order = [(b, m) for m in methods for b in bits_list]  # all EM first: the paper's method has priority
@@ -169,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             if late():
                 result["incomplete"].append(f"{key}: keys stopped before layer {layer} (deadline)")
                 break
-            done.append(train_keys_layer(work, layer, bits, method, args.train_tokens, device, em, e2e, use_triton))
+            done.append(
+                train_keys_layer(
+                    work, layer, bits, method, args.train_tokens, device, em, e2e, use_triton, query_weight=qw
+                )
+            )
         result["phases"][f"{key}_keys_s"] = time.time() - t0
         result["phases"][f"{key}_keys_layers"] = done
         print(f"{key}: keys of {len(done)} layers in {result['phases'][f'{key}_keys_s']:.1f} s", flush=True)

@@ -22,6 +22,13 @@ Additive structure. ``center(A, B) = u_A + w_B`` with ``u_A = (x_A, y_A)`` and `
 so the nearest of the 4096 centers needs 128 dot products and a 64x64 table per vector, never a [N, 4096] matrix
 (:func:`nearest_centers`: a Triton kernel beside :func:`nearest_centers_reference`).
 
+Weighted search. With per-pair weights ``w_p > 0`` (e.g. the query energy of each RoPE pair: an error in a pair the
+queries barely use barely moves the attention logits), the distance ``sum_p w_p |r_p - c_p|^2`` is the Euclidean
+distance after scaling both coordinates of pair ``p`` by ``s_p = sqrt(w_p)``; a center is linear in
+``theta[:, p]``, so the scaled centers are those of ``theta * s``. The weighted search is the plain one on
+``(scale_pairs(r, s), theta * s)`` (:func:`search_operands`); its codes index the unscaled ``theta``. A per-pair
+scale commutes with the pair's RoPE rotation, so the codebook stays RoPE-commutative and decoding is unchanged.
+
 Dispatch. ``use_triton=None`` runs the Triton kernel on CUDA tensors and the reference elsewhere (or always the
 reference with ``PRESSROOM_FORCE_REFERENCE=1``); ``True`` / ``False`` force one (see
 :func:`pressroom.kernels.rope_ring.resolve_use_triton`).
@@ -97,6 +104,32 @@ def from_interleaved(x: torch.Tensor) -> torch.Tensor:
     if d % 2:
         raise ValueError(f"head_dim must be even, got {d}.")
     return x.unflatten(-1, (d // 2, 2)).transpose(-1, -2).flatten(-2)
+
+
+def scale_pairs(x: torch.Tensor, pair_scale: torch.Tensor) -> torch.Tensor:
+    """Interleaved vectors ``x [..., 2P]`` with both coordinates of pair ``p`` multiplied by ``pair_scale[..., p]``."""
+    if pair_scale.shape[-1] * 2 != x.shape[-1]:
+        raise ValueError(f"pair_scale [..., {pair_scale.shape[-1]}] does not fit vectors [..., {x.shape[-1]}].")
+    return x * pair_scale.to(x.dtype).repeat_interleave(2, dim=-1)
+
+
+def search_operands(
+    x: torch.Tensor, thetas: torch.Tensor, pair_weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, thetas)`` for the nearest-center search under per-pair weights (module docstring, weighted search).
+
+    ``x [..., H, 2P]`` interleaved (the head axis second to last), ``thetas [H, R, 128, P]``, ``pair_weights [H, P]``
+    (positive) or ``None`` (the Euclidean search: both returned as given).
+    """
+    if pair_weights is None:
+        return x, thetas
+    if pair_weights.shape != (thetas.shape[0], thetas.shape[-1]):
+        raise ValueError(
+            f"pair_weights must be [H_kv, head_dim/2] = {[thetas.shape[0], thetas.shape[-1]]}, got "
+            f"{list(pair_weights.shape)}."
+        )
+    scale = pair_weights.to(device=thetas.device, dtype=torch.float32).sqrt()
+    return scale_pairs(x, scale.to(x.device)), thetas * scale[:, None, None, :]
 
 
 def _prepare(

@@ -43,7 +43,7 @@ from pressroom.kernels.commvq_attention import (
     dequantize_values,
     window_keys,
 )
-from pressroom.kernels.commvq_codebook import from_interleaved, to_interleaved
+from pressroom.kernels.commvq_codebook import from_interleaved, search_operands, to_interleaved
 from pressroom.kernels.commvq_encode import PRECISIONS, KeyTables, code_bytes, encode_keys, pack_bits
 from pressroom.kernels.rope_ring import resolve_use_triton
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec
@@ -178,6 +178,9 @@ class CommVQLayer(CacheLayerMixin):
         values (2 bits) the relative MSE goes from 0.169 to 0.068 with 64 (the search has converged by then). It
         runs in PyTorch unless ``use_triton=True`` (the Triton kernel of :mod:`pressroom.kernels.commvq_refine` is
         tested under the interpreter but not yet measured on a GPU).
+    pair_weights : torch.Tensor, optional
+        ``[H_kv, head_dim/2]``: the key encoder's per-RoPE-pair distance weights the codebooks were trained under
+        (:attr:`CommVQCodebooks.key_pair_weights`); ``None``: the Euclidean distance.
     """
 
     is_sliding = False
@@ -198,6 +201,7 @@ class CommVQLayer(CacheLayerMixin):
         use_triton: bool | None = None,
         encode_precision: str = "ieee",
         value_refine: int = DEFAULT_VALUE_REFINE,
+        pair_weights: torch.Tensor | None = None,
     ) -> None:
         flush_chunk = _check_window(window, flush_chunk)
         _check_sink(n_sink)
@@ -210,6 +214,9 @@ class CommVQLayer(CacheLayerMixin):
         # codebook constants live in a namespace, not as tensor attributes: tools that sum a layer's tensor
         # attributes (pressroom.presses.memory for a DynamicCache holding these layers) then count only the KV state
         self.consts = SimpleNamespace(theta=theta.detach().float(), inv_freq=inv_freq.detach().float().cpu())
+        if pair_weights is not None:
+            search_operands(theta.new_zeros(1, theta.shape[0], theta.shape[-1] * 2), theta, pair_weights)  # checks
+        self.consts.pair_weights = None if pair_weights is None else pair_weights.detach().float()
         self.codec_host = codec
         self.window = int(window)
         self.n_sink = int(n_sink)
@@ -268,7 +275,13 @@ class CommVQLayer(CacheLayerMixin):
             self.attention_scaling,
             device=dev,
         )
-        self.tables = KeyTables(self.books.theta)
+        # the search's operands (module docstring of pressroom.kernels.commvq_codebook, weighted search): the
+        # encoder scales the keys by search_scale and searches search_theta's centers; decoding reads books.theta
+        pw = self.consts.pair_weights
+        ones = torch.ones(heads, head_dim, device=dev)
+        scale, self.search_theta = search_operands(ones, self.books.theta, None if pw is None else pw.to(dev))
+        self.search_scale = None if pw is None else scale
+        self.tables = KeyTables(self.search_theta)
         self._triton = resolve_use_triton(self.use_triton, key_states)
         wcap = self.window + self.n_sink
         self.wkeys = torch.zeros(batch, heads, wcap, head_dim, dtype=self.dtype, device=dev)
@@ -332,11 +345,13 @@ class CommVQLayer(CacheLayerMixin):
             k = keys_il[:, :, s:e].float().transpose(1, 2)  # [B, n, H, D]
             norms = k.flatten(2).norm(dim=-1)  # [B, n]
             x = k / torch.where(norms > 0, norms, torch.ones_like(norms))[..., None, None]
+            if self.search_scale is not None:
+                x = x * self.search_scale
             for b in range(self.batch):
                 out = self.codes[b, :, lo:hi].transpose(0, 1)
                 encode_keys(
                     x[b],
-                    self.books.theta,
+                    self.search_theta,
                     use_triton=self._triton,
                     tables=self.tables,
                     out=out,
@@ -618,6 +633,8 @@ class CommVQLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         books = (self.books.theta, self.books.ztab, self.books.emb, self.tables.u, self.tables.w, self.tables.h)
+        if self.search_scale is not None:
+            books = (*books, self.search_theta, self.search_scale)
         codec = sum(p.numel() * p.element_size() for p in self.codec.parameters())
         return codec + sum(t.numel() * t.element_size() for t in books)
 
@@ -748,6 +765,7 @@ class CommVQCache(Cache):
         n_sink: int = 4,
         encode_precision: str = "ieee",
         value_refine: int = DEFAULT_VALUE_REFINE,
+        pair_weights: torch.Tensor | None = None,
     ) -> None:
         flush_chunk = _check_window(window, flush_chunk)
         _check_sink(n_sink)
@@ -779,6 +797,7 @@ class CommVQCache(Cache):
                 use_triton=use_triton,
                 encode_precision=encode_precision,
                 value_refine=value_refine,
+                pair_weights=books.layer_pair_weights(i),
             )
             for i in range(books.num_layers)
         ]

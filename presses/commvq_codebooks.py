@@ -4,18 +4,22 @@ Two on-disk formats:
 
 - **native** (what :class:`CommVQCodebooks` writes and the press loads): a directory with ``commvq.json`` (model,
   bits, residuals, head_dim, num_layers, num_kv_heads, value codec sizes), ``keys.safetensors`` (``key_theta``
-  fp16 ``[L, H_kv, R, 128, head_dim/2]`` and ``key_mse`` fp32 ``[L, H_kv, R]``) and, when values are trained,
+  fp16 ``[L, H_kv, R, 128, head_dim/2]``, ``key_mse`` fp32 ``[L, H_kv, R]`` and, for codebooks trained under a
+  weighted key distance, ``key_pair_weights`` fp32 ``[L, H_kv, head_dim/2]``) and, when values are trained,
   ``values.safetensors`` (one :class:`ValueCodec` state per layer, keys ``"{layer}.{name}"``).
 - **reference** (UMass-Embodied-AGI/CommVQ ``training/quantize_key_cache.py``): one file per layer and KV head,
   ``{layer:03d}_{group}.pt`` holding ``{"steps": [{"mse_loss": 0-d tensor, "theta": [128, head_dim/2],
-  "clustering_centers": [4096, head_dim]}, ... R], "final_error": float}``. Keys only. Files are read with
+  "clustering_centers": [4096, head_dim]}, ... R], "final_error": float}`` (we add ``"pair_weights": [head_dim/2]``
+  for a weighted key distance, which the reference ignores). Keys only. Files are read with
   ``torch.load(..., weights_only=True)``: loading a codebook never runs code from it.
 
 How the codebooks are applied (the contract the training follows):
 
 - **keys** of layer ``l``, before RoPE, ``k [T, H_kv, head_dim]`` in the model's ``rotate_half`` layout:
   ``x = to_interleaved(k)``; ``norm = ||x||`` over all heads of the token (``[T]``, kept); ``r = x / norm``; for
-  each head ``h``, ``codes, _ = residual_encode(r[:, h], key_theta[l, h])`` (``[T, R]`` 12-bit codes) and
+  each head ``h``, ``codes, _ = residual_encode(r[:, h], key_theta[l, h])`` (``[T, R]`` 12-bit codes; with
+  ``key_pair_weights``, the search runs on ``rs, ts = search_operands(r, key_theta[l], key_pair_weights[l])``, i.e.
+  ``residual_encode(rs[:, h], ts[h])``, the weighted distance) and
   ``k_hat = from_interleaved(residual_decode(codes, key_theta[l, h]) * norm)``;
 - **values** of layer ``l``, ``v [T, H_kv * head_dim]`` (the ``v_proj`` output, heads concatenated):
   ``bits, prescale = values[l].encode(v)`` and ``v_hat = values[l].decode(bits, prescale)``.
@@ -241,6 +245,11 @@ class CommVQCodebooks:
         One value codec per layer, or ``None`` (keys only, e.g. the reference format).
     key_mse : torch.Tensor or None
         ``[L, H_kv, R]`` training MSE after each residual step (the reference's ``mse_loss``), if known.
+    key_pair_weights : torch.Tensor or None
+        ``[L, H_kv, head_dim/2]`` positive weights of the key encoder's distance per RoPE pair (our addition: the
+        queries' mean energy per pair to a power, :func:`pressroom.training.commvq_em.query_pair_weights`; the
+        codebooks are trained under the same distance). ``None``: the paper's Euclidean distance. Decoding does not
+        use them.
     """
 
     model_name: str
@@ -252,6 +261,7 @@ class CommVQCodebooks:
     key_theta: torch.Tensor
     values: list[ValueCodec] | None = None
     key_mse: torch.Tensor | None = None
+    key_pair_weights: torch.Tensor | None = None
     _centers: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -261,6 +271,13 @@ class CommVQCodebooks:
         self.key_theta = self.key_theta.float()
         if self.key_mse is not None and tuple(self.key_mse.shape) != expected[:3]:
             raise ValueError(f"key_mse must be {list(expected[:3])}, got {list(self.key_mse.shape)}.")
+        if self.key_pair_weights is not None:
+            w = self.key_pair_weights.float()
+            if tuple(w.shape) != (*expected[:2], expected[-1]):
+                raise ValueError(f"key_pair_weights must be {[*expected[:2], expected[-1]]}, got {list(w.shape)}.")
+            if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
+                raise ValueError("key_pair_weights must be finite and positive (a weight per RoPE pair).")
+            self.key_pair_weights = w
         if self.values is not None:
             feat = self.num_kv_heads * self.head_dim
             if len(self.values) != self.num_layers or any(v.feat_dim != feat for v in self.values):
@@ -285,6 +302,10 @@ class CommVQCodebooks:
         if key not in self._centers:
             self._centers[key] = centers_from_theta(self.key_theta[layer].to(dev)).contiguous()
         return self._centers[key]
+
+    def layer_pair_weights(self, layer: int) -> torch.Tensor | None:
+        """The key distance's weights ``[H_kv, head_dim/2]`` of ``layer``, or ``None`` (Euclidean)."""
+        return None if self.key_pair_weights is None else self.key_pair_weights[layer]
 
     # ------------------------------------------------------------------ validation
     def validate(self, model_config: Any) -> None:
@@ -312,6 +333,8 @@ class CommVQCodebooks:
         tensors = {"key_theta": self.key_theta.detach().to("cpu", torch.float16).contiguous()}
         if self.key_mse is not None:
             tensors["key_mse"] = self.key_mse.detach().to("cpu", torch.float32).contiguous()
+        if self.key_pair_weights is not None:
+            tensors["key_pair_weights"] = self.key_pair_weights.detach().to("cpu", torch.float32).contiguous()
         _atomic_save_file(tensors, out / NATIVE_KEYS)
         config: dict[str, Any] = {
             "format": FORMAT_NAME,
@@ -368,6 +391,7 @@ class CommVQCodebooks:
             key_theta=keys["key_theta"].float(),
             values=values,
             key_mse=keys.get("key_mse"),
+            key_pair_weights=keys.get("key_pair_weights"),
         )
 
     # ------------------------------------------------------------------ reference format
@@ -376,7 +400,8 @@ class CommVQCodebooks:
         out = Path(path)
         for layer in range(self.num_layers):
             mse = self.key_mse[layer] if self.key_mse is not None else None
-            save_reference_layer(out, layer, self.key_theta[layer], mse)
+            weights = self.key_pair_weights[layer] if self.key_pair_weights is not None else None
+            save_reference_layer(out, layer, self.key_theta[layer], mse, weights)
         return out
 
     @classmethod
@@ -388,7 +413,7 @@ class CommVQCodebooks:
         missing = [f"{i:03d}_{g}.pt" for i in layers for g in groups if (i, g) not in files]
         if missing:
             raise FileNotFoundError(f"{path}: missing reference codebook files {missing[:5]}.")
-        thetas, mses = [], []
+        thetas, mses, weights = [], [], []
         for i in layers:
             row_t, row_m = [], []
             for g in groups:
@@ -398,14 +423,21 @@ class CommVQCodebooks:
                 steps = data["steps"]
                 row_t.append(torch.stack([torch.as_tensor(s["theta"]).float() for s in steps]))
                 row_m.append(torch.tensor([float(torch.as_tensor(s.get("mse_loss", math.nan))) for s in steps]))
+                if "pair_weights" in data:  # our addition (module docstring); the reference ignores it
+                    weights.append(torch.as_tensor(data["pair_weights"]).float())
             shapes = {tuple(t.shape) for t in row_t}
             if len(shapes) != 1:
                 raise ValueError(f"{path}: layer {i} has codebooks of different shapes {sorted(shapes)}.")
             thetas.append(torch.stack(row_t))
             mses.append(torch.stack(row_m))
-        key_theta = torch.stack(thetas)
         if len({tuple(t.shape) for t in thetas}) != 1:
             raise ValueError(f"{path}: layers have codebooks of different shapes.")
+        key_theta = torch.stack(thetas)
+        if weights and len(weights) != len(files):
+            raise ValueError(
+                f"{path}: {len(weights)} of {len(files)} files carry pair_weights; the layers were trained under "
+                "different key distances. Retrain the others (`pressroom-train commvq keys --force`)."
+            )
         residuals, head_dim = key_theta.shape[2], 2 * key_theta.shape[4]
         nominal = max(1, round(12 * residuals / head_dim))
         return cls(
@@ -418,6 +450,7 @@ class CommVQCodebooks:
             key_theta=key_theta,
             values=None,
             key_mse=torch.stack(mses),
+            key_pair_weights=torch.stack(weights).view(*key_theta.shape[:2], -1) if weights else None,
         )
 
     # ------------------------------------------------------------------ loading
@@ -459,12 +492,19 @@ class CommVQCodebooks:
 
 
 def save_reference_layer(
-    path: str | os.PathLike, layer: int, thetas: torch.Tensor, mse: torch.Tensor | None = None
+    path: str | os.PathLike,
+    layer: int,
+    thetas: torch.Tensor,
+    mse: torch.Tensor | None = None,
+    pair_weights: torch.Tensor | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write one layer's codebooks in the reference format: ``{layer:03d}_{group}.pt`` per KV head.
 
     ``thetas [H_kv, R, 128, P]``; ``mse [H_kv, R]`` is the error after each residual step (``mse_loss``; NaN when
-    unknown), its last entry the ``final_error``. Each file is written atomically.
+    unknown), its last entry the ``final_error``. ``pair_weights [H_kv, P]`` (the key distance's weights, see
+    :class:`CommVQCodebooks`) is stored as an extra ``"pair_weights"`` entry per file, ``extra`` as further entries
+    (e.g. the training settings); the reference reads neither. Each file is written atomically.
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -487,7 +527,10 @@ def save_reference_layer(
         ]
         target = out / f"{layer:03d}_{group}.pt"
         tmp = target.with_name(target.name + ".tmp")
-        torch.save({"steps": steps, "final_error": float(mse[group, -1])}, tmp)
+        data: dict[str, Any] = {"steps": steps, "final_error": float(mse[group, -1]), **(extra or {})}
+        if pair_weights is not None:
+            data["pair_weights"] = pair_weights[group].detach().to("cpu", torch.float32).clone()
+        torch.save(data, tmp)
         os.replace(tmp, target)
         files.append(target)
     return files

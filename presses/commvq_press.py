@@ -207,6 +207,7 @@ class CommVQPress(BasePress):
             use_triton=self.use_triton,
             encode_precision=self.encode_precision,
             value_refine=self.value_refine,
+            pair_weights=books.layer_pair_weights(layer_idx),
         )
         new_layer.load_prefill(keys, values, cos, sin, index=index)
         new_layer.mark()

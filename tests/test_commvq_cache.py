@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from pressroom.kernels.commvq_attention import CodedKV, LayerBooks, decode_attention, decode_attention_reference
+from pressroom.kernels.commvq_codebook import centers_from_theta
 from pressroom.kernels.commvq_encode import (
     code_bytes,
     encode_keys,
@@ -413,6 +414,50 @@ def test_value_refine_in_the_cache(tiny):
             CommVQCache(model.config, books, value_refine=bad)
         with pytest.raises(ValueError, match="value_refine must be an int"):
             CommVQPress(codebooks=books, value_refine=bad)
+
+
+def _weighted_greedy_codes(x: torch.Tensor, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Brute force: per step, the center of all 4096 minimizing ``sum_p w_p |r_p - c_p|^2`` (``x [n, D]``)."""
+    res, codes = x.clone(), []
+    w = weights.repeat_interleave(2)
+    for step in centers_from_theta(theta):  # [R, 4096, D]
+        code = (((res[:, None, :] - step[None]) ** 2) * w).sum(-1).argmin(-1)
+        res -= step[code]
+        codes.append(code)
+    return torch.stack(codes, -1)
+
+
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_interpreter)])
+def test_weighted_key_search_in_the_cache(tiny, use_triton):
+    """Codebooks with ``key_pair_weights``: the cache codes each key by the greedy search under the weighted distance
+    (brute force over all centers, unscaled theta), on the reference and the kernel path; equal weights give the
+    Euclidean codes; weights that do not fit the layer raise."""
+    model, _ = tiny
+    plain = random_books(model.config, residuals=3, bits=2)
+    layers, heads, head_dim = model_kv_shape(model.config)
+    torch.manual_seed(1)
+    weights = torch.rand(layers, heads, head_dim // 2) * 4 + 0.05
+    fields = ("random", 2, 3, head_dim, layers, heads, plain.key_theta)
+    weighted = CommVQCodebooks(*fields, values=plain.values, key_pair_weights=weights)
+    uniform = CommVQCodebooks(*fields, values=plain.values, key_pair_weights=torch.full_like(weights, 3.0))
+    keys = torch.randn(1, heads, 24, head_dim) * torch.linspace(0.2, 2.0, head_dim)
+    values, pos = torch.randn(1, heads, 24, head_dim), torch.arange(100, 124)
+    codes = {}
+    for name, books in (("plain", plain), ("weighted", weighted), ("uniform", uniform)):
+        cache = CommVQCache(model.config, books, window=4, n_sink=0, use_triton=use_triton)
+        with torch.no_grad():
+            model(torch.randint(5, 1000, (1, 6)), past_key_values=cache)
+        layer = cache.layers[1]
+        start = layer.n
+        layer.append_prerope(keys, values, pos)
+        codes[name] = unpack_codes12(layer.codes[0, :, start : layer.n], 3)  # [H, 24, R]
+    x, _ = normalize_keys(keys)  # [1, 24, H, D], interleaved
+    for h in range(heads):
+        want = _weighted_greedy_codes(x[0, :, h], plain.key_theta[1, h], weights[1, h])
+        assert torch.equal(codes["weighted"][h].long(), want)
+    assert torch.equal(codes["uniform"], codes["plain"]) and not torch.equal(codes["weighted"], codes["plain"])
+    with pytest.raises(ValueError, match="pair_weights must be"):
+        CommVQLayer(plain.key_theta[0], plain.values[0], torch.ones(head_dim // 2), pair_weights=weights[0, :, :4])
 
 
 def test_sink_tokens_stay_in_full_precision(tiny):

@@ -324,3 +324,27 @@ def test_reference_written_codebooks_load_unchanged(tmp_path):
     assert torch.equal(books.key_theta, thetas)
     data = torch.load(tmp_path / "001_0.pt", weights_only=True)
     torch.testing.assert_close(books.key_centers(1)[0, 2], data["steps"][2]["clustering_centers"])
+
+
+def test_pair_weights_round_trip_and_validation(tmp_path):
+    """The key distance's per-pair weights travel through both formats; partial or bad weights raise."""
+    books = _books(layers=2, heads=2, head_dim=64, bits=1, values=False)
+    weights = torch.rand(2, 2, 32) + 0.1
+    weighted = CommVQCodebooks(
+        "tiny", 1, books.residuals, 64, 2, 2, books.key_theta, key_mse=books.key_mse, key_pair_weights=weights
+    )
+    assert torch.equal(weighted.layer_pair_weights(1), weights[1]) and books.layer_pair_weights(1) is None
+    native = CommVQCodebooks.load(weighted.save_native(tmp_path / "native"))
+    assert torch.equal(native.key_pair_weights, weights)
+    ref = weighted.save_reference(tmp_path / "ref")
+    assert torch.equal(torch.load(ref / "001_0.pt", weights_only=True)["pair_weights"], weights[1, 0])
+    assert torch.equal(CommVQCodebooks.load(ref).key_pair_weights, weights)
+    assert CommVQCodebooks.load(books.save_reference(tmp_path / "plain")).key_pair_weights is None
+    data = torch.load(ref / "000_1.pt", weights_only=True)
+    del data["pair_weights"]
+    torch.save(data, ref / "000_1.pt")
+    with pytest.raises(ValueError, match="3 of 4 files carry pair_weights"):
+        CommVQCodebooks.load(ref)
+    for bad, match in ((torch.rand(2, 2, 16), "must be"), (-weights, "positive"), (weights * math.inf, "finite")):
+        with pytest.raises(ValueError, match=match):
+            CommVQCodebooks("tiny", 1, books.residuals, 64, 2, 2, books.key_theta, key_pair_weights=bad)

@@ -15,7 +15,9 @@ from pressroom.training.commvq import (
     ValueConfig,
     _rope,
     collect,
+    keys_dir,
     load_layer,
+    train_keys_layer,
     train_value_codec,
 )
 from pressroom.training.commvq_em import (
@@ -26,6 +28,7 @@ from pressroom.training.commvq_em import (
     fit_step_em,
     key_relative_mse,
     prepare_keys,
+    query_pair_weights,
     reference_fit_step,
 )
 
@@ -203,3 +206,59 @@ def test_weighted_sums_split_over_tokens_equal_the_plain_product():
         exact = (p.double().transpose(1, 2) @ r.double()).float()
         torch.testing.assert_close(weighted_sums(p, r, min_chunk=64), exact, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(weighted_sums(p, r), exact, atol=1e-4, rtol=1e-5)  # short: the plain product
+
+
+def test_query_pair_weights():
+    """Energy per RoPE pair (channels p and p + d/2 of the rotate_half layout), pooled over a KV head's query heads,
+    mean 1 per KV head, then to the power; bad input raises."""
+    q = torch.zeros(5, 4 * 8)  # 4 query heads of head_dim 8 (pairs 0..3), 2 KV heads
+    q[:, 0] = 2.0  # head 0, pair 0 (first coordinate)
+    q[:, 4] = 2.0  # head 0, pair 0 (second coordinate): energy 8
+    q[:, 8 + 1] = 2.0  # head 1, pair 1: energy 4
+    q[:, 16:] = 1.0  # heads 2, 3: energy 2 in every pair
+    w = query_pair_weights(q, num_kv_heads=2, head_dim=8, power=1.0)
+    want0 = torch.tensor([4.0, 2.0, 0.0, 0.0]) / 1.5  # group 0: mean of heads 0, 1 = [4, 2, 0, 0], mean 1.5
+    torch.testing.assert_close(w[0], want0.clamp_min(1e-6))
+    torch.testing.assert_close(w[1], torch.ones(4))
+    torch.testing.assert_close(query_pair_weights(q, 2, 8, 0.5), w.sqrt())
+    assert torch.equal(query_pair_weights(q, 2, 8, 0.0), torch.ones(2, 4))
+    with pytest.raises(ValueError, match=">= 0"):
+        query_pair_weights(q, 2, 8, -1.0)
+    with pytest.raises(ValueError, match="whole heads"):
+        query_pair_weights(q, 3, 8, 1.0)
+
+
+def test_key_relative_mse_is_scale_free_in_the_weights():
+    """Equal weights search like the Euclidean distance (the same codes, the same error); unequal ones change it."""
+    r, norm = _synthetic_keys(n=200)
+    thetas, _ = fit_keys_em(r, norm, residuals=2, cfg=EMConfig(n_steps=2), use_triton=False)
+    plain = key_relative_mse(r, norm, thetas, use_triton=False)
+    torch.testing.assert_close(key_relative_mse(r, norm, thetas, False, torch.full((2, 8), 7.0)), plain)
+    skewed = torch.ones(2, 8)
+    skewed[:, 0] = 100.0
+    assert not torch.allclose(key_relative_mse(r, norm, thetas, False, skewed), plain)
+
+
+def test_keys_trained_under_query_weights(tiny, tmp_path):
+    """``query_weight``: the layer's files carry the pair weights and the setting; a rerun with another setting
+    raises instead of mixing distances; a collection without queries raises; ``0`` writes the reference's files."""
+    model, tok = tiny
+    collect(model, tok, tmp_path, max_tokens=96, seq_len=48, show_progress=False)
+    em = EMConfig(n_steps=2)
+    for layer in (0, 1):
+        out = train_keys_layer(tmp_path, layer, 1, "em", None, "cpu", em, use_triton=False, query_weight=0.5)
+        assert out["query_weight"] == 0.5
+    data, _ = load_layer(tmp_path / "kv" / "train", 1, ("q",))
+    books = CommVQCodebooks.load(keys_dir(tmp_path, 1, "em"))
+    torch.testing.assert_close(books.key_pair_weights[1], query_pair_weights(data["q"], 2, 16, 0.5))
+    assert train_keys_layer(tmp_path, 1, 1, "em", None, "cpu", em, query_weight=0.5)["skipped"]
+    with pytest.raises(ValueError, match="--key-query-weight"):
+        train_keys_layer(tmp_path, 1, 1, "em", None, "cpu", em, query_weight=0.0)
+    train_keys_layer(tmp_path, 1, 1, "em", None, "cpu", em, use_triton=False, force=True, query_weight=0.0)
+    assert "pair_weights" not in torch.load(keys_dir(tmp_path, 1, "em") / "001_0.pt", weights_only=True)
+    with pytest.raises(ValueError, match="pair_weights"):  # layer 0 weighted, layer 1 not: refused at load
+        CommVQCodebooks.load(keys_dir(tmp_path, 1, "em"))
+    no_q = tmp_path / "noq"
+    collect(model, tok, no_q, max_tokens=48, seq_len=48, queries=False, show_progress=False)
+    with pytest.raises(ValueError, match="without queries"):
+        train_keys_layer(no_q, 0, 1, "em", None, "cpu", em, query_weight=0.5)

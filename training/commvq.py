@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pressroom.evaluation.atomic import atomic_path, atomic_write_json
+from pressroom.kernels.commvq_codebook import scale_pairs
 from pressroom.presses.commvq_cache import DEFAULT_VALUE_REFINE
 from pressroom.presses.commvq_codebooks import (
     CommVQCodebooks,
@@ -50,7 +51,16 @@ from pressroom.presses.commvq_codebooks import (
     residuals_for_bits,
     save_reference_layer,
 )
-from pressroom.training.commvq_em import E2EConfig, EMConfig, fit_keys_e2e, fit_keys_em, key_relative_mse, prepare_keys
+from pressroom.training.commvq_em import (
+    DEFAULT_KEY_QUERY_WEIGHT,
+    E2EConfig,
+    EMConfig,
+    fit_keys_e2e,
+    fit_keys_em,
+    key_relative_mse,
+    prepare_keys,
+    query_pair_weights,
+)
 
 META = "meta.json"
 ROPE = "rope.safetensors"
@@ -233,24 +243,48 @@ def train_keys_layer(
     use_triton: bool | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    query_weight: float = DEFAULT_KEY_QUERY_WEIGHT,
 ) -> dict[str, Any]:
     """Key codebooks of one layer (all KV heads) by ``em`` or ``e2e``, saved in the reference format.
 
-    ``max_tokens`` caps the training keys (the reference uses ``256 * 4096`` = 1M tokens). Skipped when the
-    layer's files exist (unless ``force``). Returns a summary (``mse`` per head and residual, seconds).
+    ``max_tokens`` caps the training keys (the reference uses ``256 * 4096`` = 1M tokens). ``query_weight``: the
+    power of the query energy that weighs each RoPE pair in the key distance
+    (:func:`~pressroom.training.commvq_em.query_pair_weights`; needs the collected queries; ``0``: the paper's
+    Euclidean distance). Training under that distance is training on keys scaled by ``sqrt(w)`` per pair and dividing
+    the learned ``theta`` by it (each pair's centers are linear in its own ``theta`` column), so both methods are
+    unchanged; the weights are saved beside ``theta``. Skipped when the layer's files exist (unless ``force``);
+    files trained with another ``query_weight`` raise ``ValueError``. Returns a summary (``mse`` per head and
+    residual, in the training distance; seconds).
     """
     if method not in ("em", "e2e"):
         raise ValueError(f"--method must be 'em' or 'e2e', got {method!r}.")
+    if not math.isfinite(query_weight) or query_weight < 0:
+        raise ValueError(f"--key-query-weight must be a finite number >= 0, got {query_weight}.")
     kv_dir = out_dir / "kv" / "train"
     meta = read_meta(kv_dir)
     heads, head_dim = meta["num_kv_heads"], meta["head_dim"]
     target = keys_dir(out_dir, bits, method)
     files = [target / f"{layer:03d}_{g}.pt" for g in range(heads)]
     if not force and all(f.exists() for f in files):
+        stored = {float(torch.load(f, map_location="cpu", weights_only=True).get("query_weight", 0.0)) for f in files}
+        if stored != {float(query_weight)}:
+            raise ValueError(
+                f"layer {layer}'s key codebooks in {target} were trained with --key-query-weight {sorted(stored)}, "
+                f"not {query_weight}: pass --force to retrain them, or the same value to keep them."
+            )
         return {"layer": layer, "skipped": True}
+    if query_weight and not meta.get("queries"):
+        raise ValueError(
+            f"{kv_dir} was collected without queries, which --key-query-weight {query_weight} needs: collect again "
+            "(`pressroom-train commvq collect`, queries are kept for the train split) or pass --key-query-weight 0."
+        )
     residuals = residuals_for_bits(bits, head_dim)
-    data, _ = load_layer(kv_dir, layer, ("k",), max_tokens)
+    data, _ = load_layer(kv_dir, layer, ("k", "q") if query_weight else ("k",), max_tokens)
     r, norm = prepare_keys(data["k"].to(device), heads)
+    weights = None
+    if query_weight:
+        weights = query_pair_weights(data["q"].to(device), heads, head_dim, query_weight)  # [H, P]
+        r = scale_pairs(r, weights.sqrt()[:, None, :])
     start = time.perf_counter()
     if method == "em":
         thetas, mse = fit_keys_em(r, norm, residuals, em, use_triton=use_triton, progress=log)
@@ -259,9 +293,11 @@ def train_keys_layer(
         thetas, mse, history = fit_keys_e2e(r, norm, residuals, e2e, use_triton=use_triton, progress=log)
         extra = {"loss_first": history[0], "loss_last": history[-1]}
     seconds = time.perf_counter() - start
-    save_reference_layer(target, layer, thetas, mse)
+    if weights is not None:
+        thetas = thetas / weights.sqrt().to(thetas.device)[:, None, None, :]
+    save_reference_layer(target, layer, thetas, mse, weights, extra={"query_weight": float(query_weight)})
     return {"layer": layer, "tokens": int(r.shape[1]), "residuals": residuals, "seconds": seconds,
-            "train_mse": mse[:, -1].tolist(), **extra}  # fmt: skip
+            "train_mse": mse[:, -1].tolist(), "query_weight": float(query_weight), **extra}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------- values
@@ -521,7 +557,9 @@ def evaluate_heldout(
     for layer in range(books.num_layers):
         data, _ = load_layer(kv_dir, layer, ("k", "v"), max_tokens)
         r, norm = prepare_keys(data["k"].to(device), books.num_kv_heads)
-        per_head = key_relative_mse(r, norm, books.key_theta[layer].to(device), use_triton)
+        per_head = key_relative_mse(
+            r, norm, books.key_theta[layer].to(device), use_triton, books.layer_pair_weights(layer)
+        )
         w2 = norm.pow(2)
         total = (r.pow(2).sum(-1) * w2).sum(1)
         keys.append(float((per_head * total).sum() / total.sum()))
@@ -586,6 +624,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per collected sequence/shard")
     parser.add_argument("--key-tokens", type=int, default=1 << 20, help="training keys per layer (reference: 1M)")
     parser.add_argument("--em-steps", type=int, default=100, help="EM iterations per residual (reference: 100)")
+    parser.add_argument(
+        "--key-query-weight",
+        type=float,
+        default=DEFAULT_KEY_QUERY_WEIGHT,
+        help="power of the queries' energy per RoPE pair that weighs the key distance in training and encoding "
+        f"(default {DEFAULT_KEY_QUERY_WEIGHT}; 0: the paper's Euclidean distance)",
+    )
     parser.add_argument("--e2e-steps", type=int, default=2000, help="E2E optimizer steps per layer")
     parser.add_argument("--e2e-batch", type=int, default=2048, help="E2E keys per step")
     parser.add_argument("--e2e-lr", type=float, default=1e-2, help="E2E Adam learning rate")
@@ -640,8 +685,9 @@ def run(args: argparse.Namespace) -> int:
         e2e = E2EConfig(steps=args.e2e_steps, batch=args.e2e_batch, lr=args.e2e_lr, seed=args.seed)
         for layer in tqdm(layers, desc=f"keys {args.method} {args.bits}bit"):
             summary["layers"][f"keys.{layer}"] = train_keys_layer(
-                out, layer, args.bits, args.method, args.key_tokens, device, em, e2e, force=args.force, log=log
-            )
+                out, layer, args.bits, args.method, args.key_tokens, device, em, e2e, force=args.force, log=log,
+                query_weight=args.key_query_weight,
+            )  # fmt: skip
     if args.step in ("values", "all"):
         if not (out / SCALE).exists():
             compute_scales(out)

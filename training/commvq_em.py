@@ -32,6 +32,8 @@ from pressroom.kernels.commvq_codebook import (
     commutative_T,
     em_estep,
     nearest_centers,
+    scale_pairs,
+    search_operands,
     stats_TtS,
     theta_from_stats,
     to_interleaved,
@@ -52,16 +54,57 @@ def prepare_keys(keys: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, t
     return r.transpose(0, 1).contiguous(), norm
 
 
-def key_relative_mse(r: torch.Tensor, norm: torch.Tensor, thetas: torch.Tensor, use_triton: bool | None = None):
+DEFAULT_KEY_QUERY_WEIGHT = 0.5  # power of the query energy weighing the key distance (query_pair_weights)
+
+
+def query_pair_weights(queries: torch.Tensor, num_kv_heads: int, head_dim: int, power: float) -> torch.Tensor:
+    """Per-RoPE-pair weights of the key distance from pre-RoPE queries: ``[N, H_q * head_dim]`` -> ``[H_kv, P]``.
+
+    Our addition to CommVQ. A key error ``e`` moves a logit by ``q . R e``; over the relative rotations ``R`` of RoPE
+    the pairs decouple and pair ``p`` contributes ``|q_p|^2 |e_p|^2 / 2`` on average, so a key search that spends its
+    bits where the queries look weighs pair ``p`` by the queries' mean energy ``E|q_p|^2`` (the query heads of the
+    KV head's group pooled, normalized to mean 1 per KV head). ``power`` tempers it: ``w_p = energy_p ** power``
+    (``0``: the paper's Euclidean distance; 1 over-weights the few low-frequency pairs that dominate the energy: on
+    SmolLM2's held-out attention 0.5 beat both 0.25 and 1, ``benchmarks/results/commvq_key_weights_cpu.json``).
+    Queries are in the model's ``rotate_half`` layout (pair ``p`` is channels ``p`` and ``p + head_dim/2``).
+    """
+    if not math.isfinite(power) or power < 0:
+        raise ValueError(f"the query weight power must be a finite number >= 0, got {power}.")
+    n, feat = queries.shape
+    if head_dim % 2 or feat % head_dim or (feat // head_dim) % num_kv_heads:
+        raise ValueError(
+            f"queries of width {feat} are not whole heads of {head_dim} grouped over {num_kv_heads} KV heads."
+        )
+    if n == 0:
+        raise ValueError("no queries to weigh the key distance with (empty collection).")
+    heads = feat // head_dim
+    energy = queries.float().view(n, heads, 2, head_dim // 2).pow(2).sum(2).mean(0)  # [H_q, P]
+    energy = energy.view(num_kv_heads, heads // num_kv_heads, -1).mean(1)
+    energy = energy / energy.mean(-1, keepdim=True).clamp_min(1e-30)
+    return energy.clamp_min(1e-6).pow(power)
+
+
+def key_relative_mse(
+    r: torch.Tensor,
+    norm: torch.Tensor,
+    thetas: torch.Tensor,
+    use_triton: bool | None = None,
+    pair_weights: torch.Tensor | None = None,
+):
     """Relative MSE of residual quantization per head: ``sum ||k - k_hat||^2 / sum ||k||^2`` (``[H]``).
 
-    ``r [H, N, d]`` and ``norm [N]`` from :func:`prepare_keys`; ``thetas [H, R, 128, P]``.
+    ``r [H, N, d]`` and ``norm [N]`` from :func:`prepare_keys`; ``thetas [H, R, 128, P]``; ``pair_weights [H, P]``:
+    the codes are searched under that distance (as the cache encodes), the error is the plain one.
     """
-    res = r.float().clone()
-    centers = centers_from_theta(thetas.to(r.device).float())  # [H, R, 4096, d]
+    thetas = thetas.to(r.device).float()
+    rs, thetas = search_operands(r.float().transpose(0, 1), thetas, pair_weights)
+    res = rs.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # never the caller's r
+    centers = centers_from_theta(thetas)  # [H, R, 4096, d]
     for i in range(thetas.shape[1]):
-        codes = nearest_centers(res, thetas[:, i].to(r.device), use_triton=use_triton)
+        codes = nearest_centers(res, thetas[:, i], use_triton=use_triton)
         res -= torch.gather(centers[:, i], 1, codes.unsqueeze(-1).expand(-1, -1, res.shape[-1]))
+    if pair_weights is not None:  # back to the keys' own scale
+        res = scale_pairs(res, pair_weights.to(res.device).float().rsqrt()[:, None, :])
     w2 = norm.float().pow(2).view(1, -1)
     return (res.pow(2).sum(-1) * w2).sum(1) / (r.float().pow(2).sum(-1) * w2).sum(1)
 
