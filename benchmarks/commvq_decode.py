@@ -59,7 +59,7 @@ from pressroom.kernels.commvq_resources import (
     BENCHMARK_TWO_PASS_TILINGS,
     ENCODE_TILINGS,
 )
-from pressroom.presses.commvq_cache import _matmul_tf32
+from pressroom.presses.commvq_cache import CommVQLayer, _matmul_tf32
 from pressroom.presses.commvq_codebooks import ValueCodec
 
 HQ, H, D, WINDOW = 32, 8, 128, 128
@@ -507,16 +507,41 @@ def main() -> None:
 
                 # the value encoder in TF32 (encode_precision="tf32"), then 64 flips on the PyTorch path (what
                 # CommVQLayer runs unless use_triton=True), on 16384-token chunks
-                def enc_values_refined(steps: int = 64):
+                def enc_values_refined(steps: int = 64, use_triton: bool = False):
                     for s in range(0, n, 16384):
                         v = vals[:, s : s + 16384]
                         with _matmul_tf32(True):
                             bits_, _ = codec.encode(v)
-                        bits_, coef = codec.refine(v, bits_, steps, use_triton=False)
+                        bits_, coef = codec.refine(v, bits_, steps, use_triton=use_triton)
                         pack_bits(bits_)
 
                 # random values and codec: every token may use all 64 flips (real values converge sooner)
                 cfg["encode_values_tf32_refine64_ms"] = attempt(enc_values_refined, max(1, reps // 4), device)
+                cfg["encode_values_tf32_refine64_triton_ms"] = attempt(
+                    lambda: enc_values_refined(use_triton=True), max(1, reps // 4), device
+                )
+
+                # the cache's own path for a whole layer (CommVQLayer._encode: norms, key search and packing, value
+                # encoder, refinement on its CUDA default (the Triton kernel), packing), all n tokens in its chunks
+                def layer_encode(precision: str, refine: int) -> float | str:
+                    layer = CommVQLayer(
+                        theta, codec, books.inv_freq, scaling, encode_precision=precision, value_refine=refine
+                    )
+                    layer.lazy_initialization(raw[:, :, :1], raw[:, :, :1])
+                    layer.reserve(n)
+                    values_h = vals.view(1, n, H, D).transpose(1, 2)
+                    positions = torch.arange(n, device=device)
+
+                    def run() -> None:
+                        layer.n = 0
+                        layer._encode(raw, values_h, positions)
+
+                    return attempt(run, max(1, reps // 4), device)
+
+                cfg["encode_layer_ms"] = {
+                    f"{p}_refine{k}": layer_encode(p, k) for p, k in (("tf32", 0), ("tf32", 64), ("ieee", 64))
+                }
+                log(f"{name} encode, whole layer (CommVQLayer._encode): {cfg['encode_layer_ms']}")
             vms = cfg["encode_values_ms"]
 
             def keys_ms(precision: str) -> float | None:  # the fastest key encode timed at this precision

@@ -191,8 +191,8 @@ class ValueCodec(nn.Module):
         steps : int
             At most this many flips per token (``0``: the bits as given).
         use_triton : bool or None
-            ``False`` (default): the PyTorch reference; ``True``: the Triton kernel (tested under the interpreter, not
-            yet measured on a GPU); ``None``: the kernel on CUDA, the reference elsewhere.
+            ``False`` (default): the PyTorch reference; ``True``: the Triton kernel; ``None``: the kernel on CUDA,
+            the reference elsewhere (what the cache does).
 
         Returns
         -------

@@ -26,7 +26,7 @@ from pressroom.kernels.commvq_encode import (
     unpack_bits,
     unpack_codes12,
 )
-from pressroom.presses import CommVQCache, CommVQLayer, CommVQPress
+from pressroom.presses import CommVQCache, CommVQLayer, CommVQPress, cache_memory_bytes
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, model_kv_shape
 from pressroom.presses.commvq_press import kept_indices
 
@@ -451,6 +451,11 @@ def test_weighted_key_search_in_the_cache(tiny, use_triton):
         start = layer.n
         layer.append_prerope(keys, values, pos)
         codes[name] = unpack_codes12(layer.codes[0, :, start : layer.n], 3)  # [H, 24, R]
+        # the encoder's scaled tables are constants: a DynamicCache holding these layers (what CommVQPress makes)
+        # is measured by its KV state alone, as the cache reports it
+        holder = DynamicCache()
+        holder.layers = list(cache.layers)
+        assert cache_memory_bytes(holder) == cache.memory_bytes()
     x, _ = normalize_keys(keys)  # [1, 24, H, D], interleaved
     for h in range(heads):
         want = _weighted_greedy_codes(x[0, :, h], plain.key_theta[1, h], weights[1, h])

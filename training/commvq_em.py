@@ -54,7 +54,7 @@ def prepare_keys(keys: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, t
     return r.transpose(0, 1).contiguous(), norm
 
 
-DEFAULT_KEY_QUERY_WEIGHT = 0.5  # power of the query energy weighing the key distance (query_pair_weights)
+DEFAULT_KEY_QUERY_WEIGHT = 0.0  # power of the query energy weighing the key distance (query_pair_weights): the paper's
 
 
 def query_pair_weights(queries: torch.Tensor, num_kv_heads: int, head_dim: int, power: float) -> torch.Tensor:
