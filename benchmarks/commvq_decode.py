@@ -505,8 +505,8 @@ def main() -> None:
 
                 cfg["encode_values_bf16_ms"] = attempt(enc_values_bf16, max(1, reps // 4), device)
 
-                # the value encoder in TF32 (encode_precision="tf32"), then 64 flips on the PyTorch path (what
-                # CommVQLayer runs unless use_triton=True), on 16384-token chunks
+                # the value encoder in TF32 (encode_precision="tf32"), then 64 flips on the PyTorch path or the
+                # Triton kernel (CommVQLayer's CUDA default), on 16384-token chunks
                 def enc_values_refined(steps: int = 64, use_triton: bool = False):
                     for s in range(0, n, 16384):
                         v = vals[:, s : s + 16384]
