@@ -59,6 +59,7 @@ from pressroom.kernels.commvq_resources import (
     BENCHMARK_TWO_PASS_TILINGS,
     ENCODE_TILINGS,
 )
+from pressroom.presses import commvq_cache
 from pressroom.presses.commvq_cache import CommVQLayer, _matmul_tf32
 from pressroom.presses.commvq_codebooks import ValueCodec
 
@@ -259,6 +260,13 @@ def main() -> None:
         choices=["all", "defaults"],
         default="all",
         help="encode_keys variants: the swept tilings, or only encode_keys' default for each precision",
+    )
+    ap.add_argument(
+        "--encode-blocks",
+        type=int,
+        nargs="+",
+        default=[8192],
+        help="tokens per chunk for the whole-layer encode timing (CommVQLayer's ENCODE_BLOCK is 8192)",
     )
     ap.add_argument("--skip-hqq", action="store_true", help="skip transformers' QuantizedCache (HQQ) decode step")
     ap.add_argument(
@@ -523,7 +531,9 @@ def main() -> None:
 
                 # the cache's own path for a whole layer (CommVQLayer._encode: norms, key search and packing, value
                 # encoder, refinement on its CUDA default (the Triton kernel), packing), all n tokens in its chunks
-                def layer_encode(precision: str, refine: int) -> float | str:
+                def layer_encode(precision: str, refine: int, block: int) -> tuple[float | str, int]:
+                    """Milliseconds and peak bytes allocated beyond the inputs, encoding ``block`` tokens at a time
+                    (the module's ENCODE_BLOCK, which _encode reads at each call, set for this timing only)."""
                     layer = CommVQLayer(
                         theta, codec, books.inv_freq, scaling, encode_precision=precision, value_refine=refine
                     )
@@ -536,11 +546,25 @@ def main() -> None:
                         layer.n = 0
                         layer._encode(raw, values_h, positions)
 
-                    return attempt(run, max(1, reps // 4), device)
+                    default_block = commvq_cache.ENCODE_BLOCK
+                    commvq_cache.ENCODE_BLOCK = block
+                    try:
+                        torch.cuda.synchronize()
+                        base = torch.cuda.memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
+                        ms = attempt(run, max(1, reps // 4), device)
+                        return ms, torch.cuda.max_memory_allocated() - base
+                    finally:
+                        commvq_cache.ENCODE_BLOCK = default_block
 
-                cfg["encode_layer_ms"] = {
-                    f"{p}_refine{k}": layer_encode(p, k) for p, k in (("tf32", 0), ("tf32", 64), ("ieee", 64))
-                }
+                cfg["encode_layer_ms"], cfg["encode_layer_peak_extra_bytes"] = {}, {}
+                for block in args.encode_blocks:
+                    for p, k in (("tf32", 0), ("tf32", 64), ("ieee", 64)):
+                        key = f"{p}_refine{k}" + ("" if block == commvq_cache.ENCODE_BLOCK else f"_block{block}")
+                        cfg["encode_layer_ms"][key], cfg["encode_layer_peak_extra_bytes"][key] = layer_encode(
+                            p, k, block
+                        )
+                        save()
                 log(f"{name} encode, whole layer (CommVQLayer._encode): {cfg['encode_layer_ms']}")
             vms = cfg["encode_values_ms"]
 

@@ -15,6 +15,8 @@
 #                                            # (about 9 minutes on an H200)
 #   bash benchmarks/gpu_commvq.sh refine     # the value-refinement Triton kernel against its PyTorch path (8B and
 #                                            # SmolLM2 value shapes; needs no .gpu load: torch and triton only)
+#   bash benchmarks/gpu_commvq.sh encode     # the whole layer's encode through CommVQLayer at 128k (1 and 2 bits),
+#                                            # chunks of 8192 and 32768 tokens, next to the kernels alone (no load)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
@@ -45,5 +47,10 @@ ablation)
     --runs-dir "$out/commvq_quality_runs12"
   ;;
 refine) python3 benchmarks/commvq_value_refine.py --output "$out/commvq_value_refine.json" ;;
-*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|refine" >&2; exit 2 ;;
+encode)
+  python3 benchmarks/commvq_decode.py --bits 1 2 --sweep none --skip-reference-path --skip-hqq --skip-key-scores \
+    --key-side --skip-key-math --encode-sweep defaults --reps 12 --encode-blocks 8192 32768 \
+    --output "$out/commvq_encode_layer.json"
+  ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|refine|encode" >&2; exit 2 ;;
 esac
