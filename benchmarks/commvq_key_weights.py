@@ -1,4 +1,4 @@
-"""CommVQ key coding under a query-weighted distance: its effect on attention over held-out text (CPU or GPU).
+"""CommVQ key coding under a query-weighted distance: its effect on attention over held-out text (CPU).
 
 For every layer of the embedded model, the held-out essays' pre-RoPE queries, keys and values (collected here, with
 queries, into ``--workdir``; resumed when present) are split into sequences of ``--seq-len`` tokens. In each, every
@@ -16,8 +16,8 @@ Configurations:
   (:func:`pressroom.training.commvq_em.query_pair_weights`, from ``--train-tokens`` collected training queries),
   the codebook unchanged (``0``: Euclidean).
 
-    python benchmarks/commvq_key_weights.py --codebooks plain=2bit/em --codebooks weighted=2bit_qw05/em \\
-        --powers 0 0.25 0.5 1 --output benchmarks/results/commvq_key_weights_cpu.json
+    python benchmarks/commvq_key_weights.py --codebooks plain=PLAIN_DIR --codebooks weighted=WEIGHTED_DIR \\
+        --powers 0.25 0.5 1 --workdir WORK --output benchmarks/results/commvq_key_weights_cpu.json
 """
 
 from __future__ import annotations

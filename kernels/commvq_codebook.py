@@ -128,7 +128,10 @@ def search_operands(
             f"pair_weights must be [H_kv, head_dim/2] = {[thetas.shape[0], thetas.shape[-1]]}, got "
             f"{list(pair_weights.shape)}."
         )
-    scale = pair_weights.to(device=thetas.device, dtype=torch.float32).sqrt()
+    weights = pair_weights.to(device=thetas.device, dtype=torch.float32)
+    if not bool(torch.isfinite(weights).all()) or not bool((weights > 0).all()):
+        raise ValueError("pair_weights must be finite and positive (a weight per RoPE pair).")
+    scale = weights.sqrt()
     return scale_pairs(x, scale.to(x.device)), thetas * scale[:, None, None, :]
 
 

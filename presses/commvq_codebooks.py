@@ -10,7 +10,9 @@ Two on-disk formats:
 - **reference** (UMass-Embodied-AGI/CommVQ ``training/quantize_key_cache.py``): one file per layer and KV head,
   ``{layer:03d}_{group}.pt`` holding ``{"steps": [{"mse_loss": 0-d tensor, "theta": [128, head_dim/2],
   "clustering_centers": [4096, head_dim]}, ... R], "final_error": float}`` (we add ``"pair_weights": [head_dim/2]``
-  for a weighted key distance, which the reference ignores). Keys only. Files are read with
+  for a weighted key distance; the reference's code ignores it and would search such codebooks with the Euclidean
+  distance they were not trained for, and their ``mse_loss`` is then in the weighted distance). Keys only. Files are
+  read with
   ``torch.load(..., weights_only=True)``: loading a codebook never runs code from it.
 
 How the codebooks are applied (the contract the training follows):
@@ -424,7 +426,13 @@ class CommVQCodebooks:
                 row_t.append(torch.stack([torch.as_tensor(s["theta"]).float() for s in steps]))
                 row_m.append(torch.tensor([float(torch.as_tensor(s.get("mse_loss", math.nan))) for s in steps]))
                 if "pair_weights" in data:  # our addition (module docstring); the reference ignores it
-                    weights.append(torch.as_tensor(data["pair_weights"]).float())
+                    w = torch.as_tensor(data["pair_weights"]).float()
+                    if tuple(w.shape) != (row_t[-1].shape[-1],):
+                        raise ValueError(
+                            f"{files[(i, g)]}: pair_weights has shape {tuple(w.shape)}, not [{row_t[-1].shape[-1]}] "
+                            "(one weight per RoPE pair of its theta)."
+                        )
+                    weights.append(w)
             shapes = {tuple(t.shape) for t in row_t}
             if len(shapes) != 1:
                 raise ValueError(f"{path}: layer {i} has codebooks of different shapes {sorted(shapes)}.")
@@ -507,6 +515,9 @@ def save_reference_layer(
     (e.g. the training settings); the reference reads neither. Each file is written atomically.
     """
     out = Path(path)
+    reserved = {"steps", "final_error", "pair_weights"} & set(extra or {})
+    if reserved:
+        raise ValueError(f"extra entries may not replace the format's own {sorted(reserved)}.")
     out.mkdir(parents=True, exist_ok=True)
     if thetas.dim() != 4 or thetas.shape[2] != THETA_ROWS:
         raise ValueError(f"thetas must be [H_kv, R, 128, P], got {tuple(thetas.shape)}.")

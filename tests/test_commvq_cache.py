@@ -463,6 +463,8 @@ def test_weighted_key_search_in_the_cache(tiny, use_triton):
     assert torch.equal(codes["uniform"], codes["plain"]) and not torch.equal(codes["weighted"], codes["plain"])
     with pytest.raises(ValueError, match="pair_weights must be"):
         CommVQLayer(plain.key_theta[0], plain.values[0], torch.ones(head_dim // 2), pair_weights=weights[0, :, :4])
+    with pytest.raises(ValueError, match="finite and positive"):
+        CommVQLayer(plain.key_theta[0], plain.values[0], torch.ones(head_dim // 2), pair_weights=-weights[0])
 
 
 def test_sink_tokens_stay_in_full_precision(tiny):

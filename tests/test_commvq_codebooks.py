@@ -24,7 +24,7 @@ from pressroom.kernels.commvq_codebook import (
     theta_from_stats,
     to_interleaved,
 )
-from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, residuals_for_bits
+from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, residuals_for_bits, save_reference_layer
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -341,6 +341,11 @@ def test_pair_weights_round_trip_and_validation(tmp_path):
     assert torch.equal(CommVQCodebooks.load(ref).key_pair_weights, weights)
     assert CommVQCodebooks.load(books.save_reference(tmp_path / "plain")).key_pair_weights is None
     data = torch.load(ref / "000_1.pt", weights_only=True)
+    torch.save({**data, "pair_weights": torch.ones(5)}, ref / "000_1.pt")
+    with pytest.raises(ValueError, match="000_1.pt: pair_weights has shape"):
+        CommVQCodebooks.load(ref)
+    with pytest.raises(ValueError, match="may not replace"):
+        save_reference_layer(tmp_path / "x", 0, books.key_theta[0], extra={"final_error": 0.0})
     del data["pair_weights"]
     torch.save(data, ref / "000_1.pt")
     with pytest.raises(ValueError, match="3 of 4 files carry pair_weights"):

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from pressroom.evaluation.models import load_model, tiny_config
+from pressroom.kernels.commvq_codebook import scale_pairs
 from pressroom.presses.commvq_codebooks import CommVQCodebooks
 from pressroom.training.cli import main as train_main
 from pressroom.training.commvq import (
@@ -248,9 +249,15 @@ def test_keys_trained_under_query_weights(tiny, tmp_path):
     for layer in (0, 1):
         out = train_keys_layer(tmp_path, layer, 1, "em", None, "cpu", em, use_triton=False, query_weight=0.5)
         assert out["query_weight"] == 0.5
-    data, _ = load_layer(tmp_path / "kv" / "train", 1, ("q",))
+    data, _ = load_layer(tmp_path / "kv" / "train", 1, ("q", "k"))
     books = CommVQCodebooks.load(keys_dir(tmp_path, 1, "em"))
-    torch.testing.assert_close(books.key_pair_weights[1], query_pair_weights(data["q"], 2, 16, 0.5))
+    weights = query_pair_weights(data["q"], 2, 16, 0.5)
+    torch.testing.assert_close(books.key_pair_weights[1], weights)
+    # the saved theta is EM's on the keys scaled by sqrt(w) per pair, scaled back: the weighted search of the
+    # scaled keys over theta * sqrt(w) is then the search EM trained
+    r, norm = prepare_keys(data["k"], 2)
+    scaled, _ = fit_keys_em(scale_pairs(r, weights.sqrt()[:, None, :]), norm, 1, em, use_triton=False)
+    torch.testing.assert_close(books.key_theta[1], scaled / weights.sqrt()[:, None, None, :])
     assert train_keys_layer(tmp_path, 1, 1, "em", None, "cpu", em, query_weight=0.5)["skipped"]
     with pytest.raises(ValueError, match="--key-query-weight"):
         train_keys_layer(tmp_path, 1, 1, "em", None, "cpu", em, query_weight=0.0)
@@ -258,6 +265,9 @@ def test_keys_trained_under_query_weights(tiny, tmp_path):
     assert "pair_weights" not in torch.load(keys_dir(tmp_path, 1, "em") / "001_0.pt", weights_only=True)
     with pytest.raises(ValueError, match="pair_weights"):  # layer 0 weighted, layer 1 not: refused at load
         CommVQCodebooks.load(keys_dir(tmp_path, 1, "em"))
+    books.save_reference(keys_dir(tmp_path, 1, "em"))  # weights without the setting (as convert writes them)
+    with pytest.raises(ValueError, match="unknown"):
+        train_keys_layer(tmp_path, 1, 1, "em", None, "cpu", em, query_weight=0.0)
     no_q = tmp_path / "noq"
     collect(model, tok, no_q, max_tokens=48, seq_len=48, queries=False, show_progress=False)
     with pytest.raises(ValueError, match="without queries"):

@@ -251,8 +251,10 @@ def train_keys_layer(
     power of the query energy that weighs each RoPE pair in the key distance
     (:func:`~pressroom.training.commvq_em.query_pair_weights`; needs the collected queries; ``0``: the paper's
     Euclidean distance). Training under that distance is training on keys scaled by ``sqrt(w)`` per pair and dividing
-    the learned ``theta`` by it (each pair's centers are linear in its own ``theta`` column), so both methods are
-    unchanged; the weights are saved beside ``theta``. Skipped when the layer's files exist (unless ``force``);
+    the learned ``theta`` by it (each pair's centers are linear in its own ``theta`` column), so both methods run as
+    they are on the scaled keys (EM's temperatures and stopping tolerance are absolute, so they act on the scaled
+    distances; the weights have mean about 1 to keep them comparable), and the saved ``mse_loss`` is in the weighted
+    distance; the weights are saved beside ``theta``. Skipped when the layer's files exist (unless ``force``);
     files trained with another ``query_weight`` raise ``ValueError``. Returns a summary (``mse`` per head and
     residual, in the training distance; seconds).
     """
@@ -266,8 +268,12 @@ def train_keys_layer(
     target = keys_dir(out_dir, bits, method)
     files = [target / f"{layer:03d}_{g}.pt" for g in range(heads)]
     if not force and all(f.exists() for f in files):
-        stored = {float(torch.load(f, map_location="cpu", weights_only=True).get("query_weight", 0.0)) for f in files}
-        if stored != {float(query_weight)}:
+        stored = set()
+        for f in files:
+            data = torch.load(f, map_location="cpu", weights_only=True)
+            # weights without the setting (files from convert / save_reference): weighted, the power unknown
+            stored.add(str(data.get("query_weight", "unknown" if "pair_weights" in data else 0.0)))
+        if stored != {str(float(query_weight))}:
             raise ValueError(
                 f"layer {layer}'s key codebooks in {target} were trained with --key-query-weight {sorted(stored)}, "
                 f"not {query_weight}: pass --force to retrain them, or the same value to keep them."

@@ -54,7 +54,7 @@ def prepare_keys(keys: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, t
     return r.transpose(0, 1).contiguous(), norm
 
 
-DEFAULT_KEY_QUERY_WEIGHT = 0.0  # power of the query energy weighing the key distance (query_pair_weights): the paper's
+DEFAULT_KEY_QUERY_WEIGHT = 0.0  # query_pair_weights' power; 0: the paper's Euclidean key distance
 
 
 def query_pair_weights(queries: torch.Tensor, num_kv_heads: int, head_dim: int, power: float) -> torch.Tensor:
@@ -67,8 +67,9 @@ def query_pair_weights(queries: torch.Tensor, num_kv_heads: int, head_dim: int, 
     (``0``: the paper's Euclidean distance, the default). Measured on SmolLM2 at 2 bits
     (``benchmarks/results/commvq_key_weights_cpu.json``, 30 layers, held-out essays): codebooks trained and encoded
     at 0.5 lower the attention-output error from 0.0235 to 0.0161 and the attention KL from 0.0315 to 0.0195
-    (power 1 over-weights the few pairs that dominate the energy: 0.0294); but the 4k needle score went from 48.2 to
-    42.5 (12 samples per task, ``commvq_quality_2bit_qw05.json``), so it is not the default.
+    (power 1 over-weights the few pairs that dominate the energy: 0.0294); but the 4k needle score was 42.5 against
+    46.7 for the Euclidean codebooks on the same path (12 samples per task, ``commvq_quality_2bit_qw05.json`` and
+    ``commvq_quality_2bit_refine_ablation.json``), so it is not the default.
     Queries are in the model's ``rotate_half`` layout (pair ``p`` is channels ``p`` and ``p + head_dim/2``).
     """
     if not math.isfinite(power) or power < 0:
