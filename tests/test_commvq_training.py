@@ -64,14 +64,18 @@ def test_em_step_matches_the_reference_iteration():
     cfg = EMConfig(n_steps=4)
     theta, best, iters = fit_step_em(r[:1], norm, 1.0, cfg, torch.Generator().manual_seed(3), use_triton=False)
     # the reference's own float32 inv() of the ill-conditioned normal matrix costs it ~1e-3 relative; in float64
-    # its iteration and ours (float64 solve, additive E-step) agree closely
-    for dtype, rtol in ((torch.float64, 1e-4), (torch.float32, 2e-3)):
+    # its iteration and ours (float64 solve, additive E-step) agree closely. Ours runs on float32 keys, whose
+    # matmuls round differently with the CPU's BLAS: 4 iterations agree within 1e-4 on one machine, 2.2e-4 on
+    # another; a different iteration (another E-step, M-step or init) is off by percents
+    for dtype, rtol in ((torch.float64, 5e-4), (torch.float32, 2e-3)):
         gen = torch.Generator().manual_seed(3)
         ref_theta, ref_best, ref_iters = reference_fit_step(r[0].to(dtype), norm.to(dtype), 1.0, cfg, gen)
         assert int(iters[0]) == ref_iters
         torch.testing.assert_close(best[0], ref_best.float(), rtol=rtol, atol=0)
-        if dtype == torch.float64:
-            torch.testing.assert_close(theta[0], ref_theta.float(), rtol=0, atol=2e-3)
+        if dtype == torch.float64:  # |theta| up to 0.23; a few rarely used centers move most with the rounding (the
+            # reference's own float32 run is 2.7e-3 off its float64 one on this data)
+            diff = (theta[0] - ref_theta.float()).abs()
+            assert diff.max() < 1e-2 and (diff < 2e-3).float().mean() > 0.99, diff.max()
 
 
 def test_e2e_loss_falls():
