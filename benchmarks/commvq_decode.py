@@ -57,6 +57,8 @@ from pressroom.kernels.commvq_resources import (
     BENCHMARK_DECODE_TILINGS,
     BENCHMARK_TABLE_GATHER_TILINGS,
     BENCHMARK_TWO_PASS_TILINGS,
+    BENCHMARK_UNROLL_TILINGS,
+    BENCHMARK_VALUES_STAGES,
     ENCODE_TILINGS,
 )
 from pressroom.presses import commvq_cache
@@ -211,7 +213,11 @@ KEY_MATH = (("auto", "fast"), ("fp32", "fast"), ("auto", "libdevice"), ("fp32", 
 
 
 def variants(
-    sweep: str, smoke: bool, key_side: tuple[str, ...] = ("table", "parts"), key_math: bool = True
+    sweep: str,
+    smoke: bool,
+    key_side: tuple[str, ...] = ("table", "parts"),
+    key_math: bool = True,
+    values_stages: tuple[int, ...] = (),
 ) -> list[dict]:
     """decode_attention keyword arguments to time: the two-pass tilings, then the fused ones."""
     two_pass = BENCHMARK_TWO_PASS_TILINGS[:1] if smoke or sweep == "none" else BENCHMARK_TWO_PASS_TILINGS
@@ -236,6 +242,14 @@ def variants(
         ]
     if "parts" in key_side:  # the residual steps scored in two halves by separate programs
         out += [dict(out[0], key_parts=2)]
+    if "unroll" in key_side:  # small token blocks, with and without the residual loop unrolled
+        out += [
+            dict(out[0], block_t=bt, num_warps=nw, key_unroll=u)
+            for bt, nw, u in (BENCHMARK_UNROLL_TILINGS[:1] if smoke else BENCHMARK_UNROLL_TILINGS)
+        ]
+    out += [dict(out[0], values_stages=vs) for vs in values_stages]  # the values kernel software-pipelined
+    if "merge" in key_side:  # one kernel for the merge, the value-codebook product and the window
+        out += [dict(out[0], merge="fused")]
     if key_math:  # float32 sums of the key entries and/or libdevice trig (the previous defaults)
         out += [dict(out[0], key_accum=a, rope_trig=t) for a, t in KEY_MATH[1:]]
     out += [
@@ -272,9 +286,17 @@ def main() -> None:
     ap.add_argument(
         "--key-side",
         nargs="*",
-        choices=["table", "parts"],
-        default=["table", "parts"],
-        help="two-pass key-side alternatives timed next to the default: on-chip table gathers, residuals in two parts",
+        choices=["table", "parts", "unroll", "merge"],
+        default=["table", "parts", "unroll", "merge"],
+        help="two-pass alternatives timed next to the default: on-chip table gathers, residuals in two parts, "
+        "small token blocks with the residual loop unrolled, the fused merge",
+    )
+    ap.add_argument(
+        "--values-stages",
+        type=int,
+        nargs="*",
+        default=list(BENCHMARK_VALUES_STAGES),
+        help="software-pipelining stages of the two-pass values kernel timed next to the default (1)",
     )
     ap.add_argument(
         "--skip-key-math",
@@ -351,7 +373,12 @@ def main() -> None:
                 cfg[key] = float((ours - ref).abs().max())
             except Exception as err:
                 cfg[key] = f"failed: {type(err).__name__}: {str(err)[:300]}"
-        for label, kw in (("table_gather", dict(key_gather="table")), ("key_parts_2", dict(key_parts=2))):
+        for label, kw in (
+            ("table_gather", dict(key_gather="table")),
+            ("key_parts_2", dict(key_parts=2)),
+            ("key_unroll", dict(key_unroll=True, block_t=8, num_warps=2)),
+            ("merge_fused", dict(merge="fused")),
+        ):
             try:
                 ours = decode_attention(q, sub, books, scaling, use_triton=True, **kw)
                 cfg[f"check_max_abs_err_{label}"] = float((ours - ref).abs().max())
@@ -391,7 +418,9 @@ def main() -> None:
             save()
             log(f"{name} decode {kw}: {fmt(e['ms'])}")
 
-        for variant in variants(args.sweep, args.smoke, tuple(args.key_side), not args.skip_key_math):
+        for variant in variants(
+            args.sweep, args.smoke, tuple(args.key_side), not args.skip_key_math, tuple(args.values_stages)
+        ):
             run_variant(variant)
         for design in DESIGNS:
             timings = [e for e in cfg["decode_sweep"] if e["design"] == design and isinstance(e["ms"], float)]
@@ -419,7 +448,8 @@ def main() -> None:
         # where the time goes: per-kernel GPU time of the default launch and of the best one (torch.profiler)
         if device.type == "cuda":
             cfg["kernel_breakdown_ms"] = {}
-            for label, e in (("default", cfg["decode_sweep"][0]), ("best", best)):
+            fused_merge = next((e for e in cfg["decode_sweep"] if e.get("merge") == "fused"), None)
+            for label, e in (("default", cfg["decode_sweep"][0]), ("best", best), ("merge_fused", fused_merge)):
                 if e is None:
                     continue
                 kw = {k: v for k, v in e.items() if k != "ms"}

@@ -17,6 +17,10 @@
 #                                            # SmolLM2 value shapes; needs no .gpu load: torch and triton only)
 #   bash benchmarks/gpu_commvq.sh encode     # the whole layer's encode through CommVQLayer at 128k (1 and 2 bits),
 #                                            # chunks of 8192 and 32768 tokens, next to the kernels alone (no load)
+#   bash benchmarks/gpu_commvq.sh keyside    # decode at 128k, 1 and 2 bits: the default next to small token blocks
+#                                            # with the residual loop unrolled (key_unroll) and not, the values
+#                                            # kernel pipelined (values_stages 2, 3), the fused merge (no load)
+#   bash benchmarks/gpu_commvq.sh profile    # ncu counters of the scores kernel for the same variants (no load)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
@@ -52,5 +56,10 @@ encode)
     --key-side --skip-key-math --encode-sweep defaults --reps 12 --encode-blocks 8192 32768 \
     --output "$out/commvq_encode_layer.json"
   ;;
-*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|refine|encode" >&2; exit 2 ;;
+keyside)
+  python3 benchmarks/commvq_decode.py --bits 1 2 --sweep none --skip-reference-path --skip-hqq --skip-encode \
+    --skip-key-scores --key-side unroll merge --skip-key-math --reps 30 --output "$out/commvq_decode_key_unroll.json"
+  ;;
+profile) python3 benchmarks/commvq_scores_profile.py --keep-csv --output "$out/commvq_scores_profile.json" ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|refine|encode|keyside|profile" >&2; exit 2 ;;
 esac

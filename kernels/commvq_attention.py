@@ -339,6 +339,27 @@ if HAS_TRITON:
             return _add_center(k0, k1, ztab_ptr, g, r, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE)
 
     @triton.jit
+    def _add_code_pair(
+        k0, k1, crow, tmask, ztab_ptr, g, j, pp, pmask, R: tl.constexpr, P: tl.constexpr, TABLE_FP16: tl.constexpr,
+        GATHER_TABLE: tl.constexpr, ACC_FP16: tl.constexpr, NATIVE: tl.constexpr,
+    ):  # fmt: skip
+        """The codes ``2 j`` and ``2 j + 1`` (12 bits each in the three bytes ``3 j .. 3 j + 2`` of each token's row
+        ``crow``; the second only when ``2 j + 1 < R``) into the key's accumulators (:func:`_add_code`)."""
+        b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
+        b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
+        code = b0 | ((b1 & 15) << 8)
+        k0, k1 = _add_code(
+            k0, k1, ztab_ptr, g, 2 * j, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
+        )
+        if 2 * j + 1 < R:
+            b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
+            code = (b1 >> 4) | (b2 << 4)
+            k0, k1 = _add_code(
+                k0, k1, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
+            )
+        return k0, k1
+
+    @triton.jit
     def _rope_cos_sin(phi, FAST: tl.constexpr, NATIVE: tl.constexpr):
         """``cos(phi), sin(phi)`` of the RoPE angles. ``FAST``: ``phi`` reduced to about ``[-pi, pi]`` with two FMAs
         (``2 pi`` split in a float32 head and tail: the reduction adds under 1e-6 rad up to 2^24 rad) and then the
@@ -408,6 +429,7 @@ if HAS_TRITON:
         ACC_FP16: tl.constexpr = False,
         FAST_ROPE: tl.constexpr = False,
         NATIVE: tl.constexpr = False,
+        UNROLL: tl.constexpr = False,
     ):
         """Scores ``[BLOCK_G, BLOCK_T]`` of the (pre-scaled) queries of KV head ``g`` against the coded tokens ``tok``:
         each key is summed from its codes' table entries, rotated to its position and scaled by its norm (the key never
@@ -424,18 +446,15 @@ if HAS_TRITON:
         else:  # the key's (x, y) in float32
             k0 = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
             k1 = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
-        for j in range(j0, j1):
-            b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
-            b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
-            code = b0 | ((b1 & 15) << 8)
-            k0, k1 = _add_code(
-                k0, k1, ztab_ptr, g, 2 * j, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
-            )
-            if 2 * j + 1 < R:
-                b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
-                code = (b1 >> 4) | (b2 << 4)
-                k0, k1 = _add_code(
-                    k0, k1, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
+        if UNROLL:  # every residual pair in one straight block: all code loads and gathers may be in flight at once
+            for j in tl.static_range((R + 1) // 2):
+                k0, k1 = _add_code_pair(
+                    k0, k1, crow, tmask, ztab_ptr, g, j, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
+                )
+        else:
+            for j in range(j0, j1):
+                k0, k1 = _add_code_pair(
+                    k0, k1, crow, tmask, ztab_ptr, g, j, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
                 )
         if ACC_FP16:
             kx, ky = _h2_key(k0, k1)
@@ -749,6 +768,80 @@ if HAS_TRITON:
             tl.store(out_w_ptr + row * D + dd, aw * ww, mask=dmask)
 
     @triton.jit
+    def _decode_merge_kernel(
+        m_ptr,  # [B*Hq, S+1] fp32 base-2 running maxima (entry S: the window)
+        l_ptr,  # [B*Hq, S+1] fp32 sums of exp2
+        acc_ptr,  # [B*Hq, S, NBITS] fp32 probability-weighted value bits per split
+        accw_ptr,  # [B*Hq, D] fp32 the window's weighted values
+        emb_ptr,  # [NBITS, H, D] fp32 value codebook per KV head
+        chs_ptr,  # [H, D] fp32 channel scale
+        out_ptr,  # [B*Hq, D] fp32
+        n_splits,
+        H: tl.constexpr,
+        G: tl.constexpr,
+        NBITS: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        KC: tl.constexpr,
+        BLOCK_DO: tl.constexpr,
+    ):
+        """``merge="fused"``: the log-sum-exp merge of the splits and the window, the weighted bits times the value
+        codebook and the channel scale, in one launch. One program per (batch row, KV head, ``BLOCK_DO`` output
+        channels) merges the bits of the head's ``G`` query heads ``KC`` at a time (``BLOCK_S`` splits per load)
+        and multiplies them into the output right away: the merged bits never go to memory."""
+        bh = tl.program_id(0)
+        dc = tl.program_id(1)
+        b = bh // H
+        g = bh % H
+        gg = tl.arange(0, BLOCK_G)
+        gmask = gg < G
+        row = b * H * G + g * G + gg
+        # the splits' weights exp2(m - max) / sum(l exp2(m - max)), BLOCK_S splits at a time (entry n_splits: window)
+        mx = tl.full((BLOCK_G,), -1.0e30, tl.float32)
+        total = tl.zeros((BLOCK_G,), tl.float32)
+        for s0 in range(0, n_splits + 1, BLOCK_S):
+            ss = s0 + tl.arange(0, BLOCK_S)
+            st_off = row[:, None] * (n_splits + 1) + ss[None, :]
+            st_mask = gmask[:, None] & (ss <= n_splits)[None, :]
+            m = tl.load(m_ptr + st_off, mask=st_mask, other=-1.0e30)
+            lv = tl.load(l_ptr + st_off, mask=st_mask, other=0.0)
+            new_mx = tl.maximum(mx, tl.max(m, axis=1))
+            total = total * tl.exp2(mx - new_mx) + tl.sum(lv * tl.exp2(m - new_mx[:, None]), axis=1)
+            mx = new_mx
+        total = tl.where(gmask, total, 1.0)
+        dd = dc * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        dmask = dd < D
+        out = tl.zeros((BLOCK_G, BLOCK_DO), tl.float32)
+        for k0 in range(0, NBITS, KC):
+            kk = k0 + tl.arange(0, KC)
+            kmask = kk < NBITS
+            merged = tl.zeros((BLOCK_G, KC), tl.float32)
+            for s0 in range(0, n_splits, BLOCK_S):
+                ss = s0 + tl.arange(0, BLOCK_S)
+                smask = gmask[:, None] & (ss < n_splits)[None, :]
+                m = tl.load(m_ptr + row[:, None] * (n_splits + 1) + ss[None, :], mask=smask, other=-1.0e30)
+                wgt = tl.exp2(m - mx[:, None]) / total[:, None]  # [BLOCK_G, BLOCK_S]
+                a_row = (row[:, None] * n_splits + ss[None, :]).to(tl.int64) * NBITS
+                a = tl.load(
+                    acc_ptr + a_row[:, :, None] + kk[None, None, :],
+                    mask=smask[:, :, None] & kmask[None, None, :],
+                    other=0.0,
+                )
+                merged += tl.sum(wgt[:, :, None] * a, axis=1)
+            e = tl.load(
+                emb_ptr + (kk[:, None] * H + g) * D + dd[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0
+            )
+            out += tl.sum(merged[:, :, None] * e[None, :, :], axis=1)
+        chs = tl.load(chs_ptr + g * D + dd, mask=dmask, other=0.0)
+        m_w = tl.load(m_ptr + row * (n_splits + 1) + n_splits, mask=gmask, other=-1.0e30)
+        ww = tl.exp2(m_w - mx) / total  # the window's weight per query head
+        o_off = row[:, None] * D + dd[None, :]
+        o_mask = gmask[:, None] & dmask[None, :]
+        aw = tl.load(accw_ptr + o_off, mask=o_mask, other=0.0)
+        tl.store(out_ptr + o_off, out * chs[None, :] + aw * ww[:, None], mask=o_mask)
+
+    @triton.jit
     def _decode_scores_kernel(
         q_ptr,  # [B, Hq, D] fp32 interleaved, pre-multiplied by scaling * log2(e)
         codes_ptr,
@@ -797,6 +890,7 @@ if HAS_TRITON:
         ACC_FP16: tl.constexpr = False,
         FAST_ROPE: tl.constexpr = False,
         NATIVE: tl.constexpr = False,
+        UNROLL_R: tl.constexpr = False,
     ):
         blk = tl.program_id(0)
         bh = tl.program_id(1)
@@ -821,7 +915,7 @@ if HAS_TRITON:
                 sc = _code_block_scores(
                     qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask, rope_scale,
                     j0, j1, s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT, TABLE_FP16,
-                    GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE,
+                    GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE, UNROLL_R,
                 )  # fmt: skip
                 if R_PARTS == 1:
                     tl.store(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :])
@@ -991,12 +1085,14 @@ DESIGNS = ("two_pass", "fused")
 KEY_GATHERS = ("global", "table")
 
 
-def _check_key_side(key_gather: str, key_parts: int) -> None:
+def _check_key_side(key_gather: str, key_parts: int, key_unroll: bool = False) -> None:
     """The two-pass scores kernel's options (see :func:`decode_attention`)."""
     if key_gather not in KEY_GATHERS:
         raise ValueError(f"key_gather must be one of {KEY_GATHERS}, got {key_gather!r}.")
     if key_parts not in (1, 2):
         raise ValueError(f"key_parts must be 1 or 2, got {key_parts}.")
+    if key_unroll and key_parts != 1:
+        raise ValueError("key_unroll=True unrolls all the residual steps in one program; it needs key_parts=1.")
 
 
 DEFAULT_VALUES_NB_CHUNK = 256
@@ -1020,15 +1116,22 @@ def two_pass_meta(
     key_parts: int = 1,
     key_accum: str = "auto",
     rope_trig: str = "fast",
+    key_unroll: bool = False,
+    values_stages: int | None = None,
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
-    :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``."""
-    _check_key_side(key_gather, key_parts)
+    :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
+    takes ``values_stages`` (default: ``num_stages``)."""
+    _check_key_side(key_gather, key_parts, key_unroll)
+    if values_stages is not None and values_stages < 1:
+        raise ValueError(f"values_stages must be >= 1, got {values_stages}.")
     scores = _key_side_meta(h, g, d, r, table_fp16, block_t, key_accum, rope_trig, key_gather)
     if key_gather == "table":
         scores["GATHER_TABLE"] = True
     if key_parts > 1:
         scores["R_PARTS"] = key_parts
+    if key_unroll:
+        scores["UNROLL_R"] = True
     values = dict(
         HQ=h * g,
         NBITS=nbits,
@@ -1036,7 +1139,7 @@ def two_pass_meta(
         BLOCK_HQ=max(16, triton.next_power_of_2(h * g)),
         BLOCK_T=values_block_t,
     )
-    return (scores, (num_warps, num_stages)), (values, (values_warps, num_stages))
+    return (scores, (num_warps, num_stages)), (values, (values_warps, values_stages or num_stages))
 
 
 def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) -> tuple[dict, tuple[int, int]]:
@@ -1049,6 +1152,27 @@ def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) 
         BLOCK_D=triton.next_power_of_2(d),
     )
     return meta, (4, 1)
+
+
+MERGES = ("separate", "fused")
+
+
+def merge_meta(
+    h: int, g: int, d: int, nbits: int, n_splits: int, block_do: int = 32, kc: int = 16, num_warps: int = 4
+) -> tuple[dict, tuple[int, int]]:
+    """The fused merge kernel's constexprs and ``(num_warps, num_stages)`` (``merge="fused"`` of
+    :func:`decode_attention`): ``kc`` value bits per step, ``block_do`` output channels per program."""
+    meta = dict(
+        H=h,
+        G=g,
+        NBITS=nbits,
+        D=d,
+        BLOCK_G=triton.next_power_of_2(g),
+        BLOCK_S=min(triton.next_power_of_2(n_splits + 1), 32),
+        KC=kc,
+        BLOCK_DO=min(block_do, triton.next_power_of_2(d)),
+    )
+    return meta, (num_warps, 1)
 
 
 def decode_attention(
@@ -1071,6 +1195,9 @@ def decode_attention(
     key_parts: int = 1,
     key_accum: str = "auto",
     rope_trig: str = "fast",
+    key_unroll: bool = False,
+    values_stages: int | None = None,
+    merge: str = "separate",
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1109,6 +1236,10 @@ def decode_attention(
         ``"two_pass"`` or ``"fused"`` (above).
     values_block_t, values_warps, score_programs : int
         Two-pass only: tokens per block and warps of the values kernel; programs the scores kernel aims at.
+    values_stages : int or None
+        Two-pass only: software-pipelining stages of the values kernel (default ``num_stages``). With 2 or 3, Triton
+        stages each block's scores and value bytes in shared memory with ``cp.async`` while the previous block is
+        multiplied (compiled for sm_90 at the 8B shape: 22.1 / 26.1 KB of shared memory, no spill).
     key_table : str
         ``"auto"``: gather ``theta`` from its float16 copy when that is exact (codebooks stored in float16), else
         float32; ``"fp32"``: always the float32 table (8 bytes per entry, no unpacking).
@@ -1121,12 +1252,22 @@ def decode_attention(
         Two-pass only. ``2``: the residual steps are split in two halves scored by separate programs (the half
         slowest in the grid, so that programs resident together read half of the tables) whose partial scores are
         added in the scores buffer (two float adds onto zero: deterministic); ``1``: one program per token range.
+    key_unroll : bool
+        Two-pass only. ``True``: the loop over residual steps is unrolled, so that all of a block's code loads and
+        table gathers can be in flight together (one memory latency per block of tokens instead of one per pair of
+        residual steps); meant for small ``block_t`` (8: at ``num_warps=2`` it takes 128 registers at R=11 and 182
+        at R=21 on sm_90, where ``block_t=32`` spills). ``False`` (default): a runtime loop.
     key_accum : str
         How the ``2 R`` table entries of a key are summed. ``"fp16"``: as packed float16 pairs, one ``add.rn.f16x2``
         per entry for both halves of a RoPE pair (a third of the float32 path's instructions); each add rounds to
         float16, so a key carries a relative error of about ``2^-11 sqrt(2 R)`` (under 0.3% at ``R = 21``, against
         the codes' own 10%); needs the exact float16 table and ``key_gather="global"``. ``"fp32"``: unpacked and
         summed in float32. ``"auto"`` (default): ``"fp16"`` where it applies, else ``"fp32"``.
+    merge : str
+        How the splits are combined. ``"separate"`` (default): a merge kernel writes the weighted value bits per query
+        head (one program per head and 1,024 bits), then PyTorch multiplies them by the value codebook per KV head,
+        scales the channels and adds the window (about five launches). ``"fused"``: one kernel does all of it, one
+        program per batch row, KV head and 32 output channels, and the merged bits never go to memory.
     rope_trig : str
         ``"fast"`` (default): each angle reduced to about ``[-pi, pi]`` with two FMAs, then the hardware ``sin``/``cos``
         approximations (absolute error about 1e-6); ``"libdevice"``: ``tl.cos``/``tl.sin`` of the full angle
@@ -1144,7 +1285,13 @@ def decode_attention(
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}.")
     if key_table not in ("auto", "fp32"):
         raise ValueError(f"key_table must be 'auto' or 'fp32', got {key_table!r}.")
-    _check_key_side(key_gather, key_parts)
+    _check_key_side(key_gather, key_parts, key_unroll)
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}.")
+    if values_stages is not None and design != "two_pass":
+        raise ValueError("values_stages is a setting of design='two_pass' only (its values kernel).")
+    if key_unroll and design != "two_pass":
+        raise ValueError("key_unroll=True is implemented for design='two_pass' only.")
     if key_gather != "global" and design != "two_pass":
         raise ValueError(f"key_gather={key_gather!r} is implemented for design='two_pass' only.")
     if key_parts != 1 and design != "two_pass":
@@ -1171,7 +1318,7 @@ def decode_attention(
         m, lsum, acc, n_splits = _two_pass(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
             values_warps, target_programs or _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
-            rope_trig,
+            rope_trig, key_unroll, values_stages,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -1191,6 +1338,13 @@ def decode_attention(
             key_accum,
             rope_trig,
         )
+    if merge == "fused":
+        mmeta, (mwarps, mstages) = merge_meta(h, hq // h, d, nbits, n_splits)
+        out = torch.empty(b, hq, d, device=dev, dtype=torch.float32)
+        _decode_merge_kernel[(b * h, triton.cdiv(d, mmeta["BLOCK_DO"]))](
+            m, lsum, acc, accw, books.emb, books.chscale, out, n_splits, **mmeta, num_warps=mwarps, num_stages=mstages
+        )
+        return out
     rmeta, (rwarps, rstages) = reduce_meta(d, nbits, n_splits)
     n_rbc = triton.cdiv(nbits, rmeta["NB_CHUNK"])
     out_bits = torch.empty(b * hq, nbits, device=dev, dtype=torch.float32)
@@ -1222,6 +1376,7 @@ def _sm_count(device: torch.device) -> int:
 def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
+    key_unroll=False, values_stages=None,
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -1229,7 +1384,7 @@ def _two_pass(
     nbits = books.n_bits
     (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
         h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
-        nb_chunk, values_warps, num_stages, key_gather, key_parts, key_accum, rope_trig,
+        nb_chunk, values_warps, num_stages, key_gather, key_parts, key_accum, rope_trig, key_unroll, values_stages,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
     split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)
@@ -1577,6 +1732,8 @@ __all__ = [
     "key_scores_meta",
     "key_scores_reference",
     "reduce_meta",
+    "merge_meta",
+    "MERGES",
     "rotate_interleaved",
     "window_keys",
 ]

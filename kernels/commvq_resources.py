@@ -77,6 +77,9 @@ _POINTERS = {
     "_decode_reduce_kernel": {
         n: "*fp32" for n in ("m_ptr", "l_ptr", "acc_ptr", "accw_ptr", "out_bits_ptr", "out_w_ptr")
     },
+    "_decode_merge_kernel": {
+        n: "*fp32" for n in ("m_ptr", "l_ptr", "acc_ptr", "accw_ptr", "emb_ptr", "chs_ptr", "out_ptr")
+    },
     "_key_scores_kernel": {
         "q_ptr": "*fp32",
         "lut_ptr": "*i64",
@@ -145,11 +148,24 @@ def kernel_resources(fn, constexprs: dict, num_warps: int, num_stages: int, targ
     """Compile the ``@triton.jit`` function ``fn`` for ``target`` (``(backend, arch, warp_size)``) and return
     ``{"shared": bytes, "regs": per thread, "stack_bytes": per thread (spills), "fits": shared <= 227 KB}``.
 
+    Every pointer argument is compiled as 16-byte aligned (``tt.divisibility = 16``), as Triton specializes a launch
+    on the cache's tensors (PyTorch allocations are 256-byte aligned). Without it the compile is another one: at the
+    8B shape the decode scores kernel's table gathers stay 4-byte loads instead of 16-byte ``ld.global.v4`` and it
+    takes 234 registers instead of 200. Integer arguments are not specialized (the launch may also mark those
+    divisible by 16).
+
+    Constexpr parameters left out of ``constexprs`` take their defaults, as in a launch (without this, Triton's
+    ahead-of-time path compiles them as ``i32`` arguments, and an ``if`` on one keeps both branches).
+
     Raises whatever Triton raises when the kernel does not compile (the caller records it)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, constexprs, pointers), constexprs=constexprs)
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
+    constexprs = {**defaults, **constexprs}
+    sig = _signature(fn, constexprs, pointers)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name].startswith("*")}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
     compiled = triton.compile(
         src, target=GPUTarget(*target), options={"num_warps": num_warps, "num_stages": num_stages}
     )
@@ -190,6 +206,12 @@ BENCHMARK_TWO_PASS_TILINGS = (
 )
 # the scores kernel with on-chip table gathers (key_gather="table"): (block_t, num_warps), values side at the default
 BENCHMARK_TABLE_GATHER_TILINGS = ((32, 8), (64, 8), (128, 8))
+# the scores kernel on small token blocks, the residual loop unrolled or not (key_unroll): (block_t, num_warps, unroll).
+# On sm_90 at R=11 / R=21: 128 / 182 registers unrolled at (8, 2), 178 at (8, 1); the default (32, 4) takes 200 and
+# spills when unrolled; (16, 4) not unrolled takes 116 (4 programs per SM instead of 2)
+BENCHMARK_UNROLL_TILINGS = ((8, 2, True), (8, 1, True), (8, 2, False), (16, 4, True))
+# software-pipelining stages of the two-pass values kernel at its default tiling (the default is 1: none)
+BENCHMARK_VALUES_STAGES = (2, 3)
 
 
 # the encode tilings the benchmarks time (the defaults of encode_defaults are compiled by default_configs)
@@ -249,6 +271,8 @@ def default_configs():
         out.append((f"values {name}", att._decode_values_kernel, vmeta, *vopts, None))
         meta, opts = att.reduce_meta(d, nbits, n_splits=att.DEFAULT_TARGET_PROGRAMS // h)
         out.append((f"reduce {name}", att._decode_reduce_kernel, meta, *opts, None))
+        meta, opts = att.merge_meta(h, hq // h, d, nbits, n_splits=att.DEFAULT_TARGET_PROGRAMS // h)
+        out.append((f"merge {name}", att._decode_merge_kernel, meta, *opts, None))
         for design in ("direct", "lut"):
             meta, opts = att.key_scores_meta(h, hq // h, d, r, design)
             out.append((f"key_scores {design} {name}", att._key_scores_kernel, meta, *opts, None))
@@ -293,6 +317,13 @@ def benchmark_configs():
             )
         (smeta, sopts), _ = att.two_pass_meta(h, hq // h, d, r, h * d * bits, key_parts=2)
         out.append((f"scores {name} key_parts=2", att._decode_scores_kernel, smeta, *sopts, None))
+        for stages in BENCHMARK_VALUES_STAGES:
+            _, (vmeta, (vw, vs)) = att.two_pass_meta(h, hq // h, d, r, h * d * bits, values_stages=stages)
+            out.append((f"values {name} stages={vs}", att._decode_values_kernel, vmeta, vw, vs, None))
+        for bt, nw, unroll in BENCHMARK_UNROLL_TILINGS:
+            (smeta, sopts), _ = att.two_pass_meta(h, hq // h, d, r, h * d * bits, True, bt, nw, key_unroll=unroll)
+            label = f"scores {name} bt={bt} warps={nw}" + (" unroll" if unroll else "")
+            out.append((label, att._decode_scores_kernel, smeta, *sopts, None))
         for design in ("direct", "lut"):
             meta, opts = att.key_scores_meta(h, hq // h, d, r, design, block_t=16)
             out.append((f"key_scores {design} {name} bt=16", att._key_scores_kernel, meta, *opts, None))
@@ -375,6 +406,8 @@ __all__ = [
     "BENCHMARK_DECODE_TILINGS",
     "BENCHMARK_TABLE_GATHER_TILINGS",
     "BENCHMARK_TWO_PASS_TILINGS",
+    "BENCHMARK_UNROLL_TILINGS",
+    "BENCHMARK_VALUES_STAGES",
     "ENCODE_TILINGS",
     "H100_SHARED_BYTES",
     "SHAPES",

@@ -188,16 +188,37 @@ def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, 
 
 
 @needs_interpreter
-@pytest.mark.parametrize("design", ["two_pass", "fused", "two_pass_table", "two_pass_parts"])
+@pytest.mark.parametrize(
+    "design",
+    [
+        "two_pass",
+        "fused",
+        "two_pass_table",
+        "two_pass_parts",
+        "two_pass_unroll",
+        "two_pass_stages",
+        "two_pass_merge",
+        "fused_merge",
+    ],
+)
 @pytest.mark.parametrize(
     ("per_head_pos", "head_dim", "fp16_theta"), [(False, 16, False), (True, 16, True), (False, 32, False)]
 )
 def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head_dim, fp16_theta, design):
-    """Both designs, and the two-pass one with on-chip table gathers. Tolerance: 2e-3 relative to the output's scale
+    """Both designs, and the two-pass one with on-chip table gathers, split residuals, the unrolled residual loop
+    (an odd R: the last pair holds one code), the pipelined values kernel, the fused merge (which also equals the
+    separate merge to float32 rounding). Tolerance: 2e-3 relative to the output's scale
     (the kernels weight value bits in float16; head_dim >= 32 also computes scores with tl.dot, tf32 on a GPU, float32
     in the interpreter)."""
-    gather = {"two_pass_table": dict(key_gather="table"), "two_pass_parts": dict(key_parts=2)}.get(design, {})
-    tiling = dict(design="fused" if design == "fused" else "two_pass", block_t=16, target_programs=8)
+    gather = {
+        "two_pass_table": dict(key_gather="table"),
+        "two_pass_parts": dict(key_parts=2),
+        "two_pass_unroll": dict(key_unroll=True),
+        "two_pass_stages": dict(values_stages=3),  # pipelining: the same program (the interpreter ignores stages)
+        "two_pass_merge": dict(merge="fused"),
+        "fused_merge": dict(merge="fused"),
+    }.get(design, {})
+    tiling = dict(design="fused" if design.startswith("fused") else "two_pass", block_t=16, target_programs=8)
     tiling.update(values_block_t=16)
     tiling.update(score_programs=8, **gather)
     batch, heads, group, residuals = 2, 2, 3, 3
@@ -218,6 +239,9 @@ def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head
     out = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= 2e-3 * ref.abs().max()
+    if design.endswith("_merge"):
+        separate = decode_attention(q, kv, books, 0.3, use_triton=True, **dict(tiling, merge="separate"))
+        assert (out - separate).abs().max() <= 1e-5 * ref.abs().max()
     if fp16_theta:  # the float32 table, or float32 sums of the float16 one, give the same result
         out32 = decode_attention(q, kv, books, 0.3, use_triton=True, key_table="fp32", **tiling)
         out16 = decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="fp32", **tiling)
@@ -648,6 +672,20 @@ def test_wrong_codebooks_raise(tiny, tmp_path):
         _pipe(tiny)("Some context here.", question="Q?", press=press, max_new_tokens=2)
 
 
+@needs_interpreter
+def test_fused_merge_over_many_splits_equals_the_separate_merge():
+    """38 splits: the fused merge reads them 32 at a time (two chunks, the second partial) plus the window."""
+    torch.manual_seed(5)
+    kv, books = _coded(2, 2, 16, 2, n=600, nw=7, nbits=2 * 2 * 16)
+    q = torch.randn(2, 6, 16)
+    tiling = dict(use_triton=True, block_t=16, values_block_t=16, target_programs=128, score_programs=8)
+    ref = decode_attention_reference(q, kv, books, 0.3)
+    fused = decode_attention(q, kv, books, 0.3, merge="fused", **tiling)
+    separate = decode_attention(q, kv, books, 0.3, **tiling)
+    assert (fused - separate).abs().max() <= 1e-5 * ref.abs().max()
+    assert (fused - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
 def test_decode_key_gather_is_validated():
     kv, books = _coded(1, 2, 16, 2, n=8, nw=2, nbits=2 * 2 * 16)
     q = torch.randn(1, 4, 16)
@@ -657,6 +695,16 @@ def test_decode_key_gather_is_validated():
         decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", key_gather="table")
     with pytest.raises(ValueError, match="key_parts must be 1 or 2"):
         decode_attention(q, kv, books, 0.3, use_triton=True, key_parts=3)
+    with pytest.raises(ValueError, match="needs key_parts=1"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, key_unroll=True, key_parts=2)
+    with pytest.raises(ValueError, match="key_unroll=True is implemented for design='two_pass' only"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", key_unroll=True)
+    with pytest.raises(ValueError, match="merge must be one of"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, merge="atomic")
+    with pytest.raises(ValueError, match="values_stages must be >= 1"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, values_stages=0)
+    with pytest.raises(ValueError, match="design='two_pass' only"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", values_stages=2)
     with pytest.raises(ValueError, match="key_accum must be one of"):
         decode_attention(q, kv, books, 0.3, use_triton=True, key_accum="bf16")
     with pytest.raises(ValueError, match="rope_trig must be one of"):
