@@ -13,7 +13,10 @@ press and :class:`~pressroom.presses.CommVQPress` at 1 and 2 bits (results direc
 ``--ablation`` also :class:`~pressroom.presses.commvq_ablation_press.CommVQAblationPress` with only the keys, then
 only the values coded, to attribute a loss to one side), and
 through kvpress's pipeline with ``cache=QuantizedCache(hqq)`` (the Runner takes presses, not caches), scored the same
-way.
+way. ``--query-aware`` runs the needles in kvpress's ``query_aware`` mode instead: each question joins its context
+before the prefill, so the question is read in full precision during the prefill and only the generated tokens read
+the coded cache (the protocol of the CommVQ reference's needle script, which prefills context and question in one
+pass); without it, kvpress's default: the context is compressed first and the question reads the codes.
 
 HQQ must be installed (``pip install hqq``; pure Python, it runs without its optional CUDA extension), except with
 ``--skip-hqq``.
@@ -136,6 +139,11 @@ def main() -> None:
         help="CommVQ value_refine settings to run (greedy bit flips per token; 0: the reference's value coding)",
     )
     ap.add_argument("--skip-ppl", action="store_true", help="needles only (e.g. a second job)")
+    ap.add_argument(
+        "--query-aware",
+        action="store_true",
+        help="needles in kvpress's query_aware mode: the question joins the context before the prefill",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: tiny-llama, random codebooks")
     args = ap.parse_args()
     if args.smoke:
@@ -165,6 +173,7 @@ def main() -> None:
         "smoke": args.smoke,
         "commvq_n_sink": args.n_sink,
         "commvq_value_refine": args.value_refine,
+        "needles_query_aware": args.query_aware,
         "perplexity": {"context": args.context, "eval_tokens_per_segment": args.eval, "segments": args.segments},
         "needles": {},
     }
@@ -235,6 +244,7 @@ def main() -> None:
         dtype=dtype,
         output_dir=str(runs_dir),
         max_new_tokens=8 if args.smoke else None,
+        query_aware=args.query_aware,
     )
     presses: list[tuple[str, CommVQPress | None]] = [("fp16", None)]
     for b, ns, vr in settings:
@@ -271,6 +281,9 @@ def main() -> None:
     for bits in () if args.skip_hqq else args.bits:
         cfg = EvalConfig(press_name="no_press", **base)
         df = runner.dataset(cfg, tok)
+        if args.query_aware:  # as the Runner does for the presses
+            df["context"] = df["context"] + df["question"]
+            df["question"] = ""
         df["predicted_answer"] = None
         with torch.inference_mode():
             for context, group in df.groupby("context", sort=False):

@@ -13,6 +13,9 @@
 #   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh ablation  # 2-bit needles, 12 samples per task: fp16, CommVQ, and
 #                                            # keys-only / values-only coding (CommVQAblationPress), no HQQ
 #                                            # (about 9 minutes on an H200)
+#   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh needles_qa  # the ablation's 2-bit needles (fp16, CommVQ, keys /
+#                                            # values only) in kvpress's query_aware mode: the question is prefilled
+#                                            # with the context, as the CommVQ reference's needle script does
 #   bash benchmarks/gpu_commvq.sh refine     # the value-refinement Triton kernel against its PyTorch path (8B and
 #                                            # SmolLM2 value shapes; needs no .gpu load: torch and triton only)
 #   bash benchmarks/gpu_commvq.sh encode     # the whole layer's encode through CommVQLayer at 128k (1 and 2 bits),
@@ -50,6 +53,12 @@ ablation)
     --needle-samples 12 --skip-ppl --skip-hqq --ablation --output "$out/commvq_quality_ablation.json" \
     --runs-dir "$out/commvq_quality_runs12"
   ;;
+needles_qa)
+  : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
+  python3 benchmarks/commvq_quality.py --codebooks-2 "$CODEBOOKS/2bit/$method" --bits 2 --n-sink 4 \
+    --needle-samples 12 --skip-ppl --skip-hqq --ablation --query-aware \
+    --output "$out/commvq_quality_2bit_query_aware.json" --runs-dir "$out/commvq_quality_runs_qa"
+  ;;
 refine) python3 benchmarks/commvq_value_refine.py --output "$out/commvq_value_refine.json" ;;
 encode)
   python3 benchmarks/commvq_decode.py --bits 1 2 --sweep none --skip-reference-path --skip-hqq --skip-key-scores \
@@ -61,5 +70,5 @@ keyside)
     --skip-key-scores --key-side unroll merge --skip-key-math --reps 30 --output "$out/commvq_decode_key_unroll.json"
   ;;
 profile) python3 benchmarks/commvq_scores_profile.py --keep-csv --output "$out/commvq_scores_profile.json" ;;
-*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|refine|encode|keyside|profile" >&2; exit 2 ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|refine|encode|keyside|profile" >&2; exit 2 ;;
 esac
