@@ -1074,8 +1074,9 @@ def decode_meta(
     ``num_stages=1`` by default: software pipelining stages the theta gathers in shared memory (with the residual
     loop unrolled: ``2 R`` double-buffered ``BLOCK_T x P`` tiles, 435 KB at ``R = 11``, far over the H100's 227 KB);
     the gathers hit L1 anyway. Compiled for sm_90 (``python -m pressroom.kernels.commvq_resources``), the defaults
-    (``BLOCK_T=32``, ``NB_CHUNK=1024``, 8 warps) take 73 KB of shared memory and 255 registers with no real spill
-    (8 bytes) at R=11 and R=21; 4 warps spill about 1.6 KB per thread."""
+    (``BLOCK_T=32``, ``NB_CHUNK=1024``, 8 warps) take 73 KB of shared memory and 254 / 236 registers at R=11 / R=21,
+    with a 32-byte stack frame and no spill; 4 warps take 255 registers and a 96-byte frame (figures of the compile
+    that matches a launch: 16-byte-aligned pointers; an earlier unaligned compile reported 1.6 KB of spills)."""
     meta = _key_side_meta(h, g, d, r, table_fp16, block_t, key_accum, rope_trig)
     meta.update(NBITS=nbits, NB_CHUNK=nb_chunk or _default_nb_chunk(nbits))
     return meta, (num_warps, num_stages)
