@@ -156,7 +156,7 @@ def main() -> None:
 
     from pressroom.evaluation import tasks as tasks_mod
     from pressroom.evaluation.corpora import corpus_tokens
-    from pressroom.evaluation.run import EvalConfig, Runner
+    from pressroom.evaluation.run import EvalConfig, Runner, make_query_aware
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"
@@ -282,8 +282,7 @@ def main() -> None:
         cfg = EvalConfig(press_name="no_press", **base)
         df = runner.dataset(cfg, tok)
         if args.query_aware:  # as the Runner does for the presses
-            df["context"] = df["context"] + df["question"]
-            df["question"] = ""
+            make_query_aware(df)
         df["predicted_answer"] = None
         with torch.inference_mode():
             for context, group in df.groupby("context", sort=False):

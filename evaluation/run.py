@@ -143,6 +143,13 @@ class EvalConfig:
         return d
 
 
+def make_query_aware(df) -> None:
+    """kvpress's ``query_aware`` mode, in place: each question joins its context (which the press then compresses)
+    and the question left to ask after compression is empty."""
+    df["context"] = df["context"] + df["question"]
+    df["question"] = ""
+
+
 def is_complete(results_dir: Path) -> bool:
     return all((results_dir / name).is_file() for name in RESULT_FILES)
 
@@ -323,9 +330,8 @@ class Runner:
         if getattr(press, "tokenizer", False) is None:  # presses that read token types (AnchorPress): the pipeline's
             press.tokenizer = pipe.tokenizer
         df = self.dataset(config, pipe.tokenizer)
-        if config.query_aware:  # as kvpress's evaluation: the question joins the context that the press compresses
-            df["context"] = df["context"] + df["question"]
-            df["question"] = ""
+        if config.query_aware:  # as kvpress's evaluation
+            make_query_aware(df)
         torch.manual_seed(config.seed)
         device = pipe.model.device
         if device.type == "cuda":

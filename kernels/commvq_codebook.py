@@ -113,6 +113,17 @@ def scale_pairs(x: torch.Tensor, pair_scale: torch.Tensor) -> torch.Tensor:
     return x * pair_scale.to(x.dtype).repeat_interleave(2, dim=-1)
 
 
+def check_pair_weights(pair_weights: torch.Tensor, shape: tuple[int, ...], name: str = "pair_weights") -> torch.Tensor:
+    """``pair_weights`` as float32 after checking its ``shape`` (e.g. ``[H_kv, head_dim/2]``) and that every weight is
+    finite and positive; ``name`` is the one the error messages use."""
+    weights = pair_weights.float()
+    if tuple(weights.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {list(shape)}, got {list(weights.shape)}.")
+    if not bool(torch.isfinite(weights).all()) or not bool((weights > 0).all()):
+        raise ValueError(f"{name} must be finite and positive (a weight per RoPE pair).")
+    return weights
+
+
 def search_operands(
     x: torch.Tensor, thetas: torch.Tensor, pair_weights: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,14 +134,7 @@ def search_operands(
     """
     if pair_weights is None:
         return x, thetas
-    if pair_weights.shape != (thetas.shape[0], thetas.shape[-1]):
-        raise ValueError(
-            f"pair_weights must be [H_kv, head_dim/2] = {[thetas.shape[0], thetas.shape[-1]]}, got "
-            f"{list(pair_weights.shape)}."
-        )
-    weights = pair_weights.to(device=thetas.device, dtype=torch.float32)
-    if not bool(torch.isfinite(weights).all()) or not bool((weights > 0).all()):
-        raise ValueError("pair_weights must be finite and positive (a weight per RoPE pair).")
+    weights = check_pair_weights(pair_weights.to(thetas.device), (thetas.shape[0], thetas.shape[-1]))
     scale = weights.sqrt()
     return scale_pairs(x, scale.to(x.device)), thetas * scale[:, None, None, :]
 

@@ -43,7 +43,7 @@ from pressroom.kernels.commvq_attention import (
     dequantize_values,
     window_keys,
 )
-from pressroom.kernels.commvq_codebook import from_interleaved, search_operands, to_interleaved
+from pressroom.kernels.commvq_codebook import check_pair_weights, from_interleaved, search_operands, to_interleaved
 from pressroom.kernels.commvq_encode import PRECISIONS, KeyTables, code_bytes, encode_keys, pack_bits
 from pressroom.kernels.rope_ring import resolve_use_triton
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec
@@ -216,8 +216,8 @@ class CommVQLayer(CacheLayerMixin):
         # attributes (pressroom.presses.memory for a DynamicCache holding these layers) then count only the KV state
         self.consts = SimpleNamespace(theta=theta.detach().float(), inv_freq=inv_freq.detach().float().cpu())
         if pair_weights is not None:
-            search_operands(theta.new_zeros(1, theta.shape[0], theta.shape[-1] * 2), theta, pair_weights)  # checks
-        self.consts.pair_weights = None if pair_weights is None else pair_weights.detach().float()
+            pair_weights = check_pair_weights(pair_weights.detach(), (theta.shape[0], theta.shape[-1]))
+        self.consts.pair_weights = pair_weights
         self.codec_host = codec
         self.window = int(window)
         self.n_sink = int(n_sink)

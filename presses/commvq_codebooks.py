@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pressroom.kernels.commvq_codebook import THETA_ROWS, centers_from_theta
+from pressroom.kernels.commvq_codebook import THETA_ROWS, centers_from_theta, check_pair_weights
 from pressroom.kernels.commvq_refine import refine_value_bits
 
 NATIVE_CONFIG = "commvq.json"
@@ -274,12 +274,8 @@ class CommVQCodebooks:
         if self.key_mse is not None and tuple(self.key_mse.shape) != expected[:3]:
             raise ValueError(f"key_mse must be {list(expected[:3])}, got {list(self.key_mse.shape)}.")
         if self.key_pair_weights is not None:
-            w = self.key_pair_weights.float()
-            if tuple(w.shape) != (*expected[:2], expected[-1]):
-                raise ValueError(f"key_pair_weights must be {[*expected[:2], expected[-1]]}, got {list(w.shape)}.")
-            if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
-                raise ValueError("key_pair_weights must be finite and positive (a weight per RoPE pair).")
-            self.key_pair_weights = w
+            shape = (*expected[:2], expected[-1])
+            self.key_pair_weights = check_pair_weights(self.key_pair_weights, shape, "key_pair_weights")
         if self.values is not None:
             feat = self.num_kv_heads * self.head_dim
             if len(self.values) != self.num_layers or any(v.feat_dim != feat for v in self.values):
