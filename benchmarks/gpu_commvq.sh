@@ -16,14 +16,17 @@
 #   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh needles_qa  # the ablation's 2-bit needles (fp16, CommVQ, keys /
 #                                            # values only) in kvpress's query_aware mode: the question is prefilled
 #                                            # with the context, as the CommVQ reference's needle script does
+#                                            # (ABLATION=0: fp16 and CommVQ only, about half the time;
+#                                            # RUNS_DIR: where the Runner results go, default $OUT)
 #   bash benchmarks/gpu_commvq.sh refine     # the value-refinement Triton kernel against its PyTorch path (8B and
-#                                            # SmolLM2 value shapes; needs no .gpu load: torch and triton only)
+#                                            # SmolLM2 value shapes)
 #   bash benchmarks/gpu_commvq.sh encode     # the whole layer's encode through CommVQLayer at 128k (1 and 2 bits),
-#                                            # chunks of 8192 and 32768 tokens, next to the kernels alone (no load)
+#                                            # chunks of 8192 and 32768 tokens, next to the kernels alone
 #   bash benchmarks/gpu_commvq.sh keyside    # decode at 128k, 1 and 2 bits: the default next to small token blocks
 #                                            # with the residual loop unrolled (key_unroll) and not, the values
-#                                            # kernel pipelined (values_stages 2, 3), the fused merge (no load)
-#   bash benchmarks/gpu_commvq.sh profile    # ncu counters of the scores kernel for the same variants (no load)
+#                                            # kernel pipelined (values_stages 2, 3), the fused merge
+#   bash benchmarks/gpu_commvq.sh profile    # ncu counters of the scores kernel for the same variants
+# Every mode needs the .gpu loads installed first (pressroom.presses imports kvpress).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
@@ -55,9 +58,10 @@ ablation)
   ;;
 needles_qa)
   : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
+  ablation=--ablation; [ "${ABLATION:-1}" = 0 ] && ablation=
   python3 benchmarks/commvq_quality.py --codebooks-2 "$CODEBOOKS/2bit/$method" --bits 2 --n-sink 4 \
-    --needle-samples 12 --skip-ppl --skip-hqq --ablation --query-aware \
-    --output "$out/commvq_quality_2bit_query_aware.json" --runs-dir "$out/commvq_quality_runs_qa"
+    --needle-samples 12 --skip-ppl --skip-hqq $ablation --query-aware \
+    --output "$out/commvq_quality_2bit_query_aware.json" --runs-dir "${RUNS_DIR:-$out}/commvq_quality_runs_qa"
   ;;
 refine) python3 benchmarks/commvq_value_refine.py --output "$out/commvq_value_refine.json" ;;
 encode)
