@@ -250,6 +250,8 @@ def variants(
     out += [dict(out[0], values_stages=vs) for vs in values_stages]  # the values kernel software-pipelined
     if "merge" in key_side:  # one kernel for the merge, the value-codebook product and the window
         out += [dict(out[0], merge="fused")]
+    if "window" in key_side:  # the window's program in the code programs' launch (the previous default)
+        out += [dict(out[0], window_launch="shared")]
     if key_math:  # float32 sums of the key entries and/or libdevice trig (the previous defaults)
         out += [dict(out[0], key_accum=a, rope_trig=t) for a, t in KEY_MATH[1:]]
     out += [
@@ -286,10 +288,10 @@ def main() -> None:
     ap.add_argument(
         "--key-side",
         nargs="*",
-        choices=["table", "parts", "unroll", "merge"],
-        default=["table", "parts", "unroll", "merge"],
+        choices=["table", "parts", "unroll", "merge", "window"],
+        default=["table", "parts", "unroll", "merge", "window"],
         help="two-pass alternatives timed next to the default: on-chip table gathers, residuals in two parts, "
-        "small token blocks with the residual loop unrolled, the fused merge",
+        "small token blocks with the residual loop unrolled, the fused merge, the window in the code launch",
     )
     ap.add_argument(
         "--values-stages",

@@ -30,6 +30,8 @@ from pathlib import Path
 # decode_attention keyword arguments of each profiled variant (all two-pass; the first is the default)
 VARIANTS = {
     "default": {},
+    "window_shared": dict(window_launch="shared"),
+    "bt32_w8": dict(block_t=32, num_warps=8),
     "bt16_w4": dict(block_t=16, num_warps=4),
     "bt8_w2": dict(block_t=8, num_warps=2),
     "bt8_w2_unroll": dict(block_t=8, num_warps=2, key_unroll=True),
@@ -64,7 +66,7 @@ KEEP = (
 
 
 def child(bits: int, variant: str, tokens: int, launches: int) -> None:
-    """Build the layer and call decode_attention ``launches`` times (ncu profiles the last scores launch)."""
+    """Build the layer and call decode_attention ``launches`` times (ncu profiles the last call's code launch)."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -143,9 +145,13 @@ def main() -> None:
     for bits in args.bits:
         for variant in args.variant:
             key = f"{bits}bit/{variant}"
+            # two scores launches per call unless the window shares the code programs' launch: skip to the last
+            # call's code launch
+            per_call = 1 if VARIANTS[variant].get("window_launch") == "shared" else 2
+            skip = (args.launches - 1) * per_call
             cmd = [
                 ncu, "--clock-control", "none", "--kernel-name", "regex:_decode_scores_kernel",
-                "--launch-skip", str(args.launches - 1), "--launch-count", "1", "--csv", "--page", "details",
+                "--launch-skip", str(skip), "--launch-count", "1", "--csv", "--page", "details",
                 *[a for s in SECTIONS for a in ("--section", s)],
                 sys.executable, str(Path(__file__).resolve()), "--child", "--bits", str(bits), "--variant", variant,
                 "--tokens", str(args.tokens), "--launches", str(args.launches),

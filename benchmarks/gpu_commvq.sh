@@ -25,6 +25,9 @@
 #   bash benchmarks/gpu_commvq.sh keyside    # decode at 128k, 1 and 2 bits: the default next to small token blocks
 #                                            # with the residual loop unrolled (key_unroll) and not, the values
 #                                            # kernel pipelined (values_stages 2, 3), the fused merge
+#   bash benchmarks/gpu_commvq.sh window     # decode at 128k, 1 and 2 bits, every two-pass tiling: the window's program
+#                                            # in its own launch (default) next to the shared launch, small blocks,
+#                                            # fused merge, on-chip table gathers
 #   bash benchmarks/gpu_commvq.sh profile    # ncu counters of the scores kernel for the same variants
 # Every mode needs the .gpu loads installed first (pressroom.presses imports kvpress).
 set -euo pipefail
@@ -73,6 +76,11 @@ keyside)
   python3 benchmarks/commvq_decode.py --bits 1 2 --sweep none --skip-reference-path --skip-hqq --skip-encode \
     --skip-key-scores --key-side unroll merge --skip-key-math --reps 30 --output "$out/commvq_decode_key_unroll.json"
   ;;
+window)
+  python3 benchmarks/commvq_decode.py --bits 1 2 --sweep two_pass --skip-reference-path --skip-hqq --skip-encode \
+    --skip-key-scores --key-side window unroll merge table --skip-key-math --reps 30 \
+    --output "$out/commvq_decode_window.json"
+  ;;
 profile) python3 benchmarks/commvq_scores_profile.py --keep-csv --output "$out/commvq_scores_profile.json" ;;
-*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|refine|encode|keyside|profile" >&2; exit 2 ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|refine|encode|keyside|window|profile" >&2; exit 2 ;;
 esac

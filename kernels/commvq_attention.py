@@ -842,6 +842,25 @@ if HAS_TRITON:
         tl.store(out_ptr + o_off, out * chs[None, :] + aw * ww[:, None], mask=o_mask)
 
     @triton.jit
+    def _scores_window(
+        qx, qy, invf, wk_ptr, wv_ptr, wpos_ptr, m_ptr, l_ptr, accw_ptr, b, g, hq, rmask, n_win, n_splits, rope_scale,
+        s_wb, s_wh, s_wn, s_wvb, s_wvh, s_wvn, s_wpb, pp, pmask, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """The window's program of the scores kernel: its online-softmax state (entry ``n_splits`` of ``m`` / ``l``)
+        and unnormalized output ``accw``, in blocks of ``BLOCK_W`` (>= 16: tensor-core dots) tokens."""
+        m_i, l_i, accw = _window_attention(
+            qx, qy, invf, wk_ptr, wv_ptr, wpos_ptr, b, g, n_win, rope_scale, s_wb, s_wh, s_wn, s_wvb, s_wvh,
+            s_wvn, s_wpb, pp, pmask, P, BLOCK_G, BLOCK_W, BLOCK_D, P >= 16,
+        )  # fmt: skip
+        stat_off = (b * H * G + hq) * (n_splits + 1) + n_splits
+        tl.store(m_ptr + stat_off, m_i, mask=rmask)
+        tl.store(l_ptr + stat_off, l_i, mask=rmask)
+        dd = tl.arange(0, BLOCK_D)
+        w_off = (b * H * G + hq)[:, None] * (2 * P) + dd[None, :]
+        tl.store(accw_ptr + w_off, accw, mask=rmask[:, None] & (dd < 2 * P)[None, :])
+
+    @triton.jit
     def _decode_scores_kernel(
         q_ptr,  # [B, Hq, D] fp32 interleaved, pre-multiplied by scaling * log2(e)
         codes_ptr,
@@ -891,13 +910,23 @@ if HAS_TRITON:
         FAST_ROPE: tl.constexpr = False,
         NATIVE: tl.constexpr = False,
         UNROLL_R: tl.constexpr = False,
+        BLOCK_W: tl.constexpr = 32,
+        PROGRAMS: tl.constexpr = 0,
     ):
+        # PROGRAMS: 0, one grid for both (the window's program after the code programs); 1, the code programs only;
+        # 2, the window's program only. Apart, the code programs compile without the window's dots and accumulators:
+        # on sm_90 (Triton 3.6) 72 registers instead of 255 and a 200-byte spill frame
         blk = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         g = bh % H
         rmask, pp, pmask, hq, qx, qy, invf = _group_queries(q_ptr, invf_ptr, b, g, H, G, P, BLOCK_G, BLOCK_P)
-        if blk < n_code_progs * R_PARTS:
+        if PROGRAMS == 2:
+            _scores_window(
+                qx, qy, invf, wk_ptr, wv_ptr, wpos_ptr, m_ptr, l_ptr, accw_ptr, b, g, hq, rmask, n_win, n_splits,
+                rope_scale, s_wb, s_wh, s_wn, s_wvb, s_wvh, s_wvn, s_wpb, pp, pmask, H, G, P, BLOCK_G, BLOCK_W, BLOCK_D,
+            )  # fmt: skip
+        elif blk < n_code_progs * R_PARTS:
             # R_PARTS > 1: the residual pairs are split in parts, one program per part and token range, the part
             # slowest in the grid (programs resident together read one part's tables); partial scores are added
             part = blk // n_code_progs
@@ -921,17 +950,11 @@ if HAS_TRITON:
                     tl.store(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :])
                 else:  # two parts: (0 + a) + b == (0 + b) + a, so the order of the two adds does not matter
                     tl.atomic_add(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :], sem="relaxed")
-        else:
-            m_i, l_i, accw = _window_attention(
-                qx, qy, invf, wk_ptr, wv_ptr, wpos_ptr, b, g, n_win, rope_scale, s_wb, s_wh, s_wn, s_wvb, s_wvh,
-                s_wvn, s_wpb, pp, pmask, P, BLOCK_G, BLOCK_T, BLOCK_D, USE_DOT,
+        elif PROGRAMS == 0:
+            _scores_window(
+                qx, qy, invf, wk_ptr, wv_ptr, wpos_ptr, m_ptr, l_ptr, accw_ptr, b, g, hq, rmask, n_win, n_splits,
+                rope_scale, s_wb, s_wh, s_wn, s_wvb, s_wvh, s_wvn, s_wpb, pp, pmask, H, G, P, BLOCK_G, BLOCK_W, BLOCK_D,
             )  # fmt: skip
-            stat_off = (b * H * G + hq) * (n_splits + 1) + n_splits
-            tl.store(m_ptr + stat_off, m_i, mask=rmask)
-            tl.store(l_ptr + stat_off, l_i, mask=rmask)
-            dd = tl.arange(0, BLOCK_D)
-            w_off = (b * H * G + hq)[:, None] * (2 * P) + dd[None, :]
-            tl.store(accw_ptr + w_off, accw, mask=rmask[:, None] & (dd < 2 * P)[None, :])
 
     @triton.jit
     def _decode_values_kernel(
@@ -1119,11 +1142,17 @@ def two_pass_meta(
     rope_trig: str = "fast",
     key_unroll: bool = False,
     values_stages: int | None = None,
+    window_launch: str = "separate",
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
-    takes ``values_stages`` (default: ``num_stages``)."""
+    takes ``values_stages`` (default: ``num_stages``). With ``window_launch="separate"`` the scores meta is that of
+    the code programs (``PROGRAMS=1``); the window's launch takes it with ``PROGRAMS=2``."""
     _check_key_side(key_gather, key_parts, key_unroll)
+    if window_launch not in WINDOW_LAUNCHES:
+        raise ValueError(f"window_launch must be one of {WINDOW_LAUNCHES}, got {window_launch!r}.")
+    if block_t < 1 or block_t & (block_t - 1):
+        raise ValueError(f"block_t must be a power of two, got {block_t}.")
     if values_stages is not None and values_stages < 1:
         raise ValueError(f"values_stages must be >= 1, got {values_stages}.")
     scores = _key_side_meta(h, g, d, r, table_fp16, block_t, key_accum, rope_trig, key_gather)
@@ -1133,6 +1162,11 @@ def two_pass_meta(
         scores["R_PARTS"] = key_parts
     if key_unroll:
         scores["UNROLL_R"] = True
+    # tensor-core dots need 16 tokens a block (Triton 3.6 rejects a dot with N = 8); the window keeps its dots in
+    # blocks of at least 16 tokens
+    scores["USE_DOT"] = scores["USE_DOT"] and block_t >= 16
+    scores["BLOCK_W"] = max(16, block_t)
+    scores["PROGRAMS"] = WINDOW_PROGRAMS[window_launch]
     values = dict(
         HQ=h * g,
         NBITS=nbits,
@@ -1141,6 +1175,11 @@ def two_pass_meta(
         BLOCK_T=values_block_t,
     )
     return (scores, (num_warps, num_stages)), (values, (values_warps, values_stages or num_stages))
+
+
+WINDOW_LAUNCHES = ("separate", "shared")
+# the scores kernel's PROGRAMS constexpr per window_launch (2: the window's own launch)
+WINDOW_PROGRAMS = {"shared": 0, "separate": 1}
 
 
 def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) -> tuple[dict, tuple[int, int]]:
@@ -1199,6 +1238,7 @@ def decode_attention(
     key_unroll: bool = False,
     values_stages: int | None = None,
     merge: str = "separate",
+    window_launch: str = "separate",
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1269,6 +1309,12 @@ def decode_attention(
         head (one program per head and 1,024 bits), then PyTorch multiplies them by the value codebook per KV head,
         scales the channels and adds the window (about five launches). ``"fused"``: one kernel does all of it, one
         program per batch row, KV head and 32 output channels, and the merged bits never go to memory.
+    window_launch : str
+        Two-pass only: where the window's program runs. ``"separate"`` (default): its own launch of the scores kernel
+        (one program per KV head), so the code programs are compiled without the window's tensor-core dots and
+        ``[16, D]`` accumulator: on sm_90 with Triton 3.6, 72 registers and no spill instead of 255 registers and a
+        200-byte spill frame, which allowed only 2 programs of 4 warps per SM. ``"shared"``: one launch, the window's
+        program after the code programs.
     rope_trig : str
         ``"fast"`` (default): each angle reduced to about ``[-pi, pi]`` with two FMAs, then the hardware ``sin``/``cos``
         approximations (absolute error about 1e-6); ``"libdevice"``: ``tl.cos``/``tl.sin`` of the full angle
@@ -1293,6 +1339,8 @@ def decode_attention(
         raise ValueError("values_stages is a setting of design='two_pass' only (its values kernel).")
     if key_unroll and design != "two_pass":
         raise ValueError("key_unroll=True is implemented for design='two_pass' only.")
+    if window_launch not in WINDOW_LAUNCHES:
+        raise ValueError(f"window_launch must be one of {WINDOW_LAUNCHES}, got {window_launch!r}.")
     if key_gather != "global" and design != "two_pass":
         raise ValueError(f"key_gather={key_gather!r} is implemented for design='two_pass' only.")
     if key_parts != 1 and design != "two_pass":
@@ -1319,7 +1367,7 @@ def decode_attention(
         m, lsum, acc, n_splits = _two_pass(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
             values_warps, target_programs or _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
-            rope_trig, key_unroll, values_stages,
+            rope_trig, key_unroll, values_stages, window_launch,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -1374,31 +1422,11 @@ def _sm_count(device: torch.device) -> int:
     return 132
 
 
-def _two_pass(
-    qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
-    target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
-    key_unroll=False, values_stages=None,
+def _scores_launch(
+    n_progs, bh, qs, kv, ztab, books, scores, m, lsum, accw, n_splits, n_code_progs, per_prog, s_pb, s_ph, meta, sw, ss
 ):  # fmt: skip
-    """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
-    b, hq, d = qs.shape
-    h = kv.codes.shape[1]
-    nbits = books.n_bits
-    (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
-        h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
-        nb_chunk, values_warps, num_stages, key_gather, key_parts, key_accum, rope_trig, key_unroll, values_stages,
-    )  # fmt: skip
-    n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
-    split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)
-    n_splits = triton.cdiv(kv.n, split) if kv.n else 0
-    per_prog = _split_size(kv.n, b * h, block_t, score_programs)
-    n_code_progs = triton.cdiv(kv.n, per_prog) if kv.n else 0
-    dev = qs.device
-    m = torch.empty(b, hq, n_splits + 1, device=dev, dtype=torch.float32)
-    lsum = torch.empty_like(m)
-    acc = torch.empty(b, hq, max(n_splits, 1), nbits, device=dev, dtype=torch.float32)
-    alloc = torch.zeros if key_parts > 1 else torch.empty  # partial scores are added onto zeros
-    scores = alloc(b, hq, max(kv.n, 1), device=dev, dtype=torch.float32)
-    _decode_scores_kernel[(n_code_progs * key_parts + 1, b * h)](
+    """One launch of the two-pass scores kernel over ``(n_progs, bh)`` programs (``meta["PROGRAMS"]`` says which)."""
+    _decode_scores_kernel[(n_progs, bh)](
         qs,
         kv.codes,
         kv.knorm,
@@ -1431,10 +1459,48 @@ def _two_pass(
         kv.wvals.stride(1),
         kv.wvals.stride(2),
         kv.wpos.stride(0),
-        **smeta,
+        **meta,
         num_warps=sw,
         num_stages=ss,
     )
+
+
+def _two_pass(
+    qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
+    target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
+    key_unroll=False, values_stages=None, window_launch="separate",
+):  # fmt: skip
+    """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
+    b, hq, d = qs.shape
+    h = kv.codes.shape[1]
+    nbits = books.n_bits
+    (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
+        h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
+        nb_chunk, values_warps, num_stages, key_gather, key_parts, key_accum, rope_trig, key_unroll, values_stages,
+        window_launch,
+    )  # fmt: skip
+    n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
+    split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)
+    n_splits = triton.cdiv(kv.n, split) if kv.n else 0
+    per_prog = _split_size(kv.n, b * h, block_t, score_programs)
+    n_code_progs = triton.cdiv(kv.n, per_prog) if kv.n else 0
+    dev = qs.device
+    m = torch.empty(b, hq, n_splits + 1, device=dev, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty(b, hq, max(n_splits, 1), nbits, device=dev, dtype=torch.float32)
+    alloc = torch.zeros if key_parts > 1 else torch.empty  # partial scores are added onto zeros
+    scores = alloc(b, hq, max(kv.n, 1), device=dev, dtype=torch.float32)
+    separate = smeta["PROGRAMS"] == 1
+    # separate: the code programs, then the window's program per KV head in its own launch (PROGRAMS=2)
+    launches = [(n_code_progs * key_parts + (0 if separate else 1), smeta)]
+    if separate:
+        launches.append((1, {**smeta, "PROGRAMS": 2}))
+    for n_progs, meta in launches:
+        if n_progs:
+            _scores_launch(
+                n_progs, b * h, qs, kv, ztab, books, scores, m, lsum, accw, n_splits, n_code_progs, per_prog, s_pb,
+                s_ph, meta, sw, ss,
+            )  # fmt: skip
     if n_splits:
         _decode_values_kernel[(n_splits, b, n_nbc)](
             scores,

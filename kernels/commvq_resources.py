@@ -267,6 +267,9 @@ def default_configs():
             ptr = None if fp16 else {"ztab_ptr": "*i64"}
             label = f"scores {name} table={'fp16' if fp16 else 'fp32'}"
             out.append((label, att._decode_scores_kernel, smeta, *sopts, ptr))
+            if fp16:  # the window's own launch (window_launch="separate", the default)
+                wmeta = {**smeta, "PROGRAMS": 2}
+                out.append((f"scores-window {name}", att._decode_scores_kernel, wmeta, *sopts, ptr))
         _, (vmeta, vopts) = att.two_pass_meta(h, hq // h, d, r, nbits)
         out.append((f"values {name}", att._decode_values_kernel, vmeta, *vopts, None))
         meta, opts = att.reduce_meta(d, nbits, n_splits=att.DEFAULT_TARGET_PROGRAMS // h)

@@ -196,6 +196,8 @@ def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, 
         "two_pass_table",
         "two_pass_parts",
         "two_pass_unroll",
+        "two_pass_window_shared",
+        "two_pass_bt8",
         "two_pass_stages",
         "two_pass_merge",
         "fused_merge",
@@ -206,7 +208,8 @@ def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, 
 )
 def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head_dim, fp16_theta, design):
     """Both designs, and the two-pass one with on-chip table gathers, split residuals, the unrolled residual loop
-    (an odd R: the last pair holds one code), the pipelined values kernel, the fused merge (which also equals the
+    (an odd R: the last pair holds one code), the window in the code programs' launch (default: its own), 8-token
+    blocks, the pipelined values kernel, the fused merge (which also equals the
     separate merge to float32 rounding). Tolerance: 2e-3 relative to the output's scale
     (the kernels weight value bits in float16; head_dim >= 32 also computes scores with tl.dot, tf32 on a GPU, float32
     in the interpreter)."""
@@ -214,6 +217,8 @@ def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head
         "two_pass_table": dict(key_gather="table"),
         "two_pass_parts": dict(key_parts=2),
         "two_pass_unroll": dict(key_unroll=True),
+        "two_pass_window_shared": dict(window_launch="shared"),
+        "two_pass_bt8": dict(block_t=8, key_unroll=True),  # no tensor-core dots on 8 tokens; window in 16s
         "two_pass_stages": dict(values_stages=3),  # pipelining: the same program (the interpreter ignores stages)
         "two_pass_merge": dict(merge="fused"),
         "fused_merge": dict(merge="fused"),
@@ -697,6 +702,10 @@ def test_decode_key_gather_is_validated():
         decode_attention(q, kv, books, 0.3, use_triton=True, key_parts=3)
     with pytest.raises(ValueError, match="needs key_parts=1"):
         decode_attention(q, kv, books, 0.3, use_triton=True, key_unroll=True, key_parts=2)
+    with pytest.raises(ValueError, match="window_launch must be one of"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, window_launch="together")
+    with pytest.raises(ValueError, match="block_t must be a power of two"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, block_t=24)
     with pytest.raises(ValueError, match="key_unroll=True is implemented for design='two_pass' only"):
         decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", key_unroll=True)
     with pytest.raises(ValueError, match="merge must be one of"):
