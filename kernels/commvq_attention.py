@@ -1123,6 +1123,12 @@ DEFAULT_VALUES_NB_CHUNK = 256
 DEFAULT_SCORE_PROGRAMS = 2048
 
 
+# the two-pass scores kernel's default tiling: the fastest at 1 and 2 bits on an H200 once the window has its own
+# launch (benchmarks/results/commvq_decode_window.json: 0.996 / 1.428 ms against 1.075 / 1.919 ms at 32 tokens, 4 warps)
+TWO_PASS_BLOCK_T = 64
+TWO_PASS_WARPS = 8
+
+
 def two_pass_meta(
     h: int,
     g: int,
@@ -1130,8 +1136,8 @@ def two_pass_meta(
     r: int,
     nbits: int,
     table_fp16: bool = True,
-    block_t: int = 32,
-    num_warps: int = 4,
+    block_t: int = TWO_PASS_BLOCK_T,
+    num_warps: int = TWO_PASS_WARPS,
     values_block_t: int = 32,
     nb_chunk: int | None = None,
     values_warps: int = 4,
@@ -1221,7 +1227,7 @@ def decode_attention(
     books: LayerBooks,
     scaling: float,
     use_triton: bool | None = None,
-    block_t: int = 32,
+    block_t: int | None = None,
     nb_chunk: int | None = None,
     target_programs: int | None = None,
     num_warps: int | None = None,
@@ -1265,14 +1271,14 @@ def decode_attention(
         Softmax scale.
     use_triton : bool or None
         ``None``: the kernel on CUDA, :func:`decode_attention_reference` elsewhere.
-    block_t, nb_chunk, target_programs, num_warps, num_stages : int
-        Kernel tiling: tokens per block (of the key side), value bits per program (default ``min(n_bits, 1024)``
-        fused, ``min(n_bits, 256)`` two-pass), the number of programs the split count of the value side aims at
-        (default: the GPU's SM count two-pass, 1024 fused), warps per program of the key side (default 4 two-pass,
-        8 fused), software-pipelining stages (1: none, see :func:`decode_meta`). The two-pass defaults (32 tokens,
-        4 warps; values 32 tokens, 256 bits, 4 warps) are the fastest tiling of ``benchmarks/commvq_decode.py`` at
-        1 bit on an H200 and faster than the previous ones at 2 bits
-        (``benchmarks/results/commvq_decode_key_math.json``).
+    block_t, nb_chunk, target_programs, num_warps, num_stages : int or None
+        Kernel tiling: tokens per block of the key side (default 64 two-pass, 32 fused), value bits per program
+        (default ``min(n_bits, 1024)`` fused, ``min(n_bits, 256)`` two-pass), the number of programs the split count
+        of the value side aims at (default: the GPU's SM count two-pass, 1024 fused), warps per program of the key
+        side (default 8), software-pipelining stages (1: none, see :func:`decode_meta`). The two-pass defaults (64
+        tokens, 8 warps; values 32 tokens, 256 bits, 4 warps) are the fastest tiling of
+        ``benchmarks/commvq_decode.py`` at 1 and 2 bits on an H200 with the window in its own launch
+        (``benchmarks/results/commvq_decode_window.json``).
     design : str
         ``"two_pass"`` or ``"fused"`` (above).
     values_block_t, values_warps, score_programs : int
@@ -1280,7 +1286,8 @@ def decode_attention(
     values_stages : int or None
         Two-pass only: software-pipelining stages of the values kernel (default ``num_stages``). With 2 or 3, Triton
         stages each block's scores and value bytes in shared memory with ``cp.async`` while the previous block is
-        multiplied (compiled for sm_90 at the 8B shape: 22.1 / 26.1 KB of shared memory, no spill).
+        multiplied (compiled for sm_90 at the 8B shape: 22.1 / 26.1 KB of shared memory, no spill). On an H200 it
+        made no measurable difference (1.07-1.10 ms against 1.07 ms at 1 bit, ``commvq_decode_window.json``).
     key_table : str
         ``"auto"``: gather ``theta`` from its float16 copy when that is exact (codebooks stored in float16), else
         float32; ``"fp32"``: always the float32 table (8 bytes per entry, no unpacking).
@@ -1296,8 +1303,9 @@ def decode_attention(
     key_unroll : bool
         Two-pass only. ``True``: the loop over residual steps is unrolled, so that all of a block's code loads and
         table gathers can be in flight together (one memory latency per block of tokens instead of one per pair of
-        residual steps); meant for small ``block_t`` (8: at ``num_warps=2`` it takes 128 registers at R=11 and 182
-        at R=21 on sm_90, where ``block_t=32`` spills). ``False`` (default): a runtime loop.
+        residual steps); meant for small ``block_t``. On an H200 at 128k tokens and 1 bit it was slower: 2.20 ms at
+        ``block_t=8, num_warps=2``, 1.52 ms at 8 tokens and 1 warp, against 1.00 ms for the default
+        (``benchmarks/results/commvq_decode_window.json``). ``False`` (default): a runtime loop.
     key_accum : str
         How the ``2 R`` table entries of a key are summed. ``"fp16"``: as packed float16 pairs, one ``add.rn.f16x2``
         per entry for both halves of a RoPE pair (a third of the float32 path's instructions); each add rounds to
@@ -1308,7 +1316,9 @@ def decode_attention(
         How the splits are combined. ``"separate"`` (default): a merge kernel writes the weighted value bits per query
         head (one program per head and 1,024 bits), then PyTorch multiplies them by the value codebook per KV head,
         scales the channels and adds the window (about five launches). ``"fused"``: one kernel does all of it, one
-        program per batch row, KV head and 32 output channels, and the merged bits never go to memory.
+        program per batch row, KV head and 32 output channels, and the merged bits never go to memory. On an H200
+        it is slower (1.29 ms against 1.07 ms at 1 bit: 0.18 ms in the merge kernel against 0.08 ms for the separate
+        merge and product, ``commvq_decode_window.json``).
     window_launch : str
         Two-pass only: where the window's program runs. ``"separate"`` (default): its own launch of the scores kernel
         (one program per KV head), so the code programs are compiled without the window's tensor-core dots and
@@ -1348,7 +1358,9 @@ def decode_attention(
     fp16 = books.ztab16 is not None and key_table == "auto"
     _key_math(key_accum, rope_trig, fp16, key_gather)
     if num_warps is None:
-        num_warps = 4 if design == "two_pass" else 8
+        num_warps = TWO_PASS_WARPS if design == "two_pass" else 8
+    if block_t is None:
+        block_t = TWO_PASS_BLOCK_T if design == "two_pass" else 32
     if not resolve_use_triton(use_triton, q, kv.codes):
         return decode_attention_reference(q, kv, books, scaling)
     b, hq, d = q.shape

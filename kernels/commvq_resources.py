@@ -195,10 +195,10 @@ BENCHMARK_DECODE_TILINGS = (
 )
 # the two-pass tilings it sweeps: (block_t, num_warps, values_block_t, nb_chunk, values_warps); the first is the default
 BENCHMARK_TWO_PASS_TILINGS = (
+    (64, 8, 32, 256, 4),
     (32, 4, 32, 256, 4),
     (32, 8, 32, 512, 8),
     (16, 4, 32, 256, 4),
-    (64, 8, 32, 256, 4),
     (32, 4, 64, 256, 8),
     (32, 4, 32, 128, 4),
     (64, 4, 32, 512, 8),
@@ -207,8 +207,10 @@ BENCHMARK_TWO_PASS_TILINGS = (
 # the scores kernel with on-chip table gathers (key_gather="table"): (block_t, num_warps), values side at the default
 BENCHMARK_TABLE_GATHER_TILINGS = ((32, 8), (64, 8), (128, 8))
 # the scores kernel on small token blocks, the residual loop unrolled or not (key_unroll): (block_t, num_warps, unroll).
-# On sm_90 at R=11 / R=21: 128 / 182 registers unrolled at (8, 2), 178 at (8, 1); the default (32, 4) takes 200 and
-# spills when unrolled; (16, 4) not unrolled takes 116 (4 programs per SM instead of 2)
+# Register figures depend on the Triton version: with the window in its own launch, Triton 3.6 (the GPU host's) gives
+# the code programs 72 registers at (32, 4) and 95 at the default (64, 8), but 254-255 at (8, 2) and (8, 2) unrolled
+# (Triton 3.9 here: 128 / 182 unrolled at R=11 / R=21); timed on an H200, all four are slower than the default
+# (benchmarks/results/commvq_decode_window.json)
 BENCHMARK_UNROLL_TILINGS = ((8, 2, True), (8, 1, True), (8, 2, False), (16, 4, True))
 # software-pipelining stages of the two-pass values kernel at its default tiling (the default is 1: none)
 BENCHMARK_VALUES_STAGES = (2, 3)

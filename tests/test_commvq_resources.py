@@ -66,3 +66,15 @@ def test_decode_default_does_not_spill(table):
         if "stack_bytes" not in row:
             pytest.skip("cuobjdump is not available: no register figures")
         assert row["stack_bytes"] <= 64, row
+
+
+def test_two_pass_scores_code_programs_stay_lean(table):
+    """The two-pass scores kernel's code programs at the default tiling (the window in its own launch) hold no spill
+    and at most 128 registers per thread, so two 8-warp programs fit an SM. With the window's program compiled in,
+    Triton 3.6 (the GPU host's) gave 255 registers and a 200-byte spill frame: 2 programs of 4 warps per SM
+    (ncu, ``benchmarks/results/commvq_scores_profile.json``)."""
+    for name in ("llama8b_1bit", "llama8b_2bit"):
+        row = table[f"scores {name} table=fp16"]
+        if "stack_bytes" not in row:
+            pytest.skip("cuobjdump is not available: no register figures")
+        assert row["stack_bytes"] == 0 and row["regs"] <= 128, row
