@@ -915,7 +915,7 @@ if HAS_TRITON:
     ):
         # PROGRAMS: 0, one grid for both (the window's program after the code programs); 1, the code programs only;
         # 2, the window's program only. Apart, the code programs compile without the window's dots and accumulators:
-        # on sm_90 (Triton 3.6) 72 registers instead of 255 and a 200-byte spill frame
+        # on sm_90 (Triton 3.6) at 32 tokens / 4 warps, 72 registers instead of 255 and a 200-byte spill frame
         blk = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -1322,9 +1322,9 @@ def decode_attention(
     window_launch : str
         Two-pass only: where the window's program runs. ``"separate"`` (default): its own launch of the scores kernel
         (one program per KV head), so the code programs are compiled without the window's tensor-core dots and
-        ``[16, D]`` accumulator: on sm_90 with Triton 3.6, 72 registers and no spill instead of 255 registers and a
-        200-byte spill frame, which allowed only 2 programs of 4 warps per SM. ``"shared"``: one launch, the window's
-        program after the code programs.
+        ``[16, D]`` accumulator: on sm_90 with Triton 3.6, at 32 tokens and 4 warps, 72 registers and no spill
+        instead of 255 registers and a 200-byte spill frame, which allowed only 2 programs per SM (95 registers at
+        the default 64 / 8). ``"shared"``: one launch, the window's program after the code programs.
     rope_trig : str
         ``"fast"`` (default): each angle reduced to about ``[-pi, pi]`` with two FMAs, then the hardware ``sin``/``cos``
         approximations (absolute error about 1e-6); ``"libdevice"``: ``tl.cos``/``tl.sin`` of the full angle
