@@ -1107,10 +1107,15 @@ def decode_meta(
 
 DESIGNS = ("two_pass", "fused")
 KEY_GATHERS = ("global", "table")
+WINDOW_LAUNCHES = ("separate", "shared")
+# the scores kernel's PROGRAMS constexpr per window_launch (2: the window's own launch)
+WINDOW_PROGRAMS = {"shared": 0, "separate": 1}
 
 
-def _check_key_side(key_gather: str, key_parts: int, key_unroll: bool = False) -> None:
+def _check_key_side(key_gather: str, key_parts: int, key_unroll: bool = False, window_launch: str = "separate") -> None:
     """The two-pass scores kernel's options (see :func:`decode_attention`)."""
+    if window_launch not in WINDOW_LAUNCHES:
+        raise ValueError(f"window_launch must be one of {WINDOW_LAUNCHES}, got {window_launch!r}.")
     if key_gather not in KEY_GATHERS:
         raise ValueError(f"key_gather must be one of {KEY_GATHERS}, got {key_gather!r}.")
     if key_parts not in (1, 2):
@@ -1154,9 +1159,7 @@ def two_pass_meta(
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
     takes ``values_stages`` (default: ``num_stages``). With ``window_launch="separate"`` the scores meta is that of
     the code programs (``PROGRAMS=1``); the window's launch takes it with ``PROGRAMS=2``."""
-    _check_key_side(key_gather, key_parts, key_unroll)
-    if window_launch not in WINDOW_LAUNCHES:
-        raise ValueError(f"window_launch must be one of {WINDOW_LAUNCHES}, got {window_launch!r}.")
+    _check_key_side(key_gather, key_parts, key_unroll, window_launch)
     if block_t < 1 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two, got {block_t}.")
     if values_stages is not None and values_stages < 1:
@@ -1181,11 +1184,6 @@ def two_pass_meta(
         BLOCK_T=values_block_t,
     )
     return (scores, (num_warps, num_stages)), (values, (values_warps, values_stages or num_stages))
-
-
-WINDOW_LAUNCHES = ("separate", "shared")
-# the scores kernel's PROGRAMS constexpr per window_launch (2: the window's own launch)
-WINDOW_PROGRAMS = {"shared": 0, "separate": 1}
 
 
 def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) -> tuple[dict, tuple[int, int]]:
@@ -1342,15 +1340,13 @@ def decode_attention(
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}.")
     if key_table not in ("auto", "fp32"):
         raise ValueError(f"key_table must be 'auto' or 'fp32', got {key_table!r}.")
-    _check_key_side(key_gather, key_parts, key_unroll)
+    _check_key_side(key_gather, key_parts, key_unroll, window_launch)
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}.")
     if values_stages is not None and design != "two_pass":
         raise ValueError("values_stages is a setting of design='two_pass' only (its values kernel).")
     if key_unroll and design != "two_pass":
         raise ValueError("key_unroll=True is implemented for design='two_pass' only.")
-    if window_launch not in WINDOW_LAUNCHES:
-        raise ValueError(f"window_launch must be one of {WINDOW_LAUNCHES}, got {window_launch!r}.")
     if key_gather != "global" and design != "two_pass":
         raise ValueError(f"key_gather={key_gather!r} is implemented for design='two_pass' only.")
     if key_parts != 1 and design != "two_pass":
@@ -1502,11 +1498,12 @@ def _two_pass(
     acc = torch.empty(b, hq, max(n_splits, 1), nbits, device=dev, dtype=torch.float32)
     alloc = torch.zeros if key_parts > 1 else torch.empty  # partial scores are added onto zeros
     scores = alloc(b, hq, max(kv.n, 1), device=dev, dtype=torch.float32)
-    separate = smeta["PROGRAMS"] == 1
+    n_code = n_code_progs * key_parts
     # separate: the code programs, then the window's program per KV head in its own launch (PROGRAMS=2)
-    launches = [(n_code_progs * key_parts + (0 if separate else 1), smeta)]
-    if separate:
-        launches.append((1, {**smeta, "PROGRAMS": 2}))
+    if smeta["PROGRAMS"] == 1:
+        launches = [(n_code, smeta), (1, {**smeta, "PROGRAMS": 2})]
+    else:
+        launches = [(n_code + 1, smeta)]
     for n_progs, meta in launches:
         if n_progs:
             _scores_launch(
