@@ -161,9 +161,9 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pressroom.evaluation.compare import compare
+    from pressroom.evaluation.compare import run_from_args
 
-    compare(args.paths, output_dir=args.output_dir)
+    run_from_args(args, " ".join(["pressroom-eval", *args.argv]))
     return 0
 
 
@@ -211,9 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_ppl.add_argument("--output-dir", default="./results")
     p_ppl.set_defaults(func=cmd_ppl)
 
-    p_cmp = sub.add_parser("compare", help="one table (markdown + CSV) and plots from result directories")
-    p_cmp.add_argument("paths", nargs="+")
-    p_cmp.add_argument("--output-dir", default=None)
+    p_cmp = sub.add_parser(
+        "compare",
+        help="one table (markdown + CSV) and plots from result directories; --paired: the gap of two runs on the "
+        "same questions, with a paired bootstrap interval",
+    )
+    from pressroom.evaluation.compare import add_arguments
+
+    add_arguments(p_cmp)
     p_cmp.set_defaults(func=cmd_compare)
 
     p_tasks = sub.add_parser("tasks", help="write generated synthetic tasks to a file (.jsonl, .csv, .parquet)")
@@ -235,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     func = getattr(args, "func", cmd_main_job)
     try:
         return func(args)

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from numbers import Number
 from pathlib import Path
@@ -33,7 +34,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pressroom.evaluation.atomic import atomic_write_bytes
+from pressroom.evaluation.atomic import atomic_write_bytes, atomic_write_json
+from pressroom.evaluation.tasks import row_scores
 
 logger = logging.getLogger(__name__)
 
@@ -511,6 +513,95 @@ def plot_perplexity(results: Sequence[dict[str, Any]], path: str | Path, log_x: 
 # --------------------------------------------------------------------------------------------------- entry
 
 
+def _predictions(run_dir: Path) -> pd.DataFrame:
+    path = Path(run_dir) / "predictions.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"No predictions.csv in {run_dir}: pass a run directory of pressroom-eval or kvpress.")
+    return pd.read_csv(path, keep_default_na=False, dtype=str)
+
+
+def paired_gap(
+    base: str | Path, other: str | Path, n_boot: int = 10000, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
+    """How far ``other`` scores below ``base`` on the same questions, with a paired bootstrap interval.
+
+    Both run directories must hold the same questions in the same order (same ``task``, ``answer`` and
+    ``answer_prefix`` per row: two presses run on one generated dataset). The gap is the task-averaged score of
+    ``base`` minus that of ``other`` (the way the averages of :func:`summary_table` are taken), in points. The
+    interval resamples the questions of each task with replacement, the same draw for both runs, so it reflects
+    which questions differ, not the spread of each run alone.
+
+    Parameters
+    ----------
+    base, other : str or Path
+        Run directories (``predictions.csv`` is read and rescored with kvpress's string match).
+    n_boot : int
+        Bootstrap draws.
+    seed : int
+        Seed of the draws.
+    level : float
+        Coverage of the percentile interval, in (0, 1).
+
+    Returns
+    -------
+    dict
+        ``base``, ``other`` (task-averaged scores), ``gap``, ``interval`` ([low, high]), ``level``, ``n_boot``,
+        ``n_questions`` and ``tasks``: per task ``base``, ``other``, ``gap``, ``n``, ``base_only`` / ``other_only``
+        (questions that one run gets more of right than the other).
+
+    Raises
+    ------
+    FileNotFoundError
+        If a run directory has no ``predictions.csv``.
+    ValueError
+        If the runs hold different questions, or ``n_boot`` / ``level`` are out of range.
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}.")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}.")
+    a, b = _predictions(Path(base)), _predictions(Path(other))
+    keys = [c for c in ("task", "answer", "answer_prefix", "question") if c in a.columns and c in b.columns]
+    same = len(a) == len(b) and "task" in keys and a[keys].reset_index(drop=True).equals(b[keys].reset_index(drop=True))
+    if not same:
+        raise ValueError(
+            f"{base} and {other} do not hold the same questions in the same order ({len(a)} vs {len(b)} rows; "
+            f"compared columns {keys}): pair two runs made on one dataset (same tasks, samples, seed and length)."
+        )
+    sa, sb = row_scores(a).to_numpy(), row_scores(b).to_numpy()
+    tasks = sorted(a["task"].unique())
+    rows = {t: np.flatnonzero(a["task"].to_numpy() == t) for t in tasks}
+    diff = sa - sb
+    rng = np.random.default_rng(seed)
+    draws = np.zeros(n_boot)
+    for t in tasks:
+        idx = rows[t]
+        draws += diff[idx][rng.integers(0, len(idx), size=(n_boot, len(idx)))].mean(axis=1)
+    draws *= 100.0 / len(tasks)
+    tail = 100.0 * (1.0 - level) / 2.0
+    per_task = {
+        t: {
+            "base": 100.0 * float(sa[i].mean()),
+            "other": 100.0 * float(sb[i].mean()),
+            "gap": 100.0 * float(diff[i].mean()),
+            "n": int(len(i)),
+            "base_only": int((sa[i] > sb[i]).sum()),
+            "other_only": int((sb[i] > sa[i]).sum()),
+        }
+        for t, i in rows.items()
+    }
+    return {
+        "base": float(np.mean([v["base"] for v in per_task.values()])),
+        "other": float(np.mean([v["other"] for v in per_task.values()])),
+        "gap": float(np.mean([v["gap"] for v in per_task.values()])),
+        "interval": [float(np.percentile(draws, tail)), float(np.percentile(draws, 100.0 - tail))],
+        "level": level,
+        "n_boot": n_boot,
+        "n_questions": int(len(a)),
+        "tasks": per_task,
+    }
+
+
 def compare(paths: Sequence[str | Path], output_dir: str | Path | None = None) -> pd.DataFrame:
     """Build the comparison table over ``paths``, print it as markdown, and write the CSV and plots.
 
@@ -561,17 +652,51 @@ def compare(paths: Sequence[str | Path], output_dir: str | Path | None = None) -
     return table
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: ``python -m pressroom.evaluation.compare RESULTS [...] [-o OUTPUT_DIR]``."""
-    parser = argparse.ArgumentParser(description="Compare pressroom / kvpress result directories.")
-    parser.add_argument("paths", nargs="+", help="result directories (searched recursively)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m pressroom.evaluation.compare`` and ``pressroom-eval compare``."""
+    parser.add_argument("paths", nargs="*", help="result directories (searched recursively)")
     parser.add_argument(
         "-o", "--output-dir", default=None, help="where to write the CSV and plots (default: first path)"
     )
+    parser.add_argument(
+        "--paired", nargs=2, metavar=("BASE_RUN", "OTHER_RUN"), default=None,
+        help="two run directories on the same questions: the gap BASE - OTHER with a paired bootstrap interval",
+    )  # fmt: skip
+    parser.add_argument("--bootstrap", type=int, default=10000, help="--paired: bootstrap draws")
+    parser.add_argument("--json", default=None, help="--paired: also write the result to this JSON file")
+
+
+def run_from_args(args: argparse.Namespace, command: str) -> None:
+    """Run what :func:`add_arguments`' options ask for; ``command`` (the command line) goes into ``--json``.
+
+    Raises
+    ------
+    ValueError
+        If both or neither of result directories and ``--paired`` are given (and as :func:`compare` /
+        :func:`paired_gap`).
+    """
+    if bool(args.paths) == bool(args.paired):
+        raise ValueError("give either result directories or --paired BASE_RUN OTHER_RUN.")
+    if not args.paired:
+        compare(args.paths, args.output_dir)
+        return
+    result = paired_gap(*args.paired, n_boot=args.bootstrap)
+    result.update(base_run=args.paired[0], other_run=args.paired[1], command=command)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        atomic_write_json(args.json, result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry: ``python -m pressroom.evaluation.compare RESULTS [...] [-o OUTPUT_DIR]``, or
+    ``--paired BASE_RUN OTHER_RUN [--json FILE]`` for the paired gap of two runs (:func:`paired_gap`)."""
+    parser = argparse.ArgumentParser(description="Compare pressroom / kvpress result directories.")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    words = sys.argv[1:] if argv is None else list(argv)
     try:
-        compare(args.paths, args.output_dir)
+        run_from_args(args, " ".join(["python -m pressroom.evaluation.compare", *words]))
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     return 0

@@ -25,6 +25,7 @@ layout. ``load_hub_dataset`` loads kvpress's own datasets (RULER, LongBench, ...
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -628,21 +629,29 @@ def score_predictions(df: pd.DataFrame) -> dict[str, dict[str, float]]:
         ``{task: {"string_match": score}}`` with scores in [0, 100] rounded to 2 decimals (kvpress's
         ``metrics.json``).
     """
+    values = row_scores(df)
+    return {
+        str(task): {"string_match": round(100.0 * float(group.mean()), 2)}
+        for task, group in values.groupby(df["task"], sort=True)
+    }
+
+
+def row_scores(df: pd.DataFrame) -> pd.Series:
+    """Each row's score in [0, 1], as :func:`score_predictions` averages them (same columns, same errors).
+
+    ``answer`` may also be a list's text, as ``predictions.csv`` stores it (JSON or Python's ``repr``).
+    """
     missing = [c for c in ("predicted_answer", "answer", "task") if c not in df.columns]
     if missing:
         raise ValueError(
             f"Cannot score: the DataFrame has no {', '.join(map(repr, missing))} column(s). Run the model first so "
             "that each row has a 'predicted_answer' (and keep the 'task' and 'answer' columns)."
         )
-    scores: dict[str, dict[str, float]] = {}
-    for task, group in df.groupby("task", sort=True):
-        part = str(task).startswith("qa")
-        values = [
-            _string_match(_prediction(p), _references(a), part)
-            for p, a in zip(group["predicted_answer"], group["answer"])
-        ]
-        scores[str(task)] = {"string_match": round(100.0 * sum(values) / len(values), 2)}
-    return scores
+    values = [
+        _string_match(_prediction(p), _as_list(a) if isinstance(a, str) else _references(a), str(t).startswith("qa"))
+        for p, a, t in zip(df["predicted_answer"], df["answer"], df["task"])
+    ]
+    return pd.Series(values, index=df.index, dtype="float64")
 
 
 _FORMATS = (".jsonl", ".csv", ".parquet")
@@ -711,9 +720,12 @@ def _as_list(value: Any) -> Any:
         if text.startswith("["):
             try:
                 parsed = json.loads(text)
-            except json.JSONDecodeError:
-                return [value]
-            return [str(v) for v in parsed] if isinstance(parsed, list) else [value]
+            except json.JSONDecodeError:  # a Python list's repr, as pandas writes a list column to CSV
+                try:
+                    parsed = ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    return [value]
+            return [str(v) for v in parsed] if isinstance(parsed, (list, tuple)) else [value]
         return [value]
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return []

@@ -231,3 +231,81 @@ def test_incomplete_runs_skipped(results, caplog):
     assert tova["score"] == 75.0 and pd.isna(tova["kv_bytes"]) and tova["data_dir"] == ""
     assert Path(tova["path"]) == no_stats
     assert len(summary_table(df)) == 3
+
+
+def _write_predictions(run: Path, rows: list[tuple[str, list[str], str]]) -> Path:
+    """``predictions.csv`` as the runner writes it: the answer list as its Python repr (pandas' CSV of a list)."""
+    run.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(
+        [{"task": t, "answer": a, "answer_prefix": "The number is", "predicted_answer": p} for t, a, p in rows]
+    )
+    df.to_csv(run / "predictions.csv", index=False)
+    return run
+
+
+def test_paired_gap_counts_and_interval(tmp_path, capsys):
+    from pressroom.evaluation.compare import main, paired_gap
+
+    # task x: base 4/4, other 2/4 (gap 50); task y: both 1/2 of the answers on one question, base 1 more (gap 25)
+    base = _write_predictions(
+        tmp_path / "base",
+        [("x", ["11"], "11"), ("x", ["12"], "it is 12"), ("x", ["13"], "13."), ("x", ["14"], "14"),
+         ("y", ["1", "2"], "1 and 2"), ("y", ["3", "4"], "3")],
+    )  # fmt: skip
+    other = _write_predictions(
+        tmp_path / "other",
+        [("x", ["11"], "11"), ("x", ["12"], "21"), ("x", ["13"], "no"), ("x", ["14"], "14"),
+         ("y", ["1", "2"], "1 and 2"), ("y", ["3", "4"], "4 ... 3")],
+    )  # fmt: skip
+    res = paired_gap(base, other, n_boot=2000, seed=1)
+    assert res["tasks"]["x"] == {"base": 100.0, "other": 50.0, "gap": 50.0, "n": 4, "base_only": 2, "other_only": 0}
+    assert res["tasks"]["y"]["gap"] == -25.0 and res["tasks"]["y"]["other_only"] == 1
+    assert res["gap"] == pytest.approx(12.5) and res["base"] == pytest.approx(87.5)
+    low, high = res["interval"]
+    assert low < res["gap"] < high and -25.0 <= low and high <= 50.0
+    same = paired_gap(base, base, n_boot=50)
+    assert same["gap"] == 0.0 and same["interval"] == [0.0, 0.0]
+    out = tmp_path / "gap.json"
+    assert main(["--paired", str(base), str(other), "--bootstrap", "100", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["gap"] == pytest.approx(12.5) and saved["base_run"] == str(base)
+    assert '"gap": 12.5' in capsys.readouterr().out
+
+
+def test_paired_gap_errors(tmp_path):
+    from pressroom.evaluation.compare import main, paired_gap
+
+    base = _write_predictions(tmp_path / "base", [("x", ["1"], "1"), ("x", ["2"], "2")])
+    shorter = _write_predictions(tmp_path / "shorter", [("x", ["1"], "1")])
+    shuffled = _write_predictions(tmp_path / "shuffled", [("x", ["2"], "2"), ("x", ["1"], "1")])
+    for bad in (shorter, shuffled):
+        with pytest.raises(ValueError, match="same questions"):
+            paired_gap(base, bad)
+    with pytest.raises(FileNotFoundError, match="No predictions.csv"):
+        paired_gap(base, tmp_path)
+    with pytest.raises(ValueError, match="n_boot"):
+        paired_gap(base, base, n_boot=0)
+    with pytest.raises(SystemExit):
+        main([])  # neither result directories nor --paired
+
+
+def test_read_tasks_parses_runner_answer_lists(tmp_path):
+    from pressroom.evaluation.tasks import read_tasks, score_predictions
+
+    run = _write_predictions(tmp_path / "run", [("x", ["7", "8"], "7, 8"), ("qa_y", ["a", "b"], "b")])
+    df = read_tasks(run / "predictions.csv")
+    assert df["answer"].tolist() == [["7", "8"], ["a", "b"]]
+    assert score_predictions(df) == {"qa_y": {"string_match": 100.0}, "x": {"string_match": 100.0}}
+
+
+def test_pressroom_eval_compare_paired(tmp_path, capsys):
+    from pressroom.evaluation.cli import main
+
+    base = _write_predictions(tmp_path / "base", [("x", ["1"], "1"), ("x", ["2"], "2")])
+    other = _write_predictions(tmp_path / "other", [("x", ["1"], "1"), ("x", ["2"], "3")])
+    out = tmp_path / "gap.json"
+    assert main(["compare", "--paired", str(base), str(other), "--json", str(out), "--bootstrap", "10"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["gap"] == 50.0 and saved["command"].startswith("pressroom-eval compare --paired")
+    assert main(["compare", str(base), "--paired", str(base), str(other)]) == 2
+    assert "either result directories or --paired" in capsys.readouterr().err
