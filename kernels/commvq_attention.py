@@ -44,6 +44,8 @@ if HAS_TRITON:
     import triton.language as tl
     from triton.language.extra import libdevice
 
+    from pressroom.kernels.f16x2 import _f16_halves, _hadd2
+
 LOG2E = 1.4426950408889634
 
 
@@ -283,29 +285,6 @@ if HAS_TRITON:
             xb = (zb & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
             yb = (zb >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
         return kx + (xa - yb), ky + (ya + xb)
-
-    @triton.jit
-    def _f16_halves(z):
-        """The two float16 halves (low, high) of int32 ``z``."""
-        lo = (z & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-        hi = ((z >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-        return lo, hi
-
-    @triton.jit
-    def _hadd2(a, b, NATIVE: tl.constexpr):
-        """Lane-wise sum of two float16 pairs packed in int32, rounded to nearest: one ``add.rn.f16x2`` when
-        ``NATIVE`` (compiled for a GPU), else the same correctly rounded float16 adds on unpacked halves (the
-        interpreter, which runs no PTX)."""
-        if NATIVE:
-            return tl.inline_asm_elementwise(
-                "add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
-            )
-        else:
-            alo, ahi = _f16_halves(a)
-            blo, bhi = _f16_halves(b)
-            lo = (alo + blo).to(tl.uint16, bitcast=True).to(tl.int32)
-            hi = (ahi + bhi).to(tl.uint16, bitcast=True).to(tl.int32)
-            return lo | (hi << 16)
 
     @triton.jit
     def _add_center_h2(

@@ -24,13 +24,19 @@ from __future__ import annotations
 import torch
 
 from pressroom.kernels.commvq_codebook import N_ENTRIES, THETA_ROWS, additive_parts, residual_encode, to_interleaved
-from pressroom.kernels.rope_ring import HAS_TRITON, resolve_use_triton
+from pressroom.kernels.f16x2 import pack_f16x2
+from pressroom.kernels.rope_ring import HAS_TRITON, resolve_use_triton, triton_interpreted
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from pressroom.kernels.f16x2 import _f16_halves, _f16_pack, _hadd2, _hmin2
+
 _BIT_WEIGHTS = (1 << torch.arange(8)).to(torch.uint8)
+# "split_h2": the largest codebook term (|K|, ||u||^2, ||w||^2) and key-side bound (||w||^2 + 2 ||x|| ||w||) let
+# through to float16 sums (max 65504): far above unit-norm keys and their codebooks, far below overflow
+F16_SAFE = 1.0e4
 
 
 def code_bytes(residuals: int) -> int:
@@ -118,6 +124,33 @@ def encode_keys_reference(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor
     return out
 
 
+def encode_keys_split_h2_reference(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch ``search="split_h2"`` of :func:`encode_keys`, rounding as the kernel does: per step and row,
+    ``m_A = min_B fp16(fp16(K[A, B]) + fp16(g_B))`` (each sum rounded to float16, ``K = 2 u_A . w_B``, ``g_B =
+    ||w_B||^2 - 2 r . w_B``), ``A`` the first arg-min of ``m_A + f_A`` in float32 (``f_A = ||u_A||^2 - 2 r . u_A``),
+    then ``B`` the first arg-min of the float32 ``K[A, B] + g_B``; packed as :func:`pack_codes12`."""
+    n, h, _, r = _check_encode(x, thetas)
+    tables = KeyTables(thetas.to(x.device))
+    un, wn, k, _ = tables.split_tables()
+    k16 = k.half()
+    codes = torch.empty(n, h, r, dtype=torch.long, device=x.device)
+    for head in range(h):
+        res = x[:, head].float()
+        for step in range(r):
+            u, w = tables.u[head, step], tables.w[head, step]
+            g = wn[head, step] - 2.0 * res @ w.T  # [n, 64]
+            f = un[head, step] - 2.0 * res @ u.T
+            g16 = g.half().float()
+            m = torch.empty_like(f)
+            for s in range(0, n, 2048):  # [rows, A, B] float16 sums (float32 sum rounded: the float16 add), 2k rows
+                m[s : s + 2048] = (k16[head, step].float()[None] + g16[s : s + 2048, None, :]).half().amin(-1).float()
+            a = (m + f).argmin(-1)
+            b = (k[head, step][a] + g).argmin(-1)
+            codes[:, head, step] = a * 64 + b
+            res = res - (u[a] + w[b])
+    return pack_codes12(codes)
+
+
 class KeyTables:
     """The per-layer tables the encode kernel reads: ``u``, ``w`` ``[H, R, 64, D]`` and ``H[A, B] = ||u_A + w_B||^2``
     ``[H, R, 64, 64]``, float32, built once per layer and device (:func:`key_tables`)."""
@@ -128,6 +161,8 @@ class KeyTables:
         self.h = (self.u.unsqueeze(-2) + self.w.unsqueeze(-3)).pow(2).sum(-1).contiguous()
         self.residuals = thetas.shape[1]
         self._split: tuple[torch.Tensor, ...] | None = None
+        self._split_h2: torch.Tensor | None = None
+        self.w_norm2_max = 0.0  # max ||w_B||^2, set with the split_h2 table (its key-side float16 bound)
 
     def split_tables(self) -> tuple[torch.Tensor, ...]:
         """What the ``"split"`` search reads: ``||u_A||^2``, ``||w_B||^2`` ``[H, R, 64]`` and the cross term
@@ -138,6 +173,28 @@ class KeyTables:
             un, wn = self.u.pow(2).sum(-1), self.w.pow(2).sum(-1)
             self._split = (un.contiguous(), wn.contiguous(), k.contiguous(), k.transpose(-1, -2).contiguous())
         return self._split
+
+    def split_h2_table(self) -> torch.Tensor:
+        """What ``"split_h2"`` reads beside :meth:`split_tables`: ``K^T`` as packed float16 pairs ``[H, R, 64, 32]``
+        int32, lane ``j`` of row ``B`` holding ``K[j, B]`` (low) and ``K[j + 32, B]`` (high).
+
+        Raises
+        ------
+        ValueError
+            If the cross term or the squared center norms exceed the float16 range (codebooks far from the
+            normalized keys' scale): use ``search="split"``.
+        """
+        if self._split_h2 is None:
+            un, wn, k, kt = self.split_tables()
+            worst = max(float(k.abs().max()), float(wn.max()), float(un.max()))
+            if worst > F16_SAFE:
+                raise ValueError(
+                    f"search='split_h2' sums in float16, but these codebooks reach {worst:.3g} (> {F16_SAFE:g}): use "
+                    "search='split' (float32 sums)."
+                )
+            self._split_h2 = pack_f16x2(kt[..., :32], kt[..., 32:]).contiguous()
+            self.w_norm2_max = float(wn.max())
+        return self._split_h2
 
 
 if HAS_TRITON:
@@ -345,8 +402,7 @@ if HAS_TRITON:
             for r in range(R):
                 step = head * R + r
                 base = step * 64 * D
-                w_t = tl.load(w_ptr + base + ks[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
-                g = tl.load(wn_ptr + step * 64 + ks)[None, :] - 2.0 * tl.dot(res, w_t, input_precision=PRECISION)
+                g = _split_g(res, w_ptr, wn_ptr, base, step, ks, cols, dmask, D, PRECISION)
                 tl.debug_barrier()  # the previous step's reads of the scratch are done
                 tl.store(scr[:, None] + ks[None, :], g)
                 tl.debug_barrier()  # (also keeps the two [D, 64] operand tiles from being live at once)
@@ -361,30 +417,128 @@ if HAS_TRITON:
                 tot = m + f
                 vmin = tl.min(tot, axis=1)
                 a_idx = tl.min(tl.where(tot == vmin[:, None], ks[None, :], 64), axis=1)  # first A of the minimum
-                kb = tl.load(k_ptr + step * 4096 + a_idx[:, None] * 64 + ks[None, :]) + g  # the same sums, for A
-                mb = tl.min(kb, axis=1)
-                b_idx = tl.min(tl.where(kb == mb[:, None], ks[None, :], 64), axis=1)
-                res = _subtract_center(res, u_ptr, w_ptr, base, a_idx, b_idx, cols, dmask, D)
-                prev = _store_code12(out_row, r, R, a_idx * 64 + b_idx, prev, rmask)
+                res, prev = _finish_split_step(
+                    res, g, a_idx, k_ptr, u_ptr, w_ptr, step, ks, cols, dmask, out_row, r, prev, rmask, D, R
+                )
+
+    @triton.jit
+    def _split_g(res, w_ptr, wn_ptr, base, step, ks, cols, dmask, D: tl.constexpr, PRECISION: tl.constexpr):
+        """The split searches' ``g_B = ||w_B||^2 - 2 r . w_B`` per row (float32 ``[rows, 64]``)."""
+        w_t = tl.load(w_ptr + base + ks[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
+        return tl.load(wn_ptr + step * 64 + ks)[None, :] - 2.0 * tl.dot(res, w_t, input_precision=PRECISION)
+
+    @triton.jit
+    def _finish_split_step(
+        res, g, a_idx, k_ptr, u_ptr, w_ptr, step, ks, cols, dmask, out_row, r, prev, rmask, D: tl.constexpr,
+        R: tl.constexpr,
+    ):  # fmt: skip
+        """The split searches' end of a step, given each row's ``A``: the arg-min over ``B`` of the float32 sums
+        ``K[A, B] + g_B`` (first index on ties), the residual left and the packed code."""
+        kb = tl.load(k_ptr + step * 4096 + a_idx[:, None] * 64 + ks[None, :]) + g  # the same sums, for A
+        mb = tl.min(kb, axis=1)
+        b_idx = tl.min(tl.where(kb == mb[:, None], ks[None, :], 64), axis=1)
+        res = _subtract_center(res, u_ptr, w_ptr, step * 64 * D, a_idx, b_idx, cols, dmask, D)
+        prev = _store_code12(out_row, r, R, a_idx * 64 + b_idx, prev, rmask)
+        return res, prev
+
+    @triton.jit
+    def _encode_split_h2_kernel(
+        x_ptr,
+        u_ptr,
+        w_ptr,
+        un_ptr,
+        wn_ptr,
+        k_ptr,
+        kt2_ptr,
+        out_ptr,
+        scr_ptr,
+        n_rows,
+        n_blocks,
+        stride_xn,
+        stride_xh,
+        stride_on,
+        stride_oh,
+        D: tl.constexpr,
+        R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UNROLL: tl.constexpr,
+        PRECISION: tl.constexpr,
+        NATIVE: tl.constexpr,
+    ):
+        # The split search with its 4,096 candidate sums K[A, B] + g_B in packed float16 pairs: lane j of a row
+        # holds A = j (low half) and A = j + 32 (high half), so one add.rn.f16x2 and one min.f16x2 cover two
+        # candidates. K^T comes packed the same way ([B, 32] int32 per step, kt2) and g_B is rounded to float16 and
+        # written to both halves of a scratch lane. m_A + f_A is then formed in float32 and its arg-min picks A;
+        # B is the exact float32 arg-min for that A, as in the split search.
+        pid, n_prog, head, lrow, cols, ks, dmask, scr = _persistent_program(scr_ptr, D, BLOCK_N, BLOCK_D)
+        js = tl.arange(0, 32)
+        inf2 = tl.full((BLOCK_N, 32), 0x7C007C00, tl.int32)  # +inf in both halves
+        for blk in range(pid, n_blocks, n_prog):
+            res, rmask, out_row = _load_block(
+                x_ptr, out_ptr, blk * BLOCK_N + lrow, head, cols, dmask, n_rows, stride_xn, stride_xh, stride_on,
+                stride_oh,
+            )  # fmt: skip
+            prev = tl.zeros((BLOCK_N,), tl.int32)
+            for r in range(R):
+                step = head * R + r
+                base = step * 64 * D
+                g = _split_g(res, w_ptr, wn_ptr, base, step, ks, cols, dmask, D, PRECISION)
+                g16 = g.to(tl.float16)
+                tl.debug_barrier()  # the previous step's reads of the scratch are done
+                tl.store(scr[:, None] + ks[None, :], _f16_pack(g16, g16))
+                tl.debug_barrier()
+                u_lo = tl.load(u_ptr + base + js[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
+                u_hi = tl.load(u_ptr + base + (js[None, :] + 32) * D + cols[:, None], mask=dmask[:, None], other=0.0)
+                f_lo = tl.load(un_ptr + step * 64 + js)[None, :] - 2.0 * tl.dot(res, u_lo, input_precision=PRECISION)
+                f_hi = tl.load(un_ptr + step * 64 + 32 + js)[None, :] - 2.0 * tl.dot(
+                    res, u_hi, input_precision=PRECISION
+                )
+                kt2 = kt2_ptr + step * 2048 + js  # row B of the packed K^T
+                m2 = inf2
+                for b0 in range(0, 64, UNROLL):
+                    for j in tl.static_range(UNROLL):
+                        gb2 = tl.load(scr + b0 + j)
+                        m2 = _hmin2(m2, _hadd2(tl.load(kt2 + (b0 + j) * 32)[None, :], gb2[:, None], NATIVE), NATIVE)
+                m_lo, m_hi = _f16_halves(m2)
+                t_lo = m_lo.to(tl.float32) + f_lo
+                t_hi = m_hi.to(tl.float32) + f_hi
+                vmin = tl.minimum(tl.min(t_lo, axis=1), tl.min(t_hi, axis=1))
+                a_idx = tl.minimum(
+                    tl.min(tl.where(t_lo == vmin[:, None], js[None, :], 64), axis=1),
+                    tl.min(tl.where(t_hi == vmin[:, None], js[None, :] + 32, 64), axis=1),
+                )
+                res, prev = _finish_split_step(
+                    res, g, a_idx, k_ptr, u_ptr, w_ptr, step, ks, cols, dmask, out_row, r, prev, rmask, D, R
+                )
 
 
-SEARCHES = ("flat", "nested", "running", "split")
-PERSISTENT_SEARCHES = ("running", "split")
+SEARCHES = ("flat", "nested", "running", "split", "split_h2")
+PERSISTENT_SEARCHES = ("running", "split", "split_h2")
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 # (block_n, num_warps) per search, and where a precision has its own; the fastest measured at 128k tokens x 8 KV
 # heads, head_dim 128, R = 11 and 21 (benchmarks/results/commvq_encode_split.json, H200; commvq_encode_variants.json
 # for the running search, H100)
-_TILINGS = {"flat": (16, 4), "nested": (16, 8), "running": (64, 8), "split": (128, 8), ("split", "tf32x3"): (64, 8)}
+_TILINGS = {
+    "flat": (16, 4),
+    "nested": (16, 8),
+    "running": (64, 8),
+    "split": (128, 8),
+    ("split", "tf32x3"): (64, 8),
+    "split_h2": (64, 4),
+}
 
 
 def encode_defaults(precision: str = "ieee", search: str | None = None) -> dict:
     """``search``, ``block_n`` and ``num_warps`` that :func:`encode_keys` uses unless told otherwise: with float32
     dots (``"ieee"``) the flat search (the split search's float32 dots spill: 267 ms vs 121 ms per layer at 1 bit),
-    with ``"tf32"`` / ``"tf32x3"`` the split search (15.0 / 29.3 ms vs 50.3 ms for the flat search with TF32)."""
+    with ``"tf32"`` the split search with float16 sums (``"split_h2"``: 12.1 ms vs 14.8 ms for ``"split"`` and 50.3
+    ms for the flat search with TF32, the same reconstruction error to 4 digits; ``commvq_encode_h2.json``), with
+    ``"tf32x3"`` the split search (29.3 ms), the closest to float32 of the fast ones."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if search is None:
-        search = "flat" if precision == "ieee" else "split"
+        search = {"ieee": "flat", "tf32": "split_h2"}.get(precision, "split")
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}.")
     block_n, num_warps = _TILINGS.get((search, precision), _TILINGS[search])
@@ -411,10 +565,12 @@ def encode_meta(
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16 (a tl.dot operand), got {block_n}.")
     meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION=precision)
-    if search == "split":
+    if search in ("split", "split_h2"):
         if unroll < 1 or 64 % unroll:
             raise ValueError(f"unroll must divide 64, got {unroll}.")
         meta.update(UNROLL=unroll)
+        if search == "split_h2":
+            meta.update(NATIVE=not triton_interpreted())
     elif search != "running":
         meta.update(A_CHUNK=a_chunk, NESTED=search == "nested")
     return meta, (num_warps, num_stages)
@@ -422,7 +578,8 @@ def encode_meta(
 
 def encode_kernel(search: str = "flat"):
     """The Triton kernel :func:`encode_keys` launches for ``search``."""
-    return {"running": _encode_running_kernel, "split": _encode_split_kernel}.get(search, _encode_kernel)
+    kernels = {"running": _encode_running_kernel, "split": _encode_split_kernel, "split_h2": _encode_split_h2_kernel}
+    return kernels.get(search, _encode_kernel)
 
 
 def encode_keys(
@@ -438,6 +595,7 @@ def encode_keys(
     a_chunk: int = 16,
     programs: int | None = None,
     unroll: int = 4,
+    key_norm_bound: float | None = None,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
 
@@ -465,15 +623,22 @@ def encode_keys(
         step (same result); ``"split"``: persistent programs first take, per ``A``, the minimum over ``B`` of
         ``2 u_A . w_B + ||w_B||^2 - 2 r . w_B`` (one add and one min per candidate, no indices: the cross term is a
         fixed table), then the arg-min over ``A`` and, for that ``A`` only, over ``B`` (the first index on exact
-        ties, as the others; distances rounded in another order, so near-ties may differ from the reference).
+        ties, as the others; distances rounded in another order, so near-ties may differ from the reference);
+        ``"split_h2"``: the split search with those 4,096 sums in packed float16 pairs (one ``add.f16x2`` and one
+        ``min.f16x2`` per two candidates), ``A`` then picked in float32 from them and ``B`` exactly as in
+        ``"split"``: near-ties in ``A`` may go another way (:func:`encode_keys_split_h2_reference` rounds the same;
+        it is also what runs without Triton). Needs normalized keys (``ValueError`` otherwise).
     programs : int, optional
         Persistent programs per KV head for ``"running"`` and ``"split"`` (default: 8 per SM over all heads).
     unroll : int
-        ``"split"``: candidates ``B`` per iteration of its inner loop (a divisor of 64).
+        ``"split"`` / ``"split_h2"``: candidates ``B`` per iteration of its inner loop (a divisor of 64).
+    key_norm_bound : float, optional
+        ``"split_h2"``: an upper bound on the rows' norms, for its float16 range check (the cache knows it: 1, or the
+        largest pair scale of a weighted search); by default bounded from ``x`` (one device sync per call).
     precision : str
         Of the ``r . u_A`` / ``r . w_B`` dot products: ``"ieee"`` (float32, equal codes to the reference) or
-        ``"tf32"`` (tensor cores on a GPU; near-ties may then pick another center) or ``"tf32x3"`` (three TF32
-        products per float32 product: close to float32 on tensor cores).
+        ``"tf32"`` (tensor cores on a GPU, and by default the ``"split_h2"`` search; near-ties may then pick another
+        center) or ``"tf32x3"`` (three TF32 products per float32 product: close to float32 on tensor cores).
 
     Returns
     -------
@@ -489,12 +654,21 @@ def encode_keys(
     if out is None:
         out = torch.empty(n, h, code_bytes(r), dtype=torch.uint8, device=x.device)
     if not resolve_use_triton(use_triton, x, out):
-        out.copy_(encode_keys_reference(x, thetas))
+        out.copy_((encode_keys_split_h2_reference if search == "split_h2" else encode_keys_reference)(x, thetas))
         return out
     if n == 0:
         return out
     if tables is None:
         tables = KeyTables(thetas.to(x.device))
+    if search == "split_h2":
+        h2_table = tables.split_h2_table()
+        bound = float(x.detach().abs().amax()) * d**0.5 if key_norm_bound is None else key_norm_bound
+        worst = tables.w_norm2_max
+        if worst + 2.0 * bound * worst**0.5 > F16_SAFE:
+            raise ValueError(
+                f"search='split_h2' sums in float16, but keys of norm up to {bound:.3g} reach past {F16_SAFE:g}: pass "
+                "normalized keys (normalize_keys) or use search='split'."
+            )
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
     meta, (num_warps, num_stages) = encode_meta(d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll)
@@ -505,8 +679,14 @@ def encode_keys(
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
             programs = triton.cdiv(8 * sms, h)
         programs = max(1, min(programs, n_blocks))
-        scratch = torch.empty(h, programs, block_n, N_ENTRIES, dtype=torch.float32, device=x.device)
-        search_tables = tables.split_tables() if search == "split" else (tables.h,)
+        dtype = torch.int32 if search == "split_h2" else torch.float32  # split_h2: g_B as packed float16 pairs
+        scratch = torch.empty(h, programs, block_n, N_ENTRIES, dtype=dtype, device=x.device)
+        if search == "split":
+            search_tables = tables.split_tables()
+        elif search == "split_h2":
+            search_tables = (*tables.split_tables()[:3], h2_table)
+        else:
+            search_tables = (tables.h,)
         encode_kernel(search)[(programs, h)](
             x, tables.u, tables.w, *search_tables, out, scratch, n, n_blocks, *strides,
             **meta, num_warps=num_warps, num_stages=num_stages,
@@ -530,6 +710,7 @@ __all__ = [
     "SEARCHES",
     "encode_defaults",
     "encode_keys_reference",
+    "encode_keys_split_h2_reference",
     "normalize_keys",
     "pack_bits",
     "pack_codes12",

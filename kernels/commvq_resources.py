@@ -103,6 +103,12 @@ _POINTERS = {
         **{k: "*fp32" for k in ("x_ptr", "u_ptr", "w_ptr", "un_ptr", "wn_ptr", "k_ptr", "kt_ptr", "scr_ptr")},
         "out_ptr": "*u8",
     },
+    "_encode_split_h2_kernel": {
+        **{k: "*fp32" for k in ("x_ptr", "u_ptr", "w_ptr", "un_ptr", "wn_ptr", "k_ptr")},
+        "kt2_ptr": "*i32",
+        "scr_ptr": "*i32",
+        "out_ptr": "*u8",
+    },
 }
 _FLOAT_ARGS = {"rope_scale"}
 
@@ -244,6 +250,10 @@ ENCODE_TILINGS = (
             (64, 8, "tf32x3", 4),
             (32, 8, "ieee", 4),
         )
+    ),
+    *(
+        dict(block_n=bn, num_warps=nw, search="split_h2", precision="tf32", a_chunk=16, unroll=u)
+        for bn, nw, u in ((32, 4, 4), (64, 4, 4), (64, 8, 4), (128, 4, 4), (128, 8, 4), (128, 8, 8))
     ),
 )
 

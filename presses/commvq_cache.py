@@ -167,10 +167,11 @@ class CommVQLayer(CacheLayerMixin):
     encode_precision : str
         Of the key encoder's dot products on the GPU: ``"ieee"`` (float32, the reference quantizer's codes; flat
         search, 121 ms per layer for 128k tokens at 1 bit on an H200), ``"tf32x3"`` (three TF32 products per float32
-        one, split search: 29.3 ms, 99.999% of tokens coded identically) or ``"tf32"`` (split search: 15.0 ms, 99.4%
-        identical, the same reconstruction error; ``benchmarks/results/commvq_encode_split.json``; the value
-        encoder's matmuls then run in TF32 too: 15.2 ms instead of 48.7 ms per layer). The CPU reference ignores
-        it.
+        one, split search: 29.3 ms, 99.999% of tokens coded identically) or ``"tf32"`` (split search with float16
+        candidate sums, ``"split_h2"``: 12.1 ms, 99.0% identical, the same reconstruction error to four digits;
+        ``benchmarks/results/commvq_encode_h2.json``; the value encoder's matmuls then run in TF32 too: 15.2 ms
+        instead of 48.7 ms per layer). Off Triton the keys are coded by the PyTorch reference of that search: the
+        exact one for ``"ieee"`` and ``"tf32x3"``, the float16-sum one for ``"tf32"``.
     value_refine : int
         Greedy bit flips per token after the value encoder (:meth:`ValueCodec.refine`), each lowering the token's
         reconstruction error, and the least-squares coefficient stored as ``c_t``; ``0``: the encoder's bits and the
@@ -283,6 +284,8 @@ class CommVQLayer(CacheLayerMixin):
         ones = torch.ones(heads, head_dim, device=dev)
         scale, theta = search_operands(ones, self.books.theta, None if pw is None else pw.to(dev))
         self.search = SimpleNamespace(theta=theta, scale=None if pw is None else scale)
+        # the coded rows are unit-norm keys (over all heads), times the pair scale of a weighted search
+        self._key_norm_bound = 1.0 if pw is None else float(scale.max())
         self.tables = KeyTables(self.search.theta)
         self._triton = resolve_use_triton(self.use_triton, key_states)
         wcap = self.window + self.n_sink
@@ -358,6 +361,7 @@ class CommVQLayer(CacheLayerMixin):
                     tables=self.tables,
                     out=out,
                     precision=self.encode_precision,
+                    key_norm_bound=self._key_norm_bound,
                 )
             self.knorm[:, lo:hi] = norms.to(torch.float16)
             v = values[:, :, s:e].transpose(1, 2).reshape(self.batch, e - s, -1).float()

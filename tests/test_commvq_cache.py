@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicLayer
 from pressroom.kernels.commvq_attention import CodedKV, LayerBooks, decode_attention, decode_attention_reference
 from pressroom.kernels.commvq_codebook import centers_from_theta
 from pressroom.kernels.commvq_encode import (
+    KeyTables,
     code_bytes,
     encode_keys,
     encode_keys_reference,
@@ -138,7 +139,8 @@ def test_encode_defaults_pick_the_search_by_precision():
     from pressroom.kernels.commvq_encode import encode_defaults
 
     assert encode_defaults() == dict(search="flat", block_n=16, num_warps=4)
-    assert encode_defaults("tf32") == dict(search="split", block_n=128, num_warps=8)
+    assert encode_defaults("tf32") == dict(search="split_h2", block_n=64, num_warps=4)
+    assert encode_defaults("tf32", "split") == dict(search="split", block_n=128, num_warps=8)
     assert encode_defaults("tf32x3")["search"] == "split"
     assert encode_defaults("ieee", "split")["block_n"] == 128
     with pytest.raises(ValueError, match="precision must be one of"):
@@ -148,11 +150,75 @@ def test_encode_defaults_pick_the_search_by_precision():
 
 
 @needs_interpreter
-def test_tf32_encode_runs_the_split_search_by_default():
+def test_tf32_encode_runs_the_split_h2_search_by_default():
+    from pressroom.kernels.commvq_encode import encode_keys_split_h2_reference
+
     torch.manual_seed(4)
     theta = torch.randn(2, 2, 128, 8) * 0.2
     x, _ = normalize_keys(torch.randn(1, 2, 40, 16))
-    assert torch.equal(encode_keys(x[0], theta, use_triton=True, precision="tf32"), encode_keys_reference(x[0], theta))
+    ref = encode_keys_split_h2_reference(x[0], theta)
+    assert torch.equal(encode_keys(x[0], theta, use_triton=True, precision="tf32"), ref)
+    assert torch.equal(encode_keys(x[0], theta, use_triton=False, precision="tf32"), ref)  # the reference off Triton
+
+
+@needs_interpreter
+def test_split_h2_search_equals_its_reference_and_codes_near_nearest():
+    """float16 candidate sums: the kernel (interpreter: the same float16 roundings on unpacked halves) equals its
+    PyTorch reference bit for bit, ties go to the first index, and every step's center is within float16 rounding
+    of the nearest one."""
+    from pressroom.kernels.commvq_encode import encode_keys_split_h2_reference
+
+    torch.manual_seed(5)
+    heads, residuals, head_dim, n = 2, 2, 16, 40
+    theta = torch.randn(heads, residuals, 128, head_dim // 2) * 0.2
+    x, _ = normalize_keys(torch.randn(1, heads, n, head_dim))
+    ref = encode_keys_split_h2_reference(x[0], theta)
+    assert torch.equal(encode_keys(x[0], theta, use_triton=True, search="split_h2", block_n=16, unroll=8), ref)
+    assert torch.equal(encode_keys(x[0], theta, use_triton=True, search="split_h2", block_n=16, programs=2), ref)
+    exact = encode_keys_reference(x[0], theta)
+    assert (ref == exact).all(-1).float().mean() >= 0.9  # near-ties aside, the exact search's codes
+    for h in range(heads):
+        codes = unpack_codes12(ref[:, h], residuals)
+        res = x[0, :, h].double()
+        for r in range(residuals):
+            centers = centers_from_theta(theta[h, r].double())
+            d2 = torch.cdist(res, centers).pow(2)
+            picked = d2.gather(1, codes[:, r : r + 1])[:, 0]
+            assert torch.all(picked <= d2.min(1).values + 4e-3)  # float16: ~1e-3 relative on sums of order 1
+            res = res - centers[codes[:, r]]
+    # exact ties on a dyadic grid (every sum exact in float16 and float32): the first index, as torch.argmin
+    tied = (theta * 16).round() / 16
+    tied[:, :, 2 * 9 : 2 * 9 + 2] = tied[:, :, 2 * 3 : 2 * 3 + 2]  # entry 9 = entry 3
+    xg = (x[0] * 8).round() / 8
+    packed = encode_keys(xg, tied, use_triton=True, search="split_h2", block_n=16)
+    assert torch.equal(packed, encode_keys_split_h2_reference(xg, tied))
+    assert torch.equal(packed, encode_keys_reference(xg, tied))
+    first = unpack_codes12(packed, residuals)[:, :, 0]
+    a, b = first // 64, first % 64
+    assert (a == 3).any() and (b == 3).any() and not ((a == 9) | (b == 9)).any()
+
+
+def test_split_h2_refuses_what_float16_cannot_hold():
+    theta = torch.randn(1, 1, 128, 8) * 0.2
+    x, _ = normalize_keys(torch.randn(1, 1, 20, 16))
+    with pytest.raises(ValueError, match="codebooks reach"):
+        KeyTables(theta * 1000).split_h2_table()
+    if INTERPRET:  # the key-side bound is checked before a launch
+        with pytest.raises(ValueError, match="normalized keys"):
+            encode_keys(x[0] * 1e5, theta, use_triton=True, search="split_h2")
+
+
+def test_f16x2_pack_round_trip():
+    from pressroom.kernels.f16x2 import pack_f16x2, unpack_f16x2
+
+    lo, hi = torch.tensor([1.0, -2.5, 65504.0, 0.1]), torch.tensor([float("inf"), 3.0, -0.0, -7.25])
+    z = pack_f16x2(lo, hi)
+    assert z.dtype == torch.int32
+    back_lo, back_hi = unpack_f16x2(z)
+    assert torch.equal(back_lo, lo.half()) and torch.equal(back_hi, hi.half())
+    assert int(pack_f16x2(torch.tensor([0.0]), torch.tensor([float("inf")]))) == 0x7C000000
+    with pytest.raises(ValueError, match="one shape"):
+        pack_f16x2(lo, hi[:2])
 
 
 def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, fp16_theta=False, seed=0):
@@ -500,6 +566,36 @@ def test_weighted_key_search_in_the_cache(tiny, use_triton):
         CommVQLayer(plain.key_theta[0], plain.values[0], torch.ones(head_dim // 2), pair_weights=weights[0, :, :4])
     with pytest.raises(ValueError, match="finite and positive"):
         CommVQLayer(plain.key_theta[0], plain.values[0], torch.ones(head_dim // 2), pair_weights=-weights[0])
+
+
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_interpreter)])
+def test_tf32_cache_codes_keys_with_float16_sums(tiny, use_triton):
+    """encode_precision="tf32": the cache codes keys by the split search with float16 sums on both paths (the
+    kernel under the interpreter, its PyTorch reference off Triton), also under a weighted search, whose scaled keys
+    stay inside the float16 range check."""
+    from pressroom.kernels.commvq_codebook import search_operands
+    from pressroom.kernels.commvq_encode import encode_keys_split_h2_reference
+
+    model, _ = tiny
+    plain = random_books(model.config, residuals=2, bits=1)
+    layers, heads, head_dim = model_kv_shape(model.config)
+    weights = torch.rand(layers, heads, head_dim // 2, generator=torch.Generator().manual_seed(2)) * 4 + 0.05
+    weighted = CommVQCodebooks(
+        "random", 1, 2, head_dim, layers, heads, plain.key_theta, values=plain.values, key_pair_weights=weights
+    )
+    torch.manual_seed(3)
+    keys, values, pos = torch.randn(1, heads, 20, head_dim), torch.randn(1, heads, 20, head_dim), torch.arange(20)
+    x, _ = normalize_keys(keys)
+    for books, pw in ((plain, None), (weighted, weights[1])):
+        cache = CommVQCache(model.config, books, window=4, n_sink=0, use_triton=use_triton, encode_precision="tf32")
+        with torch.no_grad():
+            model(torch.randint(5, 1000, (1, 6)), past_key_values=cache)
+        layer = cache.layers[1]
+        start = layer.n
+        layer.append_prerope(keys, values, pos)
+        xs, theta = search_operands(x[0], plain.key_theta[1], pw)
+        want = encode_keys_split_h2_reference(xs, theta)  # [20, H, bytes]
+        assert torch.equal(layer.codes[0, :, start : layer.n], want.transpose(0, 1))
 
 
 def test_sink_tokens_stay_in_full_precision(tiny):
