@@ -367,11 +367,11 @@ class CommVQLayer(CacheLayerMixin):
             v = values[:, :, s:e].transpose(1, 2).reshape(self.batch, e - s, -1).float()
             with _matmul_tf32(v.is_cuda and self.encode_precision == "tf32"):
                 bits, prescale = self.codec.encode(v)
+                if not self.value_refine:  # the decoded direction's norm: a [m, bits] x [bits, D] matmul too
+                    post = self.codec.postscale(bits)
+                    coef = (prescale + self.codec.eps) / (post + self.codec.eps)
             if self.value_refine:  # float32 throughout: it tracks each token's error through the flips
                 bits, coef = self.codec.refine(v, bits, self.value_refine, self._triton)
-            else:
-                post = self.codec.postscale(bits)
-                coef = (prescale + self.codec.eps) / (post + self.codec.eps)
             self.vcoef[:, lo:hi] = coef[..., 0].to(torch.float16)
             self.vbits[:, lo:hi] = pack_bits(bits)
             p = pos[..., s:e].to(torch.int32)
