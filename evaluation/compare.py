@@ -520,6 +520,26 @@ def _predictions(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, dtype=str)
 
 
+def _check_rescored(run_dir: Path, df: pd.DataFrame, scores: np.ndarray) -> None:
+    """Raise if the rescored ``predictions.csv`` disagrees with the run's own ``metrics.json`` (when it has one):
+    the answers were then not read back as they were scored."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    for task, value in metrics.items() if isinstance(metrics, dict) else ():
+        rows = df["task"].to_numpy() == task
+        stored = _task_score(value)
+        if rows.any() and not math.isnan(stored) and abs(100.0 * scores[rows].mean() - stored) > 0.01:
+            raise ValueError(
+                f"{run_dir}: rescoring predictions.csv gives {100.0 * scores[rows].mean():.2f} for {task!r}, but "
+                f"metrics.json says {stored:.2f}; the answers in predictions.csv are not in a format this reader knows."
+            )
+
+
 def paired_gap(
     base: str | Path, other: str | Path, n_boot: int = 10000, seed: int = 0, level: float = 0.95
 ) -> dict[str, Any]:
@@ -569,6 +589,8 @@ def paired_gap(
             f"compared columns {keys}): pair two runs made on one dataset (same tasks, samples, seed and length)."
         )
     sa, sb = row_scores(a).to_numpy(), row_scores(b).to_numpy()
+    for run, df, scores in ((Path(base), a, sa), (Path(other), b, sb)):
+        _check_rescored(run, df, scores)
     tasks = sorted(a["task"].unique())
     rows = {t: np.flatnonzero(a["task"].to_numpy() == t) for t in tasks}
     diff = sa - sb
@@ -662,7 +684,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--paired", nargs=2, metavar=("BASE_RUN", "OTHER_RUN"), default=None,
         help="two run directories on the same questions: the gap BASE - OTHER with a paired bootstrap interval",
     )  # fmt: skip
-    parser.add_argument("--bootstrap", type=int, default=10000, help="--paired: bootstrap draws")
+    parser.add_argument("--bootstrap", type=int, default=None, help="--paired: bootstrap draws (default 10000)")
     parser.add_argument("--json", default=None, help="--paired: also write the result to this JSON file")
 
 
@@ -678,9 +700,13 @@ def run_from_args(args: argparse.Namespace, command: str) -> None:
     if bool(args.paths) == bool(args.paired):
         raise ValueError("give either result directories or --paired BASE_RUN OTHER_RUN.")
     if not args.paired:
+        if args.json is not None or args.bootstrap is not None:
+            raise ValueError("--json and --bootstrap go with --paired.")
         compare(args.paths, args.output_dir)
         return
-    result = paired_gap(*args.paired, n_boot=args.bootstrap)
+    if args.output_dir is not None:
+        raise ValueError("--output-dir goes with result directories, not --paired (use --json).")
+    result = paired_gap(*args.paired, n_boot=10000 if args.bootstrap is None else args.bootstrap)
     result.update(base_run=args.paired[0], other_run=args.paired[1], command=command)
     print(json.dumps(result, indent=1))
     if args.json:

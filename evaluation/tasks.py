@@ -714,19 +714,32 @@ def write_tasks(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+_QUOTED = r"'(?:[^'\\]|\\.)*'" + "|" + r'"(?:[^"\\]|\\.)*"'
+# numpy's repr of a string array, as pandas writes an array column to CSV: quoted items separated by blanks only
+_NUMPY_STRINGS = re.compile(rf"\[\s*(?:(?:{_QUOTED})\s*)*\]")
+_NP_STR = re.compile(rf"np\.str_\(({_QUOTED})\)")  # a numpy >= 2 string scalar inside a list's repr
+
+
+def _parse_list_text(text: str) -> list | None:
+    """A list written as text: JSON, a Python list's repr (also with ``np.str_('x')`` items) or a numpy string
+    array's repr (``['a' 'b']``, no commas); ``None`` if it is none of them."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        if _NUMPY_STRINGS.fullmatch(text):
+            return [ast.literal_eval(q) for q in re.findall(_QUOTED, text)]
+        try:
+            parsed = ast.literal_eval(_NP_STR.sub(r"\1", text))
+        except (ValueError, SyntaxError):
+            return None
+    return list(parsed) if isinstance(parsed, (list, tuple)) else None
+
+
 def _as_list(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
-        if text.startswith("["):
-            try:
-                parsed = json.loads(text)
-            except json.JSONDecodeError:  # a Python list's repr, as pandas writes a list column to CSV
-                try:
-                    parsed = ast.literal_eval(text)
-                except (ValueError, SyntaxError):
-                    return [value]
-            return [str(v) for v in parsed] if isinstance(parsed, (list, tuple)) else [value]
-        return [value]
+        parsed = _parse_list_text(text) if text.startswith("[") else None
+        return [value] if parsed is None else [str(v) for v in parsed]
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return []
     if hasattr(value, "tolist"):

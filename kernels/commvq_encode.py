@@ -162,7 +162,8 @@ class KeyTables:
         self.residuals = thetas.shape[1]
         self._split: tuple[torch.Tensor, ...] | None = None
         self._split_h2: torch.Tensor | None = None
-        self.w_norm2_max = 0.0  # max ||w_B||^2, set with the split_h2 table (its key-side float16 bound)
+        self.w_norm2_max = 0.0  # max ||w_B||^2 and the residual growth bound, set with the split_h2 table (its
+        self.center_norm_sum = 0.0  # key-side float16 range check, _check_h2_keys)
 
     def split_tables(self) -> tuple[torch.Tensor, ...]:
         """What the ``"split"`` search reads: ``||u_A||^2``, ``||w_B||^2`` ``[H, R, 64]`` and the cross term
@@ -194,6 +195,8 @@ class KeyTables:
                 )
             self._split_h2 = pack_f16x2(kt[..., :32], kt[..., 32:]).contiguous()
             self.w_norm2_max = float(wn.max())
+            # a residual grows by at most one center per step: sum over steps of the largest ||u_A|| + ||w_B||
+            self.center_norm_sum = float((un.amax(-1).sqrt() + wn.amax(-1).sqrt()).amax(0).sum())
         return self._split_h2
 
 
@@ -582,6 +585,17 @@ def encode_kernel(search: str = "flat"):
     return kernels.get(search, _encode_kernel)
 
 
+def _check_h2_keys(tables: KeyTables, key_norm_bound: float) -> None:
+    """Raise unless ``g_B = ||w_B||^2 - 2 r . w_B`` stays inside :data:`F16_SAFE` for every residual ``r`` of keys
+    of norm at most ``key_norm_bound``: ``||r|| <= key_norm_bound + sum of the steps' largest center norms``."""
+    res_bound = key_norm_bound + tables.center_norm_sum
+    if tables.w_norm2_max + 2.0 * res_bound * tables.w_norm2_max**0.5 > F16_SAFE:
+        raise ValueError(
+            f"search='split_h2' sums in float16, but keys of norm up to {key_norm_bound:.3g} reach past {F16_SAFE:g}: "
+            "pass normalized keys (normalize_keys) or use search='split'."
+        )
+
+
 def encode_keys(
     x: torch.Tensor,
     thetas: torch.Tensor,
@@ -644,7 +658,13 @@ def encode_keys(
     -------
     torch.Tensor
         The packed codes; code ``C = 64 A + B`` of step ``r`` selects ``u_A + w_B`` of ``thetas[h, r]``. The kernel
-        equals :func:`encode_keys_reference` (first index on exact ties) up to float32 rounding of the dot products.
+        equals :func:`encode_keys_reference` (first index on exact ties) up to float32 rounding of the dot products;
+        with ``"split_h2"`` it equals :func:`encode_keys_split_h2_reference` instead.
+
+    Raises
+    ------
+    ValueError
+        With ``"split_h2"``, if the codebooks or the keys' norms reach past the float16 range it sums in.
     """
     n, h, d, r = _check_encode(x, thetas)
     chosen = encode_defaults(precision, search)
@@ -653,6 +673,13 @@ def encode_keys(
     num_warps = chosen["num_warps"] if num_warps is None else num_warps
     if out is None:
         out = torch.empty(n, h, code_bytes(r), dtype=torch.uint8, device=x.device)
+    if search == "split_h2":  # the float16 range, on either path
+        if tables is None:
+            tables = KeyTables(thetas.to(x.device))
+        h2_table = tables.split_h2_table()
+        if n:
+            bound = float(x.detach().abs().amax()) * d**0.5 if key_norm_bound is None else key_norm_bound
+            _check_h2_keys(tables, bound)
     if not resolve_use_triton(use_triton, x, out):
         out.copy_((encode_keys_split_h2_reference if search == "split_h2" else encode_keys_reference)(x, thetas))
         return out
@@ -660,15 +687,6 @@ def encode_keys(
         return out
     if tables is None:
         tables = KeyTables(thetas.to(x.device))
-    if search == "split_h2":
-        h2_table = tables.split_h2_table()
-        bound = float(x.detach().abs().amax()) * d**0.5 if key_norm_bound is None else key_norm_bound
-        worst = tables.w_norm2_max
-        if worst + 2.0 * bound * worst**0.5 > F16_SAFE:
-            raise ValueError(
-                f"search='split_h2' sums in float16, but keys of norm up to {bound:.3g} reach past {F16_SAFE:g}: pass "
-                "normalized keys (normalize_keys) or use search='split'."
-            )
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
     meta, (num_warps, num_stages) = encode_meta(d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll)

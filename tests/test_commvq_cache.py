@@ -198,14 +198,44 @@ def test_split_h2_search_equals_its_reference_and_codes_near_nearest():
     assert (a == 3).any() and (b == 3).any() and not ((a == 9) | (b == 9)).any()
 
 
-def test_split_h2_refuses_what_float16_cannot_hold():
+@needs_interpreter
+def test_split_h2_differs_from_exact_only_on_float16_near_ties():
+    """Keys placed between their two nearest centers (different A), within float16 rounding of the tie: the float16
+    sums pick the other center for some of them, exactly as the reference rounds, and never a farther one."""
+    from pressroom.kernels.commvq_encode import encode_keys_split_h2_reference
+
+    torch.manual_seed(0)
+    theta = torch.randn(1, 1, 128, 8) * 0.2
+    centers = centers_from_theta(theta[0])[0]  # [4096, 16]
+    pts = torch.randn(200, 16, generator=torch.Generator().manual_seed(1)) * 0.3
+    top = torch.cdist(pts, centers).topk(2, largest=False).indices
+    pairs = [(i, j) for i, j in top.tolist() if i // 64 != j // 64][:16]
+    x = torch.stack(
+        [(centers[i] + centers[j]) / 2 + e * (centers[j] - centers[i]) for i, j in pairs for e in (-2e-4, 0.0, 2e-4)]
+    )
+    x = x[:, None, :]  # [48, 1, 16]
+    h2 = encode_keys_split_h2_reference(x, theta)
+    exact = encode_keys_reference(x, theta)
+    assert (h2 != exact).any()  # float16 sums break some near-ties the other way
+    assert torch.equal(encode_keys(x, theta, use_triton=True, search="split_h2", block_n=16), h2)
+    d2 = torch.cdist(x[:, 0].double(), centers.double()).pow(2)
+    picked = d2.gather(1, unpack_codes12(h2[:, 0], 1))[:, 0]
+    assert torch.all(picked <= d2.min(1).values + 1e-3)
+
+
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_interpreter)])
+def test_split_h2_refuses_what_float16_cannot_hold(use_triton):
     theta = torch.randn(1, 1, 128, 8) * 0.2
     x, _ = normalize_keys(torch.randn(1, 1, 20, 16))
     with pytest.raises(ValueError, match="codebooks reach"):
         KeyTables(theta * 1000).split_h2_table()
-    if INTERPRET:  # the key-side bound is checked before a launch
-        with pytest.raises(ValueError, match="normalized keys"):
-            encode_keys(x[0] * 1e5, theta, use_triton=True, search="split_h2")
+    with pytest.raises(ValueError, match="codebooks reach"):
+        encode_keys(x[0], theta * 1000, use_triton=use_triton, search="split_h2")
+    with pytest.raises(ValueError, match="normalized keys"):  # checked on both paths, before any coding
+        encode_keys(x[0] * 1e5, theta, use_triton=use_triton, search="split_h2")
+    with pytest.raises(ValueError, match="normalized keys"):
+        encode_keys(x[0], theta, use_triton=use_triton, search="split_h2", key_norm_bound=1e5)
+    encode_keys(x[0], theta, use_triton=use_triton, search="split_h2", key_norm_bound=1.0)  # in range: codes
 
 
 def test_f16x2_pack_round_trip():

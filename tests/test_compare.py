@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -309,3 +310,36 @@ def test_pressroom_eval_compare_paired(tmp_path, capsys):
     assert saved["gap"] == 50.0 and saved["command"].startswith("pressroom-eval compare --paired")
     assert main(["compare", str(base), "--paired", str(base), str(other)]) == 2
     assert "either result directories or --paired" in capsys.readouterr().err
+
+
+def test_paired_gap_reads_numpy_answer_arrays_and_checks_metrics(tmp_path):
+    """Hub datasets keep answers as numpy arrays, which pandas writes as ``['12' '34']`` (no comma): read back as two
+    answers; a run whose metrics.json disagrees with its rescored predictions raises instead of giving a gap."""
+    from pressroom.evaluation.compare import paired_gap
+
+    def run(name, preds, metrics):
+        d = tmp_path / name
+        d.mkdir()
+        df = pd.DataFrame({"task": ["x", "x"], "answer": [np.array(["12", "34"]), np.array(["5"])],
+                           "predicted_answer": preds})  # fmt: skip
+        df.to_csv(d / "predictions.csv", index=False)
+        (d / "metrics.json").write_text(json.dumps({"x": {"string_match": metrics}}))
+        return d
+
+    base = run("base", ["12 and 34", "5"], 100.0)
+    assert "['12' '34']" in (base / "predictions.csv").read_text()
+    other = run("other", ["12", "5"], 75.0)
+    assert paired_gap(base, other, n_boot=20)["gap"] == 25.0
+    wrong = run("wrong", ["12", "5"], 50.0)
+    with pytest.raises(ValueError, match="metrics.json says 50.00"):
+        paired_gap(base, wrong)
+
+
+def test_compare_options_that_do_not_go_together(tmp_path, capsys):
+    from pressroom.evaluation.cli import main
+
+    base = _write_predictions(tmp_path / "base", [("x", ["1"], "1")])
+    assert main(["compare", str(tmp_path), "--json", str(tmp_path / "x.json")]) == 2
+    assert main(["compare", "--paired", str(base), str(base), "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "go with --paired" in err and "not --paired" in err
