@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one table (markdown + CSV) and plots from result directories; --paired: the gap of two runs on the "
         "same questions, with a paired bootstrap interval",
     )
-    from pressroom.evaluation.compare import add_arguments
+    from pressroom.evaluation.compare_options import add_arguments
 
     add_arguments(p_cmp)
     p_cmp.set_defaults(func=cmd_compare)

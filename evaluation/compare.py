@@ -35,6 +35,7 @@ import pandas as pd
 import yaml
 
 from pressroom.evaluation.atomic import atomic_write_bytes, atomic_write_json
+from pressroom.evaluation.compare_options import add_arguments
 from pressroom.evaluation.tasks import row_scores
 
 logger = logging.getLogger(__name__)
@@ -674,22 +675,9 @@ def compare(paths: Sequence[str | Path], output_dir: str | Path | None = None) -
     return table
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``python -m pressroom.evaluation.compare`` and ``pressroom-eval compare``."""
-    parser.add_argument("paths", nargs="*", help="result directories (searched recursively)")
-    parser.add_argument(
-        "-o", "--output-dir", default=None, help="where to write the CSV and plots (default: first path)"
-    )
-    parser.add_argument(
-        "--paired", nargs=2, metavar=("BASE_RUN", "OTHER_RUN"), default=None,
-        help="two run directories on the same questions: the gap BASE - OTHER with a paired bootstrap interval",
-    )  # fmt: skip
-    parser.add_argument("--bootstrap", type=int, default=None, help="--paired: bootstrap draws (default 10000)")
-    parser.add_argument("--json", default=None, help="--paired: also write the result to this JSON file")
-
-
 def run_from_args(args: argparse.Namespace, command: str) -> None:
-    """Run what :func:`add_arguments`' options ask for; ``command`` (the command line) goes into ``--json``.
+    """Run what the options of :func:`~pressroom.evaluation.compare_options.add_arguments` ask for; ``command``
+    (the command line) goes into ``--json``.
 
     Raises
     ------

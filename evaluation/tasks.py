@@ -639,7 +639,7 @@ def score_predictions(df: pd.DataFrame) -> dict[str, dict[str, float]]:
 def row_scores(df: pd.DataFrame) -> pd.Series:
     """Each row's score in [0, 1], as :func:`score_predictions` averages them (same columns, same errors).
 
-    ``answer`` may also be a list's text, as ``predictions.csv`` stores it (JSON or Python's ``repr``).
+    ``answer`` may also be a list's text, as ``predictions.csv`` stores it (JSON, Python's or numpy's ``repr``).
     """
     missing = [c for c in ("predicted_answer", "answer", "task") if c not in df.columns]
     if missing:

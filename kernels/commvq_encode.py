@@ -124,13 +124,17 @@ def encode_keys_reference(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor
     return out
 
 
-def encode_keys_split_h2_reference(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+def encode_keys_split_h2_reference(
+    x: torch.Tensor, thetas: torch.Tensor, tables: KeyTables | None = None
+) -> torch.Tensor:
     """Plain-PyTorch ``search="split_h2"`` of :func:`encode_keys`, rounding as the kernel does: per step and row,
     ``m_A = min_B fp16(fp16(K[A, B]) + fp16(g_B))`` (each sum rounded to float16, ``K = 2 u_A . w_B``, ``g_B =
     ||w_B||^2 - 2 r . w_B``), ``A`` the first arg-min of ``m_A + f_A`` in float32 (``f_A = ||u_A||^2 - 2 r . u_A``),
-    then ``B`` the first arg-min of the float32 ``K[A, B] + g_B``; packed as :func:`pack_codes12`."""
+    then ``B`` the first arg-min of the float32 ``K[A, B] + g_B``; packed as :func:`pack_codes12`. ``tables``:
+    those of ``thetas`` on ``x``'s device, if the caller holds them (built otherwise)."""
     n, h, _, r = _check_encode(x, thetas)
-    tables = KeyTables(thetas.to(x.device))
+    if tables is None:
+        tables = KeyTables(thetas.to(x.device))
     un, wn, k, _ = tables.split_tables()
     k16 = k.half()
     codes = torch.empty(n, h, r, dtype=torch.long, device=x.device)
@@ -162,8 +166,7 @@ class KeyTables:
         self.residuals = thetas.shape[1]
         self._split: tuple[torch.Tensor, ...] | None = None
         self._split_h2: torch.Tensor | None = None
-        self.w_norm2_max = 0.0  # max ||w_B||^2 and the residual growth bound, set with the split_h2 table (its
-        self.center_norm_sum = 0.0  # key-side float16 range check, _check_h2_keys)
+        self._h2_bounds: tuple[float, float] | None = None  # (max ||w_B||^2, residual growth), with the split_h2 table
 
     def split_tables(self) -> tuple[torch.Tensor, ...]:
         """What the ``"split"`` search reads: ``||u_A||^2``, ``||w_B||^2`` ``[H, R, 64]`` and the cross term
@@ -194,10 +197,27 @@ class KeyTables:
                     "search='split' (float32 sums)."
                 )
             self._split_h2 = pack_f16x2(kt[..., :32], kt[..., 32:]).contiguous()
-            self.w_norm2_max = float(wn.max())
             # a residual grows by at most one center per step: sum over steps of the largest ||u_A|| + ||w_B||
-            self.center_norm_sum = float((un.amax(-1).sqrt() + wn.amax(-1).sqrt()).amax(0).sum())
+            growth = float((un.amax(-1).sqrt() + wn.amax(-1).sqrt()).amax(0).sum())
+            self._h2_bounds = (float(wn.max()), growth)
         return self._split_h2
+
+    def check_h2_keys(self, key_norm_bound: float) -> None:
+        """Raise unless ``g_B = ||w_B||^2 - 2 r . w_B`` stays inside :data:`F16_SAFE` for every residual ``r`` of
+        keys of norm at most ``key_norm_bound`` (``||r|| <= key_norm_bound + the steps' largest center norms``).
+
+        Raises
+        ------
+        ValueError
+            If it does not, or the codebooks themselves do not fit (:meth:`split_h2_table`).
+        """
+        self.split_h2_table()
+        w_norm2_max, growth = self._h2_bounds
+        if w_norm2_max + 2.0 * (key_norm_bound + growth) * w_norm2_max**0.5 > F16_SAFE:
+            raise ValueError(
+                f"search='split_h2' sums in float16, but keys of norm up to {key_norm_bound:.3g} reach past "
+                f"{F16_SAFE:g}: pass normalized keys (normalize_keys) or use search='split'."
+            )
 
 
 if HAS_TRITON:
@@ -585,17 +605,6 @@ def encode_kernel(search: str = "flat"):
     return kernels.get(search, _encode_kernel)
 
 
-def _check_h2_keys(tables: KeyTables, key_norm_bound: float) -> None:
-    """Raise unless ``g_B = ||w_B||^2 - 2 r . w_B`` stays inside :data:`F16_SAFE` for every residual ``r`` of keys
-    of norm at most ``key_norm_bound``: ``||r|| <= key_norm_bound + sum of the steps' largest center norms``."""
-    res_bound = key_norm_bound + tables.center_norm_sum
-    if tables.w_norm2_max + 2.0 * res_bound * tables.w_norm2_max**0.5 > F16_SAFE:
-        raise ValueError(
-            f"search='split_h2' sums in float16, but keys of norm up to {key_norm_bound:.3g} reach past {F16_SAFE:g}: "
-            "pass normalized keys (normalize_keys) or use search='split'."
-        )
-
-
 def encode_keys(
     x: torch.Tensor,
     thetas: torch.Tensor,
@@ -673,20 +682,21 @@ def encode_keys(
     num_warps = chosen["num_warps"] if num_warps is None else num_warps
     if out is None:
         out = torch.empty(n, h, code_bytes(r), dtype=torch.uint8, device=x.device)
+    triton_path = resolve_use_triton(use_triton, x, out)
+    if tables is None and (search == "split_h2" or (triton_path and n)):
+        tables = KeyTables(thetas.to(x.device))
     if search == "split_h2":  # the float16 range, on either path
-        if tables is None:
-            tables = KeyTables(thetas.to(x.device))
-        h2_table = tables.split_h2_table()
-        if n:
-            bound = float(x.detach().abs().amax()) * d**0.5 if key_norm_bound is None else key_norm_bound
-            _check_h2_keys(tables, bound)
-    if not resolve_use_triton(use_triton, x, out):
-        out.copy_((encode_keys_split_h2_reference if search == "split_h2" else encode_keys_reference)(x, thetas))
+        if key_norm_bound is None:  # >= every row's norm
+            key_norm_bound = float(x.detach().abs().amax()) * d**0.5 if n else 0.0
+        tables.check_h2_keys(key_norm_bound)
+    if not triton_path:
+        if search == "split_h2":
+            out.copy_(encode_keys_split_h2_reference(x, thetas, tables))
+        else:
+            out.copy_(encode_keys_reference(x, thetas))
         return out
     if n == 0:
         return out
-    if tables is None:
-        tables = KeyTables(thetas.to(x.device))
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
     meta, (num_warps, num_stages) = encode_meta(d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll)
@@ -702,7 +712,7 @@ def encode_keys(
         if search == "split":
             search_tables = tables.split_tables()
         elif search == "split_h2":
-            search_tables = (*tables.split_tables()[:3], h2_table)
+            search_tables = (*tables.split_tables()[:3], tables.split_h2_table())
         else:
             search_tables = (tables.h,)
         encode_kernel(search)[(programs, h)](
