@@ -52,3 +52,41 @@ def kernel_ms(fn, reps: int) -> dict[str, float]:
         if dev_us:
             out[ev.key[:80]] = dev_us / 1e3 / reps
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def gpu_ms(fn, reps: int, graph: bool = False, flush_l2: bool = False, sleep_cycles: int = 2_000_000) -> list[float]:
+    """GPU milliseconds of each of ``reps`` calls of ``fn`` (CUDA only), without the host's overhead: before each
+    timed call the GPU is kept busy (``torch.cuda._sleep``, about 1 ms) while the host enqueues the call, so the time
+    between the two CUDA events is the GPU's, from its first kernel to its last (gaps between kernels included), as in
+    a decode loop that runs ahead of the GPU. ``graph``: ``fn`` is captured once in a CUDA graph and each call is one
+    replay (how a decode step runs under CUDA graphs). ``flush_l2``: a 256 MB buffer is overwritten before each call,
+    so the call starts with a cold L2 cache (as after the other layers' work), instead of finding its inputs left
+    there by the previous call."""
+    run = fn
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    else:
+        fn()
+    scratch = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda") if flush_l2 else None
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if scratch is not None:
+            scratch.fill_(1.0)
+        torch.cuda._sleep(sleep_cycles)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times

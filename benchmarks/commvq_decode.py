@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from _timing import call_ms, kernel_ms
+from _timing import call_ms, gpu_ms, kernel_ms
 
 from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.kernels.commvq_attention import (
@@ -55,6 +55,7 @@ from pressroom.kernels.commvq_encode import (
 )
 from pressroom.kernels.commvq_resources import (
     BENCHMARK_DECODE_TILINGS,
+    BENCHMARK_PAIR_PARTS_TILINGS,
     BENCHMARK_TABLE_GATHER_TILINGS,
     BENCHMARK_TWO_PASS_TILINGS,
     BENCHMARK_UNROLL_TILINGS,
@@ -242,6 +243,11 @@ def variants(
         ]
     if "parts" in key_side:  # the residual steps scored in two halves by separate programs
         out += [dict(out[0], key_parts=2)]
+    if "pairs" in key_side:  # each program sweeps its tokens once per part of the RoPE pairs (tables L1-resident)
+        out += [
+            dict(out[0], block_t=bt, num_warps=nw, pair_parts=pp)
+            for pp, bt, nw in (BENCHMARK_PAIR_PARTS_TILINGS[:1] if smoke else BENCHMARK_PAIR_PARTS_TILINGS)
+        ]
     if "unroll" in key_side:  # small token blocks, with and without the residual loop unrolled
         out += [
             dict(out[0], block_t=bt, num_warps=nw, key_unroll=u)
@@ -259,6 +265,41 @@ def variants(
         for bt, nbc, nw, ns in SWEEPS["none" if smoke else sweep]
     ]
     return out
+
+
+# the two-pass values kernel's tilings of --values-sweep: (values_block_t, nb_chunk, values_warps)
+VALUES_TILINGS = ((64, 256, 8), (32, 512, 8), (64, 512, 8), (16, 256, 4), (32, 128, 4))
+
+
+def attempt_gpu(fn, reps: int, device: torch.device, **kw) -> float | str:
+    """Median of :func:`_timing.gpu_ms`, or ``"failed: ..."``."""
+    try:
+        return sorted(gpu_ms(fn, reps, **kw))[reps // 2]
+    except Exception as err:
+        return failed(err, device)
+
+
+def gpu_time(cfg: dict, q, kv: CodedKV, books: LayerBooks, scaling: float, reps: int, device: torch.device) -> None:
+    """``cfg["gpu_time_ms"]``: SDPA over the same number of bf16 tokens, the default two-pass call and the best of the
+    sweep, each as GPU time without host overhead, eager and as a CUDA-graph replay, L2 warm and flushed."""
+    n = kv.n + kv.nw
+    kf = torch.randn(1, H, n, D, device=device, dtype=torch.bfloat16)
+    vf = torch.randn_like(kf)
+    qf = torch.randn(1, HQ, 1, D, device=device, dtype=torch.bfloat16)
+    best = cfg["ours_best_tiling"] or cfg["decode_sweep"][0]
+    best_kw = {k: v for k, v in best.items() if k != "ms"}
+    calls = {
+        "sdpa_bf16": lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, enable_gqa=True),
+        "ours_default": lambda: decode_attention(q, kv, books, scaling, True),
+        "ours_best": lambda: decode_attention(q, kv, books, scaling, True, **best_kw),
+    }
+    out = cfg["gpu_time_ms"] = {"best_tiling": best}
+    for label, fn in calls.items():
+        for graph in (False, True):
+            for flush in (False, True):
+                key = f"{label}_{'graph' if graph else 'eager'}_{'cold_l2' if flush else 'warm_l2'}"
+                out[key] = attempt_gpu(fn, reps, device, graph=graph, flush_l2=flush)
+                log(f"gpu time {key}: {fmt(out[key])}")
 
 
 def main() -> None:
@@ -288,10 +329,22 @@ def main() -> None:
     ap.add_argument(
         "--key-side",
         nargs="*",
-        choices=["table", "parts", "unroll", "merge", "window"],
-        default=["table", "parts", "unroll", "merge", "window"],
+        choices=["table", "parts", "pairs", "unroll", "merge", "window"],
+        default=["table", "parts", "pairs", "unroll", "merge", "window"],
         help="two-pass alternatives timed next to the default: on-chip table gathers, residuals in two parts, "
-        "small token blocks with the residual loop unrolled, the fused merge, the window in the code launch",
+        "RoPE pairs in parts (pair_parts), small token blocks with the residual loop unrolled, the fused merge, the "
+        "window in the code launch",
+    )
+    ap.add_argument(
+        "--values-sweep",
+        action="store_true",
+        help="also time the values kernel's tilings (VALUES_TILINGS) under the best two-pass scores tiling",
+    )
+    ap.add_argument(
+        "--gpu-time",
+        action="store_true",
+        help="also time SDPA, the default and the best two-pass variant as GPU time without host overhead (eager "
+        "and CUDA-graph replay), with the L2 cache warm and flushed (benchmarks/_timing.py gpu_ms)",
     )
     ap.add_argument(
         "--values-stages",
@@ -378,6 +431,7 @@ def main() -> None:
         for label, kw in (
             ("table_gather", dict(key_gather="table")),
             ("key_parts_2", dict(key_parts=2)),
+            ("pair_parts_4", dict(pair_parts=4)),
             ("key_unroll", dict(key_unroll=True, block_t=8, num_warps=2)),
             ("merge_fused", dict(merge="fused")),
         ):
@@ -440,6 +494,13 @@ def main() -> None:
                 for sp in (512, 1024, 4096, 8192):
                     run_variant(dict(best, score_programs=sp))
                 run_variant(dict(best, key_table="fp32"))
+                if args.values_sweep:  # the values kernel's tilings under the best scores tiling
+                    best = min(
+                        (e for e in cfg["decode_sweep"] if e["design"] == design and isinstance(e["ms"], float)),
+                        key=lambda e: e["ms"],
+                    )
+                    for vbt, nbc, vw in VALUES_TILINGS:
+                        run_variant(dict(best, values_block_t=vbt, nb_chunk=nbc, values_warps=vw))
         for design in DESIGNS:
             timings = [e for e in cfg["decode_sweep"] if e["design"] == design and isinstance(e["ms"], float)]
             cfg[f"{design}_best_ms"] = min(e["ms"] for e in timings) if timings else None
@@ -464,6 +525,9 @@ def main() -> None:
             log(f"{name} kernel breakdown: {cfg['kernel_breakdown_ms']}")
         save()
         log(f"{name} decode: best {fmt(cfg['ours_ms'])} (sdpa {fmt(result['sdpa_bf16_ms'])})")
+        if args.gpu_time and device.type == "cuda":
+            gpu_time(cfg, q, kv, books, scaling, reps, device)
+            save()
         # the two key-side designs in isolation (scores of every coded token, no softmax / values)
         if not args.skip_key_scores:
             from pressroom.kernels.commvq_attention import key_luts, key_scores

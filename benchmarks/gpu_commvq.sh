@@ -29,6 +29,10 @@
 #   bash benchmarks/gpu_commvq.sh keyside    # decode at 128k, 1 and 2 bits: the default next to small token blocks
 #                                            # with the residual loop unrolled (key_unroll) and not, the values
 #                                            # kernel pipelined (values_stages 2, 3), the fused merge
+#   bash benchmarks/gpu_commvq.sh pairs      # decode at 128k, 1 and 2 bits: the default next to the RoPE pairs in
+#                                            # parts (pair_parts 2 / 4 / 8, several tilings), the values kernel's
+#                                            # tilings under the best, and GPU time without host overhead (eager and
+#                                            # CUDA graph, L2 warm and flushed) of SDPA, the default and the best
 #   bash benchmarks/gpu_commvq.sh window     # decode at 128k, 1 and 2 bits, every two-pass tiling: the window's program
 #                                            # in its own launch (default) next to the shared launch, small blocks,
 #                                            # fused merge, on-chip table gathers
@@ -87,6 +91,11 @@ keyside)
   python3 benchmarks/commvq_decode.py --bits 1 2 --sweep none --skip-reference-path --skip-hqq --skip-encode \
     --skip-key-scores --key-side unroll merge --skip-key-math --reps 30 --output "$out/commvq_decode_key_unroll.json"
   ;;
+pairs)
+  python3 benchmarks/commvq_decode.py --bits 1 2 --sweep none --skip-reference-path --skip-hqq --skip-encode \
+    --skip-key-scores --key-side pairs --skip-key-math --values-stages --values-sweep --gpu-time --reps 30 \
+    --output "$out/commvq_decode_pairs.json"
+  ;;
 window)
   python3 benchmarks/commvq_decode.py --bits 1 2 --sweep two_pass --skip-reference-path --skip-hqq --skip-encode \
     --skip-key-scores --key-side window unroll merge table --skip-key-math --reps 30 \
@@ -103,5 +112,5 @@ train)
   tar czf - -C "$(dirname "$cb")" "$(basename "$cb")" | split -b 15m - "$out/commvq_codebooks.tgz.part-"
   ;;
 profile) python3 benchmarks/commvq_scores_profile.py --keep-csv --output "$out/commvq_scores_profile.json" ;;
-*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|refine|encode|encode_h2|keyside|window|train|profile" >&2; exit 2 ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|refine|encode|encode_h2|keyside|pairs|window|train|profile" >&2; exit 2 ;;
 esac

@@ -359,13 +359,14 @@ if HAS_TRITON:
     @triton.jit
     def _group_queries(
         q_ptr, invf_ptr, b, g, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, BLOCK_G: tl.constexpr,
-        BLOCK_P: tl.constexpr,
+        BLOCK_P: tl.constexpr, p0=0,
     ):  # fmt: skip
         """The ``G`` (pre-scaled, interleaved) query heads of KV head ``g`` of batch row ``b`` as ``(x, y)`` pair
-        halves ``[BLOCK_G, BLOCK_P]``, their row mask and head indices, the pair indices and the RoPE frequencies."""
+        halves ``[BLOCK_G, BLOCK_P]`` (the pairs ``p0 .. p0 + BLOCK_P``), their row mask and head indices, the pair
+        indices and the RoPE frequencies."""
         rows = tl.arange(0, BLOCK_G)
         rmask = rows < G
-        pp = tl.arange(0, BLOCK_P)
+        pp = p0 + tl.arange(0, BLOCK_P)
         pmask = pp < P
         hq = g * G + rows
         q_base = q_ptr + (b * H * G + hq)[:, None] * (2 * P)
@@ -891,6 +892,7 @@ if HAS_TRITON:
         UNROLL_R: tl.constexpr = False,
         BLOCK_W: tl.constexpr = 32,
         PROGRAMS: tl.constexpr = 0,
+        PAIR_PARTS: tl.constexpr = 1,
     ):
         # PROGRAMS: 0, one grid for both (the window's program after the code programs); 1, the code programs only;
         # 2, the window's program only. Apart, the code programs compile without the window's dots and accumulators:
@@ -917,18 +919,30 @@ if HAS_TRITON:
             start = blk * tokens_per_prog
             stop = tl.minimum(start + tokens_per_prog, n_codes)
             out_row = s_ptr + (b * H * G + hq).to(tl.int64)[:, None] * n_codes
-            for t0 in range(start, stop, BLOCK_T):
-                tok = t0 + tl.arange(0, BLOCK_T)
-                tmask = tok < stop
-                sc = _code_block_scores(
-                    qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask, rope_scale,
-                    j0, j1, s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT, TABLE_FP16,
-                    GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE, UNROLL_R,
-                )  # fmt: skip
-                if R_PARTS == 1:
-                    tl.store(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :])
-                else:  # two parts: (0 + a) + b == (0 + b) + a, so the order of the two adds does not matter
-                    tl.atomic_add(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :], sem="relaxed")
+            # PAIR_PARTS > 1: the RoPE pairs in PAIR_PARTS chunks of BLOCK_P, one sweep of the token range per chunk,
+            # so the program reads 1 / PAIR_PARTS of its head's tables at a time (L1-resident); the score is a sum
+            # over pairs, so each sweep adds its partial scores to the previous ones (same program, fixed order)
+            for chunk in range(PAIR_PARTS):
+                if PAIR_PARTS > 1:
+                    rmask, pp, pmask, hq, qx, qy, invf = _group_queries(
+                        q_ptr, invf_ptr, b, g, H, G, P, BLOCK_G, BLOCK_P, chunk * BLOCK_P
+                    )
+                    tl.debug_barrier()  # the previous sweep's stores before this sweep's loads
+                for t0 in range(start, stop, BLOCK_T):
+                    tok = t0 + tl.arange(0, BLOCK_T)
+                    tmask = tok < stop
+                    smask = rmask[:, None] & tmask[None, :]
+                    sc = _code_block_scores(
+                        qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask, rope_scale,
+                        j0, j1, s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT, TABLE_FP16,
+                        GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE, UNROLL_R,
+                    )  # fmt: skip
+                    if PAIR_PARTS > 1 and chunk > 0:
+                        sc += tl.load(out_row + tok[None, :], mask=smask, other=0.0)
+                    if R_PARTS == 1:
+                        tl.store(out_row + tok[None, :], sc, mask=smask)
+                    else:  # two parts: (0 + a) + b == (0 + b) + a, so the order of the two adds does not matter
+                        tl.atomic_add(out_row + tok[None, :], sc, mask=smask, sem="relaxed")
         elif PROGRAMS == 0:
             _scores_window(
                 qx, qy, invf, wk_ptr, wv_ptr, wpos_ptr, m_ptr, l_ptr, accw_ptr, b, g, hq, rmask, n_win, n_splits,
@@ -1085,14 +1099,23 @@ def decode_meta(
 
 
 DESIGNS = ("two_pass", "fused")
+PAIR_PARTS = (1, 2, 4, 8)
 KEY_GATHERS = ("global", "table")
 WINDOW_LAUNCHES = ("separate", "shared")
 # the scores kernel's PROGRAMS constexpr per window_launch (2: the window's own launch)
 WINDOW_PROGRAMS = {"shared": 0, "separate": 1}
 
 
-def _check_key_side(key_gather: str, key_parts: int, key_unroll: bool = False, window_launch: str = "separate") -> None:
+def _check_key_side(
+    key_gather: str, key_parts: int, key_unroll: bool = False, window_launch: str = "separate", pair_parts: int = 1
+) -> None:
     """The two-pass scores kernel's options (see :func:`decode_attention`)."""
+    if pair_parts not in PAIR_PARTS:
+        raise ValueError(f"pair_parts must be one of {PAIR_PARTS}, got {pair_parts}.")
+    if pair_parts > 1 and key_parts != 1:
+        raise ValueError("pair_parts > 1 splits the RoPE pairs of every residual step; it needs key_parts=1.")
+    if pair_parts > 1 and window_launch != "separate":
+        raise ValueError("pair_parts > 1 needs window_launch='separate' (the window's program reads all the pairs).")
     if window_launch not in WINDOW_LAUNCHES:
         raise ValueError(f"window_launch must be one of {WINDOW_LAUNCHES}, got {window_launch!r}.")
     if key_gather not in KEY_GATHERS:
@@ -1133,12 +1156,18 @@ def two_pass_meta(
     key_unroll: bool = False,
     values_stages: int | None = None,
     window_launch: str = "separate",
+    pair_parts: int = 1,
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
     takes ``values_stages`` (default: ``num_stages``). With ``window_launch="separate"`` the scores meta is that of
-    the code programs (``PROGRAMS=1``); the window's launch takes it with ``PROGRAMS=2``."""
-    _check_key_side(key_gather, key_parts, key_unroll, window_launch)
+    the code programs (``PROGRAMS=1``); the window's launch takes :func:`window_launch_meta` of it."""
+    _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts)
+    if pair_parts > 1 and (d // 2) % pair_parts:
+        raise ValueError(f"pair_parts={pair_parts} does not divide the {d // 2} RoPE pairs of head_dim {d}.")
+    chunk = d // 2 // pair_parts
+    if chunk & (chunk - 1):
+        raise ValueError(f"pair_parts={pair_parts} must leave a power of two of pairs per part, got {chunk}.")
     if block_t < 1 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two, got {block_t}.")
     if values_stages is not None and values_stages < 1:
@@ -1155,6 +1184,8 @@ def two_pass_meta(
     scores["USE_DOT"] = scores["USE_DOT"] and block_t >= 16
     scores["BLOCK_W"] = max(16, block_t)
     scores["PROGRAMS"] = WINDOW_PROGRAMS[window_launch]
+    if pair_parts > 1:  # the code programs' tiles hold one part of the pairs (a dot needs 16 of them)
+        scores.update(PAIR_PARTS=pair_parts, BLOCK_P=chunk, USE_DOT=scores["USE_DOT"] and chunk >= 16)
     values = dict(
         HQ=h * g,
         NBITS=nbits,
@@ -1163,6 +1194,12 @@ def two_pass_meta(
         BLOCK_T=values_block_t,
     )
     return (scores, (num_warps, num_stages)), (values, (values_warps, values_stages or num_stages))
+
+
+def window_launch_meta(scores: dict) -> dict:
+    """The constexprs of the window's own launch of the scores kernel (``window_launch="separate"``), from those of
+    the code programs (:func:`two_pass_meta`): all the pairs in one tile."""
+    return {**scores, "PROGRAMS": 2, "PAIR_PARTS": 1, "BLOCK_P": scores["BLOCK_D"] // 2}
 
 
 def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) -> tuple[dict, tuple[int, int]]:
@@ -1222,6 +1259,7 @@ def decode_attention(
     values_stages: int | None = None,
     merge: str = "separate",
     window_launch: str = "separate",
+    pair_parts: int = 1,
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1302,6 +1340,13 @@ def decode_attention(
         ``[16, D]`` accumulator: on sm_90 with Triton 3.6, at 32 tokens and 4 warps, 72 registers and no spill
         instead of 255 registers and a 200-byte spill frame, which allowed only 2 programs per SM (95 registers at
         the default 64 / 8). ``"shared"``: one launch, the window's program after the code programs.
+    pair_parts : int
+        Two-pass only (1, 2, 4 or 8; default 1). Each scores program sweeps its token range ``pair_parts`` times, each
+        time over one ``1 / pair_parts`` of the RoPE pairs, adding the partial scores (the score is a sum over pairs;
+        the same program adds them in a fixed order, so the result is deterministic). The tables a program reads at a
+        time shrink by the same factor (at 1 bit and head_dim 128: 176 KB per KV head in float16, 44 KB with 4
+        parts), so that the programs sharing an SM find their table rows in L1 instead of L2. Needs
+        ``key_parts=1`` and ``window_launch="separate"``; the pairs per part must be a power of two.
     rope_trig : str
         ``"fast"`` (default): each angle reduced to about ``[-pi, pi]`` with two FMAs, then the hardware ``sin``/``cos``
         approximations (absolute error about 1e-6); ``"libdevice"``: ``tl.cos``/``tl.sin`` of the full angle
@@ -1319,7 +1364,7 @@ def decode_attention(
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}.")
     if key_table not in ("auto", "fp32"):
         raise ValueError(f"key_table must be 'auto' or 'fp32', got {key_table!r}.")
-    _check_key_side(key_gather, key_parts, key_unroll, window_launch)
+    _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts)
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}.")
     if values_stages is not None and design != "two_pass":
@@ -1330,6 +1375,8 @@ def decode_attention(
         raise ValueError(f"key_gather={key_gather!r} is implemented for design='two_pass' only.")
     if key_parts != 1 and design != "two_pass":
         raise ValueError(f"key_parts={key_parts} is implemented for design='two_pass' only.")
+    if pair_parts != 1 and design != "two_pass":
+        raise ValueError(f"pair_parts={pair_parts} is implemented for design='two_pass' only.")
     fp16 = books.ztab16 is not None and key_table == "auto"
     _key_math(key_accum, rope_trig, fp16, key_gather)
     if num_warps is None:
@@ -1354,7 +1401,7 @@ def decode_attention(
         m, lsum, acc, n_splits = _two_pass(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
             values_warps, target_programs or _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
-            rope_trig, key_unroll, values_stages, window_launch,
+            rope_trig, key_unroll, values_stages, window_launch, pair_parts,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -1455,7 +1502,7 @@ def _scores_launch(
 def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
-    key_unroll=False, values_stages=None, window_launch="separate",
+    key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1,
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -1464,7 +1511,7 @@ def _two_pass(
     (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
         h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
         nb_chunk, values_warps, num_stages, key_gather, key_parts, key_accum, rope_trig, key_unroll, values_stages,
-        window_launch,
+        window_launch, pair_parts,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
     split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)
@@ -1480,7 +1527,7 @@ def _two_pass(
     n_code = n_code_progs * key_parts
     # separate: the code programs, then the window's program per KV head in its own launch (PROGRAMS=2)
     if smeta["PROGRAMS"] == 1:
-        launches = [(n_code, smeta), (1, {**smeta, "PROGRAMS": 2})]
+        launches = [(n_code, smeta), (1, window_launch_meta(smeta))]
     else:
         launches = [(n_code + 1, smeta)]
     for n_progs, meta in launches:

@@ -14,7 +14,13 @@ from kvpress import ComposedPress, KVPressTextGenerationPipeline, SnapKVPress
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from pressroom.kernels.commvq_attention import CodedKV, LayerBooks, decode_attention, decode_attention_reference
+from pressroom.kernels.commvq_attention import (
+    CodedKV,
+    LayerBooks,
+    decode_attention,
+    decode_attention_reference,
+    two_pass_meta,
+)
 from pressroom.kernels.commvq_codebook import centers_from_theta
 from pressroom.kernels.commvq_encode import (
     KeyTables,
@@ -291,6 +297,7 @@ def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, 
         "fused",
         "two_pass_table",
         "two_pass_parts",
+        "two_pass_pairs",
         "two_pass_unroll",
         "two_pass_window_shared",
         "two_pass_bt8",
@@ -303,7 +310,8 @@ def _coded(batch, heads, head_dim, residuals, n, nw, nbits, per_head_pos=False, 
     ("per_head_pos", "head_dim", "fp16_theta"), [(False, 16, False), (True, 16, True), (False, 32, False)]
 )
 def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head_dim, fp16_theta, design):
-    """Both designs, and the two-pass one with on-chip table gathers, split residuals, the unrolled residual loop
+    """Both designs, and the two-pass one with on-chip table gathers, split residuals, split RoPE pairs, the unrolled
+    residual loop
     (an odd R: the last pair holds one code), the window in the code programs' launch (default: its own), 8-token
     blocks, the pipelined values kernel, the fused merge (which also equals the
     separate merge to float32 rounding). Tolerance: 2e-3 relative to the output's scale
@@ -312,6 +320,7 @@ def test_decode_attention_kernel_equals_dequantized_attention(per_head_pos, head
     gather = {
         "two_pass_table": dict(key_gather="table"),
         "two_pass_parts": dict(key_parts=2),
+        "two_pass_pairs": dict(pair_parts=2),
         "two_pass_unroll": dict(key_unroll=True),
         "two_pass_window_shared": dict(window_launch="shared"),
         "two_pass_bt8": dict(block_t=8, key_unroll=True),  # no tensor-core dots on 8 tokens; window in 16s
@@ -817,6 +826,21 @@ def test_fused_merge_over_many_splits_equals_the_separate_merge():
     assert (fused - ref).abs().max() <= 2e-3 * ref.abs().max()
 
 
+@needs_interpreter
+@pytest.mark.parametrize("pair_parts", [2, 4])
+def test_decode_pair_parts_equal_one_sweep(pair_parts):
+    """Split RoPE pairs at head_dim 64 (32 pairs: parts of 16 scored with tensor-core dots, parts of 8 without), 1 bit
+    and 2 bits of values: the same attention as one sweep over all pairs, to float32 rounding of the partial sums."""
+    kv, books = _coded(1, 2, 64, 3, n=150, nw=3, nbits=2 * 64, fp16_theta=True)
+    q = torch.randn(1, 4, 64)
+    tiling = dict(block_t=32, target_programs=4, score_programs=4, values_block_t=16)
+    ref = decode_attention_reference(q, kv, books, 0.3)
+    one = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
+    split = decode_attention(q, kv, books, 0.3, use_triton=True, pair_parts=pair_parts, **tiling)
+    assert (split - one).abs().max() <= 1e-4 * ref.abs().max()
+    assert (split - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
 def test_decode_key_gather_is_validated():
     kv, books = _coded(1, 2, 16, 2, n=8, nw=2, nbits=2 * 2 * 16)
     q = torch.randn(1, 4, 16)
@@ -830,6 +854,18 @@ def test_decode_key_gather_is_validated():
         decode_attention(q, kv, books, 0.3, use_triton=True, key_unroll=True, key_parts=2)
     with pytest.raises(ValueError, match="window_launch must be one of"):
         decode_attention(q, kv, books, 0.3, use_triton=True, window_launch="together")
+    with pytest.raises(ValueError, match="pair_parts must be one of"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, pair_parts=3)
+    with pytest.raises(ValueError, match="it needs key_parts=1"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, pair_parts=2, key_parts=2)
+    with pytest.raises(ValueError, match="needs window_launch='separate'"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, pair_parts=2, window_launch="shared")
+    with pytest.raises(ValueError, match="does not divide the 12 RoPE pairs"):
+        two_pass_meta(2, 2, 24, 2, 96, pair_parts=8)
+    with pytest.raises(ValueError, match="power of two of pairs per part, got 3"):
+        two_pass_meta(2, 2, 24, 2, 96, pair_parts=4)
+    with pytest.raises(ValueError, match="design='two_pass' only"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", pair_parts=2)
     with pytest.raises(ValueError, match="block_t must be a power of two"):
         decode_attention(q, kv, books, 0.3, use_triton=True, block_t=24)
     with pytest.raises(ValueError, match="key_unroll=True is implemented for design='two_pass' only"):
