@@ -55,6 +55,7 @@ from pressroom.kernels.commvq_encode import (
 )
 from pressroom.kernels.commvq_resources import (
     BENCHMARK_DECODE_TILINGS,
+    BENCHMARK_PAIR_CHUNK_TILINGS,
     BENCHMARK_PAIR_PARTS_TILINGS,
     BENCHMARK_TABLE_GATHER_TILINGS,
     BENCHMARK_TWO_PASS_TILINGS,
@@ -248,6 +249,11 @@ def variants(
             dict(out[0], block_t=bt, num_warps=nw, pair_parts=pp)
             for pp, bt, nw in (BENCHMARK_PAIR_PARTS_TILINGS[:1] if smoke else BENCHMARK_PAIR_PARTS_TILINGS)
         ]
+    if "chunks" in key_side:  # the pairs of a sweep as several tiles: a row's table addresses computed once
+        out += [
+            dict(out[0], block_t=bt, num_warps=nw, pair_parts=pp, pair_chunks=pc)
+            for pp, pc, bt, nw in (BENCHMARK_PAIR_CHUNK_TILINGS[:1] if smoke else BENCHMARK_PAIR_CHUNK_TILINGS)
+        ]
     if "unroll" in key_side:  # small token blocks, with and without the residual loop unrolled
         out += [
             dict(out[0], block_t=bt, num_warps=nw, key_unroll=u)
@@ -329,11 +335,11 @@ def main() -> None:
     ap.add_argument(
         "--key-side",
         nargs="*",
-        choices=["table", "parts", "pairs", "unroll", "merge", "window"],
-        default=["table", "parts", "pairs", "unroll", "merge", "window"],
+        choices=["table", "parts", "pairs", "chunks", "unroll", "merge", "window"],
+        default=["table", "parts", "pairs", "chunks", "unroll", "merge", "window"],
         help="two-pass alternatives timed next to the default: on-chip table gathers, residuals in two parts, "
-        "RoPE pairs in parts (pair_parts), small token blocks with the residual loop unrolled, the fused merge, the "
-        "window in the code launch",
+        "RoPE pairs in parts (pair_parts) and in tiles (pair_chunks), small token blocks with the residual loop "
+        "unrolled, the fused merge, the window in the code launch",
     )
     ap.add_argument(
         "--values-sweep",
@@ -432,6 +438,8 @@ def main() -> None:
             ("table_gather", dict(key_gather="table")),
             ("key_parts_2", dict(key_parts=2)),
             ("pair_parts_4", dict(pair_parts=4)),
+            ("pair_chunks_4", dict(pair_chunks=4)),
+            ("value_product_dense", dict(value_product="dense")),
             ("key_unroll", dict(key_unroll=True, block_t=8, num_warps=2)),
             ("merge_fused", dict(merge="fused")),
         ):
@@ -501,6 +509,7 @@ def main() -> None:
                     )
                     for vbt, nbc, vw in VALUES_TILINGS:
                         run_variant(dict(best, values_block_t=vbt, nb_chunk=nbc, values_warps=vw))
+                    run_variant(dict(best, value_product="dense"))
         for design in DESIGNS:
             timings = [e for e in cfg["decode_sweep"] if e["design"] == design and isinstance(e["ms"], float)]
             cfg[f"{design}_best_ms"] = min(e["ms"] for e in timings) if timings else None

@@ -30,9 +30,10 @@
 #                                            # with the residual loop unrolled (key_unroll) and not, the values
 #                                            # kernel pipelined (values_stages 2, 3), the fused merge
 #   bash benchmarks/gpu_commvq.sh pairs      # decode at 128k, 1 and 2 bits: the default next to the RoPE pairs in
-#                                            # parts (pair_parts 2 / 4 / 8, several tilings), the values kernel's
-#                                            # tilings under the best, and GPU time without host overhead (eager and
-#                                            # CUDA graph, L2 warm and flushed) of SDPA, the default and the best
+#                                            # parts (pair_parts 2 / 4 / 8) and in tiles (pair_chunks 2 / 4), several
+#                                            # tilings, the values kernel's tilings and the dense value product under
+#                                            # the best, and GPU time without host overhead (eager and CUDA graph, L2
+#                                            # warm and flushed) of SDPA, the default and the best
 #   bash benchmarks/gpu_commvq.sh window     # decode at 128k, 1 and 2 bits, every two-pass tiling: the window's program
 #                                            # in its own launch (default) next to the shared launch, small blocks,
 #                                            # fused merge, on-chip table gathers
@@ -93,7 +94,7 @@ keyside)
   ;;
 pairs)
   python3 benchmarks/commvq_decode.py --bits 1 2 --sweep none --skip-reference-path --skip-hqq --skip-encode \
-    --skip-key-scores --key-side pairs --skip-key-math --values-stages --values-sweep --gpu-time --reps 30 \
+    --skip-key-scores --key-side pairs chunks --skip-key-math --values-stages --values-sweep --gpu-time --reps 30 \
     --output "$out/commvq_decode_pairs.json"
   ;;
 window)

@@ -454,6 +454,95 @@ if HAS_TRITON:
         return tl.where(tmask[None, :], sc, float("-inf"))
 
     @triton.jit
+    def _add_code_chunks(
+        a0, a1, a2, a3, b0, b1, b2, b3, ztab_ptr, g, r, code, p0, lanes, R: tl.constexpr, P: tl.constexpr,
+        CH: tl.constexpr, NCH: tl.constexpr, NATIVE: tl.constexpr,
+    ):  # fmt: skip
+        """:func:`_add_center_h2` over ``NCH`` tiles of ``CH`` pairs each (pairs ``p0 + c CH + lanes``): every tile
+        has the same layout, so a thread holds the same token row in all of them and computes the row's two table
+        addresses once for its ``NCH`` loads of each entry (constant offsets), instead of once per 4 pairs."""
+        row = (g * R + r) * 64
+        pa = ztab_ptr + ((row + (code >> 6)) * P + p0)[:, None] + lanes[None, :]
+        pb = ztab_ptr + ((row + (code & 63)) * P + p0)[:, None] + lanes[None, :]
+        a0 = _hadd2(a0, tl.load(pa), NATIVE)
+        b0 = _hadd2(b0, tl.load(pb), NATIVE)
+        if NCH > 1:
+            a1 = _hadd2(a1, tl.load(pa + CH), NATIVE)
+            b1 = _hadd2(b1, tl.load(pb + CH), NATIVE)
+        if NCH > 2:
+            a2 = _hadd2(a2, tl.load(pa + 2 * CH), NATIVE)
+            b2 = _hadd2(b2, tl.load(pb + 2 * CH), NATIVE)
+            a3 = _hadd2(a3, tl.load(pa + 3 * CH), NATIVE)
+            b3 = _hadd2(b3, tl.load(pb + 3 * CH), NATIVE)
+        return a0, a1, a2, a3, b0, b1, b2, b3
+
+    @triton.jit
+    def _chunk_scores(
+        sa, sb, pos, q_ptr, qrow, rmask, invf_ptr, pc, FAST_ROPE: tl.constexpr, NATIVE: tl.constexpr,
+        USE_DOT: tl.constexpr,
+    ):  # fmt: skip
+        """Partial scores ``[BLOCK_G, BLOCK_T]`` over the pairs ``pc`` of one tile: the key from its packed float16
+        sums (:func:`_h2_key`), rotated to the tokens' positions, dotted with the query heads' same pairs."""
+        kx, ky = _h2_key(sa, sb)
+        invf = tl.load(invf_ptr + pc)
+        cs, sn = _rope_cos_sin(pos[:, None] * invf[None, :], FAST_ROPE, NATIVE)
+        rx = kx * cs - ky * sn
+        ry = kx * sn + ky * cs
+        qmask = rmask[:, None] & (pc >= 0)[None, :]
+        qx = tl.load(q_ptr + qrow[:, None] + 2 * pc[None, :], mask=qmask, other=0.0)
+        qy = tl.load(q_ptr + qrow[:, None] + 2 * pc[None, :] + 1, mask=qmask, other=0.0)
+        if USE_DOT:
+            return tl.dot(qx, tl.trans(rx)) + tl.dot(qy, tl.trans(ry))
+        else:
+            return tl.sum(qx[:, None, :] * rx[None, :, :] + qy[:, None, :] * ry[None, :, :], axis=2)
+
+    @triton.jit
+    def _code_block_scores_chunked(
+        q_ptr, qrow, rmask, invf_ptr, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, p0, rope_scale,
+        s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr,
+        CH: tl.constexpr, NCH: tl.constexpr, USE_DOT: tl.constexpr, FAST_ROPE: tl.constexpr, NATIVE: tl.constexpr,
+    ):  # fmt: skip
+        """:func:`_code_block_scores` (float16 sums, global gathers) over the pairs ``p0 .. p0 + NCH CH`` held as
+        ``NCH`` tiles of ``CH`` pairs (``pair_chunks``, see :func:`_add_code_chunks`)."""
+        crow = codes_ptr + b * s_cb + g * s_ch + tok * s_cn
+        lanes = tl.arange(0, CH)
+        a0 = tl.zeros((BLOCK_T, CH), tl.int32)  # float16 (0, 0)
+        a1 = tl.zeros((BLOCK_T, CH), tl.int32)
+        a2 = tl.zeros((BLOCK_T, CH), tl.int32)
+        a3 = tl.zeros((BLOCK_T, CH), tl.int32)
+        b0 = tl.zeros((BLOCK_T, CH), tl.int32)
+        b1 = tl.zeros((BLOCK_T, CH), tl.int32)
+        b2 = tl.zeros((BLOCK_T, CH), tl.int32)
+        b3 = tl.zeros((BLOCK_T, CH), tl.int32)
+        for j in range((R + 1) // 2):
+            c0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
+            c1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
+            a0, a1, a2, a3, b0, b1, b2, b3 = _add_code_chunks(
+                a0, a1, a2, a3, b0, b1, b2, b3, ztab_ptr, g, 2 * j, c0 | ((c1 & 15) << 8), p0, lanes, R, P, CH, NCH,
+                NATIVE,
+            )  # fmt: skip
+            if 2 * j + 1 < R:
+                c2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
+                a0, a1, a2, a3, b0, b1, b2, b3 = _add_code_chunks(
+                    a0, a1, a2, a3, b0, b1, b2, b3, ztab_ptr, g, 2 * j + 1, (c1 >> 4) | (c2 << 4), p0, lanes, R, P,
+                    CH, NCH, NATIVE,
+                )  # fmt: skip
+        pos = tl.load(pos_ptr + b * s_pb + g * s_ph + tok, mask=tmask, other=0).to(tl.float32)
+        sc = _chunk_scores(a0, b0, pos, q_ptr, qrow, rmask, invf_ptr, p0 + lanes, FAST_ROPE, NATIVE, USE_DOT)
+        if NCH > 1:
+            sc += _chunk_scores(a1, b1, pos, q_ptr, qrow, rmask, invf_ptr, p0 + CH + lanes, FAST_ROPE, NATIVE, USE_DOT)
+        if NCH > 2:
+            sc += _chunk_scores(
+                a2, b2, pos, q_ptr, qrow, rmask, invf_ptr, p0 + 2 * CH + lanes, FAST_ROPE, NATIVE, USE_DOT
+            )
+            sc += _chunk_scores(
+                a3, b3, pos, q_ptr, qrow, rmask, invf_ptr, p0 + 3 * CH + lanes, FAST_ROPE, NATIVE, USE_DOT
+            )
+        nrm = tl.load(knorm_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32) * rope_scale
+        sc = sc * nrm[None, :]
+        return tl.where(tmask[None, :], sc, float("-inf"))
+
+    @triton.jit
     def _window_attention(
         qx,
         qy,
@@ -893,6 +982,7 @@ if HAS_TRITON:
         BLOCK_W: tl.constexpr = 32,
         PROGRAMS: tl.constexpr = 0,
         PAIR_PARTS: tl.constexpr = 1,
+        PAIR_CHUNKS: tl.constexpr = 1,
     ):
         # PROGRAMS: 0, one grid for both (the window's program after the code programs); 1, the code programs only;
         # 2, the window's program only. Apart, the code programs compile without the window's dots and accumulators:
@@ -932,11 +1022,18 @@ if HAS_TRITON:
                     tok = t0 + tl.arange(0, BLOCK_T)
                     tmask = tok < stop
                     smask = rmask[:, None] & tmask[None, :]
-                    sc = _code_block_scores(
-                        qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask, rope_scale,
-                        j0, j1, s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT, TABLE_FP16,
-                        GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE, UNROLL_R,
-                    )  # fmt: skip
+                    if PAIR_CHUNKS > 1:  # BLOCK_P pairs as PAIR_CHUNKS tiles (float16 sums, global gathers)
+                        sc = _code_block_scores_chunked(
+                            q_ptr, (b * H * G + hq) * (2 * P), rmask, invf_ptr, codes_ptr, knorm_ptr, pos_ptr,
+                            ztab_ptr, b, g, tok, tmask, chunk * BLOCK_P, rope_scale, s_cb, s_ch, s_cn, s_kb, s_pb,
+                            s_ph, R, P, BLOCK_T, BLOCK_P // PAIR_CHUNKS, PAIR_CHUNKS, USE_DOT, FAST_ROPE, NATIVE,
+                        )  # fmt: skip
+                    else:
+                        sc = _code_block_scores(
+                            qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask,
+                            rope_scale, j0, j1, s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT,
+                            TABLE_FP16, GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE, UNROLL_R,
+                        )  # fmt: skip
                     if PAIR_PARTS > 1 and chunk > 0:
                         sc += tl.load(out_row + tok[None, :], mask=smask, other=0.0)
                     if R_PARTS == 1:
@@ -1100,6 +1197,7 @@ def decode_meta(
 
 DESIGNS = ("two_pass", "fused")
 PAIR_PARTS = (1, 2, 4, 8)
+PAIR_CHUNKS = (1, 2, 4)
 KEY_GATHERS = ("global", "table")
 WINDOW_LAUNCHES = ("separate", "shared")
 # the scores kernel's PROGRAMS constexpr per window_launch (2: the window's own launch)
@@ -1107,9 +1205,20 @@ WINDOW_PROGRAMS = {"shared": 0, "separate": 1}
 
 
 def _check_key_side(
-    key_gather: str, key_parts: int, key_unroll: bool = False, window_launch: str = "separate", pair_parts: int = 1
+    key_gather: str,
+    key_parts: int,
+    key_unroll: bool = False,
+    window_launch: str = "separate",
+    pair_parts: int = 1,
+    pair_chunks: int = 1,
 ) -> None:
     """The two-pass scores kernel's options (see :func:`decode_attention`)."""
+    if pair_chunks not in PAIR_CHUNKS:
+        raise ValueError(f"pair_chunks must be one of {PAIR_CHUNKS}, got {pair_chunks}.")
+    if pair_chunks > 1 and (key_gather != "global" or key_parts != 1 or key_unroll):
+        raise ValueError(
+            "pair_chunks > 1 is implemented for key_gather='global', key_parts=1 and key_unroll=False only."
+        )
     if pair_parts not in PAIR_PARTS:
         raise ValueError(f"pair_parts must be one of {PAIR_PARTS}, got {pair_parts}.")
     if pair_parts > 1 and key_parts != 1:
@@ -1157,17 +1266,25 @@ def two_pass_meta(
     values_stages: int | None = None,
     window_launch: str = "separate",
     pair_parts: int = 1,
+    pair_chunks: int = 1,
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
     takes ``values_stages`` (default: ``num_stages``). With ``window_launch="separate"`` the scores meta is that of
     the code programs (``PROGRAMS=1``); the window's launch takes :func:`window_launch_meta` of it."""
-    _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts)
-    if pair_parts > 1 and (d // 2) % pair_parts:
-        raise ValueError(f"pair_parts={pair_parts} does not divide the {d // 2} RoPE pairs of head_dim {d}.")
-    chunk = d // 2 // pair_parts
-    if chunk & (chunk - 1):
-        raise ValueError(f"pair_parts={pair_parts} must leave a power of two of pairs per part, got {chunk}.")
+    _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts, pair_chunks)
+    split = pair_parts * pair_chunks
+    if split > 1 and (d // 2) % split:
+        raise ValueError(
+            f"pair_parts={pair_parts} x pair_chunks={pair_chunks} does not divide the {d // 2} RoPE pairs of "
+            f"head_dim {d}."
+        )
+    tile = d // 2 // split
+    if tile & (tile - 1):
+        raise ValueError(
+            f"pair_parts={pair_parts} x pair_chunks={pair_chunks} must leave a power of two of pairs per tile, "
+            f"got {tile}."
+        )
     if block_t < 1 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two, got {block_t}.")
     if values_stages is not None and values_stages < 1:
@@ -1184,8 +1301,15 @@ def two_pass_meta(
     scores["USE_DOT"] = scores["USE_DOT"] and block_t >= 16
     scores["BLOCK_W"] = max(16, block_t)
     scores["PROGRAMS"] = WINDOW_PROGRAMS[window_launch]
-    if pair_parts > 1:  # the code programs' tiles hold one part of the pairs (a dot needs 16 of them)
-        scores.update(PAIR_PARTS=pair_parts, BLOCK_P=chunk, USE_DOT=scores["USE_DOT"] and chunk >= 16)
+    if pair_chunks > 1 and not scores["ACC_FP16"]:
+        raise ValueError("pair_chunks > 1 sums the float16 table (key_accum 'auto' or 'fp16' with native codebooks).")
+    if split > 1:  # the code programs' tiles hold tile pairs of one part (a dot needs 16 of them)
+        scores.update(
+            PAIR_PARTS=pair_parts,
+            PAIR_CHUNKS=pair_chunks,
+            BLOCK_P=tile * pair_chunks,
+            USE_DOT=scores["USE_DOT"] and tile >= 16,
+        )
     values = dict(
         HQ=h * g,
         NBITS=nbits,
@@ -1199,7 +1323,7 @@ def two_pass_meta(
 def window_launch_meta(scores: dict) -> dict:
     """The constexprs of the window's own launch of the scores kernel (``window_launch="separate"``), from those of
     the code programs (:func:`two_pass_meta`): all the pairs in one tile."""
-    return {**scores, "PROGRAMS": 2, "PAIR_PARTS": 1, "BLOCK_P": scores["BLOCK_D"] // 2}
+    return {**scores, "PROGRAMS": 2, "PAIR_PARTS": 1, "PAIR_CHUNKS": 1, "BLOCK_P": scores["BLOCK_D"] // 2}
 
 
 def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) -> tuple[dict, tuple[int, int]]:
@@ -1215,6 +1339,7 @@ def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) 
 
 
 MERGES = ("separate", "fused")
+VALUE_PRODUCTS = ("einsum", "dense")
 
 
 def merge_meta(
@@ -1260,6 +1385,8 @@ def decode_attention(
     merge: str = "separate",
     window_launch: str = "separate",
     pair_parts: int = 1,
+    pair_chunks: int = 1,
+    value_product: str = "einsum",
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1327,6 +1454,11 @@ def decode_attention(
         float16, so a key carries a relative error of about ``2^-11 sqrt(2 R)`` (under 0.3% at ``R = 21``, against
         the codes' own 10%); needs the exact float16 table and ``key_gather="global"``. ``"fp32"``: unpacked and
         summed in float32. ``"auto"`` (default): ``"fp16"`` where it applies, else ``"fp32"``.
+    value_product : str
+        With ``merge="separate"``: how the merged weighted bits meet the value codebook. ``"einsum"`` (default): one
+        ``[G, n_bits] x [n_bits, D]`` product per KV head (a batched matmul); ``"dense"``: one ``[B Hq, n_bits] x
+        [n_bits, H D]`` matmul, ``H`` times the arithmetic, of which each query head keeps its KV head's block (a
+        better-shaped matmul for the library).
     merge : str
         How the splits are combined. ``"separate"`` (default): a merge kernel writes the weighted value bits per query
         head (one program per head and 1,024 bits), then PyTorch multiplies them by the value codebook per KV head,
@@ -1347,6 +1479,12 @@ def decode_attention(
         time shrink by the same factor (at 1 bit and head_dim 128: 176 KB per KV head in float16, 44 KB with 4
         parts), so that the programs sharing an SM find their table rows in L1 instead of L2. Needs
         ``key_parts=1`` and ``window_launch="separate"``; the pairs per part must be a power of two.
+    pair_chunks : int
+        Two-pass only (1, 2 or 4; default 1). The pairs a scores program sums are held as ``pair_chunks`` tiles of
+        ``P / (pair_parts pair_chunks)`` pairs instead of one ``[block_t, P]`` tile. Triton lays each tile out alike,
+        so a thread holds one token's row in every tile, and computes that row's table addresses (and unpacks its
+        codes) once for all its pairs instead of once per 4 pairs. Needs the float16 sums (``key_accum``),
+        ``key_gather="global"``, ``key_parts=1`` and ``key_unroll=False``.
     rope_trig : str
         ``"fast"`` (default): each angle reduced to about ``[-pi, pi]`` with two FMAs, then the hardware ``sin``/``cos``
         approximations (absolute error about 1e-6); ``"libdevice"``: ``tl.cos``/``tl.sin`` of the full angle
@@ -1364,9 +1502,11 @@ def decode_attention(
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}.")
     if key_table not in ("auto", "fp32"):
         raise ValueError(f"key_table must be 'auto' or 'fp32', got {key_table!r}.")
-    _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts)
+    _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts, pair_chunks)
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}.")
+    if value_product not in VALUE_PRODUCTS:
+        raise ValueError(f"value_product must be one of {VALUE_PRODUCTS}, got {value_product!r}.")
     if values_stages is not None and design != "two_pass":
         raise ValueError("values_stages is a setting of design='two_pass' only (its values kernel).")
     if key_unroll and design != "two_pass":
@@ -1377,6 +1517,8 @@ def decode_attention(
         raise ValueError(f"key_parts={key_parts} is implemented for design='two_pass' only.")
     if pair_parts != 1 and design != "two_pass":
         raise ValueError(f"pair_parts={pair_parts} is implemented for design='two_pass' only.")
+    if pair_chunks != 1 and design != "two_pass":
+        raise ValueError(f"pair_chunks={pair_chunks} is implemented for design='two_pass' only.")
     fp16 = books.ztab16 is not None and key_table == "auto"
     _key_math(key_accum, rope_trig, fp16, key_gather)
     if num_warps is None:
@@ -1401,7 +1543,7 @@ def decode_attention(
         m, lsum, acc, n_splits = _two_pass(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
             values_warps, target_programs or _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
-            rope_trig, key_unroll, values_stages, window_launch, pair_parts,
+            rope_trig, key_unroll, values_stages, window_launch, pair_parts, pair_chunks,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -1444,8 +1586,12 @@ def decode_attention(
         num_warps=rwarps,
         num_stages=rstages,
     )
-    # one small matmul per KV head: (weighted bits) @ E[:, head], times the channel scale
-    out = torch.einsum("bhgk,khd->bhgd", out_bits.view(b, h, g, nbits), books.emb) * books.chscale[None, :, None]
+    if value_product == "einsum":  # one small matmul per KV head: (weighted bits) @ E[:, head]
+        out = torch.einsum("bhgk,khd->bhgd", out_bits.view(b, h, g, nbits), books.emb)
+    else:  # one [b Hq, n_bits] x [n_bits, H D] matmul, of which each head keeps its own KV head's block
+        out = (out_bits @ books.emb.view(nbits, h * d)).view(b, h, g, h, d)
+        out = torch.diagonal(out, dim1=1, dim2=3).permute(0, 3, 1, 2)
+    out = out * books.chscale[None, :, None]  # the channel scale
     return out.reshape(b, hq, d) + out_w.view(b, hq, d)
 
 
@@ -1502,7 +1648,7 @@ def _scores_launch(
 def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
-    key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1,
+    key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1,
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -1511,7 +1657,7 @@ def _two_pass(
     (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
         h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
         nb_chunk, values_warps, num_stages, key_gather, key_parts, key_accum, rope_trig, key_unroll, values_stages,
-        window_launch, pair_parts,
+        window_launch, pair_parts, pair_chunks,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
     split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)

@@ -216,6 +216,17 @@ BENCHMARK_TABLE_GATHER_TILINGS = ((32, 8), (64, 8), (128, 8))
 # default; compiled with Triton 3.6 for sm_90 at R=11 and 21: 59 registers at (2, 64, 8), 47 at (4, 64, 8), 56 at
 # (4, 64, 4), no spill, against 95 for the default (and 10 KB of shared memory for the dot operands instead of 40 KB)
 BENCHMARK_PAIR_PARTS_TILINGS = ((2, 64, 8), (4, 64, 8), (4, 64, 4), (4, 128, 8), (4, 32, 4), (8, 64, 4))
+# the pairs of a sweep held as several tiles (pair_chunks): (pair_parts, pair_chunks, block_t, num_warps); Triton 3.6,
+# sm_90, R=11: 72 registers at (1, 4, 64, 8), 70 at (1, 4, 32, 4), 64 at (2, 2, 64, 8), 128 at (1, 4, 64, 4) and
+# (1, 4, 128, 8), no spill; the code loop of (1, 4, 64, 8) is 135 instructions per two residual steps instead of 240
+BENCHMARK_PAIR_CHUNK_TILINGS = (
+    (1, 4, 64, 8),
+    (1, 4, 32, 4),
+    (1, 4, 64, 4),
+    (1, 4, 128, 8),
+    (1, 2, 64, 8),
+    (2, 2, 64, 8),
+)
 # the scores kernel on small token blocks, the residual loop unrolled or not (key_unroll): (block_t, num_warps, unroll).
 # Register figures depend on the Triton version: with the window in its own launch, Triton 3.6 (the GPU host's) gives
 # the code programs 72 registers at (32, 4) and 95 at the default (64, 8), but 254-255 at (8, 2) and (8, 2) unrolled
@@ -340,6 +351,12 @@ def benchmark_configs():
             (smeta, sopts), _ = att.two_pass_meta(h, hq // h, d, r, h * d * bits, True, bt, nw, pair_parts=pp)
             label = f"scores {name} bt={bt} warps={nw} pair_parts={pp}"
             out.append((label, att._decode_scores_kernel, smeta, *sopts, None))
+        for pp, pc, bt, nw in BENCHMARK_PAIR_CHUNK_TILINGS:
+            (smeta, sopts), _ = att.two_pass_meta(
+                h, hq // h, d, r, h * d * bits, True, bt, nw, pair_parts=pp, pair_chunks=pc
+            )
+            label = f"scores {name} bt={bt} warps={nw} pair_parts={pp} pair_chunks={pc}"
+            out.append((label, att._decode_scores_kernel, smeta, *sopts, None))
         for stages in BENCHMARK_VALUES_STAGES:
             _, (vmeta, (vw, vs)) = att.two_pass_meta(h, hq // h, d, r, h * d * bits, values_stages=stages)
             out.append((f"values {name} stages={vs}", att._decode_values_kernel, vmeta, vw, vs, None))
@@ -427,6 +444,7 @@ if __name__ == "__main__":  # pragma: no cover
 
 __all__ = [
     "BENCHMARK_DECODE_TILINGS",
+    "BENCHMARK_PAIR_CHUNK_TILINGS",
     "BENCHMARK_PAIR_PARTS_TILINGS",
     "BENCHMARK_TABLE_GATHER_TILINGS",
     "BENCHMARK_TWO_PASS_TILINGS",

@@ -827,18 +827,35 @@ def test_fused_merge_over_many_splits_equals_the_separate_merge():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("pair_parts", [2, 4])
-def test_decode_pair_parts_equal_one_sweep(pair_parts):
-    """Split RoPE pairs at head_dim 64 (32 pairs: parts of 16 scored with tensor-core dots, parts of 8 without), 1 bit
-    and 2 bits of values: the same attention as one sweep over all pairs, to float32 rounding of the partial sums."""
+@pytest.mark.parametrize(("pair_parts", "pair_chunks"), [(2, 1), (4, 1), (1, 2), (1, 4), (2, 2)])
+def test_decode_pair_parts_equal_one_sweep(pair_parts, pair_chunks):
+    """RoPE pairs split in sweeps (pair_parts) and / or tiles (pair_chunks) at head_dim 64 (32 pairs: tiles of 16
+    scored with tensor-core dots, tiles of 8 without): the same attention as one sweep over one tile of all pairs, to
+    float32 rounding of the partial sums."""
     kv, books = _coded(1, 2, 64, 3, n=150, nw=3, nbits=2 * 64, fp16_theta=True)
     q = torch.randn(1, 4, 64)
     tiling = dict(block_t=32, target_programs=4, score_programs=4, values_block_t=16)
     ref = decode_attention_reference(q, kv, books, 0.3)
     one = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
-    split = decode_attention(q, kv, books, 0.3, use_triton=True, pair_parts=pair_parts, **tiling)
+    split = decode_attention(
+        q, kv, books, 0.3, use_triton=True, pair_parts=pair_parts, pair_chunks=pair_chunks, **tiling
+    )
     assert (split - one).abs().max() <= 1e-4 * ref.abs().max()
     assert (split - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
+@needs_interpreter
+def test_decode_value_product_dense_equals_einsum():
+    """The value codebook product as one dense matmul (each query head keeping its KV head's block), batch 2, 2 KV
+    heads of 3 query heads: the per-head product, to float32 rounding."""
+    kv, books = _coded(2, 2, 16, 2, n=40, nw=3, nbits=2 * 2 * 16)
+    q = torch.randn(2, 6, 16)
+    tiling = dict(block_t=16, target_programs=4, score_programs=4, values_block_t=16)
+    per_head = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
+    dense = decode_attention(q, kv, books, 0.3, use_triton=True, value_product="dense", **tiling)
+    assert (dense - per_head).abs().max() <= 1e-5 * per_head.abs().max()
+    ref = decode_attention_reference(q, kv, books, 0.3)
+    assert (dense - ref).abs().max() <= 2e-3 * ref.abs().max()
 
 
 def test_decode_key_gather_is_validated():
@@ -862,10 +879,18 @@ def test_decode_key_gather_is_validated():
         decode_attention(q, kv, books, 0.3, use_triton=True, pair_parts=2, window_launch="shared")
     with pytest.raises(ValueError, match="does not divide the 12 RoPE pairs"):
         two_pass_meta(2, 2, 24, 2, 96, pair_parts=8)
-    with pytest.raises(ValueError, match="power of two of pairs per part, got 3"):
+    with pytest.raises(ValueError, match="power of two of pairs per tile, got 3"):
         two_pass_meta(2, 2, 24, 2, 96, pair_parts=4)
     with pytest.raises(ValueError, match="design='two_pass' only"):
         decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", pair_parts=2)
+    with pytest.raises(ValueError, match="value_product must be one of"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, value_product="bmm")
+    with pytest.raises(ValueError, match="pair_chunks must be one of"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, pair_chunks=8)
+    with pytest.raises(ValueError, match="pair_chunks > 1 is implemented for key_gather='global'"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, pair_chunks=2, key_gather="table")
+    with pytest.raises(ValueError, match="pair_chunks > 1 sums the float16 table"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, pair_chunks=2, key_accum="fp32")
     with pytest.raises(ValueError, match="block_t must be a power of two"):
         decode_attention(q, kv, books, 0.3, use_triton=True, block_t=24)
     with pytest.raises(ValueError, match="key_unroll=True is implemented for design='two_pass' only"):
