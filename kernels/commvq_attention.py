@@ -477,6 +477,37 @@ if HAS_TRITON:
         return a0, a1, a2, a3, b0, b1, b2, b3
 
     @triton.jit
+    def _code_at(crow, r, tmask):
+        """The 12-bit code of residual ``r`` of each token row ``crow`` (codes ``2 j`` and ``2 j + 1`` in the three
+        bytes ``3 j .. 3 j + 2``: the even one is the low 12 bits, the odd one the high 12)."""
+        first = 3 * (r // 2) + (r % 2)
+        lo = tl.load(crow + first, mask=tmask, other=0).to(tl.int32)
+        hi = tl.load(crow + first + 1, mask=tmask, other=0).to(tl.int32)
+        sh = (r % 2) * 4
+        return ((lo >> sh) | (hi << (8 - sh))) & 4095
+
+    @triton.jit
+    def _gather_chunks(ztab_ptr, g, r, code, p0, lanes, R: tl.constexpr, P: tl.constexpr, CH: tl.constexpr,
+                       NCH: tl.constexpr):  # fmt: skip
+        """The ``z_A`` and ``z_B`` entries (packed float16 pairs) of code ``64 A + B`` of residual ``r`` in ``NCH``
+        tiles of ``CH`` pairs (unused tiles: the first one again, never read)."""
+        row = (g * R + r) * 64
+        pa = ztab_ptr + ((row + (code >> 6)) * P + p0)[:, None] + lanes[None, :]
+        pb = ztab_ptr + ((row + (code & 63)) * P + p0)[:, None] + lanes[None, :]
+        a0 = tl.load(pa)
+        b0 = tl.load(pb)
+        a1, b1, a2, b2, a3, b3 = a0, b0, a0, b0, a0, b0
+        if NCH > 1:
+            a1 = tl.load(pa + CH)
+            b1 = tl.load(pb + CH)
+        if NCH > 2:
+            a2 = tl.load(pa + 2 * CH)
+            b2 = tl.load(pb + 2 * CH)
+            a3 = tl.load(pa + 3 * CH)
+            b3 = tl.load(pb + 3 * CH)
+        return a0, a1, a2, a3, b0, b1, b2, b3
+
+    @triton.jit
     def _chunk_scores(
         sa, sb, pos, q_ptr, qrow, rmask, invf_ptr, pc, FAST_ROPE: tl.constexpr, NATIVE: tl.constexpr,
         USE_DOT: tl.constexpr,
@@ -501,9 +532,12 @@ if HAS_TRITON:
         q_ptr, qrow, rmask, invf_ptr, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, p0, rope_scale,
         s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R: tl.constexpr, P: tl.constexpr, BLOCK_T: tl.constexpr,
         CH: tl.constexpr, NCH: tl.constexpr, USE_DOT: tl.constexpr, FAST_ROPE: tl.constexpr, NATIVE: tl.constexpr,
+        PREFETCH: tl.constexpr = False,
     ):  # fmt: skip
         """:func:`_code_block_scores` (float16 sums, global gathers) over the pairs ``p0 .. p0 + NCH CH`` held as
-        ``NCH`` tiles of ``CH`` pairs (``pair_chunks``, see :func:`_add_code_chunks`)."""
+        ``NCH`` tiles of ``CH`` pairs (``pair_chunks``, see :func:`_add_code_chunks`). ``PREFETCH``: one residual
+        step per iteration, whose gathers are issued before the previous step's entries are added, so that two
+        steps' loads are in flight at once (``key_prefetch``)."""
         crow = codes_ptr + b * s_cb + g * s_ch + tok * s_cn
         lanes = tl.arange(0, CH)
         a0 = tl.zeros((BLOCK_T, CH), tl.int32)  # float16 (0, 0)
@@ -514,19 +548,41 @@ if HAS_TRITON:
         b1 = tl.zeros((BLOCK_T, CH), tl.int32)
         b2 = tl.zeros((BLOCK_T, CH), tl.int32)
         b3 = tl.zeros((BLOCK_T, CH), tl.int32)
-        for j in range((R + 1) // 2):
-            c0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
-            c1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
-            a0, a1, a2, a3, b0, b1, b2, b3 = _add_code_chunks(
-                a0, a1, a2, a3, b0, b1, b2, b3, ztab_ptr, g, 2 * j, c0 | ((c1 & 15) << 8), p0, lanes, R, P, CH, NCH,
-                NATIVE,
-            )  # fmt: skip
-            if 2 * j + 1 < R:
-                c2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
+        if PREFETCH:
+            za0, za1, za2, za3, zb0, zb1, zb2, zb3 = _gather_chunks(
+                ztab_ptr, g, 0, _code_at(crow, 0, tmask), p0, lanes, R, P, CH, NCH
+            )
+            for r in range(1, R):
+                na0, na1, na2, na3, nb0, nb1, nb2, nb3 = _gather_chunks(
+                    ztab_ptr, g, r, _code_at(crow, r, tmask), p0, lanes, R, P, CH, NCH
+                )
+                a0, b0 = _hadd2(a0, za0, NATIVE), _hadd2(b0, zb0, NATIVE)
+                if NCH > 1:
+                    a1, b1 = _hadd2(a1, za1, NATIVE), _hadd2(b1, zb1, NATIVE)
+                if NCH > 2:
+                    a2, b2 = _hadd2(a2, za2, NATIVE), _hadd2(b2, zb2, NATIVE)
+                    a3, b3 = _hadd2(a3, za3, NATIVE), _hadd2(b3, zb3, NATIVE)
+                za0, za1, za2, za3, zb0, zb1, zb2, zb3 = na0, na1, na2, na3, nb0, nb1, nb2, nb3
+            a0, b0 = _hadd2(a0, za0, NATIVE), _hadd2(b0, zb0, NATIVE)
+            if NCH > 1:
+                a1, b1 = _hadd2(a1, za1, NATIVE), _hadd2(b1, zb1, NATIVE)
+            if NCH > 2:
+                a2, b2 = _hadd2(a2, za2, NATIVE), _hadd2(b2, zb2, NATIVE)
+                a3, b3 = _hadd2(a3, za3, NATIVE), _hadd2(b3, zb3, NATIVE)
+        else:
+            for j in range((R + 1) // 2):
+                c0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
+                c1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
                 a0, a1, a2, a3, b0, b1, b2, b3 = _add_code_chunks(
-                    a0, a1, a2, a3, b0, b1, b2, b3, ztab_ptr, g, 2 * j + 1, (c1 >> 4) | (c2 << 4), p0, lanes, R, P,
+                    a0, a1, a2, a3, b0, b1, b2, b3, ztab_ptr, g, 2 * j, c0 | ((c1 & 15) << 8), p0, lanes, R, P,
                     CH, NCH, NATIVE,
                 )  # fmt: skip
+                if 2 * j + 1 < R:
+                    c2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
+                    a0, a1, a2, a3, b0, b1, b2, b3 = _add_code_chunks(
+                        a0, a1, a2, a3, b0, b1, b2, b3, ztab_ptr, g, 2 * j + 1, (c1 >> 4) | (c2 << 4), p0, lanes,
+                        R, P, CH, NCH, NATIVE,
+                    )  # fmt: skip
         pos = tl.load(pos_ptr + b * s_pb + g * s_ph + tok, mask=tmask, other=0).to(tl.float32)
         sc = _chunk_scores(a0, b0, pos, q_ptr, qrow, rmask, invf_ptr, p0 + lanes, FAST_ROPE, NATIVE, USE_DOT)
         if NCH > 1:
@@ -983,6 +1039,7 @@ if HAS_TRITON:
         PROGRAMS: tl.constexpr = 0,
         PAIR_PARTS: tl.constexpr = 1,
         PAIR_CHUNKS: tl.constexpr = 1,
+        PREFETCH: tl.constexpr = False,
     ):
         # PROGRAMS: 0, one grid for both (the window's program after the code programs); 1, the code programs only;
         # 2, the window's program only. Apart, the code programs compile without the window's dots and accumulators:
@@ -1022,11 +1079,12 @@ if HAS_TRITON:
                     tok = t0 + tl.arange(0, BLOCK_T)
                     tmask = tok < stop
                     smask = rmask[:, None] & tmask[None, :]
-                    if PAIR_CHUNKS > 1:  # BLOCK_P pairs as PAIR_CHUNKS tiles (float16 sums, global gathers)
+                    if PAIR_CHUNKS > 1 or PREFETCH:  # BLOCK_P pairs as PAIR_CHUNKS tiles (float16, global)
                         sc = _code_block_scores_chunked(
                             q_ptr, (b * H * G + hq) * (2 * P), rmask, invf_ptr, codes_ptr, knorm_ptr, pos_ptr,
                             ztab_ptr, b, g, tok, tmask, chunk * BLOCK_P, rope_scale, s_cb, s_ch, s_cn, s_kb, s_pb,
                             s_ph, R, P, BLOCK_T, BLOCK_P // PAIR_CHUNKS, PAIR_CHUNKS, USE_DOT, FAST_ROPE, NATIVE,
+                            PREFETCH,
                         )  # fmt: skip
                     else:
                         sc = _code_block_scores(
@@ -1211,14 +1269,14 @@ def _check_key_side(
     window_launch: str = "separate",
     pair_parts: int = 1,
     pair_chunks: int = 1,
+    key_prefetch: bool = False,
 ) -> None:
     """The two-pass scores kernel's options (see :func:`decode_attention`)."""
     if pair_chunks not in PAIR_CHUNKS:
         raise ValueError(f"pair_chunks must be one of {PAIR_CHUNKS}, got {pair_chunks}.")
-    if pair_chunks > 1 and (key_gather != "global" or key_parts != 1 or key_unroll):
-        raise ValueError(
-            "pair_chunks > 1 is implemented for key_gather='global', key_parts=1 and key_unroll=False only."
-        )
+    for name, on in (("pair_chunks > 1", pair_chunks > 1), ("key_prefetch=True", key_prefetch)):
+        if on and (key_gather != "global" or key_parts != 1 or key_unroll):
+            raise ValueError(f"{name} is implemented for key_gather='global', key_parts=1 and key_unroll=False only.")
     if pair_parts not in PAIR_PARTS:
         raise ValueError(f"pair_parts must be one of {PAIR_PARTS}, got {pair_parts}.")
     if pair_parts > 1 and key_parts != 1:
@@ -1267,12 +1325,13 @@ def two_pass_meta(
     window_launch: str = "separate",
     pair_parts: int = 1,
     pair_chunks: int = 1,
+    key_prefetch: bool = False,
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
     takes ``values_stages`` (default: ``num_stages``). With ``window_launch="separate"`` the scores meta is that of
     the code programs (``PROGRAMS=1``); the window's launch takes :func:`window_launch_meta` of it."""
-    _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts, pair_chunks)
+    _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts, pair_chunks, key_prefetch)
     split = pair_parts * pair_chunks
     if split > 1 and (d // 2) % split:
         raise ValueError(
@@ -1280,10 +1339,10 @@ def two_pass_meta(
             f"head_dim {d}."
         )
     tile = d // 2 // split
-    if tile & (tile - 1):
+    if (split > 1 or key_prefetch) and tile & (tile - 1):  # these tiles hold exactly their pairs (no pair mask)
         raise ValueError(
-            f"pair_parts={pair_parts} x pair_chunks={pair_chunks} must leave a power of two of pairs per tile, "
-            f"got {tile}."
+            f"pair_parts={pair_parts} x pair_chunks={pair_chunks}{' with key_prefetch' if key_prefetch else ''} must "
+            f"leave a power of two of pairs per tile, got {tile}."
         )
     if block_t < 1 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two, got {block_t}.")
@@ -1301,8 +1360,13 @@ def two_pass_meta(
     scores["USE_DOT"] = scores["USE_DOT"] and block_t >= 16
     scores["BLOCK_W"] = max(16, block_t)
     scores["PROGRAMS"] = WINDOW_PROGRAMS[window_launch]
-    if pair_chunks > 1 and not scores["ACC_FP16"]:
-        raise ValueError("pair_chunks > 1 sums the float16 table (key_accum 'auto' or 'fp16' with native codebooks).")
+    if (pair_chunks > 1 or key_prefetch) and not scores["ACC_FP16"]:
+        raise ValueError(
+            "pair_chunks > 1 and key_prefetch=True sum the float16 table (key_accum 'auto' or 'fp16' with native "
+            "codebooks)."
+        )
+    if key_prefetch:
+        scores["PREFETCH"] = True
     if split > 1:  # the code programs' tiles hold tile pairs of one part (a dot needs 16 of them)
         scores.update(
             PAIR_PARTS=pair_parts,
@@ -1323,7 +1387,14 @@ def two_pass_meta(
 def window_launch_meta(scores: dict) -> dict:
     """The constexprs of the window's own launch of the scores kernel (``window_launch="separate"``), from those of
     the code programs (:func:`two_pass_meta`): all the pairs in one tile."""
-    return {**scores, "PROGRAMS": 2, "PAIR_PARTS": 1, "PAIR_CHUNKS": 1, "BLOCK_P": scores["BLOCK_D"] // 2}
+    return {
+        **scores,
+        "PROGRAMS": 2,
+        "PAIR_PARTS": 1,
+        "PAIR_CHUNKS": 1,
+        "PREFETCH": False,
+        "BLOCK_P": scores["BLOCK_D"] // 2,
+    }
 
 
 def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) -> tuple[dict, tuple[int, int]]:
@@ -1386,6 +1457,7 @@ def decode_attention(
     window_launch: str = "separate",
     pair_parts: int = 1,
     pair_chunks: int = 1,
+    key_prefetch: bool = False,
     value_product: str = "einsum",
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
@@ -1485,6 +1557,11 @@ def decode_attention(
         so a thread holds one token's row in every tile, and computes that row's table addresses (and unpacks its
         codes) once for all its pairs instead of once per 4 pairs. Needs the float16 sums (``key_accum``),
         ``key_gather="global"``, ``key_parts=1`` and ``key_unroll=False``.
+    key_prefetch : bool
+        Two-pass only (default ``False``). The scores programs run one residual step per loop iteration and issue
+        its table gathers before adding the previous step's entries, so that two steps' loads are in flight at once
+        (register double buffering) instead of each iteration waiting for its own loads. Same requirements as
+        ``pair_chunks > 1``; combines with it.
     rope_trig : str
         ``"fast"`` (default): each angle reduced to about ``[-pi, pi]`` with two FMAs, then the hardware ``sin``/``cos``
         approximations (absolute error about 1e-6); ``"libdevice"``: ``tl.cos``/``tl.sin`` of the full angle
@@ -1502,7 +1579,7 @@ def decode_attention(
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}.")
     if key_table not in ("auto", "fp32"):
         raise ValueError(f"key_table must be 'auto' or 'fp32', got {key_table!r}.")
-    _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts, pair_chunks)
+    _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts, pair_chunks, key_prefetch)
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}.")
     if value_product not in VALUE_PRODUCTS:
@@ -1543,7 +1620,7 @@ def decode_attention(
         m, lsum, acc, n_splits = _two_pass(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
             values_warps, target_programs or _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
-            rope_trig, key_unroll, values_stages, window_launch, pair_parts, pair_chunks,
+            rope_trig, key_unroll, values_stages, window_launch, pair_parts, pair_chunks, key_prefetch,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -1648,7 +1725,7 @@ def _scores_launch(
 def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
-    key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1,
+    key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1, key_prefetch=False,
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -1657,7 +1734,7 @@ def _two_pass(
     (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
         h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
         nb_chunk, values_warps, num_stages, key_gather, key_parts, key_accum, rope_trig, key_unroll, values_stages,
-        window_launch, pair_parts, pair_chunks,
+        window_launch, pair_parts, pair_chunks, key_prefetch,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
     split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)

@@ -227,6 +227,9 @@ BENCHMARK_PAIR_CHUNK_TILINGS = (
     (1, 2, 64, 8),
     (2, 2, 64, 8),
 )
+# the gathers one residual step ahead (key_prefetch): (pair_parts, pair_chunks, block_t, num_warps); Triton 3.6, sm_90,
+# R=11: 111 registers at (2, 1, 64, 8), 159 at (1, 1, 64, 8), 126 at (1, 4, 64, 8), 96 at (2, 2, 64, 8), no spill
+BENCHMARK_PREFETCH_TILINGS = ((2, 1, 64, 8), (1, 1, 64, 8), (1, 4, 64, 8), (2, 2, 64, 8), (1, 2, 64, 8), (2, 1, 32, 4))
 # the scores kernel on small token blocks, the residual loop unrolled or not (key_unroll): (block_t, num_warps, unroll).
 # Register figures depend on the Triton version: with the window in its own launch, Triton 3.6 (the GPU host's) gives
 # the code programs 72 registers at (32, 4) and 95 at the default (64, 8), but 254-255 at (8, 2) and (8, 2) unrolled
@@ -357,6 +360,12 @@ def benchmark_configs():
             )
             label = f"scores {name} bt={bt} warps={nw} pair_parts={pp} pair_chunks={pc}"
             out.append((label, att._decode_scores_kernel, smeta, *sopts, None))
+        for pp, pc, bt, nw in BENCHMARK_PREFETCH_TILINGS:
+            (smeta, sopts), _ = att.two_pass_meta(
+                h, hq // h, d, r, h * d * bits, True, bt, nw, pair_parts=pp, pair_chunks=pc, key_prefetch=True
+            )
+            label = f"scores {name} bt={bt} warps={nw} pair_parts={pp} pair_chunks={pc} prefetch"
+            out.append((label, att._decode_scores_kernel, smeta, *sopts, None))
         for stages in BENCHMARK_VALUES_STAGES:
             _, (vmeta, (vw, vs)) = att.two_pass_meta(h, hq // h, d, r, h * d * bits, values_stages=stages)
             out.append((f"values {name} stages={vs}", att._decode_values_kernel, vmeta, vw, vs, None))
@@ -446,6 +455,7 @@ __all__ = [
     "BENCHMARK_DECODE_TILINGS",
     "BENCHMARK_PAIR_CHUNK_TILINGS",
     "BENCHMARK_PAIR_PARTS_TILINGS",
+    "BENCHMARK_PREFETCH_TILINGS",
     "BENCHMARK_TABLE_GATHER_TILINGS",
     "BENCHMARK_TWO_PASS_TILINGS",
     "BENCHMARK_UNROLL_TILINGS",

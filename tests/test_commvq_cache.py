@@ -827,19 +827,23 @@ def test_fused_merge_over_many_splits_equals_the_separate_merge():
 
 
 @needs_interpreter
-@pytest.mark.parametrize(("pair_parts", "pair_chunks"), [(2, 1), (4, 1), (1, 2), (1, 4), (2, 2)])
-def test_decode_pair_parts_equal_one_sweep(pair_parts, pair_chunks):
+@pytest.mark.parametrize(
+    ("pair_parts", "pair_chunks", "prefetch"),
+    [(2, 1, False), (4, 1, False), (1, 2, False), (1, 4, False), (2, 2, False), (1, 1, True), (1, 4, True)],
+)
+def test_decode_pair_parts_equal_one_sweep(pair_parts, pair_chunks, prefetch):
     """RoPE pairs split in sweeps (pair_parts) and / or tiles (pair_chunks) at head_dim 64 (32 pairs: tiles of 16
     scored with tensor-core dots, tiles of 8 without): the same attention as one sweep over one tile of all pairs, to
-    float32 rounding of the partial sums."""
+    float32 rounding of the partial sums; with key_prefetch (gathers one residual step ahead; R=3, odd), the same."""
     kv, books = _coded(1, 2, 64, 3, n=150, nw=3, nbits=2 * 64, fp16_theta=True)
     q = torch.randn(1, 4, 64)
     tiling = dict(block_t=32, target_programs=4, score_programs=4, values_block_t=16)
     ref = decode_attention_reference(q, kv, books, 0.3)
     one = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
     split = decode_attention(
-        q, kv, books, 0.3, use_triton=True, pair_parts=pair_parts, pair_chunks=pair_chunks, **tiling
-    )
+        q, kv, books, 0.3, use_triton=True, pair_parts=pair_parts, pair_chunks=pair_chunks, key_prefetch=prefetch,
+        **tiling,
+    )  # fmt: skip
     assert (split - one).abs().max() <= 1e-4 * ref.abs().max()
     assert (split - ref).abs().max() <= 2e-3 * ref.abs().max()
 
@@ -881,6 +885,9 @@ def test_decode_key_gather_is_validated():
         two_pass_meta(2, 2, 24, 2, 96, pair_parts=8)
     with pytest.raises(ValueError, match="power of two of pairs per tile, got 3"):
         two_pass_meta(2, 2, 24, 2, 96, pair_parts=4)
+    with pytest.raises(ValueError, match="with key_prefetch must leave a power of two of pairs per tile, got 12"):
+        two_pass_meta(2, 2, 24, 2, 96, key_prefetch=True)
+    two_pass_meta(2, 2, 24, 2, 96)  # 12 pairs in one masked tile: the default path takes any head_dim
     with pytest.raises(ValueError, match="design='two_pass' only"):
         decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", pair_parts=2)
     with pytest.raises(ValueError, match="value_product must be one of"):
@@ -889,8 +896,10 @@ def test_decode_key_gather_is_validated():
         decode_attention(q, kv, books, 0.3, use_triton=True, pair_chunks=8)
     with pytest.raises(ValueError, match="pair_chunks > 1 is implemented for key_gather='global'"):
         decode_attention(q, kv, books, 0.3, use_triton=True, pair_chunks=2, key_gather="table")
-    with pytest.raises(ValueError, match="pair_chunks > 1 sums the float16 table"):
+    with pytest.raises(ValueError, match="pair_chunks > 1 and key_prefetch=True sum the float16 table"):
         decode_attention(q, kv, books, 0.3, use_triton=True, pair_chunks=2, key_accum="fp32")
+    with pytest.raises(ValueError, match="key_prefetch=True is implemented for key_gather='global'"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, key_prefetch=True, key_parts=2)
     with pytest.raises(ValueError, match="block_t must be a power of two"):
         decode_attention(q, kv, books, 0.3, use_triton=True, block_t=24)
     with pytest.raises(ValueError, match="key_unroll=True is implemented for design='two_pass' only"):
