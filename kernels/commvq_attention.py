@@ -881,8 +881,9 @@ if HAS_TRITON:
         nb = nbc * NB_CHUNK + tl.arange(0, NB_CHUNK)
         nbmask = nb < NBITS
         acc = tl.zeros((NB_CHUNK,), tl.float32)
-        for s in range(0, n_splits):
-            ws = tl.sum(tl.where(ss == s, wgt, 0.0), axis=0)
+        inv_total = 1.0 / total
+        for s in range(0, n_splits):  # each split's weight from its own (scalar) maximum: no reduction per split
+            ws = tl.exp2(tl.load(m_ptr + row * (n_splits + 1) + s) - mx) * inv_total
             acc += ws * tl.load(acc_ptr + (row * n_splits + s) * NBITS + nb, mask=nbmask, other=0.0)
         tl.store(out_bits_ptr + row * NBITS + nb, acc, mask=nbmask)
         if nbc == 0:
@@ -1459,6 +1460,7 @@ def decode_attention(
     pair_chunks: int = 1,
     key_prefetch: bool = False,
     value_product: str = "einsum",
+    reduce_nb_chunk: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1531,6 +1533,9 @@ def decode_attention(
         ``[G, n_bits] x [n_bits, D]`` product per KV head (a batched matmul); ``"dense"``: one ``[B Hq, n_bits] x
         [n_bits, H D]`` matmul, ``H`` times the arithmetic, of which each query head keeps its KV head's block (a
         better-shaped matmul for the library).
+    reduce_nb_chunk : int or None
+        With ``merge="separate"``: value bits per program of the merge kernel (a power of two >= 16; default
+        ``min(n_bits, 1024)``): one program per query head and chunk, so smaller chunks mean more programs.
     merge : str
         How the splits are combined. ``"separate"`` (default): a merge kernel writes the weighted value bits per query
         head (one program per head and 1,024 bits), then PyTorch multiplies them by the value codebook per KV head,
@@ -1584,6 +1589,8 @@ def decode_attention(
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}.")
     if value_product not in VALUE_PRODUCTS:
         raise ValueError(f"value_product must be one of {VALUE_PRODUCTS}, got {value_product!r}.")
+    if reduce_nb_chunk is not None and (reduce_nb_chunk < 16 or reduce_nb_chunk & (reduce_nb_chunk - 1)):
+        raise ValueError(f"reduce_nb_chunk must be a power of two >= 16, got {reduce_nb_chunk}.")
     if values_stages is not None and design != "two_pass":
         raise ValueError("values_stages is a setting of design='two_pass' only (its values kernel).")
     if key_unroll and design != "two_pass":
@@ -1647,7 +1654,7 @@ def decode_attention(
             m, lsum, acc, accw, books.emb, books.chscale, out, n_splits, **mmeta, num_warps=mwarps, num_stages=mstages
         )
         return out
-    rmeta, (rwarps, rstages) = reduce_meta(d, nbits, n_splits)
+    rmeta, (rwarps, rstages) = reduce_meta(d, nbits, n_splits, reduce_nb_chunk)
     n_rbc = triton.cdiv(nbits, rmeta["NB_CHUNK"])
     out_bits = torch.empty(b * hq, nbits, device=dev, dtype=torch.float32)
     out_w = torch.empty(b * hq, d, device=dev, dtype=torch.float32)

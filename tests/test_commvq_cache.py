@@ -850,13 +850,15 @@ def test_decode_pair_parts_equal_one_sweep(pair_parts, pair_chunks, prefetch):
 
 @needs_interpreter
 def test_decode_value_product_dense_equals_einsum():
-    """The value codebook product as one dense matmul (each query head keeping its KV head's block), batch 2, 2 KV
-    heads of 3 query heads: the per-head product, to float32 rounding."""
+    """The value codebook product as one dense matmul (each query head keeping its KV head's block) after a merge in
+    several bit chunks, batch 2, 2 KV heads of 3 query heads: the per-head product, to float32 rounding."""
     kv, books = _coded(2, 2, 16, 2, n=40, nw=3, nbits=2 * 2 * 16)
     q = torch.randn(2, 6, 16)
     tiling = dict(block_t=16, target_programs=4, score_programs=4, values_block_t=16)
     per_head = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
-    dense = decode_attention(q, kv, books, 0.3, use_triton=True, value_product="dense", **tiling)
+    dense = decode_attention(
+        q, kv, books, 0.3, use_triton=True, value_product="dense", reduce_nb_chunk=16, **tiling
+    )  # the merge in chunks of 16 of the 64 bits
     assert (dense - per_head).abs().max() <= 1e-5 * per_head.abs().max()
     ref = decode_attention_reference(q, kv, books, 0.3)
     assert (dense - ref).abs().max() <= 2e-3 * ref.abs().max()
@@ -890,6 +892,8 @@ def test_decode_key_gather_is_validated():
     two_pass_meta(2, 2, 24, 2, 96)  # 12 pairs in one masked tile: the default path takes any head_dim
     with pytest.raises(ValueError, match="design='two_pass' only"):
         decode_attention(q, kv, books, 0.3, use_triton=True, design="fused", pair_parts=2)
+    with pytest.raises(ValueError, match="reduce_nb_chunk must be a power of two >= 16"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, reduce_nb_chunk=24)
     with pytest.raises(ValueError, match="value_product must be one of"):
         decode_attention(q, kv, books, 0.3, use_triton=True, value_product="bmm")
     with pytest.raises(ValueError, match="pair_chunks must be one of"):
