@@ -233,10 +233,25 @@ def variants(
             nb_chunk=nbc,
             values_warps=vw,
             target_programs=264,
-            score_programs=2048,
+            score_programs=4096,
         )
         for bt, nw, vbt, nbc, vw in two_pass
     ]
+    # the previous defaults (one sweep of the pairs, the per-head value product, 2048 score programs, values 32 tokens
+    # / 4 warps; target_programs 264, as the benchmark timed it, where the library then defaulted to the SM count)
+    out.insert(
+        1,
+        dict(
+            out[0],
+            score_programs=2048,
+            pair_parts=1,
+            value_product="einsum",
+            values_block_t=32,
+            values_warps=4,
+            value_bits="reshape",
+        ),
+    )
+    out.insert(2, dict(out[0], value_bits="reshape"))  # the values kernel's bits by shifts and a reshape
     # the scores kernel gathering from a per-block copy of each residual's table (values side at the default)
     if "table" in key_side:
         out += [
@@ -291,7 +306,7 @@ def _speed(e: dict) -> float:
 # the merge kernel's bit chunks of --values-sweep (default: min(n_bits, 1024))
 REDUCE_CHUNKS = (128, 256)
 # the two-pass values kernel's tilings of --values-sweep: (values_block_t, nb_chunk, values_warps)
-VALUES_TILINGS = ((64, 256, 8), (32, 512, 8), (64, 512, 8), (16, 256, 4), (32, 128, 4))
+VALUES_TILINGS = ((64, 256, 8), (32, 512, 8), (64, 512, 8), (16, 256, 4), (32, 128, 4), (32, 256, 4), (128, 256, 8))
 
 
 def attempt_gpu(fn, reps: int, device: torch.device, **kw) -> float | str:

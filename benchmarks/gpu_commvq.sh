@@ -35,7 +35,7 @@
 #                                            # the best, and GPU time without host overhead (eager and CUDA graph, L2
 #                                            # warm and flushed) of SDPA, the default and the best; every variant
 #                                            # also timed as a CUDA-graph replay with a cold L2 (gpu_ms);
-#                                            # PAIRS_SIDE: the groups, default "pairs chunks prefetch"
+#                                            # PAIRS_SIDE: the groups, default "pairs chunks prefetch" ("" for none)
 #   bash benchmarks/gpu_commvq.sh window     # decode at 128k, 1 and 2 bits, every two-pass tiling: the window's program
 #                                            # in its own launch (default) next to the shared launch, small blocks,
 #                                            # fused merge, on-chip table gathers
@@ -96,7 +96,7 @@ keyside)
   ;;
 pairs)
   python3 benchmarks/commvq_decode.py --bits 1 2 --sweep none --skip-reference-path --skip-hqq --skip-encode \
-    --skip-key-scores --key-side ${PAIRS_SIDE:-pairs chunks prefetch} --skip-key-math --values-stages --values-sweep --gpu-time --reps 30 \
+    --skip-key-scores --key-side ${PAIRS_SIDE-pairs chunks prefetch} --skip-key-math --values-stages --values-sweep --gpu-time --reps 30 \
     --output "$out/commvq_decode_pairs.json"
   ;;
 window)

@@ -677,15 +677,22 @@ if HAS_TRITON:
         tmask,
         nbyte,
         nbytemask,
+        nb,
+        nbmask,
         s_kb,
         s_vb,
         s_vn,
         BLOCK_T: tl.constexpr,
         NB_CHUNK: tl.constexpr,
+        BITS_JOIN: tl.constexpr = False,
     ):
         """One block of the online softmax over coded tokens: the base-2 scores ``sc [rows, BLOCK_T]`` update the
         running max and sum, and the ``c_t``-weighted probabilities times the tokens' value bits ``[BLOCK_T,
-        NB_CHUNK]`` (each byte loaded once, expanded to 8 bits in registers) go into ``acc`` on tensor cores."""
+        NB_CHUNK]`` go into ``acc`` on tensor cores. Each byte is loaded once and expanded to 8 bits in registers:
+        by shifts and a reshape of a ``[..., 8]`` tensor (Triton spreads the 8 bits of a byte over 8 threads: one
+        ``I2F`` and one 2-byte shared-memory store per bit on the way to the dot), or, ``BITS_JOIN``, as nested
+        ``tl.join`` of the 8 masked bits, each already the ``float16`` bit pattern of 0 or 1 (``(byte & 2^i) *
+        (0x3C00 >> i)``): the 8 bits stay in their thread and reach shared memory in one 16-byte store."""
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(sc - m_new[:, None])
@@ -697,8 +704,21 @@ if HAS_TRITON:
             mask=tmask[:, None] & nbytemask[None, :],
             other=0,
         ).to(tl.int32)
-        bits = (byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-        bits = tl.reshape(bits, (BLOCK_T, NB_CHUNK)).to(tl.float16)
+        if BITS_JOIN:
+            # tl.join adds a last dimension, so the innermost join is the slowest of the three: bits i and i + 4,
+            # then i and i + 2, then i and i + 1, and the reshape puts bit 4 a + 2 b + c at [a, b, c]
+            bits = tl.join(
+                tl.join(
+                    tl.join((byte & 1) * 0x3C00, (byte & 16) * 0x3C0), tl.join((byte & 4) * 0xF00, (byte & 64) * 0xF0)
+                ),
+                tl.join(
+                    tl.join((byte & 2) * 0x1E00, (byte & 32) * 0x1E0), tl.join((byte & 8) * 0x780, (byte & 128) * 0x78)
+                ),
+            )
+            bits = tl.reshape(bits.to(tl.int16), (BLOCK_T, NB_CHUNK)).to(tl.float16, bitcast=True)
+        else:
+            bits = (byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+            bits = tl.reshape(bits, (BLOCK_T, NB_CHUNK)).to(tl.float16)
         acc = acc * alpha[:, None] + tl.dot(pw, bits, out_dtype=tl.float32)
         return acc, m_new, l_i
 
@@ -811,8 +831,8 @@ if HAS_TRITON:
                     NATIVE,
                 )
                 acc, m_i, l_i = _accumulate_bits(
-                    acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_kb, s_vb, s_vn,
-                    BLOCK_T, NB_CHUNK,
+                    acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, nb, nbmask, s_kb, s_vb,
+                    s_vn, BLOCK_T, NB_CHUNK,
                 )  # fmt: skip
             acc_off = ((b * H * G + hq) * n_splits + split)[:, None] * NBITS + nb[None, :]
             tl.store(acc_ptr + acc_off, acc, mask=rmask[:, None] & nbmask[None, :])
@@ -1124,6 +1144,7 @@ if HAS_TRITON:
         NB_CHUNK: tl.constexpr,
         BLOCK_HQ: tl.constexpr,
         BLOCK_T: tl.constexpr,
+        BITS_JOIN: tl.constexpr = False,
     ):
         split = tl.program_id(0)
         b = tl.program_id(1)
@@ -1144,8 +1165,8 @@ if HAS_TRITON:
             tmask = tok < stop
             sc = tl.load(s_row + tok[None, :], mask=rmask[:, None] & tmask[None, :], other=float("-inf"))
             acc, m_i, l_i = _accumulate_bits(
-                acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_kb, s_vb, s_vn,
-                BLOCK_T, NB_CHUNK,
+                acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, nb, nb < NBITS, s_kb, s_vb,
+                s_vn, BLOCK_T, NB_CHUNK, BITS_JOIN,
             )  # fmt: skip
         acc_off = ((b * HQ + rows) * n_splits + split)[:, None] * NBITS + nb[None, :]
         tl.store(acc_ptr + acc_off, acc, mask=rmask[:, None] & (nb < NBITS)[None, :])
@@ -1295,7 +1316,20 @@ def _check_key_side(
 
 
 DEFAULT_VALUES_NB_CHUNK = 256
-DEFAULT_SCORE_PROGRAMS = 2048
+# the two-pass defaults measured fastest on an H200 at 128k tokens, 1 and 2 bits, as GPU time of a CUDA-graph replay
+# with a cold L2 (benchmarks/results/commvq_decode_prefetch.json): 4096 score programs, the pairs in two sweeps
+# (pair_parts=2, where the pairs split in two power-of-two halves) and the dense value-codebook product: 0.70 / 1.08 ms
+# against 0.79-0.85 / 1.26-1.42 ms for the previous defaults (2048 programs, one sweep, per-head product)
+DEFAULT_SCORE_PROGRAMS = 4096
+DEFAULT_VALUE_PRODUCT = "dense"
+
+
+def default_pair_parts(d: int, key_parts: int = 1, window_launch: str = "separate") -> int:
+    """``pair_parts=None``: 2 when the ``d / 2`` RoPE pairs split in two power-of-two halves (and the options allow
+    it: ``key_parts=1``, the window in its own launch), else 1."""
+    half = d // 2 // 2
+    ok = d % 4 == 0 and half >= 1 and not half & (half - 1) and key_parts == 1 and window_launch == "separate"
+    return 2 if ok else 1
 
 
 # the two-pass scores kernel's default tiling: the fastest at 1 and 2 bits on an H200 once the window has its own
@@ -1313,9 +1347,9 @@ def two_pass_meta(
     table_fp16: bool = True,
     block_t: int = TWO_PASS_BLOCK_T,
     num_warps: int = TWO_PASS_WARPS,
-    values_block_t: int = 32,
+    values_block_t: int = 64,
     nb_chunk: int | None = None,
-    values_warps: int = 4,
+    values_warps: int = 8,
     num_stages: int = 1,
     key_gather: str = "global",
     key_parts: int = 1,
@@ -1327,6 +1361,7 @@ def two_pass_meta(
     pair_parts: int = 1,
     pair_chunks: int = 1,
     key_prefetch: bool = False,
+    value_bits: str = "join",
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
@@ -1349,6 +1384,8 @@ def two_pass_meta(
         raise ValueError(f"block_t must be a power of two, got {block_t}.")
     if values_stages is not None and values_stages < 1:
         raise ValueError(f"values_stages must be >= 1, got {values_stages}.")
+    if value_bits not in VALUE_BITS:
+        raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {value_bits!r}.")
     scores = _key_side_meta(h, g, d, r, table_fp16, block_t, key_accum, rope_trig, key_gather)
     if key_gather == "table":
         scores["GATHER_TABLE"] = True
@@ -1381,6 +1418,7 @@ def two_pass_meta(
         NB_CHUNK=nb_chunk or min(max(triton.next_power_of_2(nbits), 16), DEFAULT_VALUES_NB_CHUNK),
         BLOCK_HQ=max(16, triton.next_power_of_2(h * g)),
         BLOCK_T=values_block_t,
+        BITS_JOIN=value_bits == "join",
     )
     return (scores, (num_warps, num_stages)), (values, (values_warps, values_stages or num_stages))
 
@@ -1412,6 +1450,7 @@ def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) 
 
 MERGES = ("separate", "fused")
 VALUE_PRODUCTS = ("einsum", "dense")
+VALUE_BITS = ("reshape", "join")
 
 
 def merge_meta(
@@ -1444,8 +1483,8 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int = 1,
     design: str = "two_pass",
-    values_block_t: int = 32,
-    values_warps: int = 4,
+    values_block_t: int = 64,
+    values_warps: int = 8,
     score_programs: int = DEFAULT_SCORE_PROGRAMS,
     key_table: str = "auto",
     key_gather: str = "global",
@@ -1456,11 +1495,12 @@ def decode_attention(
     values_stages: int | None = None,
     merge: str = "separate",
     window_launch: str = "separate",
-    pair_parts: int = 1,
+    pair_parts: int | None = None,
     pair_chunks: int = 1,
     key_prefetch: bool = False,
-    value_product: str = "einsum",
+    value_product: str = DEFAULT_VALUE_PRODUCT,
     reduce_nb_chunk: int | None = None,
+    value_bits: str = "join",
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1490,15 +1530,19 @@ def decode_attention(
     block_t, nb_chunk, target_programs, num_warps, num_stages : int or None
         Kernel tiling: tokens per block of the key side (default 64 two-pass, 32 fused), value bits per program
         (default ``min(n_bits, 1024)`` fused, ``min(n_bits, 256)`` two-pass), the number of programs the split count
-        of the value side aims at (default: the GPU's SM count two-pass, 1024 fused), warps per program of the key
-        side (default 8), software-pipelining stages (1: none, see :func:`decode_meta`). The two-pass defaults (64
-        tokens, 8 warps; values 32 tokens, 256 bits, 4 warps) are the fastest tiling of
-        ``benchmarks/commvq_decode.py`` at 1 and 2 bits on an H200 with the window in its own launch
-        (``benchmarks/results/commvq_decode_window.json``).
+        of the value side aims at (default: twice the GPU's SM count two-pass, 1024 fused), warps per program of the
+        key side (default 8), software-pipelining stages (1: none, see :func:`decode_meta`). The two-pass defaults (64
+        tokens, 8 warps; values 64 tokens, 256 bits, 8 warps; 264 value programs on a 132-SM GPU) are the fastest
+        tiling of ``benchmarks/commvq_decode.py`` at 1 and 2 bits on an H200
+        (``benchmarks/results/commvq_decode_pairs2.json``: as GPU time of a graph replay, 0.7459 against 0.6797 ms
+        at 1 bit for 132 against 264 value programs, and 0.6735 against 0.6577 ms for values 32 tokens / 4 warps
+        against 64 / 8).
     design : str
         ``"two_pass"`` or ``"fused"`` (above).
     values_block_t, values_warps, score_programs : int
-        Two-pass only: tokens per block and warps of the values kernel; programs the scores kernel aims at.
+        Two-pass only: tokens per block and warps of the values kernel; programs the scores kernel aims at (default
+        4096, with ``pair_parts`` and ``value_product`` the defaults measured fastest in
+        ``benchmarks/results/commvq_decode_prefetch.json``).
     values_stages : int or None
         Two-pass only: software-pipelining stages of the values kernel (default ``num_stages``). With 2 or 3, Triton
         stages each block's scores and value bytes in shared memory with ``cp.async`` while the previous block is
@@ -1529,10 +1573,16 @@ def decode_attention(
         the codes' own 10%); needs the exact float16 table and ``key_gather="global"``. ``"fp32"``: unpacked and
         summed in float32. ``"auto"`` (default): ``"fp16"`` where it applies, else ``"fp32"``.
     value_product : str
-        With ``merge="separate"``: how the merged weighted bits meet the value codebook. ``"einsum"`` (default): one
-        ``[G, n_bits] x [n_bits, D]`` product per KV head (a batched matmul); ``"dense"``: one ``[B Hq, n_bits] x
-        [n_bits, H D]`` matmul, ``H`` times the arithmetic, of which each query head keeps its KV head's block (a
-        better-shaped matmul for the library).
+        With ``merge="separate"``: how the merged weighted bits meet the value codebook. ``"dense"`` (default): one
+        ``[B Hq, n_bits] x [n_bits, H D]`` matmul, ``H`` times the arithmetic, of which each query head keeps its KV
+        head's block; ``"einsum"``: one ``[G, n_bits] x [n_bits, D]`` product per KV head (a batched matmul, for
+        which cuBLAS picks a slow batched GEMV: 0.072 ms against 0.011 ms for the dense product at 2 bits on an H200,
+        ``commvq_decode_pair_chunks.json``).
+    value_bits : str
+        Two-pass only: how the values kernel expands each byte of value bits into the ``float16`` 0/1 operand of
+        its tensor-core dot. ``"join"`` (default): the 8 bits as nested ``tl.join`` of masked integer products, so
+        they stay in one thread and go to shared memory in one 16-byte store; ``"reshape"``: shifts and a reshape,
+        after which Triton holds one bit per thread (one ``I2F`` and one 2-byte store per bit on sm_90).
     reduce_nb_chunk : int or None
         With ``merge="separate"``: value bits per program of the merge kernel (a power of two >= 16; default
         ``min(n_bits, 1024)``): one program per query head and chunk, so smaller chunks mean more programs.
@@ -1549,13 +1599,18 @@ def decode_attention(
         ``[16, D]`` accumulator: on sm_90 with Triton 3.6, at 32 tokens and 4 warps, 72 registers and no spill
         instead of 255 registers and a 200-byte spill frame, which allowed only 2 programs per SM (95 registers at
         the default 64 / 8). ``"shared"``: one launch, the window's program after the code programs.
-    pair_parts : int
-        Two-pass only (1, 2, 4 or 8; default 1). Each scores program sweeps its token range ``pair_parts`` times, each
-        time over one ``1 / pair_parts`` of the RoPE pairs, adding the partial scores (the score is a sum over pairs;
-        the same program adds them in a fixed order, so the result is deterministic). The tables a program reads at a
+    pair_parts : int or None
+        Two-pass only (1, 2, 4 or 8; default ``None``: 2 where the pairs split in two power-of-two halves with the
+        other options at their defaults, else 1, see :func:`default_pair_parts`). Each scores program sweeps its
+        token range ``pair_parts`` times, each time over one ``1 / pair_parts`` of the RoPE pairs, adding the
+        partial scores (the score is a sum over pairs; the same program adds them in a fixed order, so the result is
+        deterministic). The tables a program reads at a
         time shrink by the same factor (at 1 bit and head_dim 128: 176 KB per KV head in float16, 44 KB with 4
         parts), so that the programs sharing an SM find their table rows in L1 instead of L2. Needs
-        ``key_parts=1`` and ``window_launch="separate"``; the pairs per part must be a power of two.
+        ``key_parts=1`` and ``window_launch="separate"``; the pairs per part must be a power of two. On an H200 at
+        128k tokens (GPU time, graph replay, ``benchmarks/results/commvq_decode_prefetch.json``) 2 parts cut the
+        step from 0.79 to 0.74 ms at 1 bit and from 1.26 to 1.20 ms at 2 bits; 4 and 8 parts are slower
+        (``commvq_decode_pair_parts.json``).
     pair_chunks : int
         Two-pass only (1, 2 or 4; default 1). The pairs a scores program sums are held as ``pair_chunks`` tiles of
         ``P / (pair_parts pair_chunks)`` pairs instead of one ``[block_t, P]`` tile. Triton lays each tile out alike,
@@ -1582,6 +1637,8 @@ def decode_attention(
         raise ValueError(f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}.")
     if design not in DESIGNS:
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}.")
+    if pair_parts is None:
+        pair_parts = default_pair_parts(q.shape[-1], key_parts, window_launch) if design == "two_pass" else 1
     if key_table not in ("auto", "fp32"):
         raise ValueError(f"key_table must be 'auto' or 'fp32', got {key_table!r}.")
     _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts, pair_chunks, key_prefetch)
@@ -1589,6 +1646,8 @@ def decode_attention(
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}.")
     if value_product not in VALUE_PRODUCTS:
         raise ValueError(f"value_product must be one of {VALUE_PRODUCTS}, got {value_product!r}.")
+    if value_bits not in VALUE_BITS:
+        raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {value_bits!r}.")
     if reduce_nb_chunk is not None and (reduce_nb_chunk < 16 or reduce_nb_chunk & (reduce_nb_chunk - 1)):
         raise ValueError(f"reduce_nb_chunk must be a power of two >= 16, got {reduce_nb_chunk}.")
     if values_stages is not None and design != "two_pass":
@@ -1626,8 +1685,8 @@ def decode_attention(
     if design == "two_pass":
         m, lsum, acc, n_splits = _two_pass(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
-            values_warps, target_programs or _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
-            rope_trig, key_unroll, values_stages, window_launch, pair_parts, pair_chunks, key_prefetch,
+            values_warps, target_programs or 2 * _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
+            rope_trig, key_unroll, values_stages, window_launch, pair_parts, pair_chunks, key_prefetch, value_bits,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -1733,6 +1792,7 @@ def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
     key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1, key_prefetch=False,
+    value_bits="join",
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -1741,7 +1801,7 @@ def _two_pass(
     (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
         h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
         nb_chunk, values_warps, num_stages, key_gather, key_parts, key_accum, rope_trig, key_unroll, values_stages,
-        window_launch, pair_parts, pair_chunks, key_prefetch,
+        window_launch, pair_parts, pair_chunks, key_prefetch, value_bits,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
     split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)

@@ -201,6 +201,7 @@ BENCHMARK_DECODE_TILINGS = (
 )
 # the two-pass tilings it sweeps: (block_t, num_warps, values_block_t, nb_chunk, values_warps); the first is the default
 BENCHMARK_TWO_PASS_TILINGS = (
+    (64, 8, 64, 256, 8),
     (64, 8, 32, 256, 4),
     (32, 4, 32, 256, 4),
     (32, 8, 32, 512, 8),
@@ -293,7 +294,9 @@ def default_configs():
                 (f"decode {name} table={'fp16' if fp16 else 'fp32'}", att._decode_split_kernel, meta, *opts, ptr)
             )
         for fp16 in (True, False):
-            (smeta, sopts), _ = att.two_pass_meta(h, hq // h, d, r, nbits, table_fp16=fp16)
+            (smeta, sopts), _ = att.two_pass_meta(
+                h, hq // h, d, r, nbits, table_fp16=fp16, pair_parts=att.default_pair_parts(d)
+            )
             ptr = None if fp16 else {"ztab_ptr": "*i64"}
             label = f"scores {name} table={'fp16' if fp16 else 'fp32'}"
             out.append((label, att._decode_scores_kernel, smeta, *sopts, ptr))

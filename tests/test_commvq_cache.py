@@ -839,7 +839,7 @@ def test_decode_pair_parts_equal_one_sweep(pair_parts, pair_chunks, prefetch):
     q = torch.randn(1, 4, 64)
     tiling = dict(block_t=32, target_programs=4, score_programs=4, values_block_t=16)
     ref = decode_attention_reference(q, kv, books, 0.3)
-    one = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)
+    one = decode_attention(q, kv, books, 0.3, use_triton=True, pair_parts=1, **tiling)
     split = decode_attention(
         q, kv, books, 0.3, use_triton=True, pair_parts=pair_parts, pair_chunks=pair_chunks, key_prefetch=prefetch,
         **tiling,
@@ -862,6 +862,20 @@ def test_decode_value_product_dense_equals_einsum():
     assert (dense - per_head).abs().max() <= 1e-5 * per_head.abs().max()
     ref = decode_attention_reference(q, kv, books, 0.3)
     assert (dense - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
+@needs_interpreter
+def test_decode_value_bits_join_equals_reshape():
+    """The values kernel's two bit expansions build the same float16 0/1 operand: the same output bit for bit, in
+    two chunks of 32 of the 64 value bits and blocks of 16 tokens (the last one partly masked)."""
+    kv, books = _coded(2, 2, 16, 2, n=40, nw=3, nbits=2 * 2 * 16)
+    q = torch.randn(2, 6, 16)
+    tiling = dict(block_t=16, target_programs=4, score_programs=4, values_block_t=16, nb_chunk=32)
+    join = decode_attention(q, kv, books, 0.3, use_triton=True, value_bits="join", **tiling)
+    reshape = decode_attention(q, kv, books, 0.3, use_triton=True, value_bits="reshape", **tiling)
+    assert torch.equal(join, reshape)
+    ref = decode_attention_reference(q, kv, books, 0.3)
+    assert (join - ref).abs().max() <= 2e-3 * ref.abs().max()
 
 
 def test_decode_key_gather_is_validated():
@@ -896,6 +910,8 @@ def test_decode_key_gather_is_validated():
         decode_attention(q, kv, books, 0.3, use_triton=True, reduce_nb_chunk=24)
     with pytest.raises(ValueError, match="value_product must be one of"):
         decode_attention(q, kv, books, 0.3, use_triton=True, value_product="bmm")
+    with pytest.raises(ValueError, match="value_bits must be one of"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, value_bits="shift")
     with pytest.raises(ValueError, match="pair_chunks must be one of"):
         decode_attention(q, kv, books, 0.3, use_triton=True, pair_chunks=8)
     with pytest.raises(ValueError, match="pair_chunks > 1 is implemented for key_gather='global'"):
