@@ -238,7 +238,8 @@ def variants(
         for bt, nw, vbt, nbc, vw in two_pass
     ]
     # the previous defaults (one sweep of the pairs, the per-head value product, 2048 score programs, values 32 tokens
-    # / 4 warps; target_programs 264, as the benchmark timed it, where the library then defaulted to the SM count)
+    # / 4 warps, merge chunks of 1024 bits; target_programs 264, as the benchmark timed it, where the library then
+    # defaulted to the SM count)
     out.insert(
         1,
         dict(
@@ -248,10 +249,10 @@ def variants(
             value_product="einsum",
             values_block_t=32,
             values_warps=4,
-            value_bits="reshape",
+            reduce_nb_chunk=1024,
         ),
     )
-    out.insert(2, dict(out[0], value_bits="reshape"))  # the values kernel's bits by shifts and a reshape
+    out.insert(2, dict(out[0], value_bits="join"))  # the values kernel's bits joined in their thread
     # the scores kernel gathering from a per-block copy of each residual's table (values side at the default)
     if "table" in key_side:
         out += [
@@ -303,8 +304,8 @@ def _speed(e: dict) -> float:
     return e["gpu_ms"] if isinstance(e.get("gpu_ms"), float) else e["ms"]
 
 
-# the merge kernel's bit chunks of --values-sweep (default: min(n_bits, 1024))
-REDUCE_CHUNKS = (128, 256)
+# the merge kernel's bit chunks of --values-sweep (default: min(n_bits, 128))
+REDUCE_CHUNKS = (64, 256, 1024)
 # the two-pass values kernel's tilings of --values-sweep: (values_block_t, nb_chunk, values_warps)
 VALUES_TILINGS = ((64, 256, 8), (32, 512, 8), (64, 512, 8), (16, 256, 4), (32, 128, 4), (32, 256, 4), (128, 256, 8))
 

@@ -1188,6 +1188,11 @@ def _split_size(n: int, bh: int, block_t: int, target_programs: int) -> int:
 DEFAULT_TARGET_PROGRAMS = 1024
 
 
+# the merge kernel's value bits per program: 128 (8 programs per query head at 1 bit) measured 0.6507 ms against
+# 0.6585 ms for 1024 at 1 bit, 1.0334 against 1.0389 ms at 2 bits (H200, commvq_decode_value_bits.json)
+DEFAULT_REDUCE_NB_CHUNK = 128
+
+
 def _default_nb_chunk(nbits: int) -> int:
     return min(max(triton.next_power_of_2(nbits), 16), 1024)
 
@@ -1361,7 +1366,7 @@ def two_pass_meta(
     pair_parts: int = 1,
     pair_chunks: int = 1,
     key_prefetch: bool = False,
-    value_bits: str = "join",
+    value_bits: str = "reshape",
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
@@ -1442,7 +1447,7 @@ def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) 
         NBITS=nbits,
         D=d,
         BLOCK_S=triton.next_power_of_2(n_splits + 1),
-        NB_CHUNK=nb_chunk or _default_nb_chunk(nbits),
+        NB_CHUNK=nb_chunk or min(max(triton.next_power_of_2(nbits), 16), DEFAULT_REDUCE_NB_CHUNK),
         BLOCK_D=triton.next_power_of_2(d),
     )
     return meta, (4, 1)
@@ -1500,7 +1505,7 @@ def decode_attention(
     key_prefetch: bool = False,
     value_product: str = DEFAULT_VALUE_PRODUCT,
     reduce_nb_chunk: int | None = None,
-    value_bits: str = "join",
+    value_bits: str = "reshape",
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1580,15 +1585,17 @@ def decode_attention(
         ``commvq_decode_pair_chunks.json``).
     value_bits : str
         Two-pass only: how the values kernel expands each byte of value bits into the ``float16`` 0/1 operand of
-        its tensor-core dot. ``"join"`` (default): the 8 bits as nested ``tl.join`` of masked integer products, so
-        they stay in one thread and go to shared memory in one 16-byte store; ``"reshape"``: shifts and a reshape,
-        after which Triton holds one bit per thread (one ``I2F`` and one 2-byte store per bit on sm_90).
+        its tensor-core dot. ``"reshape"`` (default): shifts and a reshape, after which Triton holds one bit per
+        thread (one ``I2F`` and one 2-byte shared-memory store per bit on sm_90); ``"join"``: the 8 bits as nested
+        ``tl.join`` of masked integer products, so they stay in one thread and go to shared memory in one 16-byte
+        store. Fewer instructions, yet slower on an H200: the values kernel took 0.144 ms against 0.105 ms at 1 bit,
+        0.278 against 0.203 ms at 2 bits (``benchmarks/results/commvq_decode_value_bits.json``).
     reduce_nb_chunk : int or None
         With ``merge="separate"``: value bits per program of the merge kernel (a power of two >= 16; default
-        ``min(n_bits, 1024)``): one program per query head and chunk, so smaller chunks mean more programs.
+        ``min(n_bits, 128)``): one program per query head and chunk, so smaller chunks mean more programs.
     merge : str
         How the splits are combined. ``"separate"`` (default): a merge kernel writes the weighted value bits per query
-        head (one program per head and 1,024 bits), then PyTorch multiplies them by the value codebook per KV head,
+        head (one program per head and 128 bits), then PyTorch multiplies them by the value codebook per KV head,
         scales the channels and adds the window (about five launches). ``"fused"``: one kernel does all of it, one
         program per batch row, KV head and 32 output channels, and the merged bits never go to memory. On an H200
         it is slower (1.29 ms against 1.07 ms at 1 bit: 0.18 ms in the merge kernel against 0.08 ms for the separate
@@ -1792,7 +1799,7 @@ def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
     key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1, key_prefetch=False,
-    value_bits="join",
+    value_bits="reshape",
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
