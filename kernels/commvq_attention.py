@@ -677,8 +677,6 @@ if HAS_TRITON:
         tmask,
         nbyte,
         nbytemask,
-        nb,
-        nbmask,
         s_kb,
         s_vb,
         s_vn,
@@ -831,8 +829,8 @@ if HAS_TRITON:
                     NATIVE,
                 )
                 acc, m_i, l_i = _accumulate_bits(
-                    acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, nb, nbmask, s_kb, s_vb,
-                    s_vn, BLOCK_T, NB_CHUNK,
+                    acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_kb, s_vb, s_vn,
+                    BLOCK_T, NB_CHUNK,
                 )  # fmt: skip
             acc_off = ((b * H * G + hq) * n_splits + split)[:, None] * NBITS + nb[None, :]
             tl.store(acc_ptr + acc_off, acc, mask=rmask[:, None] & nbmask[None, :])
@@ -1165,8 +1163,8 @@ if HAS_TRITON:
             tmask = tok < stop
             sc = tl.load(s_row + tok[None, :], mask=rmask[:, None] & tmask[None, :], other=float("-inf"))
             acc, m_i, l_i = _accumulate_bits(
-                acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, nb, nb < NBITS, s_kb, s_vb,
-                s_vn, BLOCK_T, NB_CHUNK, BITS_JOIN,
+                acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_kb, s_vb, s_vn,
+                BLOCK_T, NB_CHUNK, BITS_JOIN,
             )  # fmt: skip
         acc_off = ((b * HQ + rows) * n_splits + split)[:, None] * NBITS + nb[None, :]
         tl.store(acc_ptr + acc_off, acc, mask=rmask[:, None] & (nb < NBITS)[None, :])
@@ -1322,9 +1320,10 @@ def _check_key_side(
 
 DEFAULT_VALUES_NB_CHUNK = 256
 # the two-pass defaults measured fastest on an H200 at 128k tokens, 1 and 2 bits, as GPU time of a CUDA-graph replay
-# with a cold L2 (benchmarks/results/commvq_decode_prefetch.json): 4096 score programs, the pairs in two sweeps
-# (pair_parts=2, where the pairs split in two power-of-two halves) and the dense value-codebook product: 0.70 / 1.08 ms
-# against 0.79-0.85 / 1.26-1.42 ms for the previous defaults (2048 programs, one sweep, per-head product)
+# with a cold L2: 4096 score programs, the pairs in two sweeps (pair_parts=2, where the pairs split in two power-of-two
+# halves) and the dense value-codebook product, with the values kernel at 64 tokens / 8 warps: 0.660 / 1.036 ms against
+# 0.768 / 1.250 ms for the previous defaults (2048 programs, one sweep, per-head product, values 32 / 4) in the same
+# run (benchmarks/results/commvq_decode_defaults.json)
 DEFAULT_SCORE_PROGRAMS = 4096
 DEFAULT_VALUE_PRODUCT = "dense"
 
