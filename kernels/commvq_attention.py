@@ -1191,8 +1191,9 @@ DEFAULT_TARGET_PROGRAMS = 1024
 DEFAULT_REDUCE_NB_CHUNK = 128
 
 
-def _default_nb_chunk(nbits: int) -> int:
-    return min(max(triton.next_power_of_2(nbits), 16), 1024)
+def _default_nb_chunk(nbits: int, cap: int = 1024) -> int:
+    """Value bits per program: all of them (at least 16, a power of two) up to ``cap``."""
+    return min(max(triton.next_power_of_2(nbits), 16), cap)
 
 
 KEY_ACCUMS = ("auto", "fp16", "fp32")
@@ -1326,6 +1327,15 @@ DEFAULT_VALUES_NB_CHUNK = 256
 # run (benchmarks/results/commvq_decode_defaults.json)
 DEFAULT_SCORE_PROGRAMS = 4096
 DEFAULT_VALUE_PRODUCT = "dense"
+DEFAULT_VALUES_BLOCK_T = 64
+DEFAULT_VALUES_WARPS = 8
+VALUE_BITS = ("reshape", "join")
+DEFAULT_VALUE_BITS = "reshape"
+
+
+def _check_value_bits(value_bits: str) -> None:
+    if value_bits not in VALUE_BITS:
+        raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {value_bits!r}.")
 
 
 def default_pair_parts(d: int, key_parts: int = 1, window_launch: str = "separate") -> int:
@@ -1351,9 +1361,9 @@ def two_pass_meta(
     table_fp16: bool = True,
     block_t: int = TWO_PASS_BLOCK_T,
     num_warps: int = TWO_PASS_WARPS,
-    values_block_t: int = 64,
+    values_block_t: int = DEFAULT_VALUES_BLOCK_T,
     nb_chunk: int | None = None,
-    values_warps: int = 8,
+    values_warps: int = DEFAULT_VALUES_WARPS,
     num_stages: int = 1,
     key_gather: str = "global",
     key_parts: int = 1,
@@ -1365,7 +1375,7 @@ def two_pass_meta(
     pair_parts: int = 1,
     pair_chunks: int = 1,
     key_prefetch: bool = False,
-    value_bits: str = "reshape",
+    value_bits: str = DEFAULT_VALUE_BITS,
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
@@ -1388,8 +1398,7 @@ def two_pass_meta(
         raise ValueError(f"block_t must be a power of two, got {block_t}.")
     if values_stages is not None and values_stages < 1:
         raise ValueError(f"values_stages must be >= 1, got {values_stages}.")
-    if value_bits not in VALUE_BITS:
-        raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {value_bits!r}.")
+    _check_value_bits(value_bits)
     scores = _key_side_meta(h, g, d, r, table_fp16, block_t, key_accum, rope_trig, key_gather)
     if key_gather == "table":
         scores["GATHER_TABLE"] = True
@@ -1419,7 +1428,7 @@ def two_pass_meta(
     values = dict(
         HQ=h * g,
         NBITS=nbits,
-        NB_CHUNK=nb_chunk or min(max(triton.next_power_of_2(nbits), 16), DEFAULT_VALUES_NB_CHUNK),
+        NB_CHUNK=nb_chunk or _default_nb_chunk(nbits, DEFAULT_VALUES_NB_CHUNK),
         BLOCK_HQ=max(16, triton.next_power_of_2(h * g)),
         BLOCK_T=values_block_t,
         BITS_JOIN=value_bits == "join",
@@ -1446,7 +1455,7 @@ def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) 
         NBITS=nbits,
         D=d,
         BLOCK_S=triton.next_power_of_2(n_splits + 1),
-        NB_CHUNK=nb_chunk or min(max(triton.next_power_of_2(nbits), 16), DEFAULT_REDUCE_NB_CHUNK),
+        NB_CHUNK=nb_chunk or _default_nb_chunk(nbits, DEFAULT_REDUCE_NB_CHUNK),
         BLOCK_D=triton.next_power_of_2(d),
     )
     return meta, (4, 1)
@@ -1454,7 +1463,6 @@ def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) 
 
 MERGES = ("separate", "fused")
 VALUE_PRODUCTS = ("einsum", "dense")
-VALUE_BITS = ("reshape", "join")
 
 
 def merge_meta(
@@ -1487,8 +1495,8 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int = 1,
     design: str = "two_pass",
-    values_block_t: int = 64,
-    values_warps: int = 8,
+    values_block_t: int = DEFAULT_VALUES_BLOCK_T,
+    values_warps: int = DEFAULT_VALUES_WARPS,
     score_programs: int = DEFAULT_SCORE_PROGRAMS,
     key_table: str = "auto",
     key_gather: str = "global",
@@ -1504,7 +1512,7 @@ def decode_attention(
     key_prefetch: bool = False,
     value_product: str = DEFAULT_VALUE_PRODUCT,
     reduce_nb_chunk: int | None = None,
-    value_bits: str = "reshape",
+    value_bits: str = DEFAULT_VALUE_BITS,
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1652,8 +1660,7 @@ def decode_attention(
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}.")
     if value_product not in VALUE_PRODUCTS:
         raise ValueError(f"value_product must be one of {VALUE_PRODUCTS}, got {value_product!r}.")
-    if value_bits not in VALUE_BITS:
-        raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {value_bits!r}.")
+    _check_value_bits(value_bits)
     if reduce_nb_chunk is not None and (reduce_nb_chunk < 16 or reduce_nb_chunk & (reduce_nb_chunk - 1)):
         raise ValueError(f"reduce_nb_chunk must be a power of two >= 16, got {reduce_nb_chunk}.")
     if values_stages is not None and design != "two_pass":
@@ -1798,7 +1805,7 @@ def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
     key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1, key_prefetch=False,
-    value_bits="reshape",
+    value_bits=DEFAULT_VALUE_BITS,
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -2132,6 +2139,9 @@ __all__ = [
     "reduce_meta",
     "merge_meta",
     "MERGES",
+    "VALUE_BITS",
+    "VALUE_PRODUCTS",
+    "default_pair_parts",
     "rotate_interleaved",
     "window_keys",
 ]
