@@ -215,6 +215,19 @@ ENCODE_VARIANTS = [dict(block_n=16, num_warps=4, search="flat", precision="ieee"
 KEY_MATH = (("auto", "fast"), ("fp32", "fast"), ("auto", "libdevice"), ("fp32", "libdevice"))
 
 
+# value_bits="planes" tilings of --key-side planes: (values_block_t, nb_chunk, values_warps, target_programs); a
+# plane's accumulator is [nb_chunk / 8, Hq], so nb_chunk / 8 = 16 x values_warps puts one 16-row slice on each warp
+VALUE_PLANES_TILINGS = (
+    (32, 1024, 8, 264),
+    (32, 1024, 8, 132),
+    (16, 1024, 8, 264),
+    (64, 1024, 8, 264),
+    (32, 512, 4, 264),
+    (64, 512, 4, 264),
+    (32, 512, 4, 528),
+)
+
+
 def variants(
     sweep: str,
     smoke: bool,
@@ -284,6 +297,11 @@ def variants(
         out += [
             dict(out[0], block_t=bt, num_warps=nw, key_unroll=u)
             for bt, nw, u in (BENCHMARK_UNROLL_TILINGS[:1] if smoke else BENCHMARK_UNROLL_TILINGS)
+        ]
+    if "planes" in key_side:  # the values kernel by bit planes: (values_block_t, nb_chunk, values_warps, programs)
+        out += [
+            dict(out[0], value_bits="planes", values_block_t=vbt, nb_chunk=nbc, values_warps=vw, target_programs=tp)
+            for vbt, nbc, vw, tp in (VALUE_PLANES_TILINGS[:1] if smoke else VALUE_PLANES_TILINGS)
         ]
     out += [dict(out[0], values_stages=vs) for vs in values_stages]  # the values kernel software-pipelined
     if "merge" in key_side:  # one kernel for the merge, the value-codebook product and the window
@@ -369,12 +387,12 @@ def main() -> None:
     ap.add_argument(
         "--key-side",
         nargs="*",
-        choices=["table", "parts", "pairs", "pairs2", "chunks", "prefetch", "unroll", "merge", "window"],
+        choices=["table", "parts", "pairs", "pairs2", "chunks", "prefetch", "unroll", "merge", "window", "planes"],
         default=["table", "parts", "pairs", "chunks", "prefetch", "unroll", "merge", "window"],
         help="two-pass alternatives timed next to the default: on-chip table gathers, residuals in two parts, "
         "RoPE pairs in parts (pair_parts) and in tiles (pair_chunks), gathers one step ahead (key_prefetch), "
         "small token blocks with the residual loop "
-        "unrolled, the fused merge, the window in the code launch",
+        "unrolled, the fused merge, the window in the code launch, the values kernel by bit planes (value_bits)",
     )
     ap.add_argument(
         "--values-sweep",

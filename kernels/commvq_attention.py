@@ -665,6 +665,27 @@ if HAS_TRITON:
         return m_i, l_i, accw
 
     @triton.jit
+    def _softmax_block(m_i, l_i, sc, vcoef_ptr, b, tok, tmask, s_kb):
+        """One block of the online softmax over coded tokens: the base-2 scores ``sc [rows, BLOCK_T]`` update the
+        running max and sum; returns the ``c_t``-weighted probabilities in float16 (the dot's left operand), the
+        rescaling factor of the accumulator, the new max and the new sum."""
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        coef = tl.load(vcoef_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32)
+        return (p * coef[None, :]).to(tl.float16), alpha, m_new, l_i
+
+    @triton.jit
+    def _value_bytes(vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_vb, s_vn):
+        """The packed value bits ``[BLOCK_T, n bytes]`` of the tokens ``tok`` (bytes ``nbyte``) as int32."""
+        return tl.load(
+            vbits_ptr + b * s_vb + tok[:, None] * s_vn + nbyte[None, :],
+            mask=tmask[:, None] & nbytemask[None, :],
+            other=0,
+        ).to(tl.int32)
+
+    @triton.jit
     def _accumulate_bits(
         acc,
         m_i,
@@ -684,24 +705,15 @@ if HAS_TRITON:
         NB_CHUNK: tl.constexpr,
         BITS_JOIN: tl.constexpr = False,
     ):
-        """One block of the online softmax over coded tokens: the base-2 scores ``sc [rows, BLOCK_T]`` update the
-        running max and sum, and the ``c_t``-weighted probabilities times the tokens' value bits ``[BLOCK_T,
-        NB_CHUNK]`` go into ``acc`` on tensor cores. Each byte is loaded once and expanded to 8 bits in registers:
-        by shifts and a reshape of a ``[..., 8]`` tensor (Triton spreads the 8 bits of a byte over 8 threads: one
-        ``I2F`` and one 2-byte shared-memory store per bit on the way to the dot), or, ``BITS_JOIN``, as nested
-        ``tl.join`` of the 8 masked bits, each already the ``float16`` bit pattern of 0 or 1 (``(byte & 2^i) *
-        (0x3C00 >> i)``): the 8 bits stay in their thread and reach shared memory in one 16-byte store."""
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        coef = tl.load(vcoef_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32)
-        pw = (p * coef[None, :]).to(tl.float16)
-        byte = tl.load(
-            vbits_ptr + b * s_vb + tok[:, None] * s_vn + nbyte[None, :],
-            mask=tmask[:, None] & nbytemask[None, :],
-            other=0,
-        ).to(tl.int32)
+        """One block of the online softmax over coded tokens (:func:`_softmax_block`): the ``c_t``-weighted
+        probabilities times the tokens' value bits ``[BLOCK_T, NB_CHUNK]`` go into ``acc`` on tensor cores. Each byte
+        is loaded once and expanded to 8 bits in registers: by shifts and a reshape of a ``[..., 8]`` tensor (Triton
+        spreads the 8 bits of a byte over 8 threads: one ``I2F`` and one 2-byte shared-memory store per bit on the way
+        to the dot), or, ``BITS_JOIN``, as nested ``tl.join`` of the 8 masked bits, each already the ``float16`` bit
+        pattern of 0 or 1 (``(byte & 2^i) * (0x3C00 >> i)``): the 8 bits stay in their thread and reach shared memory
+        in one 16-byte store."""
+        pw, alpha, m_new, l_i = _softmax_block(m_i, l_i, sc, vcoef_ptr, b, tok, tmask, s_kb)
+        byte = _value_bytes(vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_vb, s_vn)
         if BITS_JOIN:
             # tl.join adds a last dimension, so the innermost join is the slowest of the three: bits i and i + 4,
             # then i and i + 2, then i and i + 1, and the reshape puts bit 4 a + 2 b + c at [a, b, c]
@@ -719,6 +731,20 @@ if HAS_TRITON:
             bits = tl.reshape(bits, (BLOCK_T, NB_CHUNK)).to(tl.float16)
         acc = acc * alpha[:, None] + tl.dot(pw, bits, out_dtype=tl.float32)
         return acc, m_new, l_i
+
+    @triton.jit
+    def _bit_f16(byte, K: tl.constexpr):
+        """Bit ``K`` (0..7) of each byte as a float16 0 or 1, without a conversion instruction: ``byte & 2^K`` times
+        ``0x3C00 >> K`` is the bit pattern of float16 1.0 (``0x3C00``) or 0."""
+        return ((byte & (1 << K)) * (0x3C00 >> K)).to(tl.int16).to(tl.float16, bitcast=True)
+
+    @triton.jit
+    def _plane_dot(acc, alpha, pwt, byte_t, K: tl.constexpr):
+        """``value_bits="planes"``: the transposed accumulator ``[n bytes, rows]`` of bit ``K`` of every byte,
+        rescaled, plus that bit plane ``[n bytes, BLOCK_T]`` times the transposed probabilities ``pwt [BLOCK_T,
+        rows]``: the plane keeps the bytes' layout (no reshape, no bit spread over threads), and the bytes are the
+        dot's long side (Triton puts all warps of a program on it when several dots share an operand)."""
+        return acc * alpha[None, :] + tl.dot(_bit_f16(byte_t, K), pwt, out_dtype=tl.float32)
 
     @triton.jit
     def _decode_split_kernel(
@@ -1143,31 +1169,67 @@ if HAS_TRITON:
         BLOCK_HQ: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BITS_JOIN: tl.constexpr = False,
+        BITS_PLANES: tl.constexpr = False,
     ):
         split = tl.program_id(0)
         b = tl.program_id(1)
         nbc = tl.program_id(2)
         rows = tl.arange(0, BLOCK_HQ)
         rmask = rows < HQ
-        nb = nbc * NB_CHUNK + tl.arange(0, NB_CHUNK)
         nbyte = nbc * (NB_CHUNK // 8) + tl.arange(0, NB_CHUNK // 8)
         nbytemask = nbyte < NBITS // 8
         m_i = tl.full((BLOCK_HQ,), -1.0e30, tl.float32)
         l_i = tl.zeros((BLOCK_HQ,), tl.float32)
-        acc = tl.zeros((BLOCK_HQ, NB_CHUNK), tl.float32)
         start = split * split_size
         stop = tl.minimum(start + split_size, n_codes)
         s_row = s_ptr + (b * HQ + rows).to(tl.int64)[:, None] * n_codes
-        for t0 in range(start, stop, BLOCK_T):
-            tok = t0 + tl.arange(0, BLOCK_T)
-            tmask = tok < stop
-            sc = tl.load(s_row + tok[None, :], mask=rmask[:, None] & tmask[None, :], other=float("-inf"))
-            acc, m_i, l_i = _accumulate_bits(
-                acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_kb, s_vb, s_vn,
-                BLOCK_T, NB_CHUNK, BITS_JOIN,
-            )  # fmt: skip
-        acc_off = ((b * HQ + rows) * n_splits + split)[:, None] * NBITS + nb[None, :]
-        tl.store(acc_ptr + acc_off, acc, mask=rmask[:, None] & (nb < NBITS)[None, :])
+        acc_row = ((b * HQ + rows) * n_splits + split)[:, None] * NBITS
+        if BITS_PLANES:  # one accumulator [bytes, rows] per bit position k of a byte: bit 8 j + k is a_k[j, :]
+            a0 = tl.zeros((NB_CHUNK // 8, BLOCK_HQ), tl.float32)
+            a1 = tl.zeros_like(a0)
+            a2 = tl.zeros_like(a0)
+            a3 = tl.zeros_like(a0)
+            a4 = tl.zeros_like(a0)
+            a5 = tl.zeros_like(a0)
+            a6 = tl.zeros_like(a0)
+            a7 = tl.zeros_like(a0)
+            for t0 in range(start, stop, BLOCK_T):
+                tok = t0 + tl.arange(0, BLOCK_T)
+                tmask = tok < stop
+                sc = tl.load(s_row + tok[None, :], mask=rmask[:, None] & tmask[None, :], other=float("-inf"))
+                pw, alpha, m_i, l_i = _softmax_block(m_i, l_i, sc, vcoef_ptr, b, tok, tmask, s_kb)
+                pwt = tl.trans(pw)
+                byte_t = tl.trans(_value_bytes(vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_vb, s_vn))
+                a0 = _plane_dot(a0, alpha, pwt, byte_t, 0)
+                a1 = _plane_dot(a1, alpha, pwt, byte_t, 1)
+                a2 = _plane_dot(a2, alpha, pwt, byte_t, 2)
+                a3 = _plane_dot(a3, alpha, pwt, byte_t, 3)
+                a4 = _plane_dot(a4, alpha, pwt, byte_t, 4)
+                a5 = _plane_dot(a5, alpha, pwt, byte_t, 5)
+                a6 = _plane_dot(a6, alpha, pwt, byte_t, 6)
+                a7 = _plane_dot(a7, alpha, pwt, byte_t, 7)
+            omask = nbytemask[:, None] & rmask[None, :]
+            col = tl.trans(acc_row) + 8 * nbyte[:, None]
+            tl.store(acc_ptr + col, a0, mask=omask)
+            tl.store(acc_ptr + col + 1, a1, mask=omask)
+            tl.store(acc_ptr + col + 2, a2, mask=omask)
+            tl.store(acc_ptr + col + 3, a3, mask=omask)
+            tl.store(acc_ptr + col + 4, a4, mask=omask)
+            tl.store(acc_ptr + col + 5, a5, mask=omask)
+            tl.store(acc_ptr + col + 6, a6, mask=omask)
+            tl.store(acc_ptr + col + 7, a7, mask=omask)
+        else:
+            acc = tl.zeros((BLOCK_HQ, NB_CHUNK), tl.float32)
+            for t0 in range(start, stop, BLOCK_T):
+                tok = t0 + tl.arange(0, BLOCK_T)
+                tmask = tok < stop
+                sc = tl.load(s_row + tok[None, :], mask=rmask[:, None] & tmask[None, :], other=float("-inf"))
+                acc, m_i, l_i = _accumulate_bits(
+                    acc, m_i, l_i, sc, vcoef_ptr, vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_kb, s_vb, s_vn,
+                    BLOCK_T, NB_CHUNK, BITS_JOIN,
+                )  # fmt: skip
+            nb = nbc * NB_CHUNK + tl.arange(0, NB_CHUNK)
+            tl.store(acc_ptr + acc_row + nb[None, :], acc, mask=rmask[:, None] & (nb < NBITS)[None, :])
         if nbc == 0:
             stat_off = (b * HQ + rows) * (n_splits + 1) + split
             tl.store(m_ptr + stat_off, m_i, mask=rmask)
@@ -1329,7 +1391,7 @@ DEFAULT_SCORE_PROGRAMS = 4096
 DEFAULT_VALUE_PRODUCT = "dense"
 DEFAULT_VALUES_BLOCK_T = 64
 DEFAULT_VALUES_WARPS = 8
-VALUE_BITS = ("reshape", "join")
+VALUE_BITS = ("reshape", "join", "planes")
 DEFAULT_VALUE_BITS = "reshape"
 
 
@@ -1432,7 +1494,12 @@ def two_pass_meta(
         BLOCK_HQ=max(16, triton.next_power_of_2(h * g)),
         BLOCK_T=values_block_t,
         BITS_JOIN=value_bits == "join",
+        BITS_PLANES=value_bits == "planes",
     )
+    if value_bits == "planes":  # a plane's dot needs 16 bytes (128 bits) per program
+        if nb_chunk is not None and nb_chunk < 128:
+            raise ValueError(f"value_bits='planes' needs nb_chunk >= 128 (16 bytes per bit plane), got {nb_chunk}.")
+        values["NB_CHUNK"] = max(values["NB_CHUNK"], 128)
     return (scores, (num_warps, num_stages)), (values, (values_warps, values_stages or num_stages))
 
 

@@ -878,6 +878,23 @@ def test_decode_value_bits_join_equals_reshape():
     assert (join - ref).abs().max() <= 2e-3 * ref.abs().max()
 
 
+@needs_interpreter
+def test_decode_value_bits_planes_equals_reshape():
+    """The bit-plane values kernel (one accumulator per bit position of a byte, written back to the bit's column)
+    gives the default's output: 320 value bits in three chunks of 128 (the last one partly masked), blocks of 16
+    tokens; and its chunks must hold 16 bytes."""
+    kv, books = _coded(2, 2, 16, 2, n=40, nw=3, nbits=320)
+    q = torch.randn(2, 6, 16)
+    tiling = dict(block_t=16, target_programs=4, score_programs=4, values_block_t=16, nb_chunk=128)
+    planes = decode_attention(q, kv, books, 0.3, use_triton=True, value_bits="planes", **tiling)
+    reshape = decode_attention(q, kv, books, 0.3, use_triton=True, value_bits="reshape", **tiling)
+    assert (planes - reshape).abs().max() <= 1e-6 * reshape.abs().max()
+    ref = decode_attention_reference(q, kv, books, 0.3)
+    assert (planes - ref).abs().max() <= 2e-3 * ref.abs().max()
+    with pytest.raises(ValueError, match="value_bits='planes' needs nb_chunk >= 128"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, value_bits="planes", **dict(tiling, nb_chunk=64))
+
+
 def test_decode_key_gather_is_validated():
     kv, books = _coded(1, 2, 16, 2, n=8, nw=2, nbits=2 * 2 * 16)
     q = torch.randn(1, 4, 16)
