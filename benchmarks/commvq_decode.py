@@ -223,8 +223,8 @@ VALUE_PLANES_TILINGS = (
     (16, 1024, 8, 264),
     (64, 1024, 8, 264),
     (32, 512, 4, 264),
-    (64, 512, 4, 264),
     (32, 512, 4, 528),
+    (16, 512, 4, 528),
 )
 
 
@@ -496,6 +496,8 @@ def main() -> None:
             ("key_prefetch", dict(key_prefetch=True, pair_parts=2)),
             ("key_unroll", dict(key_unroll=True, block_t=8, num_warps=2)),
             ("merge_fused", dict(merge="fused")),
+            ("value_bits_planes", dict(value_bits="planes")),
+            ("value_bits_planes_32_1024", dict(value_bits="planes", values_block_t=32, nb_chunk=1024, values_warps=8)),
         ):
             try:
                 ours = decode_attention(q, sub, books, scaling, use_triton=True, **kw)
@@ -503,6 +505,12 @@ def main() -> None:
             except Exception as err:
                 cfg[f"check_max_abs_err_{label}"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
         cfg["check_ref_max_abs"] = float(ref.abs().max())
+        try:  # the bit planes (inline PTX on the GPU) against the default expansion: the same operand, same sums
+            base = decode_attention(q, sub, books, scaling, use_triton=True)
+            planes = decode_attention(q, sub, books, scaling, use_triton=True, value_bits="planes")
+            cfg["check_planes_vs_default_max_abs_diff"] = float((planes - base).abs().max())
+        except Exception as err:
+            cfg["check_planes_vs_default_max_abs_diff"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
         if args.full_check:  # every position up to --tokens: the fast trig's range reduction at large angles
             ref = decode_attention_reference(q, kv, books, scaling)
             cfg["full_check"] = {"tokens": n, "ref_max_abs": float(ref.abs().max())}

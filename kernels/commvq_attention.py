@@ -739,12 +739,56 @@ if HAS_TRITON:
         return ((byte & (1 << K)) * (0x3C00 >> K)).to(tl.int16).to(tl.float16, bitcast=True)
 
     @triton.jit
-    def _plane_dot(acc, alpha, pwt, byte_t, K: tl.constexpr):
-        """``value_bits="planes"``: the transposed accumulator ``[n bytes, rows]`` of bit ``K`` of every byte,
-        rescaled, plus that bit plane ``[n bytes, BLOCK_T]`` times the transposed probabilities ``pwt [BLOCK_T,
-        rows]``: the plane keeps the bytes' layout (no reshape, no bit spread over threads), and the bytes are the
-        dot's long side (Triton puts all warps of a program on it when several dots share an operand)."""
-        return acc * alpha[None, :] + tl.dot(_bit_f16(byte_t, K), pwt, out_dtype=tl.float32)
+    def _bit_planes(byte, NATIVE: tl.constexpr):
+        """The 8 bit planes of the uint8 ``byte`` as float16 0/1 tensors of its shape (bit 0 first). ``NATIVE``: one
+        inline-PTX block per 4 bytes of a thread: two ``prmt`` spread bytes 0, 1 (and 2, 3) to the two 16-bit halves
+        of a register, then per bit one ``and`` with ``0x00010001 << k`` and one multiply by ``0x3C00 >> k`` give two
+        packed float16 0/1 at once (34 instructions per 32 bits); else :func:`_bit_f16` of each bit (the
+        interpreter, which runs no PTX)."""
+        if NATIVE:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 z, lo, hi, t;
+                mov.b32 z, 0;
+                prmt.b32 lo, $16, z, 0x4140;
+                prmt.b32 hi, $16, z, 0x4342;
+                and.b32 t, lo, 0x00010001; mul.lo.u32 $0, t, 0x3C00;
+                and.b32 t, hi, 0x00010001; mul.lo.u32 $1, t, 0x3C00;
+                and.b32 t, lo, 0x00020002; mul.lo.u32 $2, t, 0x1E00;
+                and.b32 t, hi, 0x00020002; mul.lo.u32 $3, t, 0x1E00;
+                and.b32 t, lo, 0x00040004; mul.lo.u32 $4, t, 0x0F00;
+                and.b32 t, hi, 0x00040004; mul.lo.u32 $5, t, 0x0F00;
+                and.b32 t, lo, 0x00080008; mul.lo.u32 $6, t, 0x0780;
+                and.b32 t, hi, 0x00080008; mul.lo.u32 $7, t, 0x0780;
+                and.b32 t, lo, 0x00100010; mul.lo.u32 $8, t, 0x03C0;
+                and.b32 t, hi, 0x00100010; mul.lo.u32 $9, t, 0x03C0;
+                and.b32 t, lo, 0x00200020; mul.lo.u32 $10, t, 0x01E0;
+                and.b32 t, hi, 0x00200020; mul.lo.u32 $11, t, 0x01E0;
+                and.b32 t, lo, 0x00400040; mul.lo.u32 $12, t, 0x00F0;
+                and.b32 t, hi, 0x00400040; mul.lo.u32 $13, t, 0x00F0;
+                and.b32 t, lo, 0x00800080; mul.lo.u32 $14, t, 0x0078;
+                and.b32 t, hi, 0x00800080; mul.lo.u32 $15, t, 0x0078;
+                }""",
+                "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,r",
+                [byte],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+                is_pure=True,
+                pack=4,
+            )
+        else:
+            b = byte.to(tl.int32)
+            return (
+                _bit_f16(b, 0), _bit_f16(b, 1), _bit_f16(b, 2), _bit_f16(b, 3), _bit_f16(b, 4), _bit_f16(b, 5),
+                _bit_f16(b, 6), _bit_f16(b, 7),
+            )  # fmt: skip
+
+    @triton.jit
+    def _plane_dot(acc, alpha, pwt, plane):
+        """``value_bits="planes"``: the transposed accumulator ``[n bytes, rows]`` of one bit position of every byte,
+        rescaled, plus that bit plane ``[n bytes, BLOCK_T]`` (float16 0/1) times the transposed probabilities ``pwt
+        [BLOCK_T, rows]``: the plane keeps the bytes' layout (no reshape, no bit spread over threads), and the bytes are
+        the dot's long side (Triton puts all warps of a program on it when several dots share an operand)."""
+        return acc * alpha[None, :] + tl.dot(plane, pwt, out_dtype=tl.float32)
 
     @triton.jit
     def _decode_split_kernel(
@@ -1170,6 +1214,7 @@ if HAS_TRITON:
         BLOCK_T: tl.constexpr,
         BITS_JOIN: tl.constexpr = False,
         BITS_PLANES: tl.constexpr = False,
+        NATIVE: tl.constexpr = False,
     ):
         split = tl.program_id(0)
         b = tl.program_id(1)
@@ -1199,15 +1244,22 @@ if HAS_TRITON:
                 sc = tl.load(s_row + tok[None, :], mask=rmask[:, None] & tmask[None, :], other=float("-inf"))
                 pw, alpha, m_i, l_i = _softmax_block(m_i, l_i, sc, vcoef_ptr, b, tok, tmask, s_kb)
                 pwt = tl.trans(pw)
-                byte_t = tl.trans(_value_bytes(vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_vb, s_vn))
-                a0 = _plane_dot(a0, alpha, pwt, byte_t, 0)
-                a1 = _plane_dot(a1, alpha, pwt, byte_t, 1)
-                a2 = _plane_dot(a2, alpha, pwt, byte_t, 2)
-                a3 = _plane_dot(a3, alpha, pwt, byte_t, 3)
-                a4 = _plane_dot(a4, alpha, pwt, byte_t, 4)
-                a5 = _plane_dot(a5, alpha, pwt, byte_t, 5)
-                a6 = _plane_dot(a6, alpha, pwt, byte_t, 6)
-                a7 = _plane_dot(a7, alpha, pwt, byte_t, 7)
+                byte_t = tl.trans(
+                    tl.load(
+                        vbits_ptr + b * s_vb + tok[:, None] * s_vn + nbyte[None, :],
+                        mask=tmask[:, None] & nbytemask[None, :],
+                        other=0,
+                    )
+                )
+                p0, p1, p2, p3, p4, p5, p6, p7 = _bit_planes(byte_t, NATIVE)
+                a0 = _plane_dot(a0, alpha, pwt, p0)
+                a1 = _plane_dot(a1, alpha, pwt, p1)
+                a2 = _plane_dot(a2, alpha, pwt, p2)
+                a3 = _plane_dot(a3, alpha, pwt, p3)
+                a4 = _plane_dot(a4, alpha, pwt, p4)
+                a5 = _plane_dot(a5, alpha, pwt, p5)
+                a6 = _plane_dot(a6, alpha, pwt, p6)
+                a7 = _plane_dot(a7, alpha, pwt, p7)
             omask = nbytemask[:, None] & rmask[None, :]
             col = tl.trans(acc_row) + 8 * nbyte[:, None]
             tl.store(acc_ptr + col, a0, mask=omask)
@@ -1495,6 +1547,7 @@ def two_pass_meta(
         BLOCK_T=values_block_t,
         BITS_JOIN=value_bits == "join",
         BITS_PLANES=value_bits == "planes",
+        NATIVE=not triton_interpreted(),
     )
     if value_bits == "planes":  # a plane's dot needs 16 bytes (128 bits) per program
         if nb_chunk is not None and nb_chunk < 128:
