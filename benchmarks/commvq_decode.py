@@ -215,16 +215,19 @@ ENCODE_VARIANTS = [dict(block_n=16, num_warps=4, search="flat", precision="ieee"
 KEY_MATH = (("auto", "fast"), ("fp32", "fast"), ("auto", "libdevice"), ("fp32", "libdevice"))
 
 
-# value_bits="planes" tilings of --key-side planes: (values_block_t, nb_chunk, values_warps, target_programs); a
-# plane's accumulator is [nb_chunk / 8, Hq], so nb_chunk / 8 = 16 x values_warps puts one 16-row slice on each warp
+# value_bits="planes" variants of --key-side planes (decode_attention keywords over the default's): a plane's
+# accumulator is [nb_chunk / 8, Hq], so nb_chunk / 8 = 16 x values_warps puts one 16-row slice on each warp; the
+# first run (benchmarks/results/commvq_decode_planes.json) found 32 tokens / 512 bits / 4 warps / 264 programs best
 VALUE_PLANES_TILINGS = (
-    (32, 1024, 8, 264),
-    (32, 1024, 8, 132),
-    (16, 1024, 8, 264),
-    (64, 1024, 8, 264),
-    (32, 512, 4, 264),
-    (32, 512, 4, 528),
-    (16, 512, 4, 528),
+    dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=264),
+    dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=264, values_prefetch=True),
+    dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=264, values_stages=2),
+    dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=264, values_stages=3),
+    dict(values_block_t=32, nb_chunk=1024, values_warps=8, target_programs=132),
+    dict(values_block_t=32, nb_chunk=1024, values_warps=8, target_programs=132, values_prefetch=True),
+    dict(values_block_t=32, nb_chunk=1024, values_warps=8, target_programs=264, values_prefetch=True),
+    dict(values_block_t=16, nb_chunk=512, values_warps=4, target_programs=264, values_prefetch=True),
+    dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=528, values_prefetch=True),
 )
 
 
@@ -300,8 +303,8 @@ def variants(
         ]
     if "planes" in key_side:  # the values kernel by bit planes: (values_block_t, nb_chunk, values_warps, programs)
         out += [
-            dict(out[0], value_bits="planes", values_block_t=vbt, nb_chunk=nbc, values_warps=vw, target_programs=tp)
-            for vbt, nbc, vw, tp in (VALUE_PLANES_TILINGS[:1] if smoke else VALUE_PLANES_TILINGS)
+            dict(out[0], value_bits="planes", **v)
+            for v in (VALUE_PLANES_TILINGS[:1] if smoke else VALUE_PLANES_TILINGS)
         ]
     out += [dict(out[0], values_stages=vs) for vs in values_stages]  # the values kernel software-pipelined
     if "merge" in key_side:  # one kernel for the merge, the value-codebook product and the window
@@ -498,6 +501,7 @@ def main() -> None:
             ("merge_fused", dict(merge="fused")),
             ("value_bits_planes", dict(value_bits="planes")),
             ("value_bits_planes_32_1024", dict(value_bits="planes", values_block_t=32, nb_chunk=1024, values_warps=8)),
+            ("value_bits_planes_prefetch", dict(value_bits="planes", values_prefetch=True)),
         ):
             try:
                 ours = decode_attention(q, sub, books, scaling, use_triton=True, **kw)

@@ -665,16 +665,32 @@ if HAS_TRITON:
         return m_i, l_i, accw
 
     @triton.jit
-    def _softmax_block(m_i, l_i, sc, vcoef_ptr, b, tok, tmask, s_kb):
+    def _softmax_block(m_i, l_i, sc, coef):
         """One block of the online softmax over coded tokens: the base-2 scores ``sc [rows, BLOCK_T]`` update the
-        running max and sum; returns the ``c_t``-weighted probabilities in float16 (the dot's left operand), the
-        rescaling factor of the accumulator, the new max and the new sum."""
+        running max and sum; returns the probabilities weighted by the tokens' value coefficients ``coef [BLOCK_T]``
+        in float16 (the dot's left operand), the rescaling factor of the accumulator, the new max and the new sum."""
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        coef = tl.load(vcoef_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32)
         return (p * coef[None, :]).to(tl.float16), alpha, m_new, l_i
+
+    @triton.jit
+    def _values_block_loads(
+        s_row, rmask, vcoef_ptr, vbits_ptr, b, t0, stop, nbyte, nbytemask, s_kb, s_vb, s_vn, BLOCK_T: tl.constexpr
+    ):  # fmt: skip
+        """What the values kernel reads for the block of tokens from ``t0``: the scores ``[rows, BLOCK_T]`` (``-inf``
+        past ``stop``), the value coefficients ``[BLOCK_T]`` and the value bytes ``[BLOCK_T, n bytes]`` (uint8)."""
+        tok = t0 + tl.arange(0, BLOCK_T)
+        tmask = tok < stop
+        sc = tl.load(s_row + tok[None, :], mask=rmask[:, None] & tmask[None, :], other=float("-inf"))
+        coef = tl.load(vcoef_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32)
+        byte = tl.load(
+            vbits_ptr + b * s_vb + tok[:, None] * s_vn + nbyte[None, :],
+            mask=tmask[:, None] & nbytemask[None, :],
+            other=0,
+        )
+        return sc, coef, byte
 
     @triton.jit
     def _value_bytes(vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_vb, s_vn):
@@ -712,7 +728,8 @@ if HAS_TRITON:
         to the dot), or, ``BITS_JOIN``, as nested ``tl.join`` of the 8 masked bits, each already the ``float16`` bit
         pattern of 0 or 1 (``(byte & 2^i) * (0x3C00 >> i)``): the 8 bits stay in their thread and reach shared memory
         in one 16-byte store."""
-        pw, alpha, m_new, l_i = _softmax_block(m_i, l_i, sc, vcoef_ptr, b, tok, tmask, s_kb)
+        coef = tl.load(vcoef_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32)
+        pw, alpha, m_new, l_i = _softmax_block(m_i, l_i, sc, coef)
         byte = _value_bytes(vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_vb, s_vn)
         if BITS_JOIN:
             # tl.join adds a last dimension, so the innermost join is the slowest of the three: bits i and i + 4,
@@ -1215,6 +1232,7 @@ if HAS_TRITON:
         BITS_JOIN: tl.constexpr = False,
         BITS_PLANES: tl.constexpr = False,
         NATIVE: tl.constexpr = False,
+        VALUES_PREFETCH: tl.constexpr = False,
     ):
         split = tl.program_id(0)
         b = tl.program_id(1)
@@ -1238,19 +1256,28 @@ if HAS_TRITON:
             a5 = tl.zeros_like(a0)
             a6 = tl.zeros_like(a0)
             a7 = tl.zeros_like(a0)
+            # VALUES_PREFETCH: the next block's scores and coefficients are loaded before this block's math (the
+            # bytes are not carried over: a loop-carried byte tile makes Triton build the planes in a blocked layout
+            # and pass them through shared memory)
+            sc, coef, byte = _values_block_loads(
+                s_row, rmask, vcoef_ptr, vbits_ptr, b, start, stop, nbyte, nbytemask, s_kb, s_vb, s_vn, BLOCK_T
+            )
             for t0 in range(start, stop, BLOCK_T):
-                tok = t0 + tl.arange(0, BLOCK_T)
-                tmask = tok < stop
-                sc = tl.load(s_row + tok[None, :], mask=rmask[:, None] & tmask[None, :], other=float("-inf"))
-                pw, alpha, m_i, l_i = _softmax_block(m_i, l_i, sc, vcoef_ptr, b, tok, tmask, s_kb)
-                pwt = tl.trans(pw)
-                byte_t = tl.trans(
-                    tl.load(
-                        vbits_ptr + b * s_vb + tok[:, None] * s_vn + nbyte[None, :],
-                        mask=tmask[:, None] & nbytemask[None, :],
-                        other=0,
+                if VALUES_PREFETCH:
+                    sc_n, coef_n, byte_n = _values_block_loads(
+                        s_row, rmask, vcoef_ptr, vbits_ptr, b, t0 + BLOCK_T, stop, nbyte, nbytemask, s_kb, s_vb, s_vn,
+                        BLOCK_T,
+                    )  # fmt: skip
+                    byte = _values_block_loads(
+                        s_row, rmask, vcoef_ptr, vbits_ptr, b, t0, stop, nbyte, nbytemask, s_kb, s_vb, s_vn, BLOCK_T
+                    )[2]
+                else:
+                    sc, coef, byte = _values_block_loads(
+                        s_row, rmask, vcoef_ptr, vbits_ptr, b, t0, stop, nbyte, nbytemask, s_kb, s_vb, s_vn, BLOCK_T
                     )
-                )
+                pw, alpha, m_i, l_i = _softmax_block(m_i, l_i, sc, coef)
+                pwt = tl.trans(pw)
+                byte_t = tl.trans(byte)
                 p0, p1, p2, p3, p4, p5, p6, p7 = _bit_planes(byte_t, NATIVE)
                 a0 = _plane_dot(a0, alpha, pwt, p0)
                 a1 = _plane_dot(a1, alpha, pwt, p1)
@@ -1260,6 +1287,8 @@ if HAS_TRITON:
                 a5 = _plane_dot(a5, alpha, pwt, p5)
                 a6 = _plane_dot(a6, alpha, pwt, p6)
                 a7 = _plane_dot(a7, alpha, pwt, p7)
+                if VALUES_PREFETCH:
+                    sc, coef = sc_n, coef_n
             omask = nbytemask[:, None] & rmask[None, :]
             col = tl.trans(acc_row) + 8 * nbyte[:, None]
             tl.store(acc_ptr + col, a0, mask=omask)
@@ -1490,6 +1519,7 @@ def two_pass_meta(
     pair_chunks: int = 1,
     key_prefetch: bool = False,
     value_bits: str = DEFAULT_VALUE_BITS,
+    values_prefetch: bool = False,
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
@@ -1549,6 +1579,9 @@ def two_pass_meta(
         BITS_PLANES=value_bits == "planes",
         NATIVE=not triton_interpreted(),
     )
+    if values_prefetch and value_bits != "planes":
+        raise ValueError("values_prefetch=True is implemented for value_bits='planes' only.")
+    values["VALUES_PREFETCH"] = values_prefetch
     if value_bits == "planes":  # a plane's dot needs 16 bytes (128 bits) per program
         if nb_chunk is not None and nb_chunk < 128:
             raise ValueError(f"value_bits='planes' needs nb_chunk >= 128 (16 bytes per bit plane), got {nb_chunk}.")
@@ -1633,6 +1666,7 @@ def decode_attention(
     value_product: str = DEFAULT_VALUE_PRODUCT,
     reduce_nb_chunk: int | None = None,
     value_bits: str = DEFAULT_VALUE_BITS,
+    values_prefetch: bool = False,
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1783,6 +1817,8 @@ def decode_attention(
     _check_value_bits(value_bits)
     if reduce_nb_chunk is not None and (reduce_nb_chunk < 16 or reduce_nb_chunk & (reduce_nb_chunk - 1)):
         raise ValueError(f"reduce_nb_chunk must be a power of two >= 16, got {reduce_nb_chunk}.")
+    if values_prefetch and design != "two_pass":
+        raise ValueError("values_prefetch=True is a setting of design='two_pass' only (its values kernel).")
     if values_stages is not None and design != "two_pass":
         raise ValueError("values_stages is a setting of design='two_pass' only (its values kernel).")
     if key_unroll and design != "two_pass":
@@ -1820,6 +1856,7 @@ def decode_attention(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
             values_warps, target_programs or 2 * _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
             rope_trig, key_unroll, values_stages, window_launch, pair_parts, pair_chunks, key_prefetch, value_bits,
+            values_prefetch,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -1925,7 +1962,7 @@ def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
     key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1, key_prefetch=False,
-    value_bits=DEFAULT_VALUE_BITS,
+    value_bits=DEFAULT_VALUE_BITS, values_prefetch=False,
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -1934,7 +1971,7 @@ def _two_pass(
     (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
         h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
         nb_chunk, values_warps, num_stages, key_gather, key_parts, key_accum, rope_trig, key_unroll, values_stages,
-        window_launch, pair_parts, pair_chunks, key_prefetch, value_bits,
+        window_launch, pair_parts, pair_chunks, key_prefetch, value_bits, values_prefetch,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
     split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)

@@ -891,6 +891,12 @@ def test_decode_value_bits_planes_equals_reshape():
     assert (planes - reshape).abs().max() <= 1e-6 * reshape.abs().max()
     ref = decode_attention_reference(q, kv, books, 0.3)
     assert (planes - ref).abs().max() <= 2e-3 * ref.abs().max()
+    prefetch = decode_attention(
+        q, kv, books, 0.3, use_triton=True, value_bits="planes", values_prefetch=True, **tiling
+    )  # the next block's loads issued before this block's math: the same sums in the same order
+    assert torch.equal(prefetch, planes)
+    with pytest.raises(ValueError, match="values_prefetch=True is implemented for value_bits='planes' only"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, values_prefetch=True, **tiling)
     with pytest.raises(ValueError, match="value_bits='planes' needs nb_chunk >= 128"):
         decode_attention(q, kv, books, 0.3, use_triton=True, value_bits="planes", **dict(tiling, nb_chunk=64))
 
