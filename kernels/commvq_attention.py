@@ -1750,7 +1750,15 @@ def decode_attention(
         thread (one ``I2F`` and one 2-byte shared-memory store per bit on sm_90); ``"join"``: the 8 bits as nested
         ``tl.join`` of masked integer products, so they stay in one thread and go to shared memory in one 16-byte
         store. Fewer instructions, yet slower on an H200: the values kernel took 0.144 ms against 0.105 ms at 1 bit,
-        0.278 against 0.203 ms at 2 bits (``benchmarks/results/commvq_decode_value_bits.json``).
+        0.278 against 0.203 ms at 2 bits (``benchmarks/results/commvq_decode_value_bits.json``). ``"planes"``: one
+        transposed accumulator ``[nb_chunk / 8, Hq]`` per bit position of a byte, each bit plane built (inline PTX: two
+        float16 0/1 per ``and`` + multiply) straight in the register operand of a wgmma, no reshape; needs
+        ``nb_chunk >= 128``. Bit for bit the default's output on an H200; there the values kernel took 0.085 against
+        0.103 ms at 1 bit and 0.134 against 0.196 ms at 2 bits (32 tokens, 512 bits, 4 warps, ``values_prefetch``;
+        ``benchmarks/results/commvq_decode_planes_prefetch.json``).
+    values_prefetch : bool
+        With ``value_bits="planes"``: the values kernel loads the next block's scores and coefficients before this
+        block's math (register double buffering). Default ``False``.
     reduce_nb_chunk : int or None
         With ``merge="separate"``: value bits per program of the merge kernel (a power of two >= 16; default
         ``min(n_bits, 128)``): one program per query head and chunk, so smaller chunks mean more programs.
