@@ -301,7 +301,7 @@ def variants(
             dict(out[0], block_t=bt, num_warps=nw, key_unroll=u)
             for bt, nw, u in (BENCHMARK_UNROLL_TILINGS[:1] if smoke else BENCHMARK_UNROLL_TILINGS)
         ]
-    if "planes" in key_side:  # the values kernel by bit planes: (values_block_t, nb_chunk, values_warps, programs)
+    if "planes" in key_side:  # the values kernel by bit planes, in the tilings of VALUE_PLANES_TILINGS
         out += [
             dict(out[0], value_bits="planes", **v)
             for v in (VALUE_PLANES_TILINGS[:1] if smoke else VALUE_PLANES_TILINGS)

@@ -676,30 +676,23 @@ if HAS_TRITON:
         return (p * coef[None, :]).to(tl.float16), alpha, m_new, l_i
 
     @triton.jit
-    def _values_block_loads(
-        s_row, rmask, vcoef_ptr, vbits_ptr, b, t0, stop, nbyte, nbytemask, s_kb, s_vb, s_vn, BLOCK_T: tl.constexpr
-    ):  # fmt: skip
-        """What the values kernel reads for the block of tokens from ``t0``: the scores ``[rows, BLOCK_T]`` (``-inf``
-        past ``stop``), the value coefficients ``[BLOCK_T]`` and the value bytes ``[BLOCK_T, n bytes]`` (uint8)."""
+    def _block_scores(s_row, rmask, vcoef_ptr, b, t0, stop, s_kb, BLOCK_T: tl.constexpr):
+        """The values kernel's scores ``[rows, BLOCK_T]`` (``-inf`` past ``stop``) and value coefficients
+        ``[BLOCK_T]`` of the block of tokens from ``t0``."""
         tok = t0 + tl.arange(0, BLOCK_T)
         tmask = tok < stop
         sc = tl.load(s_row + tok[None, :], mask=rmask[:, None] & tmask[None, :], other=float("-inf"))
         coef = tl.load(vcoef_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32)
-        byte = tl.load(
-            vbits_ptr + b * s_vb + tok[:, None] * s_vn + nbyte[None, :],
-            mask=tmask[:, None] & nbytemask[None, :],
-            other=0,
-        )
-        return sc, coef, byte
+        return sc, coef
 
     @triton.jit
     def _value_bytes(vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_vb, s_vn):
-        """The packed value bits ``[BLOCK_T, n bytes]`` of the tokens ``tok`` (bytes ``nbyte``) as int32."""
+        """The packed value bits ``[BLOCK_T, n bytes]`` (uint8) of the tokens ``tok`` (bytes ``nbyte``)."""
         return tl.load(
             vbits_ptr + b * s_vb + tok[:, None] * s_vn + nbyte[None, :],
             mask=tmask[:, None] & nbytemask[None, :],
             other=0,
-        ).to(tl.int32)
+        )
 
     @triton.jit
     def _accumulate_bits(
@@ -730,7 +723,7 @@ if HAS_TRITON:
         in one 16-byte store."""
         coef = tl.load(vcoef_ptr + b * s_kb + tok, mask=tmask, other=0.0).to(tl.float32)
         pw, alpha, m_new, l_i = _softmax_block(m_i, l_i, sc, coef)
-        byte = _value_bytes(vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_vb, s_vn)
+        byte = _value_bytes(vbits_ptr, b, tok, tmask, nbyte, nbytemask, s_vb, s_vn).to(tl.int32)
         if BITS_JOIN:
             # tl.join adds a last dimension, so the innermost join is the slowest of the three: bits i and i + 4,
             # then i and i + 2, then i and i + 1, and the reshape puts bit 4 a + 2 b + c at [a, b, c]
@@ -1259,22 +1252,15 @@ if HAS_TRITON:
             # VALUES_PREFETCH: the next block's scores and coefficients are loaded before this block's math (the
             # bytes are not carried over: a loop-carried byte tile makes Triton build the planes in a blocked layout
             # and pass them through shared memory)
-            sc, coef, byte = _values_block_loads(
-                s_row, rmask, vcoef_ptr, vbits_ptr, b, start, stop, nbyte, nbytemask, s_kb, s_vb, s_vn, BLOCK_T
-            )
+            if VALUES_PREFETCH:
+                sc, coef = _block_scores(s_row, rmask, vcoef_ptr, b, start, stop, s_kb, BLOCK_T)
             for t0 in range(start, stop, BLOCK_T):
                 if VALUES_PREFETCH:
-                    sc_n, coef_n, byte_n = _values_block_loads(
-                        s_row, rmask, vcoef_ptr, vbits_ptr, b, t0 + BLOCK_T, stop, nbyte, nbytemask, s_kb, s_vb, s_vn,
-                        BLOCK_T,
-                    )  # fmt: skip
-                    byte = _values_block_loads(
-                        s_row, rmask, vcoef_ptr, vbits_ptr, b, t0, stop, nbyte, nbytemask, s_kb, s_vb, s_vn, BLOCK_T
-                    )[2]
+                    sc_n, coef_n = _block_scores(s_row, rmask, vcoef_ptr, b, t0 + BLOCK_T, stop, s_kb, BLOCK_T)
                 else:
-                    sc, coef, byte = _values_block_loads(
-                        s_row, rmask, vcoef_ptr, vbits_ptr, b, t0, stop, nbyte, nbytemask, s_kb, s_vb, s_vn, BLOCK_T
-                    )
+                    sc, coef = _block_scores(s_row, rmask, vcoef_ptr, b, t0, stop, s_kb, BLOCK_T)
+                tok = t0 + tl.arange(0, BLOCK_T)
+                byte = _value_bytes(vbits_ptr, b, tok, tok < stop, nbyte, nbytemask, s_vb, s_vn)
                 pw, alpha, m_i, l_i = _softmax_block(m_i, l_i, sc, coef)
                 pwt = tl.trans(pw)
                 byte_t = tl.trans(byte)
