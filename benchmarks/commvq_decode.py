@@ -219,15 +219,27 @@ KEY_MATH = (("auto", "fast"), ("fp32", "fast"), ("auto", "libdevice"), ("fp32", 
 # accumulator is [nb_chunk / 8, Hq], so nb_chunk / 8 = 16 x values_warps puts one 16-row slice on each warp; the
 # first run (benchmarks/results/commvq_decode_planes.json) found 32 tokens / 512 bits / 4 warps / 264 programs best
 VALUE_PLANES_TILINGS = (
-    dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=264),
+    dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=264, values_prefetch=False),
     dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=264, values_prefetch=True),
-    dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=264, values_stages=2),
-    dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=264, values_stages=3),
-    dict(values_block_t=32, nb_chunk=1024, values_warps=8, target_programs=132),
+    dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=264, values_prefetch=False, values_stages=2),
+    dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=264, values_prefetch=False, values_stages=3),
+    dict(values_block_t=32, nb_chunk=1024, values_warps=8, target_programs=132, values_prefetch=False),
     dict(values_block_t=32, nb_chunk=1024, values_warps=8, target_programs=132, values_prefetch=True),
     dict(values_block_t=32, nb_chunk=1024, values_warps=8, target_programs=264, values_prefetch=True),
     dict(values_block_t=16, nb_chunk=512, values_warps=4, target_programs=264, values_prefetch=True),
     dict(values_block_t=32, nb_chunk=512, values_warps=4, target_programs=528, values_prefetch=True),
+)
+
+
+# --key-side carveout: the scores kernel's preferred shared-memory carveout (percent of 228 KB; None: the driver's;
+# "auto", the default: the least that keeps the register occupancy) at the default tiling (64 tokens, 8 warps: 20 KB
+# of shared memory, 4 programs an SM) and at 32 tokens / 4 warps. A first run (commvq_decode_carveout_first.json)
+# found 0 (one program an SM) 1.4x slower, 100 (L1 28 KB) 1.1x slower, 30 (100 KB) the fastest
+SCORES_CARVEOUTS = (None, 27, 30, 45)
+CARVEOUT_TILINGS = (
+    *((64, 8, c) for c in SCORES_CARVEOUTS),
+    (32, 4, None),
+    (32, 4, "auto"),
 )
 
 
@@ -268,7 +280,11 @@ def variants(
             reduce_nb_chunk=1024,
         ),
     )
-    out.insert(2, dict(out[0], value_bits="join"))  # the values kernel's bits joined in their thread
+    # the values kernel's bits expanded by reshape (the default before the planes) and joined in their thread, each
+    # at the reshape's tiling and the driver's carveout
+    reshape = dict(values_block_t=64, nb_chunk=256, values_warps=8)
+    out.insert(2, dict(out[0], value_bits="reshape", **reshape, scores_carveout=None))
+    out.insert(3, dict(out[0], value_bits="join", **reshape))
     # the scores kernel gathering from a per-block copy of each residual's table (values side at the default)
     if "table" in key_side:
         out += [
@@ -306,6 +322,9 @@ def variants(
             dict(out[0], value_bits="planes", **v)
             for v in (VALUE_PLANES_TILINGS[:1] if smoke else VALUE_PLANES_TILINGS)
         ]
+    if "carveout" in key_side:  # the scores kernel's shared-memory carveout (the rest of the SM's 256 KB is L1)
+        tilings = CARVEOUT_TILINGS[:1] if smoke else CARVEOUT_TILINGS
+        out += [dict(out[0], block_t=bt, num_warps=nw, scores_carveout=c) for bt, nw, c in tilings]
     out += [dict(out[0], values_stages=vs) for vs in values_stages]  # the values kernel software-pipelined
     if "merge" in key_side:  # one kernel for the merge, the value-codebook product and the window
         out += [dict(out[0], merge="fused")]
@@ -390,12 +409,25 @@ def main() -> None:
     ap.add_argument(
         "--key-side",
         nargs="*",
-        choices=["table", "parts", "pairs", "pairs2", "chunks", "prefetch", "unroll", "merge", "window", "planes"],
+        choices=[
+            "table",
+            "parts",
+            "pairs",
+            "pairs2",
+            "chunks",
+            "prefetch",
+            "unroll",
+            "merge",
+            "window",
+            "planes",
+            "carveout",
+        ],
         default=["table", "parts", "pairs", "chunks", "prefetch", "unroll", "merge", "window"],
         help="two-pass alternatives timed next to the default: on-chip table gathers, residuals in two parts, "
         "RoPE pairs in parts (pair_parts) and in tiles (pair_chunks), gathers one step ahead (key_prefetch), "
         "small token blocks with the residual loop "
-        "unrolled, the fused merge, the window in the code launch, the values kernel by bit planes (value_bits)",
+        "unrolled, the fused merge, the window in the code launch, the values kernel by bit planes (value_bits), "
+        "the scores kernel's shared-memory carveout (scores_carveout)",
     )
     ap.add_argument(
         "--values-sweep",
@@ -499,9 +531,9 @@ def main() -> None:
             ("key_prefetch", dict(key_prefetch=True, pair_parts=2)),
             ("key_unroll", dict(key_unroll=True, block_t=8, num_warps=2)),
             ("merge_fused", dict(merge="fused")),
-            ("value_bits_planes", dict(value_bits="planes")),
+            ("value_bits_reshape", dict(value_bits="reshape")),
+            ("value_bits_planes_no_prefetch", dict(value_bits="planes", values_prefetch=False)),
             ("value_bits_planes_32_1024", dict(value_bits="planes", values_block_t=32, nb_chunk=1024, values_warps=8)),
-            ("value_bits_planes_prefetch", dict(value_bits="planes", values_prefetch=True)),
         ):
             try:
                 ours = decode_attention(q, sub, books, scaling, use_triton=True, **kw)
@@ -509,12 +541,12 @@ def main() -> None:
             except Exception as err:
                 cfg[f"check_max_abs_err_{label}"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
         cfg["check_ref_max_abs"] = float(ref.abs().max())
-        try:  # the bit planes (inline PTX on the GPU) against the default expansion: the same operand, same sums
-            base = decode_attention(q, sub, books, scaling, use_triton=True)
-            planes = decode_attention(q, sub, books, scaling, use_triton=True, value_bits="planes")
-            cfg["check_planes_vs_default_max_abs_diff"] = float((planes - base).abs().max())
+        try:  # the bit planes (inline PTX on the GPU, the default) against the reshape expansion: same operand, sums
+            planes = decode_attention(q, sub, books, scaling, use_triton=True)
+            base = decode_attention(q, sub, books, scaling, use_triton=True, value_bits="reshape")
+            cfg["check_planes_vs_reshape_max_abs_diff"] = float((planes - base).abs().max())
         except Exception as err:
-            cfg["check_planes_vs_default_max_abs_diff"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+            cfg["check_planes_vs_reshape_max_abs_diff"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
         if args.full_check:  # every position up to --tokens: the fast trig's range reduction at large angles
             ref = decode_attention_reference(q, kv, books, scaling)
             cfg["full_check"] = {"tokens": n, "ref_max_abs": float(ref.abs().max())}

@@ -36,6 +36,11 @@ VARIANTS = {
     "bt8_w2": dict(block_t=8, num_warps=2),
     "bt8_w2_unroll": dict(block_t=8, num_warps=2, key_unroll=True),
     "bt8_w1_unroll": dict(block_t=8, num_warps=1, key_unroll=True),
+    # the shared-memory carveout (scores_carveout, percent of 228 KB): 0 leaves the most L1 for the table gathers
+    "carveout0": dict(scores_carveout=0),
+    "carveout45": dict(scores_carveout=45),
+    "carveout100": dict(scores_carveout=100),
+    "bt32_w4_carveout0": dict(block_t=32, num_warps=4, scores_carveout=0),
 }
 RESIDUALS = {1: 11, 2: 21}
 # warp stall reasons, in warps per issued instruction (the run is retried without them where ncu rejects the regex)
@@ -49,6 +54,9 @@ KEEP = (
     "Achieved Occupancy",
     "Theoretical Occupancy",
     "Block Limit Registers",
+    "Block Limit Shared Mem",
+    "Shared Memory Configuration Size",
+    "Dynamic Shared Memory Per Block",
     "L1/TEX Hit Rate",
     "L2 Hit Rate",
     "Memory Throughput",

@@ -30,6 +30,7 @@ question), dequantizing the codes block by block.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 
@@ -1275,16 +1276,14 @@ if HAS_TRITON:
                 a7 = _plane_dot(a7, alpha, pwt, p7)
                 if VALUES_PREFETCH:
                     sc, coef = sc_n, coef_n
-            omask = nbytemask[:, None] & rmask[None, :]
-            col = tl.trans(acc_row) + 8 * nbyte[:, None]
-            tl.store(acc_ptr + col, a0, mask=omask)
-            tl.store(acc_ptr + col + 1, a1, mask=omask)
-            tl.store(acc_ptr + col + 2, a2, mask=omask)
-            tl.store(acc_ptr + col + 3, a3, mask=omask)
-            tl.store(acc_ptr + col + 4, a4, mask=omask)
-            tl.store(acc_ptr + col + 5, a5, mask=omask)
-            tl.store(acc_ptr + col + 6, a6, mask=omask)
-            tl.store(acc_ptr + col + 7, a7, mask=omask)
+            # the 8 planes joined in their thread, bit k of byte j of a head at [j, head, k] (the outermost join
+            # picks bit 0 of k, the innermost bit 2), so each thread writes a head's 8 bits of a byte as 32
+            # contiguous bytes (two 16-byte stores) instead of 8 strided 4-byte ones
+            ab = tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7)))
+            ab = tl.reshape(ab, (NB_CHUNK // 8, BLOCK_HQ, 8))
+            omask = (nbytemask[:, None] & rmask[None, :])[:, :, None]
+            col = (tl.trans(acc_row) + 8 * nbyte[:, None])[:, :, None] + tl.arange(0, 8)[None, None, :]
+            tl.store(acc_ptr + col, ab, mask=omask)
         else:
             acc = tl.zeros((BLOCK_HQ, NB_CHUNK), tl.float32)
             for t0 in range(start, stop, BLOCK_T):
@@ -1448,7 +1447,6 @@ def _check_key_side(
         raise ValueError("key_unroll=True unrolls all the residual steps in one program; it needs key_parts=1.")
 
 
-DEFAULT_VALUES_NB_CHUNK = 256
 # the two-pass defaults measured fastest on an H200 at 128k tokens, 1 and 2 bits, as GPU time of a CUDA-graph replay
 # with a cold L2: 4096 score programs, the pairs in two sweeps (pair_parts=2, where the pairs split in two power-of-two
 # halves) and the dense value-codebook product, with the values kernel at 64 tokens / 8 warps: 0.660 / 1.036 ms against
@@ -1456,10 +1454,14 @@ DEFAULT_VALUES_NB_CHUNK = 256
 # run (benchmarks/results/commvq_decode_defaults.json)
 DEFAULT_SCORE_PROGRAMS = 4096
 DEFAULT_VALUE_PRODUCT = "dense"
-DEFAULT_VALUES_BLOCK_T = 64
-DEFAULT_VALUES_WARPS = 8
 VALUE_BITS = ("reshape", "join", "planes")
-DEFAULT_VALUE_BITS = "reshape"
+# the values kernel's bits as planes (with the next block's scores prefetched) by default: bit for bit the reshape
+# path's output, 0.085 against 0.103 ms for the values kernel at 1 bit and 0.134 against 0.196 ms at 2 bits on an H200
+# (benchmarks/results/commvq_decode_planes_prefetch.json)
+DEFAULT_VALUE_BITS = "planes"
+# the values kernel's default tiling per value_bits, (tokens per block, value bits per program, warps): each the
+# fastest measured for its expansion (planes: commvq_decode_planes.json; reshape: commvq_decode_pairs2.json)
+VALUES_TILINGS = {"planes": (32, 512, 4), "reshape": (64, 256, 8), "join": (64, 256, 8)}
 
 
 def _check_value_bits(value_bits: str) -> None:
@@ -1490,9 +1492,9 @@ def two_pass_meta(
     table_fp16: bool = True,
     block_t: int = TWO_PASS_BLOCK_T,
     num_warps: int = TWO_PASS_WARPS,
-    values_block_t: int = DEFAULT_VALUES_BLOCK_T,
+    values_block_t: int | None = None,
     nb_chunk: int | None = None,
-    values_warps: int = DEFAULT_VALUES_WARPS,
+    values_warps: int | None = None,
     num_stages: int = 1,
     key_gather: str = "global",
     key_parts: int = 1,
@@ -1505,12 +1507,14 @@ def two_pass_meta(
     pair_chunks: int = 1,
     key_prefetch: bool = False,
     value_bits: str = DEFAULT_VALUE_BITS,
-    values_prefetch: bool = False,
+    values_prefetch: bool | None = None,
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
-    takes ``values_stages`` (default: ``num_stages``). With ``window_launch="separate"`` the scores meta is that of
-    the code programs (``PROGRAMS=1``); the window's launch takes :func:`window_launch_meta` of it."""
+    takes ``values_stages`` (default: ``num_stages``), and its tiling (``values_block_t``, ``nb_chunk``,
+    ``values_warps``) defaults to ``VALUES_TILINGS[value_bits]``, ``values_prefetch`` to ``value_bits == "planes"``.
+    With ``window_launch="separate"`` the scores meta is that of the code programs (``PROGRAMS=1``); the window's
+    launch takes :func:`window_launch_meta` of it."""
     _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts, pair_chunks, key_prefetch)
     split = pair_parts * pair_chunks
     if split > 1 and (d // 2) % split:
@@ -1529,6 +1533,11 @@ def two_pass_meta(
     if values_stages is not None and values_stages < 1:
         raise ValueError(f"values_stages must be >= 1, got {values_stages}.")
     _check_value_bits(value_bits)
+    default_bt, default_nbc, default_warps = VALUES_TILINGS[value_bits]
+    values_block_t = values_block_t or default_bt
+    values_warps = values_warps or default_warps
+    if values_prefetch is None:
+        values_prefetch = value_bits == "planes"
     scores = _key_side_meta(h, g, d, r, table_fp16, block_t, key_accum, rope_trig, key_gather)
     if key_gather == "table":
         scores["GATHER_TABLE"] = True
@@ -1558,7 +1567,7 @@ def two_pass_meta(
     values = dict(
         HQ=h * g,
         NBITS=nbits,
-        NB_CHUNK=nb_chunk or _default_nb_chunk(nbits, DEFAULT_VALUES_NB_CHUNK),
+        NB_CHUNK=nb_chunk or _default_nb_chunk(nbits, default_nbc),
         BLOCK_HQ=max(16, triton.next_power_of_2(h * g)),
         BLOCK_T=values_block_t,
         BITS_JOIN=value_bits == "join",
@@ -1634,8 +1643,8 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int = 1,
     design: str = "two_pass",
-    values_block_t: int = DEFAULT_VALUES_BLOCK_T,
-    values_warps: int = DEFAULT_VALUES_WARPS,
+    values_block_t: int | None = None,
+    values_warps: int | None = None,
     score_programs: int = DEFAULT_SCORE_PROGRAMS,
     key_table: str = "auto",
     key_gather: str = "global",
@@ -1652,7 +1661,8 @@ def decode_attention(
     value_product: str = DEFAULT_VALUE_PRODUCT,
     reduce_nb_chunk: int | None = None,
     value_bits: str = DEFAULT_VALUE_BITS,
-    values_prefetch: bool = False,
+    values_prefetch: bool | None = None,
+    scores_carveout: int | str | None = "auto",
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1681,18 +1691,18 @@ def decode_attention(
         ``None``: the kernel on CUDA, :func:`decode_attention_reference` elsewhere.
     block_t, nb_chunk, target_programs, num_warps, num_stages : int or None
         Kernel tiling: tokens per block of the key side (default 64 two-pass, 32 fused), value bits per program
-        (default ``min(n_bits, 1024)`` fused, ``min(n_bits, 256)`` two-pass), the number of programs the split count
-        of the value side aims at (default: twice the GPU's SM count two-pass, 1024 fused), warps per program of the
-        key side (default 8), software-pipelining stages (1: none, see :func:`decode_meta`). The two-pass defaults (64
-        tokens, 8 warps; values 64 tokens, 256 bits, 8 warps; 264 value programs on a 132-SM GPU) are the fastest
-        tiling of ``benchmarks/commvq_decode.py`` at 1 and 2 bits on an H200
-        (``benchmarks/results/commvq_decode_pairs2.json``: as GPU time of a graph replay, 0.7459 against 0.6797 ms
-        at 1 bit for 132 against 264 value programs, and 0.6735 against 0.6577 ms for values 32 tokens / 4 warps
-        against 64 / 8).
+        (default ``min(n_bits, 1024)`` fused; two-pass ``min(n_bits, 512)`` with the planes, ``min(n_bits, 256)``
+        otherwise, see ``VALUES_TILINGS``), the number of programs the split count of the value side aims at
+        (default: twice the GPU's SM count two-pass, 1024 fused), warps per program of the key side (default 8),
+        software-pipelining stages (1: none, see :func:`decode_meta`). The two-pass defaults (64 tokens, 8 warps;
+        values 32 tokens, 512 bits, 4 warps by planes, 64 tokens, 256 bits, 8 warps by reshape; 264 value programs
+        on a 132-SM GPU) are the fastest tilings of ``benchmarks/commvq_decode.py`` at 1 and 2 bits on an H200
+        (``benchmarks/results/commvq_decode_pairs2.json``, ``commvq_decode_planes.json``).
     design : str
         ``"two_pass"`` or ``"fused"`` (above).
-    values_block_t, values_warps, score_programs : int
-        Two-pass only: tokens per block and warps of the values kernel; programs the scores kernel aims at (default
+    values_block_t, values_warps, score_programs : int or None
+        Two-pass only: tokens per block and warps of the values kernel (default ``None``: ``VALUES_TILINGS`` of
+        ``value_bits``); programs the scores kernel aims at (default
         4096, with ``pair_parts`` and ``value_product`` the defaults measured fastest in
         ``benchmarks/results/commvq_decode_prefetch.json``).
     values_stages : int or None
@@ -1732,19 +1742,30 @@ def decode_attention(
         ``commvq_decode_pair_chunks.json``).
     value_bits : str
         Two-pass only: how the values kernel expands each byte of value bits into the ``float16`` 0/1 operand of
-        its tensor-core dot. ``"reshape"`` (default): shifts and a reshape, after which Triton holds one bit per
+        its tensor-core dot. ``"reshape"``: shifts and a reshape, after which Triton holds one bit per
         thread (one ``I2F`` and one 2-byte shared-memory store per bit on sm_90); ``"join"``: the 8 bits as nested
         ``tl.join`` of masked integer products, so they stay in one thread and go to shared memory in one 16-byte
         store. Fewer instructions, yet slower on an H200: the values kernel took 0.144 ms against 0.105 ms at 1 bit,
         0.278 against 0.203 ms at 2 bits (``benchmarks/results/commvq_decode_value_bits.json``). ``"planes"``: one
         transposed accumulator ``[nb_chunk / 8, Hq]`` per bit position of a byte, each bit plane built (inline PTX: two
-        float16 0/1 per ``and`` + multiply) straight in the register operand of a wgmma, no reshape; needs
+        float16 0/1 per ``and`` + multiply) straight in the register operand of a wgmma, no reshape (default); needs
         ``nb_chunk >= 128``. Bit for bit the default's output on an H200; there the values kernel took 0.085 against
         0.103 ms at 1 bit and 0.134 against 0.196 ms at 2 bits (32 tokens, 512 bits, 4 warps, ``values_prefetch``;
         ``benchmarks/results/commvq_decode_planes_prefetch.json``).
-    values_prefetch : bool
+    values_prefetch : bool or None
         With ``value_bits="planes"``: the values kernel loads the next block's scores and coefficients before this
-        block's math (register double buffering). Default ``False``.
+        block's math (register double buffering). Default ``None``: on with the planes, off otherwise.
+    scores_carveout : int, str or None
+        Two-pass only, CUDA only: the shared-memory carveout the scores kernel asks the driver for, as a percentage
+        of the SM's shared-memory capacity (:func:`set_carveout`); the rest of the SM's 256 KB is L1, where the key
+        tables' rows are gathered from (176 KB per KV head at 1 bit and head_dim 128, float16). ``"auto"``
+        (default): the smallest carveout that keeps the occupancy the kernel's registers allow
+        (:func:`auto_carveout`: 100 KB at the default tiling on an H200, where the driver picked 132 KB; L1 hit rate
+        and time in ``benchmarks/results/commvq_scores_profile_carveout.json`` and
+        ``commvq_decode_carveout.json``); ``0``: as much L1 as one program's shared memory allows, which there cut
+        the occupancy to one program per SM and was 1.4x slower; ``None``: the driver's choice. Applies from the
+        launch after the kernel's first one (the compiled kernel's handle exists only then); the output does not
+        depend on it.
     reduce_nb_chunk : int or None
         With ``merge="separate"``: value bits per program of the merge kernel (a power of two >= 16; default
         ``min(n_bits, 128)``): one program per query head and chunk, so smaller chunks mean more programs.
@@ -1813,6 +1834,9 @@ def decode_attention(
         raise ValueError(f"reduce_nb_chunk must be a power of two >= 16, got {reduce_nb_chunk}.")
     if values_prefetch and design != "two_pass":
         raise ValueError("values_prefetch=True is a setting of design='two_pass' only (its values kernel).")
+    _check_carveout(scores_carveout)
+    if isinstance(scores_carveout, int) and design != "two_pass":
+        raise ValueError("scores_carveout is a setting of design='two_pass' only (its scores kernel).")
     if values_stages is not None and design != "two_pass":
         raise ValueError("values_stages is a setting of design='two_pass' only (its values kernel).")
     if key_unroll and design != "two_pass":
@@ -1850,7 +1874,7 @@ def decode_attention(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
             values_warps, target_programs or 2 * _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
             rope_trig, key_unroll, values_stages, window_launch, pair_parts, pair_chunks, key_prefetch, value_bits,
-            values_prefetch,
+            values_prefetch, scores_carveout,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -1909,11 +1933,90 @@ def _sm_count(device: torch.device) -> int:
     return 132
 
 
+# CUfunction_attribute CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT (cuda.h): the percentage of the SM's
+# shared-memory capacity a kernel prefers as shared memory, the rest of the 256 KB going to L1; -1: the driver's default
+_CARVEOUT_ATTRIBUTE = 9
+# CUdevice_attribute: shared memory (bytes) and 32-bit registers per multiprocessor
+_SM_SHARED_ATTRIBUTE = 81
+_SM_REGS_ATTRIBUTE = 82
+_RESERVED_SHARED = 1024  # shared memory the system reserves per resident block (sm_80 and later)
+_carveouts: dict[int, int] = {}  # CUfunction handle -> the carveout we set on it
+
+
+def _check_carveout(carveout: int | str | None, name: str = "scores_carveout") -> None:
+    if carveout is None or carveout == "auto":
+        return
+    if isinstance(carveout, bool) or not isinstance(carveout, int) or not 0 <= carveout <= 100:
+        raise ValueError(f"{name} must be 'auto', None (the driver's choice) or a percentage 0..100, got {carveout!r}.")
+
+
+def auto_carveout(n_regs: int, shared: int, num_warps: int, sm_regs: int = 65536, sm_shared: int = 233472) -> int:
+    """The smallest carveout (percent of ``sm_shared``) that keeps the occupancy registers allow: ``blocks =
+    sm_regs // (registers of one block)`` (warp allocations in 256-register units, at most 64 warps an SM), each with
+    its ``shared`` bytes and the system's 1 KB; the driver rounds a carveout up to a supported size (on sm_90 0, 8,
+    16, 32, 64, 100, 132, 164, 196 or 228 KB), the rest of the SM's 256 KB being L1. The scores kernel's default
+    tiling (61 registers, 20 KB, 8 warps on sm_90) gets 37% (100 KB, 4 blocks; L1 156 KB against the driver's
+    124 KB)."""
+    per_warp = -(-n_regs * 32 // 256) * 256
+    blocks = max(1, min(sm_regs // max(1, per_warp * num_warps), 64 // num_warps))
+    return min(100, -(-100 * blocks * (shared + _RESERVED_SHARED) // sm_shared))
+
+
+def set_carveout(compiled, carveout: int | str | None) -> None:
+    """Ask the driver for a shared-memory carveout (``cuFuncSetAttribute``) for a compiled Triton kernel: ``carveout``
+    is the percentage of the SM's shared-memory capacity (228 KB on an H100) the kernel prefers as shared memory, the
+    rest of the unified 256 KB being L1; ``"auto"``: :func:`auto_carveout` of the kernel's registers and shared
+    memory, ``0``: as much L1 as one program's shared memory allows (which may cost occupancy), ``None``: the
+    driver's default (reset if we set one before). A hint: the driver rounds it up to a supported size. Takes effect
+    from the next launch; a no-op in the interpreter."""
+    fn = getattr(compiled, "function", None)
+    if fn is None or triton_interpreted():
+        return
+    if carveout == "auto":
+        dev = torch.cuda.current_device()
+        value = auto_carveout(
+            compiled.n_regs,
+            int(compiled.metadata.shared),
+            compiled.metadata.num_warps,
+            _device_attribute(_SM_REGS_ATTRIBUTE, dev),
+            _device_attribute(_SM_SHARED_ATTRIBUTE, dev),
+        )
+    else:
+        value = -1 if carveout is None else int(carveout)
+    if _carveouts.get(fn, -1) == value:
+        return
+    err = _libcuda().cuFuncSetAttribute(ctypes.c_void_p(fn), ctypes.c_int(_CARVEOUT_ATTRIBUTE), ctypes.c_int(value))
+    if err:
+        raise RuntimeError(f"cuFuncSetAttribute(PREFERRED_SHARED_MEMORY_CARVEOUT={value}) failed with CUresult {err}.")
+    _carveouts[fn] = value
+
+
+def _device_attribute(attribute: int, device: int) -> int:
+    out = ctypes.c_int()
+    err = _libcuda().cuDeviceGetAttribute(ctypes.byref(out), ctypes.c_int(attribute), ctypes.c_int(device))
+    if err:
+        raise RuntimeError(f"cuDeviceGetAttribute({attribute}) failed with CUresult {err}.")
+    return out.value
+
+
+def _libcuda() -> ctypes.CDLL:
+    lib = getattr(_libcuda, "lib", None)
+    if lib is None:
+        lib = _libcuda.lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuFuncSetAttribute.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+        lib.cuFuncSetAttribute.restype = ctypes.c_int
+        lib.cuDeviceGetAttribute.argtypes = (ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int)
+        lib.cuDeviceGetAttribute.restype = ctypes.c_int
+    return lib
+
+
 def _scores_launch(
-    n_progs, bh, qs, kv, ztab, books, scores, m, lsum, accw, n_splits, n_code_progs, per_prog, s_pb, s_ph, meta, sw, ss
+    n_progs, bh, qs, kv, ztab, books, scores, m, lsum, accw, n_splits, n_code_progs, per_prog, s_pb, s_ph, meta, sw, ss,
+    carveout=None,
 ):  # fmt: skip
-    """One launch of the two-pass scores kernel over ``(n_progs, bh)`` programs (``meta["PROGRAMS"]`` says which)."""
-    _decode_scores_kernel[(n_progs, bh)](
+    """One launch of the two-pass scores kernel over ``(n_progs, bh)`` programs (``meta["PROGRAMS"]`` says which);
+    ``carveout``: :func:`set_carveout` of the compiled kernel (applies from the next launch on)."""
+    compiled = _decode_scores_kernel[(n_progs, bh)](
         qs,
         kv.codes,
         kv.knorm,
@@ -1950,13 +2053,14 @@ def _scores_launch(
         num_warps=sw,
         num_stages=ss,
     )
+    set_carveout(compiled, carveout)
 
 
 def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
     key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1, key_prefetch=False,
-    value_bits=DEFAULT_VALUE_BITS, values_prefetch=False,
+    value_bits=DEFAULT_VALUE_BITS, values_prefetch=None, scores_carveout="auto",
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -1988,7 +2092,7 @@ def _two_pass(
         if n_progs:
             _scores_launch(
                 n_progs, b * h, qs, kv, ztab, books, scores, m, lsum, accw, n_splits, n_code_progs, per_prog, s_pb,
-                s_ph, meta, sw, ss,
+                s_ph, meta, sw, ss, scores_carveout,
             )  # fmt: skip
     if n_splits:
         _decode_values_kernel[(n_splits, b, n_nbc)](

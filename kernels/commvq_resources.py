@@ -200,7 +200,9 @@ BENCHMARK_DECODE_TILINGS = (
     (16, 1024, 4, 1),
 )
 # the two-pass tilings it sweeps: (block_t, num_warps, values_block_t, nb_chunk, values_warps); the first is the default
+# (the values kernel by bit planes), the second the default of the reshape expansion
 BENCHMARK_TWO_PASS_TILINGS = (
+    (64, 8, 32, 512, 4),
     (64, 8, 64, 256, 8),
     (64, 8, 32, 256, 4),
     (32, 4, 32, 256, 4),

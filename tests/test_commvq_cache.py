@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicLayer
 from pressroom.kernels.commvq_attention import (
     CodedKV,
     LayerBooks,
+    auto_carveout,
     decode_attention,
     decode_attention_reference,
     two_pass_meta,
@@ -880,13 +881,13 @@ def test_decode_value_bits_join_equals_reshape():
 
 @needs_interpreter
 def test_decode_value_bits_planes_equals_reshape():
-    """The bit-plane values kernel (one accumulator per bit position of a byte, written back to the bit's column)
-    gives the default's output: 320 value bits in three chunks of 128 (the last one partly masked), blocks of 16
-    tokens; and its chunks must hold 16 bytes."""
+    """The bit-plane values kernel (the default: one accumulator per bit position of a byte, the 8 written back
+    together to the byte's 8 columns) gives the reshape expansion's output: 320 value bits in three chunks of 128 (the
+    last one partly masked), blocks of 16 tokens; and its chunks must hold 16 bytes."""
     kv, books = _coded(2, 2, 16, 2, n=40, nw=3, nbits=320)
     q = torch.randn(2, 6, 16)
     tiling = dict(block_t=16, target_programs=4, score_programs=4, values_block_t=16, nb_chunk=128)
-    planes = decode_attention(q, kv, books, 0.3, use_triton=True, value_bits="planes", **tiling)
+    planes = decode_attention(q, kv, books, 0.3, use_triton=True, value_bits="planes", values_prefetch=False, **tiling)
     reshape = decode_attention(q, kv, books, 0.3, use_triton=True, value_bits="reshape", **tiling)
     assert (planes - reshape).abs().max() <= 1e-6 * reshape.abs().max()
     ref = decode_attention_reference(q, kv, books, 0.3)
@@ -895,10 +896,41 @@ def test_decode_value_bits_planes_equals_reshape():
         q, kv, books, 0.3, use_triton=True, value_bits="planes", values_prefetch=True, **tiling
     )  # the next block's loads issued before this block's math: the same sums in the same order
     assert torch.equal(prefetch, planes)
+    default = decode_attention(q, kv, books, 0.3, use_triton=True, **tiling)  # planes, prefetch on
+    assert torch.equal(default, prefetch)
     with pytest.raises(ValueError, match="values_prefetch=True is implemented for value_bits='planes' only"):
-        decode_attention(q, kv, books, 0.3, use_triton=True, values_prefetch=True, **tiling)
+        decode_attention(q, kv, books, 0.3, use_triton=True, value_bits="reshape", values_prefetch=True, **tiling)
     with pytest.raises(ValueError, match="value_bits='planes' needs nb_chunk >= 128"):
         decode_attention(q, kv, books, 0.3, use_triton=True, value_bits="planes", **dict(tiling, nb_chunk=64))
+
+
+def test_auto_carveout_keeps_the_register_occupancy_with_the_least_shared_memory():
+    """The scores kernel's default tiling on sm_90 (61 registers, 20 KB, 8 warps): registers allow 4 programs an SM,
+    so the carveout must hold 4 x (20 KB + the system's 1 KB) of the SM's 228 KB, and no more than the next
+    supported size above it (100 KB) is asked for."""
+    sm_shared = 233472
+    pct = auto_carveout(61, 20480, 8, 65536, sm_shared)
+    assert 4 * (20480 + 1024) <= pct * sm_shared / 100 <= 100 * 1024
+    assert pct == 37
+    # 255 registers x 8 warps fill the register file with one program: its shared memory only
+    assert auto_carveout(255, 82944, 8) == 36
+    # 4 warps of 56 registers: 9 programs by registers, 9 x 13 KB
+    assert auto_carveout(56, 12288, 4) == 52
+    # more shared memory than the SM has: capped at 100
+    assert auto_carveout(32, 100000, 4) == 100
+
+
+def test_decode_scores_carveout_is_validated():
+    kv, books = _coded(1, 2, 16, 2, n=8, nw=2, nbits=2 * 2 * 16)
+    q = torch.randn(1, 4, 16)
+    for bad in (101, -1, "max", True, 37.5):
+        with pytest.raises(ValueError, match="scores_carveout must be 'auto', None"):
+            decode_attention(q, kv, books, 0.3, scores_carveout=bad)
+    with pytest.raises(ValueError, match="scores_carveout is a setting of design='two_pass' only"):
+        decode_attention(q, kv, books, 0.3, design="fused", scores_carveout=30)
+    ref = decode_attention_reference(q, kv, books, 0.3)
+    for ok in ("auto", None, 0, 100):  # off CUDA the reference runs; the carveout is only a hint to the driver
+        assert torch.equal(decode_attention(q, kv, books, 0.3, scores_carveout=ok), ref)
 
 
 def test_decode_key_gather_is_validated():
