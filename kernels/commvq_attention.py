@@ -2072,7 +2072,7 @@ def _two_pass(
         window_launch, pair_parts, pair_chunks, key_prefetch, value_bits, values_prefetch,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
-    split = _split_size(kv.n, b * n_nbc, values_block_t, target_programs)
+    split = _split_size(kv.n, b * n_nbc, vmeta["BLOCK_T"], target_programs)
     n_splits = triton.cdiv(kv.n, split) if kv.n else 0
     per_prog = _split_size(kv.n, b * h, block_t, score_programs)
     n_code_progs = triton.cdiv(kv.n, per_prog) if kv.n else 0
