@@ -319,25 +319,48 @@ if HAS_TRITON:
             return _add_center(k0, k1, ztab_ptr, g, r, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE)
 
     @triton.jit
+    def _mask_if(mask, cond):
+        """``mask`` where the scalar ``cond`` holds, else all off (a runtime or a constant ``cond``)."""
+        return tl.where(cond, mask, tl.zeros_like(mask))
+
+    @triton.jit
+    def _code_pair_bytes(crow, j, tmask, R: tl.constexpr):
+        """The three bytes ``3 j .. 3 j + 2`` of each token's code row ``crow`` (codes ``2 j`` and ``2 j + 1``, 12
+        bits each; the third byte only when ``2 j + 1 < R``, else 0), as int32."""
+        b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
+        b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
+        b2 = tl.load(crow + 3 * j + 2, mask=_mask_if(tmask, 2 * j + 1 < R), other=0).to(tl.int32)
+        return b0, b1, b2
+
+    @triton.jit
+    def _add_code_pair_bytes(
+        k0, k1, b0, b1, b2, ztab_ptr, g, j, pp, pmask, R: tl.constexpr, P: tl.constexpr, TABLE_FP16: tl.constexpr,
+        GATHER_TABLE: tl.constexpr, ACC_FP16: tl.constexpr, NATIVE: tl.constexpr,
+    ):  # fmt: skip
+        """The codes ``2 j`` and ``2 j + 1`` of the bytes ``b0, b1, b2`` (:func:`_code_pair_bytes`; the second code
+        only when ``2 j + 1 < R``) into the key's accumulators (:func:`_add_code`)."""
+        k0, k1 = _add_code(
+            k0, k1, ztab_ptr, g, 2 * j, b0 | ((b1 & 15) << 8), pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16,
+            NATIVE,
+        )  # fmt: skip
+        if 2 * j + 1 < R:
+            k0, k1 = _add_code(
+                k0, k1, ztab_ptr, g, 2 * j + 1, (b1 >> 4) | (b2 << 4), pp, pmask, R, P, TABLE_FP16, GATHER_TABLE,
+                ACC_FP16, NATIVE,
+            )  # fmt: skip
+        return k0, k1
+
+    @triton.jit
     def _add_code_pair(
         k0, k1, crow, tmask, ztab_ptr, g, j, pp, pmask, R: tl.constexpr, P: tl.constexpr, TABLE_FP16: tl.constexpr,
         GATHER_TABLE: tl.constexpr, ACC_FP16: tl.constexpr, NATIVE: tl.constexpr,
     ):  # fmt: skip
-        """The codes ``2 j`` and ``2 j + 1`` (12 bits each in the three bytes ``3 j .. 3 j + 2`` of each token's row
-        ``crow``; the second only when ``2 j + 1 < R``) into the key's accumulators (:func:`_add_code`)."""
-        b0 = tl.load(crow + 3 * j, mask=tmask, other=0).to(tl.int32)
-        b1 = tl.load(crow + 3 * j + 1, mask=tmask, other=0).to(tl.int32)
-        code = b0 | ((b1 & 15) << 8)
-        k0, k1 = _add_code(
-            k0, k1, ztab_ptr, g, 2 * j, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
+        """The codes ``2 j`` and ``2 j + 1`` of each token's row ``crow`` into the key's accumulators: their bytes
+        (:func:`_code_pair_bytes`) and :func:`_add_code_pair_bytes`."""
+        b0, b1, b2 = _code_pair_bytes(crow, j, tmask, R)
+        return _add_code_pair_bytes(
+            k0, k1, b0, b1, b2, ztab_ptr, g, j, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
         )
-        if 2 * j + 1 < R:
-            b2 = tl.load(crow + 3 * j + 2, mask=tmask, other=0).to(tl.int32)
-            code = (b1 >> 4) | (b2 << 4)
-            k0, k1 = _add_code(
-                k0, k1, ztab_ptr, g, 2 * j + 1, code, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
-            )
-        return k0, k1
 
     @triton.jit
     def _rope_cos_sin(phi, FAST: tl.constexpr, NATIVE: tl.constexpr):
@@ -411,13 +434,15 @@ if HAS_TRITON:
         FAST_ROPE: tl.constexpr = False,
         NATIVE: tl.constexpr = False,
         UNROLL: tl.constexpr = False,
+        CODE_PREFETCH: tl.constexpr = False,
     ):
         """Scores ``[BLOCK_G, BLOCK_T]`` of the (pre-scaled) queries of KV head ``g`` against the coded tokens ``tok``:
         each key is summed from its codes' table entries, rotated to its position and scaled by its norm (the key never
         exists in HBM); ``-inf`` where ``tmask`` is off. Only the residual pairs ``j0 <= j < j1`` (codes ``2j`` and
         ``2j + 1``) are summed: the score is linear in the key, so parts of the residuals give partial scores.
         ``ACC_FP16`` (float16 table only): the entries are summed as packed float16 pairs (:func:`_add_center_h2`);
-        ``FAST_ROPE``: see :func:`_rope_cos_sin`."""
+        ``FAST_ROPE``: see :func:`_rope_cos_sin`; ``CODE_PREFETCH`` (runtime loop only): the next residual pair's code
+        bytes are loaded before this pair's gathers, so that the gathers' addresses never wait on a code load."""
         crow = codes_ptr + b * s_cb + g * s_ch + tok * s_cn
         # a runtime loop over residual pairs (two codes in three bytes): a fully unrolled loop over R lets ptxas hoist
         # all 2 R gathers (8 registers each per thread at BLOCK_T=32, P=64) and spill
@@ -431,6 +456,14 @@ if HAS_TRITON:
             for j in tl.static_range((R + 1) // 2):
                 k0, k1 = _add_code_pair(
                     k0, k1, crow, tmask, ztab_ptr, g, j, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
+                )
+        elif CODE_PREFETCH:  # the bytes of pair j + 1 in flight while pair j's entries are gathered and added
+            n0, n1, n2 = _code_pair_bytes(crow, j0, _mask_if(tmask, j0 < j1), R)
+            for j in range(j0, j1):
+                c0, c1, c2 = n0, n1, n2
+                n0, n1, n2 = _code_pair_bytes(crow, j + 1, _mask_if(tmask, j + 1 < j1), R)
+                k0, k1 = _add_code_pair_bytes(
+                    k0, k1, c0, c1, c2, ztab_ptr, g, j, pp, pmask, R, P, TABLE_FP16, GATHER_TABLE, ACC_FP16, NATIVE
                 )
         else:
             for j in range(j0, j1):
@@ -1140,6 +1173,7 @@ if HAS_TRITON:
         PAIR_PARTS: tl.constexpr = 1,
         PAIR_CHUNKS: tl.constexpr = 1,
         PREFETCH: tl.constexpr = False,
+        CODE_PREFETCH: tl.constexpr = False,
     ):
         # PROGRAMS: 0, one grid for both (the window's program after the code programs); 1, the code programs only;
         # 2, the window's program only. Apart, the code programs compile without the window's dots and accumulators:
@@ -1190,7 +1224,7 @@ if HAS_TRITON:
                         sc = _code_block_scores(
                             qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask,
                             rope_scale, j0, j1, s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT,
-                            TABLE_FP16, GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE, UNROLL_R,
+                            TABLE_FP16, GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE, UNROLL_R, CODE_PREFETCH,
                         )  # fmt: skip
                     if PAIR_PARTS > 1 and chunk > 0:
                         sc += tl.load(out_row + tok[None, :], mask=smask, other=0.0)
@@ -1508,6 +1542,7 @@ def two_pass_meta(
     key_prefetch: bool = False,
     value_bits: str = DEFAULT_VALUE_BITS,
     values_prefetch: bool | None = None,
+    code_prefetch: bool = True,
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
@@ -1557,6 +1592,7 @@ def two_pass_meta(
         )
     if key_prefetch:
         scores["PREFETCH"] = True
+    scores["CODE_PREFETCH"] = bool(code_prefetch)
     if split > 1:  # the code programs' tiles hold tile pairs of one part (a dot needs 16 of them)
         scores.update(
             PAIR_PARTS=pair_parts,
@@ -1663,6 +1699,7 @@ def decode_attention(
     value_bits: str = DEFAULT_VALUE_BITS,
     values_prefetch: bool | None = None,
     scores_carveout: int | str | None = "auto",
+    code_prefetch: bool = True,
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1755,6 +1792,12 @@ def decode_attention(
     values_prefetch : bool or None
         With ``value_bits="planes"``: the values kernel loads the next block's scores and coefficients before this
         block's math (register double buffering). Default ``None``: on with the planes, off otherwise.
+    code_prefetch : bool
+        Two-pass only (default ``True``): each scores program loads the next residual pair's code bytes before
+        gathering this pair's table entries, so the gathers' addresses never wait on a code load (the same arithmetic
+        in the same order; compiled for sm_90 at the default tiling, 64 registers instead of 57, still 4 programs an
+        SM). ``False``: each pair's bytes right before its gathers. (Loading the second sweep's partial scores early
+        as well took 105 registers, so it is not done.)
     scores_carveout : int, str or None
         Two-pass only, CUDA only: the shared-memory carveout the scores kernel asks the driver for, as a percentage
         of the SM's shared-memory capacity (:func:`set_carveout`); the rest of the SM's 256 KB is L1, where the key
@@ -1874,7 +1917,7 @@ def decode_attention(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
             values_warps, target_programs or 2 * _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
             rope_trig, key_unroll, values_stages, window_launch, pair_parts, pair_chunks, key_prefetch, value_bits,
-            values_prefetch, scores_carveout,
+            values_prefetch, scores_carveout, code_prefetch,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -2060,7 +2103,7 @@ def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
     key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1, key_prefetch=False,
-    value_bits=DEFAULT_VALUE_BITS, values_prefetch=None, scores_carveout="auto",
+    value_bits=DEFAULT_VALUE_BITS, values_prefetch=None, scores_carveout="auto", code_prefetch=True,
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -2069,7 +2112,7 @@ def _two_pass(
     (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
         h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
         nb_chunk, values_warps, num_stages, key_gather, key_parts, key_accum, rope_trig, key_unroll, values_stages,
-        window_launch, pair_parts, pair_chunks, key_prefetch, value_bits, values_prefetch,
+        window_launch, pair_parts, pair_chunks, key_prefetch, value_bits, values_prefetch, code_prefetch,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
     split = _split_size(kv.n, b * n_nbc, vmeta["BLOCK_T"], target_programs)

@@ -850,6 +850,22 @@ def test_decode_pair_parts_equal_one_sweep(pair_parts, pair_chunks, prefetch):
 
 
 @needs_interpreter
+@pytest.mark.parametrize(("residuals", "pair_parts"), [(3, 2), (4, 2), (3, 1)])
+def test_decode_code_prefetch_is_the_same_arithmetic(residuals, pair_parts):
+    """Code bytes loaded one residual pair ahead change when loads are issued, not what is summed: the output bit for
+    bit of the in-order loads, with an odd and an even number of residuals, one and two sweeps of the pairs and 5
+    blocks per program (the last one masked)."""
+    kv, books = _coded(1, 2, 64, residuals, n=150, nw=3, nbits=2 * 64, fp16_theta=True)
+    q = torch.randn(1, 4, 64)
+    tiling = dict(block_t=32, target_programs=4, score_programs=2, values_block_t=16, pair_parts=pair_parts)
+    ahead = decode_attention(q, kv, books, 0.3, use_triton=True, code_prefetch=True, **tiling)
+    in_order = decode_attention(q, kv, books, 0.3, use_triton=True, code_prefetch=False, **tiling)
+    assert torch.equal(ahead, in_order)
+    ref = decode_attention_reference(q, kv, books, 0.3)
+    assert (ahead - ref).abs().max() <= 2e-3 * ref.abs().max()
+
+
+@needs_interpreter
 def test_decode_value_product_dense_equals_einsum():
     """The value codebook product as one dense matmul (each query head keeping its KV head's block) after a merge in
     several bit chunks, batch 2, 2 KV heads of 3 query heads: the per-head product, to float32 rounding."""
