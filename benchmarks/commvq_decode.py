@@ -322,6 +322,12 @@ def variants(
             dict(out[0], value_bits="planes", **v)
             for v in (VALUE_PLANES_TILINGS[:1] if smoke else VALUE_PLANES_TILINGS)
         ]
+    if "codes" in key_side:  # the code bytes loaded in order (no prefetch); the default with other program counts
+        out += [
+            dict(out[0], code_prefetch=False),
+            dict(out[0], score_programs=8192),
+            dict(out[0], values_block_t=32, nb_chunk=1024, values_warps=8),
+        ]
     if "carveout" in key_side:  # the scores kernel's shared-memory carveout (the rest of the SM's 256 KB is L1)
         tilings = CARVEOUT_TILINGS[:1] if smoke else CARVEOUT_TILINGS
         out += [dict(out[0], block_t=bt, num_warps=nw, scores_carveout=c) for bt, nw, c in tilings]
@@ -421,13 +427,15 @@ def main() -> None:
             "window",
             "planes",
             "carveout",
+            "codes",
         ],
         default=["table", "parts", "pairs", "chunks", "prefetch", "unroll", "merge", "window"],
         help="two-pass alternatives timed next to the default: on-chip table gathers, residuals in two parts, "
         "RoPE pairs in parts (pair_parts) and in tiles (pair_chunks), gathers one step ahead (key_prefetch), "
         "small token blocks with the residual loop "
         "unrolled, the fused merge, the window in the code launch, the values kernel by bit planes (value_bits), "
-        "the scores kernel's shared-memory carveout (scores_carveout)",
+        "the scores kernel's shared-memory carveout (scores_carveout), the code bytes loaded in order "
+        "(code_prefetch=False)",
     )
     ap.add_argument(
         "--values-sweep",
