@@ -322,9 +322,10 @@ def variants(
             dict(out[0], value_bits="planes", **v)
             for v in (VALUE_PLANES_TILINGS[:1] if smoke else VALUE_PLANES_TILINGS)
         ]
-    if "codes" in key_side:  # the code bytes loaded in order (no prefetch); the default with other program counts
+    if "codes" in key_side:  # the code bytes loaded ahead; the merge one split at a time; other program counts
         out += [
-            dict(out[0], code_prefetch=False),
+            dict(out[0], code_prefetch=True),
+            dict(out[0], reduce_split_tile=1),
             dict(out[0], score_programs=8192),
             dict(out[0], values_block_t=32, nb_chunk=1024, values_warps=8),
         ]
@@ -434,8 +435,8 @@ def main() -> None:
         "RoPE pairs in parts (pair_parts) and in tiles (pair_chunks), gathers one step ahead (key_prefetch), "
         "small token blocks with the residual loop "
         "unrolled, the fused merge, the window in the code launch, the values kernel by bit planes (value_bits), "
-        "the scores kernel's shared-memory carveout (scores_carveout), the code bytes loaded in order "
-        "(code_prefetch=False)",
+        "the scores kernel's shared-memory carveout (scores_carveout), the code bytes loaded ahead "
+        "(code_prefetch) and the merge one split at a time (reduce_split_tile=1)",
     )
     ap.add_argument(
         "--values-sweep",

@@ -999,6 +999,7 @@ if HAS_TRITON:
         BLOCK_S: tl.constexpr,
         NB_CHUNK: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        SPLIT_TILE: tl.constexpr = 16,
     ):
         row = tl.program_id(0)
         nbc = tl.program_id(1)
@@ -1014,9 +1015,19 @@ if HAS_TRITON:
         nbmask = nb < NBITS
         acc = tl.zeros((NB_CHUNK,), tl.float32)
         inv_total = 1.0 / total
-        for s in range(0, n_splits):  # each split's weight from its own (scalar) maximum: no reduction per split
-            ws = tl.exp2(tl.load(m_ptr + row * (n_splits + 1) + s) - mx) * inv_total
-            acc += ws * tl.load(acc_ptr + (row * n_splits + s) * NBITS + nb, mask=nbmask, other=0.0)
+        # SPLIT_TILE splits per step, their loads issued together (one split per step serialised ~130 memory latencies
+        # at 1 bit and 128k tokens); each split's weight from its own maximum, masked splits weigh 0
+        st = tl.arange(0, SPLIT_TILE)
+        for s0 in range(0, n_splits, SPLIT_TILE):
+            s = s0 + st
+            sm = s < n_splits
+            ws = tl.exp2(tl.load(m_ptr + row * (n_splits + 1) + s, mask=sm, other=-1.0e30) - mx) * inv_total
+            tile = tl.load(
+                acc_ptr + (row * n_splits + s)[:, None] * NBITS + nb[None, :],
+                mask=sm[:, None] & nbmask[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(ws[:, None] * tile, axis=0)
         tl.store(out_bits_ptr + row * NBITS + nb, acc, mask=nbmask)
         if nbc == 0:
             dd = tl.arange(0, BLOCK_D)
@@ -1542,7 +1553,7 @@ def two_pass_meta(
     key_prefetch: bool = False,
     value_bits: str = DEFAULT_VALUE_BITS,
     values_prefetch: bool | None = None,
-    code_prefetch: bool = True,
+    code_prefetch: bool = False,
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
@@ -1633,14 +1644,22 @@ def window_launch_meta(scores: dict) -> dict:
     }
 
 
-def reduce_meta(d: int, nbits: int, n_splits: int, nb_chunk: int | None = None) -> tuple[dict, tuple[int, int]]:
+DEFAULT_REDUCE_SPLIT_TILE = 16
+
+
+def reduce_meta(
+    d: int, nbits: int, n_splits: int, nb_chunk: int | None = None, split_tile: int = DEFAULT_REDUCE_SPLIT_TILE
+) -> tuple[dict, tuple[int, int]]:
     """The reduce kernel's constexprs and ``(num_warps, num_stages)`` (see :func:`decode_meta`)."""
+    if split_tile < 1 or split_tile > 64 or split_tile & (split_tile - 1):
+        raise ValueError(f"reduce_split_tile must be a power of two from 1 to 64, got {split_tile}.")
     meta = dict(
         NBITS=nbits,
         D=d,
         BLOCK_S=triton.next_power_of_2(n_splits + 1),
         NB_CHUNK=nb_chunk or _default_nb_chunk(nbits, DEFAULT_REDUCE_NB_CHUNK),
         BLOCK_D=triton.next_power_of_2(d),
+        SPLIT_TILE=split_tile,
     )
     return meta, (4, 1)
 
@@ -1699,7 +1718,8 @@ def decode_attention(
     value_bits: str = DEFAULT_VALUE_BITS,
     values_prefetch: bool | None = None,
     scores_carveout: int | str | None = "auto",
-    code_prefetch: bool = True,
+    code_prefetch: bool = False,
+    reduce_split_tile: int = DEFAULT_REDUCE_SPLIT_TILE,
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1793,11 +1813,12 @@ def decode_attention(
         With ``value_bits="planes"``: the values kernel loads the next block's scores and coefficients before this
         block's math (register double buffering). Default ``None``: on with the planes, off otherwise.
     code_prefetch : bool
-        Two-pass only (default ``True``): each scores program loads the next residual pair's code bytes before
-        gathering this pair's table entries, so the gathers' addresses never wait on a code load (the same arithmetic
-        in the same order; compiled for sm_90 at the default tiling, 64 registers instead of 57, still 4 programs an
-        SM). ``False``: each pair's bytes right before its gathers. (Loading the second sweep's partial scores early
-        as well took 105 registers, so it is not done.)
+        Two-pass only. ``True``: each scores program loads the next residual pair's code bytes before gathering
+        this pair's table entries, so the gathers' addresses never wait on a code load (the same arithmetic in the
+        same order; compiled offline for sm_90 at the default tiling, 64 registers instead of 57, still 4 programs an
+        SM). Slower on an H200 at 128k tokens: 0.633 against 0.602 ms at 1 bit, 0.944 against 0.933 ms at 2 bits
+        (GPU time, graph replay; ``benchmarks/results/commvq_decode_codes.json``). ``False`` (default): each pair's
+        bytes right before its gathers.
     scores_carveout : int, str or None
         Two-pass only, CUDA only: the shared-memory carveout the scores kernel asks the driver for, as a percentage
         of the SM's shared-memory capacity (:func:`set_carveout`); the rest of the SM's 256 KB is L1, where the key
@@ -1812,6 +1833,11 @@ def decode_attention(
     reduce_nb_chunk : int or None
         With ``merge="separate"``: value bits per program of the merge kernel (a power of two >= 16; default
         ``min(n_bits, 128)``): one program per query head and chunk, so smaller chunks mean more programs.
+    reduce_split_tile : int
+        With ``merge="separate"``: splits the merge kernel weighs and adds per step (a power of two, 1 to 64; default
+        16), their loads issued together; 1 adds one split at a time, which serialises one memory latency per split
+        (132 of them at 1 bit and 128k tokens on a 132-SM GPU). Deterministic; the order of the float32 adds differs
+        with the tile.
     merge : str
         How the splits are combined. ``"separate"`` (default): a merge kernel writes the weighted value bits per query
         head (one program per head and 128 bits), then PyTorch multiplies them by the value codebook per KV head,
@@ -1944,7 +1970,7 @@ def decode_attention(
             m, lsum, acc, accw, books.emb, books.chscale, out, n_splits, **mmeta, num_warps=mwarps, num_stages=mstages
         )
         return out
-    rmeta, (rwarps, rstages) = reduce_meta(d, nbits, n_splits, reduce_nb_chunk)
+    rmeta, (rwarps, rstages) = reduce_meta(d, nbits, n_splits, reduce_nb_chunk, reduce_split_tile)
     n_rbc = triton.cdiv(nbits, rmeta["NB_CHUNK"])
     out_bits = torch.empty(b * hq, nbits, device=dev, dtype=torch.float32)
     out_w = torch.empty(b * hq, d, device=dev, dtype=torch.float32)
@@ -2103,7 +2129,7 @@ def _two_pass(
     qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk, values_warps,
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
     key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1, key_prefetch=False,
-    value_bits=DEFAULT_VALUE_BITS, values_prefetch=None, scores_carveout="auto", code_prefetch=True,
+    value_bits=DEFAULT_VALUE_BITS, values_prefetch=None, scores_carveout="auto", code_prefetch=False,
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape

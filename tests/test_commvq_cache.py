@@ -815,7 +815,9 @@ def test_wrong_codebooks_raise(tiny, tmp_path):
 
 @needs_interpreter
 def test_fused_merge_over_many_splits_equals_the_separate_merge():
-    """38 splits: the fused merge reads them 32 at a time (two chunks, the second partial) plus the window."""
+    """38 splits: the fused merge reads them 32 at a time (two chunks, the second partial) plus the window; the
+    separate merge adds them 16 at a time by default (the third step partial), one at a time with
+    reduce_split_tile=1: the same to float32 rounding."""
     torch.manual_seed(5)
     kv, books = _coded(2, 2, 16, 2, n=600, nw=7, nbits=2 * 2 * 16)
     q = torch.randn(2, 6, 16)
@@ -825,6 +827,10 @@ def test_fused_merge_over_many_splits_equals_the_separate_merge():
     separate = decode_attention(q, kv, books, 0.3, **tiling)
     assert (fused - separate).abs().max() <= 1e-5 * ref.abs().max()
     assert (fused - ref).abs().max() <= 2e-3 * ref.abs().max()
+    one_by_one = decode_attention(q, kv, books, 0.3, reduce_split_tile=1, **tiling)
+    assert (one_by_one - separate).abs().max() <= 1e-5 * ref.abs().max()
+    with pytest.raises(ValueError, match="reduce_split_tile must be a power of two from 1 to 64"):
+        decode_attention(q, kv, books, 0.3, reduce_split_tile=12, **tiling)
 
 
 @needs_interpreter
