@@ -1806,9 +1806,10 @@ def decode_attention(
         0.278 against 0.203 ms at 2 bits (``benchmarks/results/commvq_decode_value_bits.json``). ``"planes"``: one
         transposed accumulator ``[nb_chunk / 8, Hq]`` per bit position of a byte, each bit plane built (inline PTX: two
         float16 0/1 per ``and`` + multiply) straight in the register operand of a wgmma, no reshape (default); needs
-        ``nb_chunk >= 128``. Bit for bit the default's output on an H200; there the values kernel took 0.085 against
-        0.103 ms at 1 bit and 0.134 against 0.196 ms at 2 bits (32 tokens, 512 bits, 4 warps, ``values_prefetch``;
-        ``benchmarks/results/commvq_decode_planes_prefetch.json``).
+        ``nb_chunk >= 128``. The reshape path's output to float32 rounding on an H200; there the values kernel took
+        0.085 against 0.103 ms at 1 bit and 0.134 against 0.196 ms at 2 bits (32 tokens, 512 bits, 4 warps,
+        ``values_prefetch``; ``benchmarks/results/commvq_decode_planes_prefetch.json``), and 0.052 / 0.101 ms once
+        each thread stores its 8 planes' values of a byte together (``commvq_decode_split_tile.json``).
     values_prefetch : bool or None
         With ``value_bits="planes"``: the values kernel loads the next block's scores and coefficients before this
         block's math (register double buffering). Default ``None``: on with the planes, off otherwise.
