@@ -329,6 +329,12 @@ def variants(
             dict(out[0], score_programs=8192),
             dict(out[0], values_block_t=32, nb_chunk=1024, values_warps=8),
         ]
+    if "splits" in key_side:  # more value programs (splits) now that the merge reads 16 splits per step
+        out += [dict(out[0], target_programs=tp) for tp in (396, 528, 792)]
+        out += [
+            dict(out[0], target_programs=528, values_block_t=16),
+            dict(out[0], target_programs=528, score_programs=8192),
+        ]
     if "carveout" in key_side:  # the scores kernel's shared-memory carveout (the rest of the SM's 256 KB is L1)
         tilings = CARVEOUT_TILINGS[:1] if smoke else CARVEOUT_TILINGS
         out += [dict(out[0], block_t=bt, num_warps=nw, scores_carveout=c) for bt, nw, c in tilings]
@@ -429,6 +435,7 @@ def main() -> None:
             "planes",
             "carveout",
             "codes",
+            "splits",
         ],
         default=["table", "parts", "pairs", "chunks", "prefetch", "unroll", "merge", "window"],
         help="two-pass alternatives timed next to the default: on-chip table gathers, residuals in two parts, "
@@ -436,7 +443,7 @@ def main() -> None:
         "small token blocks with the residual loop "
         "unrolled, the fused merge, the window in the code launch, the values kernel by bit planes (value_bits), "
         "the scores kernel's shared-memory carveout (scores_carveout), the code bytes loaded ahead "
-        "(code_prefetch) and the merge one split at a time (reduce_split_tile=1)",
+        "(code_prefetch) and the merge one split at a time (reduce_split_tile=1), more value programs (splits)",
     )
     ap.add_argument(
         "--values-sweep",
