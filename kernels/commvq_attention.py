@@ -2032,18 +2032,19 @@ def auto_carveout(n_regs: int, shared: int, num_warps: int, sm_regs: int = 65536
     return min(100, -(-100 * blocks * (shared + _RESERVED_SHARED) // sm_shared))
 
 
-def set_carveout(compiled, carveout: int | str | None) -> None:
+def set_carveout(compiled, carveout: int | str | None, device: int | None = None) -> None:
     """Ask the driver for a shared-memory carveout (``cuFuncSetAttribute``) for a compiled Triton kernel: ``carveout``
     is the percentage of the SM's shared-memory capacity (228 KB on an H100) the kernel prefers as shared memory, the
     rest of the unified 256 KB being L1; ``"auto"``: :func:`auto_carveout` of the kernel's registers and shared
     memory, ``0``: as much L1 as one program's shared memory allows (which may cost occupancy), ``None``: the
     driver's default (reset if we set one before). A hint: the driver rounds it up to a supported size. Takes effect
-    from the next launch; a no-op in the interpreter."""
+    from the next launch; a no-op in the interpreter. ``device``: the CUDA device index whose limits ``"auto"`` reads
+    (default: the current device)."""
     fn = getattr(compiled, "function", None)
     if fn is None or triton_interpreted():
         return
     if carveout == "auto":
-        dev = torch.cuda.current_device()
+        dev = torch.cuda.current_device() if device is None else device
         value = auto_carveout(
             compiled.n_regs,
             int(compiled.metadata.shared),
@@ -2123,7 +2124,7 @@ def _scores_launch(
         num_warps=sw,
         num_stages=ss,
     )
-    set_carveout(compiled, carveout)
+    set_carveout(compiled, carveout, qs.device.index)
 
 
 def _two_pass(
