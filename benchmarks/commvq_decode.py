@@ -335,6 +335,12 @@ def variants(
             dict(out[0], target_programs=528, values_block_t=16),
             dict(out[0], target_programs=528, score_programs=8192),
         ]
+    if "maxnreg" in key_side:  # the scores kernel's register cap: more programs an SM, some spills
+        out += [dict(out[0], scores_maxnreg=r) for r in (48, 40)]
+        out += [
+            dict(out[0], scores_maxnreg=48, scores_carveout=None),
+            dict(out[0], scores_maxnreg=48, block_t=32, num_warps=4),
+        ]
     if "carveout" in key_side:  # the scores kernel's shared-memory carveout (the rest of the SM's 256 KB is L1)
         tilings = CARVEOUT_TILINGS[:1] if smoke else CARVEOUT_TILINGS
         out += [dict(out[0], block_t=bt, num_warps=nw, scores_carveout=c) for bt, nw, c in tilings]
@@ -436,6 +442,7 @@ def main() -> None:
             "carveout",
             "codes",
             "splits",
+            "maxnreg",
         ],
         default=["table", "parts", "pairs", "chunks", "prefetch", "unroll", "merge", "window"],
         help="two-pass alternatives timed next to the default: on-chip table gathers, residuals in two parts, "
@@ -443,7 +450,8 @@ def main() -> None:
         "small token blocks with the residual loop "
         "unrolled, the fused merge, the window in the code launch, the values kernel by bit planes (value_bits), "
         "the scores kernel's shared-memory carveout (scores_carveout), the code bytes loaded ahead "
-        "(code_prefetch) and the merge one split at a time (reduce_split_tile=1), more value programs (splits)",
+        "(code_prefetch) and the merge one split at a time (reduce_split_tile=1), more value programs (splits), "
+        "the scores kernel's register cap (scores_maxnreg)",
     )
     ap.add_argument(
         "--values-sweep",

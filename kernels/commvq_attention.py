@@ -1720,6 +1720,7 @@ def decode_attention(
     scores_carveout: int | str | None = "auto",
     code_prefetch: bool = False,
     reduce_split_tile: int = DEFAULT_REDUCE_SPLIT_TILE,
+    scores_maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1813,6 +1814,11 @@ def decode_attention(
     values_prefetch : bool or None
         With ``value_bits="planes"``: the values kernel loads the next block's scores and coefficients before this
         block's math (register double buffering). Default ``None``: on with the planes, off otherwise.
+    scores_maxnreg : int or None
+        Two-pass, CUDA only: a cap on the registers per thread of the scores kernel's code programs (Triton's
+        ``maxnreg``; ``None``, the default: no cap). Fewer registers let more programs share an SM (at the default
+        tiling, 57 registers allow 4; 48 allow 5, with a 72-byte spill frame, compiled offline for sm_90). The output
+        does not depend on it.
     code_prefetch : bool
         Two-pass only. ``True``: each scores program loads the next residual pair's code bytes before gathering
         this pair's table entries, so the gathers' addresses never wait on a code load (the same arithmetic in the
@@ -1905,6 +1911,12 @@ def decode_attention(
     if values_prefetch and design != "two_pass":
         raise ValueError("values_prefetch=True is a setting of design='two_pass' only (its values kernel).")
     _check_carveout(scores_carveout)
+    if scores_maxnreg is not None and (
+        isinstance(scores_maxnreg, bool) or not isinstance(scores_maxnreg, int) or not 16 <= scores_maxnreg <= 255
+    ):
+        raise ValueError(f"scores_maxnreg must be None or a register count from 16 to 255, got {scores_maxnreg!r}.")
+    if scores_maxnreg is not None and design != "two_pass":
+        raise ValueError("scores_maxnreg is a setting of design='two_pass' only (its scores kernel).")
     if isinstance(scores_carveout, int) and design != "two_pass":
         raise ValueError("scores_carveout is a setting of design='two_pass' only (its scores kernel).")
     if values_stages is not None and design != "two_pass":
@@ -1944,7 +1956,7 @@ def decode_attention(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
             values_warps, target_programs or 2 * _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
             rope_trig, key_unroll, values_stages, window_launch, pair_parts, pair_chunks, key_prefetch, value_bits,
-            values_prefetch, scores_carveout, code_prefetch,
+            values_prefetch, scores_carveout, code_prefetch, scores_maxnreg,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -2083,10 +2095,11 @@ def _libcuda() -> ctypes.CDLL:
 
 def _scores_launch(
     n_progs, bh, qs, kv, ztab, books, scores, m, lsum, accw, n_splits, n_code_progs, per_prog, s_pb, s_ph, meta, sw, ss,
-    carveout=None,
+    carveout=None, maxnreg=None,
 ):  # fmt: skip
     """One launch of the two-pass scores kernel over ``(n_progs, bh)`` programs (``meta["PROGRAMS"]`` says which);
-    ``carveout``: :func:`set_carveout` of the compiled kernel (applies from the next launch on)."""
+    ``carveout``: :func:`set_carveout` of the compiled kernel (applies from the next launch on); ``maxnreg``: ptxas's
+    register cap (Triton's ``maxnreg`` option), ``None`` for none."""
     compiled = _decode_scores_kernel[(n_progs, bh)](
         qs,
         kv.codes,
@@ -2123,6 +2136,7 @@ def _scores_launch(
         **meta,
         num_warps=sw,
         num_stages=ss,
+        **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     set_carveout(compiled, carveout, qs.device.index)
 
@@ -2132,6 +2146,7 @@ def _two_pass(
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
     key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1, key_prefetch=False,
     value_bits=DEFAULT_VALUE_BITS, values_prefetch=None, scores_carveout="auto", code_prefetch=False,
+    scores_maxnreg=None,
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -2163,7 +2178,7 @@ def _two_pass(
         if n_progs:
             _scores_launch(
                 n_progs, b * h, qs, kv, ztab, books, scores, m, lsum, accw, n_splits, n_code_progs, per_prog, s_pb,
-                s_ph, meta, sw, ss, scores_carveout,
+                s_ph, meta, sw, ss, scores_carveout, scores_maxnreg if meta["PROGRAMS"] != 2 else None,
             )  # fmt: skip
     if n_splits:
         _decode_values_kernel[(n_splits, b, n_nbc)](

@@ -950,6 +950,11 @@ def test_decode_scores_carveout_is_validated():
             decode_attention(q, kv, books, 0.3, scores_carveout=bad)
     with pytest.raises(ValueError, match="scores_carveout is a setting of design='two_pass' only"):
         decode_attention(q, kv, books, 0.3, design="fused", scores_carveout=30)
+    for bad in (8, 256, "48", True):
+        with pytest.raises(ValueError, match="scores_maxnreg must be None or a register count from 16 to 255"):
+            decode_attention(q, kv, books, 0.3, scores_maxnreg=bad)
+    with pytest.raises(ValueError, match="scores_maxnreg is a setting of design='two_pass' only"):
+        decode_attention(q, kv, books, 0.3, design="fused", scores_maxnreg=48)
     ref = decode_attention_reference(q, kv, books, 0.3)
     for ok in ("auto", None, 0, 100):  # off CUDA the reference runs; the carveout is only a hint to the driver
         assert torch.equal(decode_attention(q, kv, books, 0.3, scores_carveout=ok), ref)
