@@ -1817,8 +1817,9 @@ def decode_attention(
     scores_maxnreg : int or None
         Two-pass, CUDA only: a cap on the registers per thread of the scores kernel's code programs (Triton's
         ``maxnreg``; ``None``, the default: no cap). Fewer registers let more programs share an SM (at the default
-        tiling, 57 registers allow 4; 48 allow 5, with a 72-byte spill frame, compiled offline for sm_90). The output
-        does not depend on it.
+        tiling, 57 registers allow 4; 48 allow 5, with a 72-byte spill frame, compiled offline for sm_90). Slower on
+        an H200 at 128k tokens: 0.624 (48) and 0.717 ms (40) against 0.595 ms at 1 bit, 1.016 / 1.174 against 0.936
+        ms at 2 bits (``benchmarks/results/commvq_decode_maxnreg.json``). The output does not depend on it.
     code_prefetch : bool
         Two-pass only. ``True``: each scores program loads the next residual pair's code bytes before gathering
         this pair's table entries, so the gathers' addresses never wait on a code load (the same arithmetic in the
