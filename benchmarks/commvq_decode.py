@@ -335,6 +335,8 @@ def variants(
             dict(out[0], target_programs=528, values_block_t=16),
             dict(out[0], target_programs=528, score_programs=8192),
         ]
+    if "order" in key_side:  # all parts of a block's pairs before the next block (partial scores in registers)
+        out += [dict(out[0], pair_order="blocks"), dict(out[0], pair_order="blocks", score_programs=8192)]
     if "maxnreg" in key_side:  # the scores kernel's register cap: more programs an SM, some spills
         out += [dict(out[0], scores_maxnreg=r) for r in (48, 40)]
         out += [
@@ -443,6 +445,7 @@ def main() -> None:
             "codes",
             "splits",
             "maxnreg",
+            "order",
         ],
         default=["table", "parts", "pairs", "chunks", "prefetch", "unroll", "merge", "window"],
         help="two-pass alternatives timed next to the default: on-chip table gathers, residuals in two parts, "
@@ -451,7 +454,7 @@ def main() -> None:
         "unrolled, the fused merge, the window in the code launch, the values kernel by bit planes (value_bits), "
         "the scores kernel's shared-memory carveout (scores_carveout), the code bytes loaded ahead "
         "(code_prefetch) and the merge one split at a time (reduce_split_tile=1), more value programs (splits), "
-        "the scores kernel's register cap (scores_maxnreg)",
+        "the scores kernel's register cap (scores_maxnreg), the pairs' parts per block (pair_order)",
     )
     ap.add_argument(
         "--values-sweep",

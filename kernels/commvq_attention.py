@@ -1185,6 +1185,7 @@ if HAS_TRITON:
         PAIR_CHUNKS: tl.constexpr = 1,
         PREFETCH: tl.constexpr = False,
         CODE_PREFETCH: tl.constexpr = False,
+        PAIRS_INNER: tl.constexpr = False,
     ):
         # PROGRAMS: 0, one grid for both (the window's program after the code programs); 1, the code programs only;
         # 2, the window's program only. Apart, the code programs compile without the window's dots and accumulators:
@@ -1213,8 +1214,25 @@ if HAS_TRITON:
             out_row = s_ptr + (b * H * G + hq).to(tl.int64)[:, None] * n_codes
             # PAIR_PARTS > 1: the RoPE pairs in PAIR_PARTS chunks of BLOCK_P, one sweep of the token range per chunk,
             # so the program reads 1 / PAIR_PARTS of its head's tables at a time (L1-resident); the score is a sum
-            # over pairs, so each sweep adds its partial scores to the previous ones (same program, fixed order)
-            for chunk in range(PAIR_PARTS):
+            # over pairs, so each sweep adds its partial scores to the previous ones (same program, fixed order).
+            # PAIRS_INNER: all parts of a block's pairs before the next block instead (no partial scores through
+            # memory, the block's code bytes L1-hot for the later parts; the whole tables in use at a time)
+            if PAIRS_INNER:
+                for t0 in range(start, stop, BLOCK_T):
+                    tok = t0 + tl.arange(0, BLOCK_T)
+                    tmask = tok < stop
+                    sc = tl.zeros((BLOCK_G, BLOCK_T), tl.float32)
+                    for chunk in tl.static_range(PAIR_PARTS):
+                        rmask, pp, pmask, hq, qx, qy, invf = _group_queries(
+                            q_ptr, invf_ptr, b, g, H, G, P, BLOCK_G, BLOCK_P, chunk * BLOCK_P
+                        )
+                        sc += _code_block_scores(
+                            qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask,
+                            rope_scale, j0, j1, s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT,
+                            TABLE_FP16, GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE, UNROLL_R, CODE_PREFETCH,
+                        )  # fmt: skip
+                    tl.store(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :])
+            for chunk in range(0 if PAIRS_INNER else PAIR_PARTS):
                 if PAIR_PARTS > 1:
                     rmask, pp, pmask, hq, qx, qy, invf = _group_queries(
                         q_ptr, invf_ptr, b, g, H, G, P, BLOCK_G, BLOCK_P, chunk * BLOCK_P
@@ -1453,6 +1471,7 @@ def decode_meta(
 
 
 DESIGNS = ("two_pass", "fused")
+PAIR_ORDERS = ("sweeps", "blocks")
 PAIR_PARTS = (1, 2, 4, 8)
 PAIR_CHUNKS = (1, 2, 4)
 KEY_GATHERS = ("global", "table")
@@ -1554,6 +1573,7 @@ def two_pass_meta(
     value_bits: str = DEFAULT_VALUE_BITS,
     values_prefetch: bool | None = None,
     code_prefetch: bool = False,
+    pair_order: str = "sweeps",
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
@@ -1604,6 +1624,11 @@ def two_pass_meta(
     if key_prefetch:
         scores["PREFETCH"] = True
     scores["CODE_PREFETCH"] = bool(code_prefetch)
+    if pair_order not in PAIR_ORDERS:
+        raise ValueError(f"pair_order must be one of {PAIR_ORDERS}, got {pair_order!r}.")
+    if pair_order == "blocks" and (pair_chunks > 1 or key_prefetch or key_parts > 1):
+        raise ValueError("pair_order='blocks' needs pair_chunks=1, key_prefetch=False and key_parts=1.")
+    scores["PAIRS_INNER"] = pair_order == "blocks" and pair_parts > 1
     if split > 1:  # the code programs' tiles hold tile pairs of one part (a dot needs 16 of them)
         scores.update(
             PAIR_PARTS=pair_parts,
@@ -1721,6 +1746,7 @@ def decode_attention(
     code_prefetch: bool = False,
     reduce_split_tile: int = DEFAULT_REDUCE_SPLIT_TILE,
     scores_maxnreg: int | None = None,
+    pair_order: str = "sweeps",
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1871,6 +1897,12 @@ def decode_attention(
         128k tokens (GPU time, graph replay, ``benchmarks/results/commvq_decode_prefetch.json``) 2 parts cut the
         step from 0.79 to 0.74 ms at 1 bit and from 1.26 to 1.20 ms at 2 bits; 4 and 8 parts are slower
         (``commvq_decode_pair_parts.json``).
+    pair_order : str
+        Two-pass only, with ``pair_parts > 1``. ``"sweeps"`` (default): each scores program sweeps its token range
+        once per part of the pairs, adding each sweep's partial scores to those in memory. ``"blocks"``: all the parts
+        of a block's pairs, one after the other, before the next block; the partial scores stay in registers and the
+        block's code bytes are L1-hot for the later parts, but the program reads its head's whole tables at a time.
+        The same sums (bit for bit). Needs ``pair_chunks=1``, ``key_prefetch=False`` and ``key_parts=1``.
     pair_chunks : int
         Two-pass only (1, 2 or 4; default 1). The pairs a scores program sums are held as ``pair_chunks`` tiles of
         ``P / (pair_parts pair_chunks)`` pairs instead of one ``[block_t, P]`` tile. Triton lays each tile out alike,
@@ -1957,7 +1989,7 @@ def decode_attention(
             qs, kv, books, ztab, fp16, accw, s_pb, s_ph, block_t, num_warps, num_stages, values_block_t, nb_chunk,
             values_warps, target_programs or 2 * _sm_count(dev), score_programs, key_gather, key_parts, key_accum,
             rope_trig, key_unroll, values_stages, window_launch, pair_parts, pair_chunks, key_prefetch, value_bits,
-            values_prefetch, scores_carveout, code_prefetch, scores_maxnreg,
+            values_prefetch, scores_carveout, code_prefetch, scores_maxnreg, pair_order,
         )  # fmt: skip
     else:
         m, lsum, acc, n_splits = _fused(
@@ -2147,7 +2179,7 @@ def _two_pass(
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
     key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1, key_prefetch=False,
     value_bits=DEFAULT_VALUE_BITS, values_prefetch=None, scores_carveout="auto", code_prefetch=False,
-    scores_maxnreg=None,
+    scores_maxnreg=None, pair_order="sweeps",
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -2156,7 +2188,7 @@ def _two_pass(
     (smeta, (sw, ss)), (vmeta, (vw, vs)) = two_pass_meta(
         h, hq // h, d, books.theta.shape[1], nbits, fp16, block_t, num_warps, values_block_t,
         nb_chunk, values_warps, num_stages, key_gather, key_parts, key_accum, rope_trig, key_unroll, values_stages,
-        window_launch, pair_parts, pair_chunks, key_prefetch, value_bits, values_prefetch, code_prefetch,
+        window_launch, pair_parts, pair_chunks, key_prefetch, value_bits, values_prefetch, code_prefetch, pair_order,
     )  # fmt: skip
     n_nbc = triton.cdiv(nbits, vmeta["NB_CHUNK"])
     split = _split_size(kv.n, b * n_nbc, vmeta["BLOCK_T"], target_programs)

@@ -872,6 +872,23 @@ def test_decode_code_prefetch_is_the_same_arithmetic(residuals, pair_parts):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("pair_parts", [2, 4])
+def test_decode_pair_order_blocks_equals_sweeps(pair_parts):
+    """All parts of a block's pairs before the next block (partial scores in registers) against one sweep of the
+    token range per part (partial scores through memory): the same sums, bit for bit; and the option's limits."""
+    kv, books = _coded(1, 2, 64, 3, n=150, nw=3, nbits=2 * 64, fp16_theta=True)
+    q = torch.randn(1, 4, 64)
+    tiling = dict(block_t=32, target_programs=4, score_programs=2, values_block_t=16, pair_parts=pair_parts)
+    blocks = decode_attention(q, kv, books, 0.3, use_triton=True, pair_order="blocks", **tiling)
+    sweeps = decode_attention(q, kv, books, 0.3, use_triton=True, pair_order="sweeps", **tiling)
+    assert torch.equal(blocks, sweeps)
+    with pytest.raises(ValueError, match="pair_order must be one of"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, pair_order="tokens", **tiling)
+    with pytest.raises(ValueError, match="pair_order='blocks' needs pair_chunks=1"):
+        decode_attention(q, kv, books, 0.3, use_triton=True, pair_order="blocks", key_prefetch=True, **tiling)
+
+
+@needs_interpreter
 def test_decode_value_product_dense_equals_einsum():
     """The value codebook product as one dense matmul (each query head keeping its KV head's block) after a merge in
     several bit chunks, batch 2, 2 KV heads of 3 query heads: the per-head product, to float32 rounding."""
