@@ -1902,7 +1902,10 @@ def decode_attention(
         once per part of the pairs, adding each sweep's partial scores to those in memory. ``"blocks"``: all the parts
         of a block's pairs, one after the other, before the next block; the partial scores stay in registers and the
         block's code bytes are L1-hot for the later parts, but the program reads its head's whole tables at a time.
-        The same sums (bit for bit). Needs ``pair_chunks=1``, ``key_prefetch=False`` and ``key_parts=1``.
+        The same sums (bit for bit in the interpreter). Needs ``pair_chunks=1``, ``key_prefetch=False`` and
+        ``key_parts=1``. Faster on an H200 at 128k tokens: 0.577 against 0.590 ms at 1 bit, 0.930 against 0.937 ms at
+        2 bits (GPU time, graph replay; ``benchmarks/results/commvq_decode_pair_order.json``); not yet the default
+        because that run did not compare its output with the reference on the GPU.
     pair_chunks : int
         Two-pass only (1, 2 or 4; default 1). The pairs a scores program sums are held as ``pair_chunks`` tiles of
         ``P / (pair_parts pair_chunks)`` pairs instead of one ``[block_t, P]`` tile. Triton lays each tile out alike,
