@@ -559,6 +559,7 @@ def main() -> None:
             ("key_unroll", dict(key_unroll=True, block_t=8, num_warps=2)),
             ("merge_fused", dict(merge="fused")),
             ("value_bits_reshape", dict(value_bits="reshape")),
+            ("pair_order_blocks", dict(pair_order="blocks")),
             ("value_bits_planes_no_prefetch", dict(value_bits="planes", values_prefetch=False)),
             ("value_bits_planes_32_1024", dict(value_bits="planes", values_block_t=32, nb_chunk=1024, values_warps=8)),
         ):
