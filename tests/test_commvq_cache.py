@@ -882,6 +882,14 @@ def test_decode_pair_order_blocks_equals_sweeps(pair_parts):
     blocks = decode_attention(q, kv, books, 0.3, use_triton=True, pair_order="blocks", **tiling)
     sweeps = decode_attention(q, kv, books, 0.3, use_triton=True, pair_order="sweeps", **tiling)
     assert torch.equal(blocks, sweeps)
+    ref = decode_attention_reference(q, kv, books, 0.3)
+    assert (blocks - ref).abs().max() <= 2e-3 * ref.abs().max()
+    # batch 2, per-head positions (after per-head eviction), an even residual count
+    kv2, books2 = _coded(2, 2, 64, 4, n=70, nw=2, nbits=2 * 64, per_head_pos=True, fp16_theta=True, seed=3)
+    q2 = torch.randn(2, 4, 64)
+    blocks2 = decode_attention(q2, kv2, books2, 0.3, use_triton=True, pair_order="blocks", **tiling)
+    sweeps2 = decode_attention(q2, kv2, books2, 0.3, use_triton=True, pair_order="sweeps", **tiling)
+    assert torch.equal(blocks2, sweeps2)
     with pytest.raises(ValueError, match="pair_order must be one of"):
         decode_attention(q, kv, books, 0.3, use_triton=True, pair_order="tokens", **tiling)
     with pytest.raises(ValueError, match="pair_order='blocks' needs pair_chunks=1"):
