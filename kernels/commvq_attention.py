@@ -1519,9 +1519,10 @@ def _check_key_side(
 DEFAULT_SCORE_PROGRAMS = 4096
 DEFAULT_VALUE_PRODUCT = "dense"
 VALUE_BITS = ("reshape", "join", "planes")
-# the values kernel's bits as planes (with the next block's scores prefetched) by default: bit for bit the reshape
-# path's output, 0.085 against 0.103 ms for the values kernel at 1 bit and 0.134 against 0.196 ms at 2 bits on an H200
-# (benchmarks/results/commvq_decode_planes_prefetch.json)
+# the values kernel's bits as planes (with the next block's scores prefetched) by default: the reshape path's output
+# (bit for bit at the same tiling; to float32 rounding at each one's own), 0.052 against 0.103 ms for the values
+# kernel at 1 bit and 0.101 against 0.196 ms at 2 bits on an H200 (benchmarks/results/commvq_decode_split_tile.json,
+# commvq_decode_planes_prefetch.json)
 DEFAULT_VALUE_BITS = "planes"
 # the values kernel's default tiling per value_bits, (tokens per block, value bits per program, warps): each the
 # fastest measured for its expansion (planes: commvq_decode_planes.json; reshape: commvq_decode_pairs2.json)
