@@ -671,14 +671,18 @@ def test_sink_tokens_stay_in_full_precision(tiny):
         CommVQPress(codebooks=books, bits=1, n_sink=1.5)
 
 
-def test_codes_mode_equals_dequantized_mode(tiny):
-    """Attention straight from the codes (wrapped sdpa) == the model's attention over dequantized keys/values."""
+@pytest.mark.parametrize("use_triton", [None, pytest.param(True, marks=needs_interpreter)])
+def test_codes_mode_equals_dequantized_mode(tiny, use_triton):
+    """Attention straight from the codes (wrapped sdpa) == the model's attention over dequantized keys/values; with
+    ``use_triton=True`` the decode steps run the Triton kernels at their defaults (the values by bit planes, the
+    merge in split tiles), whose float16 probabilities on the value side leave a small difference."""
     model, _ = tiny
     books = random_books(model.config)
     ids = torch.randint(5, 1000, (1, 20))
     logits = {}
     for mode in ("codes", "dequantize"):
-        cache = CommVQCache(model.config, books, window=8, flush_chunk=4, mode=mode)
+        kw = {"use_triton": use_triton} if mode == "codes" and use_triton else {}
+        cache = CommVQCache(model.config, books, window=8, flush_chunk=4, mode=mode, **kw)
         out = []
         with torch.no_grad():
             out.append(model(ids[:, :14], past_key_values=cache).logits)
@@ -687,7 +691,8 @@ def test_codes_mode_equals_dequantized_mode(tiny):
                 out.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
         logits[mode] = torch.cat(out, dim=1)
         assert cache.layers[0].n > 0
-    assert torch.allclose(logits["codes"], logits["dequantize"], atol=1e-5, rtol=1e-5)
+    tol = 2e-3 if use_triton else 1e-5
+    assert torch.allclose(logits["codes"], logits["dequantize"], atol=tol, rtol=tol)
 
 
 def test_generate_on_tiny_models(tiny_model):
