@@ -275,15 +275,20 @@ def variants(
             score_programs=2048,
             pair_parts=1,
             value_product="einsum",
+            value_bits="reshape",
             values_block_t=32,
+            nb_chunk=256,
             values_warps=4,
             reduce_nb_chunk=1024,
+            scores_carveout=None,
+            reduce_split_tile=1,
         ),
     )
-    # the values kernel's bits expanded by reshape (the default before the planes) and joined in their thread, each
-    # at the reshape's tiling and the driver's carveout
-    reshape = dict(values_block_t=64, nb_chunk=256, values_warps=8)
-    out.insert(2, dict(out[0], value_bits="reshape", **reshape, scores_carveout=None))
+    # the values kernel's bits expanded by reshape and joined in their thread, each at the reshape's tiling, the
+    # driver's carveout and the one-split-at-a-time merge: the reshape row is the defaults before this session's
+    # planes / carveout / merge tiles (runs before that change timed it with the tiled merge)
+    reshape = dict(values_block_t=64, nb_chunk=256, values_warps=8, scores_carveout=None, reduce_split_tile=1)
+    out.insert(2, dict(out[0], value_bits="reshape", **reshape))
     out.insert(3, dict(out[0], value_bits="join", **reshape))
     # the scores kernel gathering from a per-block copy of each residual's table (values side at the default)
     if "table" in key_side:
@@ -569,7 +574,8 @@ def main() -> None:
             except Exception as err:
                 cfg[f"check_max_abs_err_{label}"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
         cfg["check_ref_max_abs"] = float(ref.abs().max())
-        try:  # the bit planes (inline PTX on the GPU, the default) against the reshape expansion: same operand, sums
+        try:  # the bit planes (inline PTX on the GPU, the default) against the reshape expansion: the same operand,
+            # summed in another order (each at its own tiling)
             planes = decode_attention(q, sub, books, scaling, use_triton=True)
             base = decode_attention(q, sub, books, scaling, use_triton=True, value_bits="reshape")
             cfg["check_planes_vs_reshape_max_abs_diff"] = float((planes - base).abs().max())

@@ -1601,8 +1601,10 @@ def two_pass_meta(
         raise ValueError(f"values_stages must be >= 1, got {values_stages}.")
     _check_value_bits(value_bits)
     default_bt, default_nbc, default_warps = VALUES_TILINGS[value_bits]
-    values_block_t = values_block_t or default_bt
-    values_warps = values_warps or default_warps
+    values_block_t = default_bt if values_block_t is None else values_block_t
+    values_warps = default_warps if values_warps is None else values_warps
+    if values_block_t < 1 or values_warps < 1:
+        raise ValueError(f"values_block_t and values_warps must be >= 1, got {values_block_t} and {values_warps}.")
     if values_prefetch is None:
         values_prefetch = value_bits == "planes"
     scores = _key_side_meta(h, g, d, r, table_fp16, block_t, key_accum, rope_trig, key_gather)
@@ -1673,12 +1675,17 @@ def window_launch_meta(scores: dict) -> dict:
 DEFAULT_REDUCE_SPLIT_TILE = 16
 
 
+def _check_split_tile(split_tile: int) -> None:
+    ok = isinstance(split_tile, int) and not isinstance(split_tile, bool) and 1 <= split_tile <= 64
+    if not ok or split_tile & (split_tile - 1):
+        raise ValueError(f"reduce_split_tile must be a power of two from 1 to 64, got {split_tile!r}.")
+
+
 def reduce_meta(
     d: int, nbits: int, n_splits: int, nb_chunk: int | None = None, split_tile: int = DEFAULT_REDUCE_SPLIT_TILE
 ) -> tuple[dict, tuple[int, int]]:
     """The reduce kernel's constexprs and ``(num_warps, num_stages)`` (see :func:`decode_meta`)."""
-    if split_tile < 1 or split_tile > 64 or split_tile & (split_tile - 1):
-        raise ValueError(f"reduce_split_tile must be a power of two from 1 to 64, got {split_tile}.")
+    _check_split_tile(split_tile)
     meta = dict(
         NBITS=nbits,
         D=d,
@@ -1842,9 +1849,10 @@ def decode_attention(
         With ``value_bits="planes"``: the values kernel loads the next block's scores and coefficients before this
         block's math (register double buffering). Default ``None``: on with the planes, off otherwise.
     scores_maxnreg : int or None
-        Two-pass, CUDA only: a cap on the registers per thread of the scores kernel's code programs (Triton's
-        ``maxnreg``; ``None``, the default: no cap). Fewer registers let more programs share an SM (at the default
-        tiling, 57 registers allow 4; 48 allow 5, with a 72-byte spill frame, compiled offline for sm_90). Slower on
+        Two-pass, CUDA only: a cap on the registers per thread of the scores kernel's launch that holds the code
+        programs (with ``window_launch="shared"`` the window's program too; Triton's ``maxnreg``; ``None``, the
+        default: no cap). Fewer registers let more programs share an SM (at the default tiling, compiled offline for
+        sm_90: 57 registers, 4 programs; 48 allow 5, with a 72-byte spill frame). Slower on
         an H200 at 128k tokens: 0.624 (48) and 0.717 ms (40) against 0.595 ms at 1 bit, 1.016 / 1.174 against 0.936
         ms at 2 bits (``benchmarks/results/commvq_decode_maxnreg.json``). The output does not depend on it.
     code_prefetch : bool
@@ -1948,6 +1956,19 @@ def decode_attention(
     if values_prefetch and design != "two_pass":
         raise ValueError("values_prefetch=True is a setting of design='two_pass' only (its values kernel).")
     _check_carveout(scores_carveout)
+    _check_split_tile(reduce_split_tile)
+    for name, value in (("values_block_t", values_block_t), ("values_warps", values_warps)):
+        if value is not None and value < 1:
+            raise ValueError(f"values_block_t and values_warps must be >= 1, got {name}={value}.")
+    if pair_order not in PAIR_ORDERS:
+        raise ValueError(f"pair_order must be one of {PAIR_ORDERS}, got {pair_order!r}.")
+    if pair_order != "sweeps" and design != "two_pass":
+        raise ValueError(f"pair_order={pair_order!r} is a setting of design='two_pass' only.")
+    if code_prefetch and (design != "two_pass" or key_unroll or pair_chunks > 1 or key_prefetch):
+        raise ValueError(
+            "code_prefetch=True is implemented for design='two_pass' with key_unroll=False, pair_chunks=1 and "
+            "key_prefetch=False."
+        )
     if scores_maxnreg is not None and (
         isinstance(scores_maxnreg, bool) or not isinstance(scores_maxnreg, int) or not 16 <= scores_maxnreg <= 255
     ):
@@ -2058,8 +2079,13 @@ _CARVEOUT_ATTRIBUTE = 9
 # CUdevice_attribute: shared memory (bytes) and 32-bit registers per multiprocessor
 _SM_SHARED_ATTRIBUTE = 81
 _SM_REGS_ATTRIBUTE = 82
+_SM_THREADS_ATTRIBUTE = 39
+_SM_BLOCKS_ATTRIBUTE = 106
 _RESERVED_SHARED = 1024  # shared memory the system reserves per resident block (sm_80 and later)
-_carveouts: dict[int, int] = {}  # CUfunction handle -> the carveout we set on it
+# CUfunction handle -> the carveout we set on it (a handle is a loaded kernel's address: Triton keeps its kernels
+# loaded for the process's life, so a handle is not reused for another kernel)
+_carveouts: dict[int, int] = {}
+_sm_limits: dict[int, tuple[int, int, int, int]] = {}  # device -> (registers, shared bytes, warps, blocks) an SM
 
 
 def _check_carveout(carveout: int | str | None, name: str = "scores_carveout") -> None:
@@ -2069,15 +2095,23 @@ def _check_carveout(carveout: int | str | None, name: str = "scores_carveout") -
         raise ValueError(f"{name} must be 'auto', None (the driver's choice) or a percentage 0..100, got {carveout!r}.")
 
 
-def auto_carveout(n_regs: int, shared: int, num_warps: int, sm_regs: int = 65536, sm_shared: int = 233472) -> int:
+def auto_carveout(
+    n_regs: int,
+    shared: int,
+    num_warps: int,
+    sm_regs: int = 65536,
+    sm_shared: int = 233472,
+    sm_warps: int = 64,
+    sm_blocks: int = 32,
+) -> int:
     """The smallest carveout (percent of ``sm_shared``) that keeps the occupancy registers allow: ``blocks =
-    sm_regs // (registers of one block)`` (warp allocations in 256-register units, at most 64 warps an SM), each with
-    its ``shared`` bytes and the system's 1 KB; the driver rounds a carveout up to a supported size (on sm_90 0, 8,
-    16, 32, 64, 100, 132, 164, 196 or 228 KB), the rest of the SM's 256 KB being L1. The scores kernel's default
-    tiling (61 registers, 20 KB, 8 warps on sm_90) gets 37% (100 KB, 4 blocks; L1 156 KB against the driver's
-    124 KB)."""
+    sm_regs // (registers of one block)`` (warp allocations in 256-register units), at most ``sm_warps // num_warps``
+    and ``sm_blocks`` (the SM's limits; sm_90's by default), each with its ``shared`` bytes and the system's 1 KB; the
+    driver rounds a carveout up to a supported size (on sm_90 0, 8, 16, 32, 64, 100, 132, 164, 196 or 228 KB), the
+    rest of the SM's 256 KB being L1. The scores kernel's default tiling on the H200 (61 registers as Nsight Compute
+    reports them, 20 KB, 8 warps) gets 37% (100 KB, 4 blocks; L1 156 KB against the driver's 124 KB)."""
     per_warp = -(-n_regs * 32 // 256) * 256
-    blocks = max(1, min(sm_regs // max(1, per_warp * num_warps), 64 // num_warps))
+    blocks = max(1, min(sm_regs // max(1, per_warp * num_warps), sm_warps // num_warps, sm_blocks))
     return min(100, -(-100 * blocks * (shared + _RESERVED_SHARED) // sm_shared))
 
 
@@ -2094,13 +2128,14 @@ def set_carveout(compiled, carveout: int | str | None, device: int | None = None
         return
     if carveout == "auto":
         dev = torch.cuda.current_device() if device is None else device
-        value = auto_carveout(
-            compiled.n_regs,
-            int(compiled.metadata.shared),
-            compiled.metadata.num_warps,
-            _device_attribute(_SM_REGS_ATTRIBUTE, dev),
-            _device_attribute(_SM_SHARED_ATTRIBUTE, dev),
-        )
+        if dev not in _sm_limits:
+            regs, shared, threads, blocks = (
+                _device_attribute(a, dev)
+                for a in (_SM_REGS_ATTRIBUTE, _SM_SHARED_ATTRIBUTE, _SM_THREADS_ATTRIBUTE, _SM_BLOCKS_ATTRIBUTE)
+            )
+            _sm_limits[dev] = (regs, shared, threads // 32, blocks)
+        value = auto_carveout(compiled.n_regs, int(compiled.metadata.shared), compiled.metadata.num_warps,
+                              *_sm_limits[dev])  # fmt: skip
     else:
         value = -1 if carveout is None else int(carveout)
     if _carveouts.get(fn, -1) == value:
