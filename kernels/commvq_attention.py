@@ -31,6 +31,7 @@ question), dequantizing the codes block by block.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from dataclasses import dataclass
 
@@ -999,7 +1000,7 @@ if HAS_TRITON:
         BLOCK_S: tl.constexpr,
         NB_CHUNK: tl.constexpr,
         BLOCK_D: tl.constexpr,
-        SPLIT_TILE: tl.constexpr = 16,
+        SPLIT_TILE: tl.constexpr,
     ):
         row = tl.program_id(0)
         nbc = tl.program_id(1)
@@ -1232,35 +1233,36 @@ if HAS_TRITON:
                             TABLE_FP16, GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE, UNROLL_R, CODE_PREFETCH,
                         )  # fmt: skip
                     tl.store(out_row + tok[None, :], sc, mask=rmask[:, None] & tmask[None, :])
-            for chunk in range(0 if PAIRS_INNER else PAIR_PARTS):
-                if PAIR_PARTS > 1:
-                    rmask, pp, pmask, hq, qx, qy, invf = _group_queries(
-                        q_ptr, invf_ptr, b, g, H, G, P, BLOCK_G, BLOCK_P, chunk * BLOCK_P
-                    )
-                    tl.debug_barrier()  # the previous sweep's stores before this sweep's loads
-                for t0 in range(start, stop, BLOCK_T):
-                    tok = t0 + tl.arange(0, BLOCK_T)
-                    tmask = tok < stop
-                    smask = rmask[:, None] & tmask[None, :]
-                    if PAIR_CHUNKS > 1 or PREFETCH:  # BLOCK_P pairs as PAIR_CHUNKS tiles (float16, global)
-                        sc = _code_block_scores_chunked(
-                            q_ptr, (b * H * G + hq) * (2 * P), rmask, invf_ptr, codes_ptr, knorm_ptr, pos_ptr,
-                            ztab_ptr, b, g, tok, tmask, chunk * BLOCK_P, rope_scale, s_cb, s_ch, s_cn, s_kb, s_pb,
-                            s_ph, R, P, BLOCK_T, BLOCK_P // PAIR_CHUNKS, PAIR_CHUNKS, USE_DOT, FAST_ROPE, NATIVE,
-                            PREFETCH,
-                        )  # fmt: skip
-                    else:
-                        sc = _code_block_scores(
-                            qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask,
-                            rope_scale, j0, j1, s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT,
-                            TABLE_FP16, GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE, UNROLL_R, CODE_PREFETCH,
-                        )  # fmt: skip
-                    if PAIR_PARTS > 1 and chunk > 0:
-                        sc += tl.load(out_row + tok[None, :], mask=smask, other=0.0)
-                    if R_PARTS == 1:
-                        tl.store(out_row + tok[None, :], sc, mask=smask)
-                    else:  # two parts: (0 + a) + b == (0 + b) + a, so the order of the two adds does not matter
-                        tl.atomic_add(out_row + tok[None, :], sc, mask=smask, sem="relaxed")
+            else:
+                for chunk in range(PAIR_PARTS):
+                    if PAIR_PARTS > 1:
+                        rmask, pp, pmask, hq, qx, qy, invf = _group_queries(
+                            q_ptr, invf_ptr, b, g, H, G, P, BLOCK_G, BLOCK_P, chunk * BLOCK_P
+                        )
+                        tl.debug_barrier()  # the previous sweep's stores before this sweep's loads
+                    for t0 in range(start, stop, BLOCK_T):
+                        tok = t0 + tl.arange(0, BLOCK_T)
+                        tmask = tok < stop
+                        smask = rmask[:, None] & tmask[None, :]
+                        if PAIR_CHUNKS > 1 or PREFETCH:  # BLOCK_P pairs as PAIR_CHUNKS tiles (float16, global)
+                            sc = _code_block_scores_chunked(
+                                q_ptr, (b * H * G + hq) * (2 * P), rmask, invf_ptr, codes_ptr, knorm_ptr, pos_ptr,
+                                ztab_ptr, b, g, tok, tmask, chunk * BLOCK_P, rope_scale, s_cb, s_ch, s_cn, s_kb, s_pb,
+                                s_ph, R, P, BLOCK_T, BLOCK_P // PAIR_CHUNKS, PAIR_CHUNKS, USE_DOT, FAST_ROPE, NATIVE,
+                                PREFETCH,
+                            )  # fmt: skip
+                        else:
+                            sc = _code_block_scores(
+                                qx, qy, invf, codes_ptr, knorm_ptr, pos_ptr, ztab_ptr, b, g, tok, tmask, pp, pmask,
+                                rope_scale, j0, j1, s_cb, s_ch, s_cn, s_kb, s_pb, s_ph, R, P, BLOCK_T, BLOCK_P, USE_DOT,
+                                TABLE_FP16, GATHER_TABLE, ACC_FP16, FAST_ROPE, NATIVE, UNROLL_R, CODE_PREFETCH,
+                            )  # fmt: skip
+                        if PAIR_PARTS > 1 and chunk > 0:
+                            sc += tl.load(out_row + tok[None, :], mask=smask, other=0.0)
+                        if R_PARTS == 1:
+                            tl.store(out_row + tok[None, :], sc, mask=smask)
+                        else:  # two parts: (0 + a) + b == (0 + b) + a, so the order of the two adds does not matter
+                            tl.atomic_add(out_row + tok[None, :], sc, mask=smask, sem="relaxed")
         elif PROGRAMS == 0:
             _scores_window(
                 qx, qy, invf, wk_ptr, wv_ptr, wpos_ptr, m_ptr, l_ptr, accw_ptr, b, g, hq, rmask, n_win, n_splits,
@@ -1488,6 +1490,9 @@ def _check_key_side(
     pair_parts: int = 1,
     pair_chunks: int = 1,
     key_prefetch: bool = False,
+    code_prefetch: bool = False,
+    pair_order: str = "sweeps",
+    design: str = "two_pass",
 ) -> None:
     """The two-pass scores kernel's options (see :func:`decode_attention`)."""
     if pair_chunks not in PAIR_CHUNKS:
@@ -1509,6 +1514,17 @@ def _check_key_side(
         raise ValueError(f"key_parts must be 1 or 2, got {key_parts}.")
     if key_unroll and key_parts != 1:
         raise ValueError("key_unroll=True unrolls all the residual steps in one program; it needs key_parts=1.")
+    if code_prefetch and (design != "two_pass" or key_unroll or pair_chunks > 1 or key_prefetch):
+        raise ValueError(
+            "code_prefetch=True is implemented for design='two_pass' with key_unroll=False, pair_chunks=1 and "
+            "key_prefetch=False."
+        )
+    if pair_order not in PAIR_ORDERS:
+        raise ValueError(f"pair_order must be one of {PAIR_ORDERS}, got {pair_order!r}.")
+    if pair_order != "sweeps" and design != "two_pass":
+        raise ValueError(f"pair_order={pair_order!r} is a setting of design='two_pass' only.")
+    if pair_order == "blocks" and (pair_chunks > 1 or key_prefetch or key_parts > 1):
+        raise ValueError("pair_order='blocks' needs pair_chunks=1, key_prefetch=False and key_parts=1.")
 
 
 # the two-pass defaults measured fastest on an H200 at 128k tokens, 1 and 2 bits, as GPU time of a CUDA-graph replay
@@ -1532,6 +1548,17 @@ VALUES_TILINGS = {"planes": (32, 512, 4), "reshape": (64, 256, 8), "join": (64, 
 def _check_value_bits(value_bits: str) -> None:
     if value_bits not in VALUE_BITS:
         raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {value_bits!r}.")
+
+
+def _values_tiling(value_bits: str, values_block_t: int | None, values_warps: int | None) -> tuple[int, int, int]:
+    """``(tokens per block, the default cap on value bits per program, warps)`` of the values kernel: the given
+    ones, ``VALUES_TILINGS[value_bits]`` where ``None``; checked."""
+    default_bt, default_nbc, default_warps = VALUES_TILINGS[value_bits]
+    block_t = default_bt if values_block_t is None else values_block_t
+    warps = default_warps if values_warps is None else values_warps
+    if block_t < 1 or warps < 1:
+        raise ValueError(f"values_block_t and values_warps must be >= 1, got {block_t} and {warps}.")
+    return block_t, default_nbc, warps
 
 
 def default_pair_parts(d: int, key_parts: int = 1, window_launch: str = "separate") -> int:
@@ -1582,7 +1609,10 @@ def two_pass_meta(
     ``values_warps``) defaults to ``VALUES_TILINGS[value_bits]``, ``values_prefetch`` to ``value_bits == "planes"``.
     With ``window_launch="separate"`` the scores meta is that of the code programs (``PROGRAMS=1``); the window's
     launch takes :func:`window_launch_meta` of it."""
-    _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts, pair_chunks, key_prefetch)
+    _check_key_side(
+        key_gather, key_parts, key_unroll, window_launch, pair_parts, pair_chunks, key_prefetch, code_prefetch,
+        pair_order,
+    )  # fmt: skip
     split = pair_parts * pair_chunks
     if split > 1 and (d // 2) % split:
         raise ValueError(
@@ -1600,11 +1630,7 @@ def two_pass_meta(
     if values_stages is not None and values_stages < 1:
         raise ValueError(f"values_stages must be >= 1, got {values_stages}.")
     _check_value_bits(value_bits)
-    default_bt, default_nbc, default_warps = VALUES_TILINGS[value_bits]
-    values_block_t = default_bt if values_block_t is None else values_block_t
-    values_warps = default_warps if values_warps is None else values_warps
-    if values_block_t < 1 or values_warps < 1:
-        raise ValueError(f"values_block_t and values_warps must be >= 1, got {values_block_t} and {values_warps}.")
+    values_block_t, default_nbc, values_warps = _values_tiling(value_bits, values_block_t, values_warps)
     if values_prefetch is None:
         values_prefetch = value_bits == "planes"
     scores = _key_side_meta(h, g, d, r, table_fp16, block_t, key_accum, rope_trig, key_gather)
@@ -1627,10 +1653,6 @@ def two_pass_meta(
     if key_prefetch:
         scores["PREFETCH"] = True
     scores["CODE_PREFETCH"] = bool(code_prefetch)
-    if pair_order not in PAIR_ORDERS:
-        raise ValueError(f"pair_order must be one of {PAIR_ORDERS}, got {pair_order!r}.")
-    if pair_order == "blocks" and (pair_chunks > 1 or key_prefetch or key_parts > 1):
-        raise ValueError("pair_order='blocks' needs pair_chunks=1, key_prefetch=False and key_parts=1.")
     scores["PAIRS_INNER"] = pair_order == "blocks" and pair_parts > 1
     if split > 1:  # the code programs' tiles hold tile pairs of one part (a dot needs 16 of them)
         scores.update(
@@ -1945,7 +1967,10 @@ def decode_attention(
         pair_parts = default_pair_parts(q.shape[-1], key_parts, window_launch) if design == "two_pass" else 1
     if key_table not in ("auto", "fp32"):
         raise ValueError(f"key_table must be 'auto' or 'fp32', got {key_table!r}.")
-    _check_key_side(key_gather, key_parts, key_unroll, window_launch, pair_parts, pair_chunks, key_prefetch)
+    _check_key_side(
+        key_gather, key_parts, key_unroll, window_launch, pair_parts, pair_chunks, key_prefetch, code_prefetch,
+        pair_order, design,
+    )  # fmt: skip
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}.")
     if value_product not in VALUE_PRODUCTS:
@@ -1957,18 +1982,7 @@ def decode_attention(
         raise ValueError("values_prefetch=True is a setting of design='two_pass' only (its values kernel).")
     _check_carveout(scores_carveout)
     _check_split_tile(reduce_split_tile)
-    for name, value in (("values_block_t", values_block_t), ("values_warps", values_warps)):
-        if value is not None and value < 1:
-            raise ValueError(f"values_block_t and values_warps must be >= 1, got {name}={value}.")
-    if pair_order not in PAIR_ORDERS:
-        raise ValueError(f"pair_order must be one of {PAIR_ORDERS}, got {pair_order!r}.")
-    if pair_order != "sweeps" and design != "two_pass":
-        raise ValueError(f"pair_order={pair_order!r} is a setting of design='two_pass' only.")
-    if code_prefetch and (design != "two_pass" or key_unroll or pair_chunks > 1 or key_prefetch):
-        raise ValueError(
-            "code_prefetch=True is implemented for design='two_pass' with key_unroll=False, pair_chunks=1 and "
-            "key_prefetch=False."
-        )
+    _values_tiling(value_bits, values_block_t, values_warps)  # its checks, before any launch
     if scores_maxnreg is not None and (
         isinstance(scores_maxnreg, bool) or not isinstance(scores_maxnreg, int) or not 16 <= scores_maxnreg <= 255
     ):
@@ -2154,14 +2168,13 @@ def _device_attribute(attribute: int, device: int) -> int:
     return out.value
 
 
+@functools.cache
 def _libcuda() -> ctypes.CDLL:
-    lib = getattr(_libcuda, "lib", None)
-    if lib is None:
-        lib = _libcuda.lib = ctypes.CDLL("libcuda.so.1")
-        lib.cuFuncSetAttribute.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
-        lib.cuFuncSetAttribute.restype = ctypes.c_int
-        lib.cuDeviceGetAttribute.argtypes = (ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int)
-        lib.cuDeviceGetAttribute.restype = ctypes.c_int
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuFuncSetAttribute.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+    lib.cuFuncSetAttribute.restype = ctypes.c_int
+    lib.cuDeviceGetAttribute.argtypes = (ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int)
+    lib.cuDeviceGetAttribute.restype = ctypes.c_int
     return lib
 
 
