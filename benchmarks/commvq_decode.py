@@ -282,12 +282,15 @@ def variants(
             reduce_nb_chunk=1024,
             scores_carveout=None,
             reduce_split_tile=1,
+            pair_order="sweeps",
         ),
     )
     # the values kernel's bits expanded by reshape and joined in their thread, each at the reshape's tiling, the
     # driver's carveout and the one-split-at-a-time merge: the reshape row is the defaults before this session's
     # planes / carveout / merge tiles (runs before that change timed it with the tiled merge)
-    reshape = dict(values_block_t=64, nb_chunk=256, values_warps=8, scores_carveout=None, reduce_split_tile=1)
+    reshape = dict(
+        values_block_t=64, nb_chunk=256, values_warps=8, scores_carveout=None, reduce_split_tile=1, pair_order="sweeps"
+    )
     out.insert(2, dict(out[0], value_bits="reshape", **reshape))
     out.insert(3, dict(out[0], value_bits="join", **reshape))
     # the scores kernel gathering from a per-block copy of each residual's table (values side at the default)
@@ -340,8 +343,8 @@ def variants(
             dict(out[0], target_programs=528, values_block_t=16),
             dict(out[0], target_programs=528, score_programs=8192),
         ]
-    if "order" in key_side:  # all parts of a block's pairs before the next block (partial scores in registers)
-        out += [dict(out[0], pair_order="blocks"), dict(out[0], pair_order="blocks", score_programs=8192)]
+    if "order" in key_side:  # one sweep of the token range per part of the pairs (the default before "blocks")
+        out += [dict(out[0], pair_order="sweeps"), dict(out[0], score_programs=8192)]
     if "maxnreg" in key_side:  # the scores kernel's register cap: more programs an SM, some spills
         out += [dict(out[0], scores_maxnreg=r) for r in (48, 40)]
         out += [
@@ -564,7 +567,7 @@ def main() -> None:
             ("key_unroll", dict(key_unroll=True, block_t=8, num_warps=2)),
             ("merge_fused", dict(merge="fused")),
             ("value_bits_reshape", dict(value_bits="reshape")),
-            ("pair_order_blocks", dict(pair_order="blocks")),
+            ("pair_order_sweeps", dict(pair_order="sweeps")),
             ("value_bits_planes_no_prefetch", dict(value_bits="planes", values_prefetch=False)),
             ("value_bits_planes_32_1024", dict(value_bits="planes", values_block_t=32, nb_chunk=1024, values_warps=8)),
         ):

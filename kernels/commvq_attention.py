@@ -1474,6 +1474,23 @@ def decode_meta(
 
 DESIGNS = ("two_pass", "fused")
 PAIR_ORDERS = ("sweeps", "blocks")
+
+
+def resolve_pair_order(
+    pair_order: str | None,
+    design: str = "two_pass",
+    pair_chunks: int = 1,
+    key_prefetch: bool = False,
+    key_parts: int = 1,
+) -> str:
+    """``pair_order=None`` (the default): ``"blocks"`` where it applies (``design="two_pass"``, ``pair_chunks=1``,
+    ``key_prefetch=False``, ``key_parts=1``), ``"sweeps"`` otherwise; a given order is returned as it is."""
+    if pair_order is not None:
+        return pair_order
+    applies = design == "two_pass" and pair_chunks == 1 and not key_prefetch and key_parts == 1
+    return "blocks" if applies else "sweeps"
+
+
 PAIR_PARTS = (1, 2, 4, 8)
 PAIR_CHUNKS = (1, 2, 4)
 KEY_GATHERS = ("global", "table")
@@ -1491,10 +1508,11 @@ def _check_key_side(
     pair_chunks: int = 1,
     key_prefetch: bool = False,
     code_prefetch: bool = False,
-    pair_order: str = "sweeps",
+    pair_order: str | None = None,
     design: str = "two_pass",
 ) -> None:
     """The two-pass scores kernel's options (see :func:`decode_attention`)."""
+    pair_order = resolve_pair_order(pair_order, design, pair_chunks, key_prefetch, key_parts)
     if pair_chunks not in PAIR_CHUNKS:
         raise ValueError(f"pair_chunks must be one of {PAIR_CHUNKS}, got {pair_chunks}.")
     for name, on in (("pair_chunks > 1", pair_chunks > 1), ("key_prefetch=True", key_prefetch)):
@@ -1601,7 +1619,7 @@ def two_pass_meta(
     value_bits: str = DEFAULT_VALUE_BITS,
     values_prefetch: bool | None = None,
     code_prefetch: bool = False,
-    pair_order: str = "sweeps",
+    pair_order: str | None = None,
 ) -> tuple[tuple[dict, tuple[int, int]], tuple[dict, tuple[int, int]]]:
     """Constexprs and ``(num_warps, num_stages)`` of the two kernels of ``design="two_pass"`` (see
     :func:`decode_attention`): ``(scores, values)``, each ``(meta, (num_warps, num_stages))``; the values kernel
@@ -1653,6 +1671,7 @@ def two_pass_meta(
     if key_prefetch:
         scores["PREFETCH"] = True
     scores["CODE_PREFETCH"] = bool(code_prefetch)
+    pair_order = resolve_pair_order(pair_order, "two_pass", pair_chunks, key_prefetch, key_parts)
     scores["PAIRS_INNER"] = pair_order == "blocks" and pair_parts > 1
     if split > 1:  # the code programs' tiles hold tile pairs of one part (a dot needs 16 of them)
         scores.update(
@@ -1776,7 +1795,7 @@ def decode_attention(
     code_prefetch: bool = False,
     reduce_split_tile: int = DEFAULT_REDUCE_SPLIT_TILE,
     scores_maxnreg: int | None = None,
-    pair_order: str = "sweeps",
+    pair_order: str | None = None,
 ) -> torch.Tensor:
     """Attention of one new token (per batch row) over coded tokens + window, read straight from the codes.
 
@@ -1928,15 +1947,17 @@ def decode_attention(
         128k tokens (GPU time, graph replay, ``benchmarks/results/commvq_decode_prefetch.json``) 2 parts cut the
         step from 0.79 to 0.74 ms at 1 bit and from 1.26 to 1.20 ms at 2 bits; 4 and 8 parts are slower
         (``commvq_decode_pair_parts.json``).
-    pair_order : str
-        Two-pass only, with ``pair_parts > 1``. ``"sweeps"`` (default): each scores program sweeps its token range
-        once per part of the pairs, adding each sweep's partial scores to those in memory. ``"blocks"``: all the parts
-        of a block's pairs, one after the other, before the next block; the partial scores stay in registers and the
-        block's code bytes are L1-hot for the later parts, but the program reads its head's whole tables at a time.
-        The same sums (bit for bit in the interpreter). Needs ``pair_chunks=1``, ``key_prefetch=False`` and
-        ``key_parts=1``. Faster on an H200 at 128k tokens: 0.577 against 0.590 ms at 1 bit, 0.930 against 0.937 ms at
-        2 bits (GPU time, graph replay; ``benchmarks/results/commvq_decode_pair_order.json``); not yet the default
-        because that run did not compare its output with the reference on the GPU.
+    pair_order : str or None
+        Two-pass only, with ``pair_parts > 1``. ``"sweeps"``: each scores program sweeps its token range once per part
+        of the pairs, adding each sweep's partial scores to those in memory. ``"blocks"``: all the parts of a block's
+        pairs, one after the other, before the next block; the partial scores stay in registers and the block's code
+        bytes are L1-hot for the later parts, but the program reads its head's whole tables at a time. The same sums
+        (bit for bit in the interpreter; on an H200 the same error against the reference, 0.15103 at 1 bit and 0.31859
+        at 2 bits). ``"blocks"`` needs ``pair_chunks=1``, ``key_prefetch=False`` and ``key_parts=1``; ``None``
+        (default) takes it where those hold (:func:`resolve_pair_order`), ``"sweeps"`` elsewhere. On an H200 at 128k
+        tokens (GPU time, graph replay, cold L2): 0.579 against 0.594 ms at 1 bit, 0.925 against 0.931 ms at 2 bits
+        (``benchmarks/results/commvq_decode_pair_order_check.json``; 0.577 / 0.590 and 0.930 / 0.937 ms in the run
+        before, ``commvq_decode_pair_order.json``).
     pair_chunks : int
         Two-pass only (1, 2 or 4; default 1). The pairs a scores program sums are held as ``pair_chunks`` tiles of
         ``P / (pair_parts pair_chunks)`` pairs instead of one ``[block_t, P]`` tile. Triton lays each tile out alike,
@@ -2231,7 +2252,7 @@ def _two_pass(
     target_programs, score_programs, key_gather="global", key_parts=1, key_accum="auto", rope_trig="fast",
     key_unroll=False, values_stages=None, window_launch="separate", pair_parts=1, pair_chunks=1, key_prefetch=False,
     value_bits=DEFAULT_VALUE_BITS, values_prefetch=None, scores_carveout="auto", code_prefetch=False,
-    scores_maxnreg=None, pair_order="sweeps",
+    scores_maxnreg=None, pair_order=None,
 ):  # fmt: skip
     """Launch the scores and values kernels of ``design="two_pass"``; returns ``(m, l, acc, n_splits)``."""
     b, hq, d = qs.shape
@@ -2568,6 +2589,8 @@ __all__ = [
     "VALUE_BITS",
     "VALUE_PRODUCTS",
     "default_pair_parts",
+    "resolve_pair_order",
+    "PAIR_ORDERS",
     "rotate_interleaved",
     "window_keys",
 ]

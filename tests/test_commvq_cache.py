@@ -20,6 +20,7 @@ from pressroom.kernels.commvq_attention import (
     auto_carveout,
     decode_attention,
     decode_attention_reference,
+    resolve_pair_order,
     two_pass_meta,
 )
 from pressroom.kernels.commvq_codebook import centers_from_theta
@@ -887,6 +888,11 @@ def test_decode_pair_order_blocks_equals_sweeps(pair_parts):
     blocks = decode_attention(q, kv, books, 0.3, use_triton=True, pair_order="blocks", **tiling)
     sweeps = decode_attention(q, kv, books, 0.3, use_triton=True, pair_order="sweeps", **tiling)
     assert torch.equal(blocks, sweeps)
+    # "blocks" is the default where it applies, "sweeps" elsewhere
+    assert torch.equal(decode_attention(q, kv, books, 0.3, use_triton=True, **tiling), blocks)
+    assert resolve_pair_order(None) == "blocks" and resolve_pair_order("sweeps") == "sweeps"
+    for other in (dict(design="fused"), dict(pair_chunks=2), dict(key_prefetch=True), dict(key_parts=2)):
+        assert resolve_pair_order(None, **other) == "sweeps"
     ref = decode_attention_reference(q, kv, books, 0.3)
     assert (blocks - ref).abs().max() <= 2e-3 * ref.abs().max()
     # batch 2, per-head positions (after per-head eviction), an even residual count
