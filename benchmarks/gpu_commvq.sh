@@ -23,6 +23,9 @@
 #                                            # SmolLM2 value shapes)
 #   bash benchmarks/gpu_commvq.sh encode     # the whole layer's encode through CommVQLayer at 128k (1 and 2 bits),
 #                                            # chunks of 8192 and 32768 tokens, next to the kernels alone
+#   bash benchmarks/gpu_commvq.sh encode_profile  # where the whole layer's encode spends its time at 128k (1 and 2
+#                                            # bits, torch.profiler), the value codes kernel vs its PyTorch path in the
+#                                            # same layer, the parts alone, key-search unroll / programs, bf16 logits
 #   bash benchmarks/gpu_commvq.sh encode_h2  # the key search alone at 128k, 1 and 2 bits: the split search with
 #                                            # float16 sums (split_h2) next to the float32 one and the flat ieee
 #                                            # search (kernels only: no .gpu load needed)
@@ -86,6 +89,7 @@ encode)
     --key-side --skip-key-math --encode-sweep defaults --reps 12 --encode-blocks 8192 32768 \
     --output "$out/commvq_encode_layer.json"
   ;;
+encode_profile) python3 benchmarks/commvq_encode_profile.py --output "$out/commvq_encode_profile.json" ;;
 encode_h2)
   python3 benchmarks/commvq_encode_variants.py --tilings flat:16:4:ieee split:128:8:tf32 split_h2:64:8:tf32 \
     split_h2:32:4:tf32 split_h2:64:4:tf32 split_h2:128:8:tf32 --output "$out/commvq_encode_h2.json"
@@ -115,5 +119,5 @@ train)
   tar czf - -C "$(dirname "$cb")" "$(basename "$cb")" | split -b 15m - "$out/commvq_codebooks.tgz.part-"
   ;;
 profile) python3 benchmarks/commvq_scores_profile.py --keep-csv --output "$out/commvq_scores_profile.json" ;;
-*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|refine|encode|encode_h2|keyside|pairs|window|train|profile" >&2; exit 2 ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|refine|encode|encode_profile|encode_h2|keyside|pairs|window|train|profile" >&2; exit 2 ;;
 esac

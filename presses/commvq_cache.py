@@ -45,6 +45,7 @@ from pressroom.kernels.commvq_attention import (
 )
 from pressroom.kernels.commvq_codebook import check_pair_weights, from_interleaved, search_operands, to_interleaved
 from pressroom.kernels.commvq_encode import PRECISIONS, KeyTables, code_bytes, encode_keys, pack_bits
+from pressroom.kernels.commvq_value_codes import value_codes
 from pressroom.kernels.rope_ring import resolve_use_triton
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec
 from pressroom.presses.sink_window_cache import PositionResolver, _text_config, rope_frequencies
@@ -365,15 +366,20 @@ class CommVQLayer(CacheLayerMixin):
                 )
             self.knorm[:, lo:hi] = norms.to(torch.float16)
             v = values[:, :, s:e].transpose(1, 2).reshape(self.batch, e - s, -1).float()
-            with _matmul_tf32(v.is_cuda and self.encode_precision == "tf32"):
-                bits, prescale = self.codec.encode(v)
+            emb = self.codec.embedding
+            with torch.no_grad(), _matmul_tf32(v.is_cuda and self.encode_precision == "tf32"):
+                logits, prescale = self.codec.logits(v)
+                # the arg-max choices as packed bytes and bits in one pass (a Triton kernel on CUDA)
+                packed, bits = value_codes(logits, torch.uint8 if self.value_refine else emb.dtype, self._triton)
+                del logits
                 if not self.value_refine:  # the decoded direction's norm: a [m, bits] x [bits, D] matmul too
-                    post = self.codec.postscale(bits)
-                    coef = (prescale + self.codec.eps) / (post + self.codec.eps)
+                    post = (bits @ emb).norm(dim=-1, keepdim=True)
+                    coef = (prescale.float() + self.codec.eps) / (post.float() + self.codec.eps)
             if self.value_refine:  # float32 throughout: it tracks each token's error through the flips
                 bits, coef = self.codec.refine(v, bits, self.value_refine, self._triton)
+                packed = pack_bits(bits)
             self.vcoef[:, lo:hi] = coef[..., 0].to(torch.float16)
-            self.vbits[:, lo:hi] = pack_bits(bits)
+            self.vbits[:, lo:hi] = packed
             p = pos[..., s:e].to(torch.int32)
             if self.per_head_pos:
                 self.pos[:, :, lo:hi] = p.view(1, 1, -1) if p.dim() == 1 else p[:, None] if p.dim() == 2 else p

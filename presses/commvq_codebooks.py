@@ -43,6 +43,7 @@ from torch import nn
 
 from pressroom.kernels.commvq_codebook import THETA_ROWS, centers_from_theta, check_pair_weights
 from pressroom.kernels.commvq_refine import refine_value_bits
+from pressroom.kernels.commvq_value_codes import choices_to_bits
 
 NATIVE_CONFIG = "commvq.json"
 NATIVE_KEYS = "keys.safetensors"
@@ -147,10 +148,7 @@ class ValueCodec(nn.Module):
     def argmax_to_bits(choice: torch.Tensor) -> torch.Tensor:
         """Choices ``[..., n_e]`` (0..3) -> bits uint8 ``[..., 2 n_e]``, as :meth:`choices_to_bits` of their one-hot
         (0 -> 10, 1 -> 01, 2 -> 11, 3 -> 00) without the ``[..., n_e, 4]`` float tensor."""
-        c = choice.to(torch.uint8)
-        first = 1 - (c & 1)  # choices 0 and 2
-        second = ((c == 1) | (c == 2)).to(torch.uint8)
-        return torch.stack((first, second), dim=-1).flatten(-2)
+        return choices_to_bits(choice)
 
     def postscale(self, bits: torch.Tensor) -> torch.Tensor:
         """Norm of ``bits @ embedding`` ``[..., 1]`` (the decoded direction is divided by it)."""
