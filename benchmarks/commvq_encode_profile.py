@@ -11,6 +11,9 @@ Llama-3.1-8B shape (8 KV heads, head_dim 128; 1 bit: R=11, 2 bits: R=21), random
 - the kernels of each by ``torch.profiler`` (mean GPU ms per layer encode);
 - the parts alone, at one chunk: the key search (``encode_keys``), the value encoder's logits (TF32 matmuls), the codes
   (kernel and PyTorch), the postscale; the key search's inner-loop unroll and persistent programs per SM;
+- the key search with the previous layout of its candidate loop (``wide_lanes=False``, the same codes) and with
+  float16 dot operands (``dot_dtype``: other codes; the share of (token, head) code rows that stay the same and the
+  squared reconstruction error of both);
 - ``values_bf16_*``: the logits in bfloat16 (autocast) instead of TF32, with the share of value bits that stay the same
   (the codes change, so this is a measurement, not the default).
 
@@ -32,7 +35,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import call_ms, kernel_ms  # noqa: E402
 
-from pressroom.kernels.commvq_encode import KeyTables, code_bytes, encode_defaults, encode_keys  # noqa: E402
+from pressroom.kernels.commvq_codebook import centers_from_theta  # noqa: E402
+from pressroom.kernels.commvq_encode import (  # noqa: E402
+    KeyTables,
+    code_bytes,
+    encode_defaults,
+    encode_keys,
+    unpack_codes12,
+)
 from pressroom.kernels.commvq_value_codes import value_codes, value_codes_reference  # noqa: E402
 from pressroom.presses import commvq_cache  # noqa: E402
 from pressroom.presses.commvq_cache import CommVQLayer, _matmul_tf32  # noqa: E402
@@ -100,6 +110,22 @@ def measure_width(bits: int, n: int, blocks: list[int], reps: int, device: torch
     key_kw = dict(use_triton=cuda or None, tables=tables, out=out, precision="tf32", key_norm_bound=1.0)
     parts = cfg["parts_ms"] = {"chunk": m}
     parts["keys"] = median_ms(lambda: encode_keys(x, theta, **key_kw), reps, cuda)
+    codes = out.clone()
+    # the previous layout of the candidate loop (the same codes), and float16 dot operands (other codes)
+    parts["keys_one_lane"] = median_ms(lambda: encode_keys(x, theta, wide_lanes=False, **key_kw), reps, cuda)
+    parts["keys_one_lane_codes_equal"] = bool(torch.equal(out, codes))
+    parts["keys_dot_f16"] = median_ms(lambda: encode_keys(x, theta, dot_dtype=torch.float16, **key_kw), reps, cuda)
+    parts["keys_dot_f16_rows_equal_fraction"] = (out == codes).all(-1).float().mean().item()
+    sub = min(m, 4096)  # the codes' squared reconstruction error over the first tokens, both ways
+    err = {}
+    for label, packed in (("tf32", codes), ("dot_f16", out.clone())):
+        rec = torch.zeros(sub, H, D, device=device)
+        for h in range(H):
+            c = unpack_codes12(packed[:sub, h], r)
+            for step in range(r):
+                rec[:, h] += centers_from_theta(theta[h, step])[c[:, step]]
+        err[label] = (x[:sub] - rec).pow(2).sum(-1).mean().item()
+    parts["keys_reconstruction_sq_error"] = err
     if cuda:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         for unroll in (2, 8, 16):

@@ -125,16 +125,19 @@ def encode_keys_reference(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor
 
 
 def encode_keys_split_h2_reference(
-    x: torch.Tensor, thetas: torch.Tensor, tables: KeyTables | None = None
+    x: torch.Tensor, thetas: torch.Tensor, tables: KeyTables | None = None, dot_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Plain-PyTorch ``search="split_h2"`` of :func:`encode_keys`, rounding as the kernel does: per step and row,
     ``m_A = min_B fp16(fp16(K[A, B]) + fp16(g_B))`` (each sum rounded to float16, ``K = 2 u_A . w_B``, ``g_B =
     ||w_B||^2 - 2 r . w_B``), ``A`` the first arg-min of ``m_A + f_A`` in float32 (``f_A = ||u_A||^2 - 2 r . u_A``),
     then ``B`` the first arg-min of the float32 ``K[A, B] + g_B``; packed as :func:`pack_codes12`. ``tables``:
-    those of ``thetas`` on ``x``'s device, if the caller holds them (built otherwise)."""
+    those of ``thetas`` on ``x``'s device, if the caller holds them (built otherwise). ``dot_dtype=torch.float16``:
+    the dot products' operands (residual and ``u``, ``w``) rounded to float16 first, as the kernel's."""
     n, h, _, r = _check_encode(x, thetas)
     if tables is None:
         tables = KeyTables(thetas.to(x.device))
+    ud, wd = (t.float() for t in tables.dot_tables(dot_dtype))
+    rnd = torch.float32 if dot_dtype is None else dot_dtype
     un, wn, k, _ = tables.split_tables()
     k16 = k.half()
     codes = torch.empty(n, h, r, dtype=torch.long, device=x.device)
@@ -142,8 +145,9 @@ def encode_keys_split_h2_reference(
         res = x[:, head].float()
         for step in range(r):
             u, w = tables.u[head, step], tables.w[head, step]
-            g = wn[head, step] - 2.0 * res @ w.T  # [n, 64]
-            f = un[head, step] - 2.0 * res @ u.T
+            rd = res.to(rnd).float()
+            g = wn[head, step] - 2.0 * rd @ wd[head, step].T  # [n, 64]
+            f = un[head, step] - 2.0 * rd @ ud[head, step].T
             g16 = g.half().float()
             m = torch.empty_like(f)
             for s in range(0, n, 2048):  # [rows, A, B] float16 sums (float32 sum rounded: the float16 add), 2k rows
@@ -167,6 +171,7 @@ class KeyTables:
         self._split: tuple[torch.Tensor, ...] | None = None
         self._split_h2: torch.Tensor | None = None
         self._h2_bounds: tuple[float, float] | None = None  # (max ||w_B||^2, residual growth), with the split_h2 table
+        self._dot16: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def split_tables(self) -> tuple[torch.Tensor, ...]:
         """What the ``"split"`` search reads: ``||u_A||^2``, ``||w_B||^2`` ``[H, R, 64]`` and the cross term
@@ -177,6 +182,18 @@ class KeyTables:
             un, wn = self.u.pow(2).sum(-1), self.w.pow(2).sum(-1)
             self._split = (un.contiguous(), wn.contiguous(), k.contiguous(), k.transpose(-1, -2).contiguous())
         return self._split
+
+    def dot_tables(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``u``, ``w`` as the ``"split_h2"`` search's dot operands: float32 (``dtype=None``, rounded to TF32 by the
+        tensor cores with ``precision="tf32"``) or ``torch.float16`` (``dot_dtype``; the residual is rounded to
+        float16 too)."""
+        if dtype is None or dtype == torch.float32:
+            return self.u, self.w
+        if dtype != torch.float16:
+            raise ValueError(f"dot_dtype must be None or torch.float16, got {dtype}.")
+        if self._dot16 is None:
+            self._dot16 = (self.u.half().contiguous(), self.w.half().contiguous())
+        return self._dot16
 
     def split_h2_table(self) -> torch.Tensor:
         """What ``"split_h2"`` reads beside :meth:`split_tables`: ``K^T`` as packed float16 pairs ``[H, R, 64, 32]``
@@ -469,6 +486,8 @@ if HAS_TRITON:
         x_ptr,
         u_ptr,
         w_ptr,
+        ud_ptr,
+        wd_ptr,
         un_ptr,
         wn_ptr,
         k_ptr,
@@ -488,6 +507,7 @@ if HAS_TRITON:
         UNROLL: tl.constexpr,
         PRECISION: tl.constexpr,
         NATIVE: tl.constexpr,
+        WIDE_LANES: tl.constexpr = True,
     ):
         # The split search with its 4,096 candidate sums K[A, B] + g_B in packed float16 pairs: lane j of a row
         # holds A = j (low half) and A = j + 32 (high half), so one add.rn.f16x2 and one min.f16x2 cover two
@@ -496,7 +516,6 @@ if HAS_TRITON:
         # B is the exact float32 arg-min for that A, as in the split search.
         pid, n_prog, head, lrow, cols, ks, dmask, scr = _persistent_program(scr_ptr, D, BLOCK_N, BLOCK_D)
         js = tl.arange(0, 32)
-        inf2 = tl.full((BLOCK_N, 32), 0x7C007C00, tl.int32)  # +inf in both halves
         for blk in range(pid, n_blocks, n_prog):
             res, rmask, out_row = _load_block(
                 x_ptr, out_ptr, blk * BLOCK_N + lrow, head, cols, dmask, n_rows, stride_xn, stride_xh, stride_on,
@@ -506,19 +525,26 @@ if HAS_TRITON:
             for r in range(R):
                 step = head * R + r
                 base = step * 64 * D
-                g = _split_g(res, w_ptr, wn_ptr, base, step, ks, cols, dmask, D, PRECISION)
+                rd = res.to(ud_ptr.dtype.element_ty)  # the dots' operand (float16 with DOT_F16)
+                g = _split_g(rd, wd_ptr, wn_ptr, base, step, ks, cols, dmask, D, PRECISION)
                 g16 = g.to(tl.float16)
                 tl.debug_barrier()  # the previous step's reads of the scratch are done
                 tl.store(scr[:, None] + ks[None, :], _f16_pack(g16, g16))
                 tl.debug_barrier()
-                u_lo = tl.load(u_ptr + base + js[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
-                u_hi = tl.load(u_ptr + base + (js[None, :] + 32) * D + cols[:, None], mask=dmask[:, None], other=0.0)
-                f_lo = tl.load(un_ptr + step * 64 + js)[None, :] - 2.0 * tl.dot(res, u_lo, input_precision=PRECISION)
+                u_lo = tl.load(ud_ptr + base + js[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
+                u_hi = tl.load(ud_ptr + base + (js[None, :] + 32) * D + cols[:, None], mask=dmask[:, None], other=0.0)
+                f_lo = tl.load(un_ptr + step * 64 + js)[None, :] - 2.0 * tl.dot(rd, u_lo, input_precision=PRECISION)
                 f_hi = tl.load(un_ptr + step * 64 + 32 + js)[None, :] - 2.0 * tl.dot(
-                    res, u_hi, input_precision=PRECISION
+                    rd, u_hi, input_precision=PRECISION
                 )
                 kt2 = kt2_ptr + step * 2048 + js  # row B of the packed K^T
-                m2 = inf2
+                # the first B's sums, from a 2D load of K^T's first row: that lays the running minima out four adjacent
+                # lanes a thread (sm_90: the loop's K^T loads become one 16-byte load per thread and B, 20 loads per 4 B
+                # instead of 68); the loop takes B = 0 again, min(s, s) = s
+                if WIDE_LANES:
+                    m2 = _hadd2(tl.load(kt2 + lrow[:, None] * 0), tl.load(scr)[:, None], NATIVE)
+                else:  # +inf in both halves, the compiler's default layout (one lane a thread: the previous kernel)
+                    m2 = tl.full((BLOCK_N, 32), 0x7C007C00, tl.int32)
                 for b0 in range(0, 64, UNROLL):
                     for j in tl.static_range(UNROLL):
                         gb2 = tl.load(scr + b0 + j)
@@ -578,6 +604,7 @@ def encode_meta(
     precision: str = "ieee",
     a_chunk: int = 16,
     unroll: int = 4,
+    wide_lanes: bool = True,
 ) -> tuple[dict, tuple]:
     """The encode kernel's constexprs and ``(num_warps, num_stages)`` for head dim ``d`` and ``r`` residuals (what
     :func:`encode_keys` launches; :mod:`pressroom.kernels.commvq_resources` compiles exactly this)."""
@@ -593,7 +620,7 @@ def encode_meta(
             raise ValueError(f"unroll must divide 64, got {unroll}.")
         meta.update(UNROLL=unroll)
         if search == "split_h2":
-            meta.update(NATIVE=not triton_interpreted())
+            meta.update(NATIVE=not triton_interpreted(), WIDE_LANES=bool(wide_lanes))
     elif search != "running":
         meta.update(A_CHUNK=a_chunk, NESTED=search == "nested")
     return meta, (num_warps, num_stages)
@@ -619,6 +646,8 @@ def encode_keys(
     programs: int | None = None,
     unroll: int = 4,
     key_norm_bound: float | None = None,
+    dot_dtype: torch.dtype | None = None,
+    wide_lanes: bool = True,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
 
@@ -658,6 +687,14 @@ def encode_keys(
     key_norm_bound : float, optional
         ``"split_h2"``: an upper bound on the rows' norms, for its float16 range check (the cache knows it: 1, or the
         largest pair scale of a weighted search); by default bounded from ``x`` (one device sync per call).
+    wide_lanes : bool
+        ``"split_h2"``: the running minima of its candidate loop laid out four adjacent lanes a thread (default), so
+        that each ``K^T`` row is one 16-byte load per thread; ``False``: the compiler's default layout, one lane a
+        thread (the kernel before; the same codes).
+    dot_dtype : torch.dtype, optional
+        ``"split_h2"`` only: ``torch.float16`` rounds the dot products' operands (the residual and ``u``, ``w``) to
+        float16 before the tensor-core products (float32 sums); ``None`` (default) keeps them float32 (``precision``
+        then rounds them, e.g. TF32).
     precision : str
         Of the ``r . u_A`` / ``r . w_B`` dot products: ``"ieee"`` (float32, equal codes to the reference) or
         ``"tf32"`` (tensor cores on a GPU, and by default the ``"split_h2"`` search; near-ties may then pick another
@@ -678,6 +715,8 @@ def encode_keys(
     n, h, d, r = _check_encode(x, thetas)
     chosen = encode_defaults(precision, search)
     search = chosen["search"]
+    if dot_dtype is not None and search != "split_h2":
+        raise ValueError(f"dot_dtype is a setting of search='split_h2', not {search!r}.")
     block_n = chosen["block_n"] if block_n is None else block_n
     num_warps = chosen["num_warps"] if num_warps is None else num_warps
     if out is None:
@@ -691,7 +730,7 @@ def encode_keys(
         tables.check_h2_keys(key_norm_bound)
     if not triton_path:
         if search == "split_h2":
-            out.copy_(encode_keys_split_h2_reference(x, thetas, tables))
+            out.copy_(encode_keys_split_h2_reference(x, thetas, tables, dot_dtype))
         else:
             out.copy_(encode_keys_reference(x, thetas))
         return out
@@ -699,7 +738,9 @@ def encode_keys(
         return out
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
-    meta, (num_warps, num_stages) = encode_meta(d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll)
+    meta, (num_warps, num_stages) = encode_meta(
+        d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll, wide_lanes
+    )
     strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
     n_blocks = triton.cdiv(n, block_n)
     if search in PERSISTENT_SEARCHES:
@@ -712,7 +753,7 @@ def encode_keys(
         if search == "split":
             search_tables = tables.split_tables()
         elif search == "split_h2":
-            search_tables = (*tables.split_tables()[:3], tables.split_h2_table())
+            search_tables = (*tables.dot_tables(dot_dtype), *tables.split_tables()[:3], tables.split_h2_table())
         else:
             search_tables = (tables.h,)
         encode_kernel(search)[(programs, h)](
