@@ -1,23 +1,21 @@
-"""Where a CommVQ layer's encode spends its time at long context, and the value side's code path side by side.
+"""Where a CommVQ layer's encode spends its time at long context: encode_precision "tf32" and "half" side by side.
 
 The whole layer goes through the cache's own path (``CommVQLayer._encode``: key norms, the key search fused with the
 12-bit packing, the value encoder, the value codes, the postscale, the stores) for ``--tokens`` tokens of the
 Llama-3.1-8B shape (8 KV heads, head_dim 128; 1 bit: R=11, 2 bits: R=21), random codebooks and value codec,
-``encode_precision="tf32"``, ``value_refine=0``, in chunks of ``--blocks`` tokens. Timed side by side in one run:
+``value_refine=0``, in chunks of ``--blocks`` tokens. Per chunk size, in one run:
 
-- ``layer_ms``: the value codes by the Triton kernel (``pressroom.kernels.commvq_value_codes``, the default on CUDA);
-- ``layer_codes_pytorch_ms``: the same layer with the codes by their PyTorch reference (``argmax`` over the four-way
-  choices, the bits, ``pack_bits``: the path before the kernel);
-- the kernels of each by ``torch.profiler`` (mean GPU ms per layer encode);
-- the parts alone, at one chunk: the key search (``encode_keys``), the value encoder's logits (TF32 matmuls), the codes
-  (kernel and PyTorch), the postscale; the key search's inner-loop unroll and persistent programs per SM;
-- the key search with the previous layout of its candidate loop (``wide_lanes=False``, the same codes) and with
-  float16 dot operands (``dot_dtype``: other codes; the share of (token, head) code rows that stay the same and the
-  squared reconstruction error of both);
-- ``values_bf16_*``: the logits in bfloat16 (autocast) instead of TF32, with the share of value bits that stay the same
-  (the codes change, so this is a measurement, not the default).
+- ``layer_tf32_ms`` / ``layer_half_ms``: the layer at ``encode_precision="tf32"`` (TF32 dots and value encoder) and
+  ``"half"`` (float16 dot operands, bfloat16 value encoder), each with its kernels by ``torch.profiler``; the share of
+  (token, head) key code rows and of value bytes that ``"half"`` codes as ``"tf32"`` does, and both codes' errors
+  over the first 4,096 tokens (squared key error of the normalized keys, relative value error);
+- ``layer_tf32_codes_pytorch_ms``: the ``"tf32"`` layer with its value codes by the PyTorch reference (``argmax`` over
+  the four-way choices, the bits, ``pack_bits``: the path before ``pressroom.kernels.commvq_value_codes``);
+- ``parts_ms``: the parts alone on one chunk: the key search at each precision and with the previous layout of its
+  candidate loop (``wide_lanes=False``), the value encoder's logits and postscale at each precision, the value codes
+  (kernel and PyTorch).
 
-CPU: ``--smoke`` runs everything on a small shape (no timing value). JSON: ``--output`` (written after each width).
+CPU: ``--smoke`` runs everything on a small shape (no timing value). JSON: ``--output`` (written after each part).
 """
 
 from __future__ import annotations
@@ -35,17 +33,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import call_ms, kernel_ms  # noqa: E402
 
-from pressroom.kernels.commvq_codebook import centers_from_theta  # noqa: E402
+from pressroom.kernels.commvq_codebook import centers_from_theta, to_interleaved  # noqa: E402
 from pressroom.kernels.commvq_encode import (  # noqa: E402
     KeyTables,
     code_bytes,
-    encode_defaults,
     encode_keys,
+    unpack_bits,
     unpack_codes12,
 )
 from pressroom.kernels.commvq_value_codes import value_codes, value_codes_reference  # noqa: E402
 from pressroom.presses import commvq_cache  # noqa: E402
-from pressroom.presses.commvq_cache import CommVQLayer, _matmul_tf32  # noqa: E402
+from pressroom.presses.commvq_cache import CommVQLayer, _value_matmuls  # noqa: E402
 from pressroom.presses.commvq_codebooks import ValueCodec  # noqa: E402
 
 H, D = 8, 128
@@ -56,6 +54,23 @@ def median_ms(fn, reps: int, cuda: bool) -> float:
     return sorted(call_ms(fn, reps, warmup=1, cuda=cuda))[reps // 2]
 
 
+def key_sq_error(x: torch.Tensor, packed: torch.Tensor, theta: torch.Tensor) -> float:
+    """Mean squared error of normalized keys ``x [m, H, D]`` against their decoded codes ``packed [m, H, bytes]``."""
+    rec = torch.zeros_like(x)
+    r = theta.shape[1]
+    for h in range(x.shape[1]):
+        c = unpack_codes12(packed[:, h], r)
+        for step in range(r):
+            rec[:, h] += centers_from_theta(theta[h, step])[c[:, step]]
+    return (x - rec).pow(2).sum(-1).mean().item()
+
+
+def value_rel_error(v: torch.Tensor, vbits: torch.Tensor, vcoef: torch.Tensor, codec: ValueCodec) -> float:
+    """Relative squared error of values ``v [m, feat]`` decoded from packed bits and coefficients."""
+    rec = vcoef.float()[:, None] * (unpack_bits(vbits, torch.float32) @ codec.channel_embedding())
+    return ((v - rec).pow(2).sum() / v.pow(2).sum()).item()
+
+
 def measure_width(bits: int, n: int, blocks: list[int], reps: int, device: torch.device, cfg: dict, log, save) -> None:
     """One bit width's timings into ``cfg`` (``save`` after each part)."""
     cuda = device.type == "cuda"
@@ -63,40 +78,63 @@ def measure_width(bits: int, n: int, blocks: list[int], reps: int, device: torch
     g = torch.Generator().manual_seed(bits)
     theta = ((torch.randn(H, r, 128, D // 2, generator=g) * 0.1).half().float()).to(device)
     codec = ValueCodec(H * D, bits).to(device)
-    inv_freq = 1.0 / (500000 ** (torch.arange(0, D, 2).float() / D))
+    inv_freq = (1.0 / (500000 ** (torch.arange(0, D, 2).float() / D))).to(device)
     raw = torch.randn(1, H, n, D, generator=g).to(device)
     values = torch.randn(1, H, n, D, generator=g).to(device, torch.bfloat16)
     positions = torch.arange(n, device=device)
     cfg.update(bits=bits, key_residuals=r)
-    layer = CommVQLayer(theta, codec, inv_freq.to(device), D**-0.5, encode_precision="tf32", value_refine=0)
-    layer.lazy_initialization(raw[:, :, :1], values[:, :, :1])
-    layer.reserve(n)
+    layers = {}
+    for precision in ("tf32", "half"):
+        layer = CommVQLayer(theta, codec, inv_freq, D**-0.5, encode_precision=precision, value_refine=0)
+        layer.lazy_initialization(raw[:, :, :1], values[:, :, :1])
+        layer.reserve(n)
+        layers[precision] = layer
 
-    def run() -> None:
-        layer.n = 0
-        layer._encode(raw, values, positions)
+    def runner(layer: CommVQLayer):
+        def run() -> None:
+            layer.n = 0
+            layer._encode(raw, values, positions)
+
+        return run
 
     def pytorch_codes(logits, bits_dtype=None, use_triton=None):
         return value_codes_reference(logits, bits_dtype)
 
+    # the codes' quality over the first tokens: normalized keys and values as the layer saw them
+    sub = min(n, 4096)
+    x = torch.nn.functional.normalize(raw[0, :, :sub].transpose(0, 1).flatten(1), dim=-1).view(sub, H, D)
+    x = to_interleaved(x)
+    v = values[0, :, :sub].transpose(0, 1).reshape(sub, -1).float()
     default_block = commvq_cache.ENCODE_BLOCK
     try:
         for block in blocks:
             commvq_cache.ENCODE_BLOCK = block
-            cfg[f"layer_ms_block{block}"] = median_ms(run, reps, cuda)
-            kernel_codes = layer.vbits[:, :n].clone()
-            cfg[f"layer_kernels_ms_block{block}"] = kernel_ms(run, 2)
-            commvq_cache.value_codes = pytorch_codes
+            row = cfg[f"block{block}"] = {}
+            for precision, layer in layers.items():
+                run = runner(layer)
+                row[f"layer_{precision}_ms"] = median_ms(run, reps, cuda)
+                row[f"layer_{precision}_kernels_ms"] = kernel_ms(run, 2)
+                row[f"key_sq_error_{precision}"] = key_sq_error(x, layer.codes[0, :, :sub].transpose(0, 1), theta)
+                row[f"value_rel_error_{precision}"] = value_rel_error(
+                    v, layer.vbits[0, :sub], layer.vcoef[0, :sub], codec
+                )
+            tf32, half = layers["tf32"], layers["half"]
+            row["half_key_rows_equal_fraction"] = (
+                (tf32.codes[:, :, :n] == half.codes[:, :, :n]).all(-1).float().mean().item()
+            )
+            row["half_value_bytes_equal_fraction"] = (tf32.vbits[:, :n] == half.vbits[:, :n]).float().mean().item()
+            kernel_codes = tf32.vbits[:, :n].clone()
+            commvq_cache.value_codes = pytorch_codes  # the path before the value codes kernel
             try:
-                cfg[f"layer_codes_pytorch_ms_block{block}"] = median_ms(run, reps, cuda)
-                cfg[f"layer_codes_pytorch_equal_block{block}"] = bool(torch.equal(layer.vbits[:, :n], kernel_codes))
-                cfg[f"layer_codes_pytorch_kernels_ms_block{block}"] = kernel_ms(run, 2)
+                row["layer_tf32_codes_pytorch_ms"] = median_ms(runner(tf32), reps, cuda)
+                row["layer_tf32_codes_pytorch_equal"] = bool(torch.equal(tf32.vbits[:, :n], kernel_codes))
+                row["layer_tf32_codes_pytorch_kernels_ms"] = kernel_ms(runner(tf32), 2)
             finally:
                 commvq_cache.value_codes = value_codes
             log(
-                f"{bits} bit, chunks of {block}: layer {cfg[f'layer_ms_block{block}']:.2f} ms, with the PyTorch "
-                f"codes {cfg[f'layer_codes_pytorch_ms_block{block}']:.2f} ms "
-                f"(same bytes: {cfg[f'layer_codes_pytorch_equal_block{block}']})"
+                f"{bits} bit, chunks of {block}: tf32 {row['layer_tf32_ms']:.2f} ms, half {row['layer_half_ms']:.2f} "
+                f"ms, tf32 with the PyTorch codes {row['layer_tf32_codes_pytorch_ms']:.2f} ms; "
+                + ", ".join(f"{k} {v:.5g}" for k, v in row.items() if "error" in k or "fraction" in k)
             )
             save()
     finally:
@@ -104,55 +142,28 @@ def measure_width(bits: int, n: int, blocks: list[int], reps: int, device: torch
 
     # the parts alone, on one chunk (the first block size)
     m = blocks[0]
-    x = torch.nn.functional.normalize(raw[0, :, :m].transpose(0, 1).flatten(1), dim=-1).view(m, H, D)
+    xm = torch.nn.functional.normalize(raw[0, :, :m].transpose(0, 1).flatten(1), dim=-1).view(m, H, D)
     tables = KeyTables(theta)
     out = torch.empty(m, H, code_bytes(r), dtype=torch.uint8, device=device)
-    key_kw = dict(use_triton=cuda or None, tables=tables, out=out, precision="tf32", key_norm_bound=1.0)
+    key_kw = dict(use_triton=cuda or None, tables=tables, out=out, key_norm_bound=1.0)
     parts = cfg["parts_ms"] = {"chunk": m}
-    parts["keys"] = median_ms(lambda: encode_keys(x, theta, **key_kw), reps, cuda)
-    codes = out.clone()
-    # the previous layout of the candidate loop (the same codes), and float16 dot operands (other codes)
-    parts["keys_one_lane"] = median_ms(lambda: encode_keys(x, theta, wide_lanes=False, **key_kw), reps, cuda)
-    parts["keys_one_lane_codes_equal"] = bool(torch.equal(out, codes))
-    parts["keys_dot_f16"] = median_ms(lambda: encode_keys(x, theta, dot_dtype=torch.float16, **key_kw), reps, cuda)
-    parts["keys_dot_f16_rows_equal_fraction"] = (out == codes).all(-1).float().mean().item()
-    sub = min(m, 4096)  # the codes' squared reconstruction error over the first tokens, both ways
-    err = {}
-    for label, packed in (("tf32", codes), ("dot_f16", out.clone())):
-        rec = torch.zeros(sub, H, D, device=device)
-        for h in range(H):
-            c = unpack_codes12(packed[:sub, h], r)
-            for step in range(r):
-                rec[:, h] += centers_from_theta(theta[h, step])[c[:, step]]
-        err[label] = (x[:sub] - rec).pow(2).sum(-1).mean().item()
-    parts["keys_reconstruction_sq_error"] = err
-    if cuda:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        for unroll in (2, 8, 16):
-            parts[f"keys_unroll{unroll}"] = median_ms(
-                lambda u=unroll: encode_keys(x, theta, unroll=u, **key_kw), reps, cuda
-            )
-        for per_sm in (2, 4, 16):
-            progs = -(-per_sm * sms // H)
-            parts[f"keys_programs_{per_sm}_per_sm"] = median_ms(
-                lambda p=progs: encode_keys(x, theta, programs=p, **key_kw), reps, cuda
-            )
-        parts["keys_tiling"] = encode_defaults("tf32")
-    v = values[:, :, :m].transpose(1, 2).reshape(1, m, -1).float()
-    with torch.no_grad(), _matmul_tf32(cuda):
-        parts["logits"] = median_ms(lambda: codec.logits(v), reps, cuda)
-        logits, prescale = codec.logits(v)
+    for label, kw in (("keys_tf32", {}), ("keys_tf32_one_lane", dict(wide_lanes=False)), ("keys_half", {})):
+        precision = "half" if label == "keys_half" else "tf32"
+        parts[label] = median_ms(
+            lambda kw=kw, p=precision: encode_keys(xm, theta, precision=p, **kw, **key_kw), reps, cuda
+        )
+    vm = values[:, :, :m].transpose(1, 2).reshape(1, m, -1).float()
+    with torch.no_grad():
+        for precision in ("tf32", "half"):
+            with _value_matmuls(precision, device):
+                parts[f"logits_{precision}"] = median_ms(lambda: codec.logits(vm), reps, cuda)
+                logits, _ = codec.logits(vm)
+                _, vbits = value_codes(logits, codec.embedding.dtype)
+                parts[f"postscale_{precision}"] = median_ms(
+                    lambda b=vbits: (b @ codec.embedding).norm(dim=-1), reps, cuda
+                )
         parts["codes_kernel"] = median_ms(lambda: value_codes(logits, codec.embedding.dtype), reps, cuda)
         parts["codes_pytorch"] = median_ms(lambda: value_codes_reference(logits, codec.embedding.dtype), reps, cuda)
-        packed, vbits = value_codes(logits, codec.embedding.dtype)
-        parts["postscale"] = median_ms(lambda: (vbits @ codec.embedding).norm(dim=-1), reps, cuda)
-        if cuda:  # the logits in bfloat16: time, and how many value bits stay the same
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                parts["logits_bf16_autocast"] = median_ms(lambda: codec.logits(v), reps, cuda)
-                logits16, _ = codec.logits(v)
-            packed16, _ = value_codes(logits16)
-            same = (packed16 == packed).float().mean().item()
-            parts["values_bf16_bytes_equal_fraction"] = same
     log(f"{bits} bit parts, {m} tokens: {parts}")
     save()
 

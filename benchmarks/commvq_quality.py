@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from pressroom.evaluation.atomic import atomic_write_json
+from pressroom.kernels.commvq_encode import PRECISIONS
 from pressroom.presses import CommVQCache, CommVQPress
 from pressroom.presses.commvq_ablation_press import SIDES, CommVQAblationPress
 from pressroom.presses.commvq_cache import DEFAULT_VALUE_REFINE
@@ -138,6 +139,13 @@ def main() -> None:
         default=[DEFAULT_VALUE_REFINE],
         help="CommVQ value_refine settings to run (greedy bit flips per token; 0: the reference's value coding)",
     )
+    ap.add_argument(
+        "--encode-precision",
+        nargs="+",
+        default=["ieee"],
+        choices=list(PRECISIONS),
+        help="CommVQ encode_precision settings to run (the key search's dots and the value encoder's matmuls)",
+    )
     ap.add_argument("--skip-ppl", action="store_true", help="needles only (e.g. a second job)")
     ap.add_argument(
         "--query-aware",
@@ -173,6 +181,7 @@ def main() -> None:
         "smoke": args.smoke,
         "commvq_n_sink": args.n_sink,
         "commvq_value_refine": args.value_refine,
+        "commvq_encode_precision": args.encode_precision,
         "needles_query_aware": args.query_aware,
         "perplexity": {"context": args.context, "eval_tokens_per_segment": args.eval, "segments": args.segments},
         "needles": {},
@@ -192,15 +201,22 @@ def main() -> None:
         books[bits].validate(model.config)
     result["codebooks"] = {str(b): {"R": bk.residuals, "key_bits": bk.key_bits} for b, bk in books.items()}
 
-    def commvq_name(bits: int, n_sink: int, refine: int) -> str:
+    def commvq_name(bits: int, n_sink: int, refine: int, precision: str = "ieee") -> str:
         name = f"commvq_{bits}bit" + (f"_sink{n_sink}" if n_sink else "")
-        return name + (f"_refine{refine}" if refine != DEFAULT_VALUE_REFINE else "")
+        name += f"_refine{refine}" if refine != DEFAULT_VALUE_REFINE else ""
+        return name + (f"_{precision}" if precision != "ieee" else "")
 
-    settings = [(b, ns, vr) for b in args.bits for ns in args.n_sink for vr in args.value_refine]
+    settings = [
+        (b, ns, vr, ep)
+        for b in args.bits
+        for ns in args.n_sink
+        for vr in args.value_refine
+        for ep in args.encode_precision
+    ]
     caches = {"fp16": lambda: None}
-    for b, ns, vr in settings:
-        caches[commvq_name(b, ns, vr)] = lambda b=b, ns=ns, vr=vr: CommVQCache(
-            model.config, books[b], bits=b, window=128, n_sink=ns, value_refine=vr
+    for b, ns, vr, ep in settings:
+        caches[commvq_name(b, ns, vr, ep)] = lambda b=b, ns=ns, vr=vr, ep=ep: CommVQCache(
+            model.config, books[b], bits=b, window=128, n_sink=ns, value_refine=vr, encode_precision=ep
         )
     for b in () if args.skip_hqq else args.bits:
         caches[f"hqq_{b}bit"] = lambda b=b: quantized_cache(model, b, min(64, head_dim))
@@ -247,14 +263,16 @@ def main() -> None:
         query_aware=args.query_aware,
     )
     presses: list[tuple[str, CommVQPress | None]] = [("fp16", None)]
-    for b, ns, vr in settings:
-        kw = dict(codebooks=books[b], bits=b, window=128, n_sink=ns, value_refine=vr)
-        presses.append((commvq_name(b, ns, vr), CommVQPress(**kw)))
+    for b, ns, vr, ep in settings:
+        kw = dict(codebooks=books[b], bits=b, window=128, n_sink=ns, value_refine=vr, encode_precision=ep)
+        presses.append((commvq_name(b, ns, vr, ep), CommVQPress(**kw)))
         for side in SIDES if args.ablation else ():
-            presses.append((f"{commvq_name(b, ns, vr)}_{side}_only", CommVQAblationPress(**kw, coded=side)))
+            presses.append((f"{commvq_name(b, ns, vr, ep)}_{side}_only", CommVQAblationPress(**kw, coded=side)))
     for name, press in presses:
         sink = f",n_sink={press.n_sink}" if press is not None and press.n_sink else ""
         sink += f",value_refine={press.value_refine}" if press is not None else ""
+        if press is not None and press.encode_precision != "ieee":
+            sink += f",encode_precision={press.encode_precision}"
         if press is None:
             spec = "no_press"
         elif isinstance(press, CommVQAblationPress):

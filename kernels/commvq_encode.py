@@ -185,12 +185,12 @@ class KeyTables:
 
     def dot_tables(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``u``, ``w`` as the ``"split_h2"`` search's dot operands: float32 (``dtype=None``, rounded to TF32 by the
-        tensor cores with ``precision="tf32"``) or ``torch.float16`` (``dot_dtype``; the residual is rounded to
-        float16 too)."""
+        tensor cores with ``precision="tf32"``) or ``torch.float16`` (``precision="half"``; the residual is rounded
+        to float16 too)."""
         if dtype is None or dtype == torch.float32:
             return self.u, self.w
         if dtype != torch.float16:
-            raise ValueError(f"dot_dtype must be None or torch.float16, got {dtype}.")
+            raise ValueError(f"the dot tables are float32 or torch.float16, got {dtype}.")
         if self._dot16 is None:
             self._dot16 = (self.u.half().contiguous(), self.w.half().contiguous())
         return self._dot16
@@ -564,7 +564,7 @@ if HAS_TRITON:
 
 SEARCHES = ("flat", "nested", "running", "split", "split_h2")
 PERSISTENT_SEARCHES = ("running", "split", "split_h2")
-PRECISIONS = ("ieee", "tf32", "tf32x3")
+PRECISIONS = ("ieee", "tf32", "tf32x3", "half")
 # (block_n, num_warps) per search, and where a precision has its own; the fastest measured at 128k tokens x 8 KV
 # heads, head_dim 128, R = 11 and 21 (benchmarks/results/commvq_encode_split.json, H200; commvq_encode_variants.json
 # for the running search, H100)
@@ -587,11 +587,16 @@ def encode_defaults(precision: str = "ieee", search: str | None = None) -> dict:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if search is None:
-        search = {"ieee": "flat", "tf32": "split_h2"}.get(precision, "split")
+        search = {"ieee": "flat", "tf32": "split_h2", "half": "split_h2"}.get(precision, "split")
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}.")
     block_n, num_warps = _TILINGS.get((search, precision), _TILINGS[search])
     return dict(search=search, block_n=block_n, num_warps=num_warps)
+
+
+def _check_half(precision: str, search: str) -> None:
+    if precision == "half" and search != "split_h2":
+        raise ValueError(f"precision='half' is implemented for search='split_h2', not {search!r}.")
 
 
 def encode_meta(
@@ -614,7 +619,10 @@ def encode_meta(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16 (a tl.dot operand), got {block_n}.")
-    meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION=precision)
+    _check_half(precision, search)
+    # "half": float16 operands, exact products summed in float32 (the dot's input_precision does not apply)
+    dot_precision = "ieee" if precision == "half" else precision
+    meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION=dot_precision)
     if search in ("split", "split_h2"):
         if unroll < 1 or 64 % unroll:
             raise ValueError(f"unroll must divide 64, got {unroll}.")
@@ -646,7 +654,6 @@ def encode_keys(
     programs: int | None = None,
     unroll: int = 4,
     key_norm_bound: float | None = None,
-    dot_dtype: torch.dtype | None = None,
     wide_lanes: bool = True,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
@@ -691,14 +698,13 @@ def encode_keys(
         ``"split_h2"``: the running minima of its candidate loop laid out four adjacent lanes a thread (default), so
         that each ``K^T`` row is one 16-byte load per thread; ``False``: the compiler's default layout, one lane a
         thread (the kernel before; the same codes).
-    dot_dtype : torch.dtype, optional
-        ``"split_h2"`` only: ``torch.float16`` rounds the dot products' operands (the residual and ``u``, ``w``) to
-        float16 before the tensor-core products (float32 sums); ``None`` (default) keeps them float32 (``precision``
-        then rounds them, e.g. TF32).
     precision : str
         Of the ``r . u_A`` / ``r . w_B`` dot products: ``"ieee"`` (float32, equal codes to the reference) or
         ``"tf32"`` (tensor cores on a GPU, and by default the ``"split_h2"`` search; near-ties may then pick another
-        center) or ``"tf32x3"`` (three TF32 products per float32 product: close to float32 on tensor cores).
+        center) or ``"tf32x3"`` (three TF32 products per float32 product: close to float32 on tensor cores) or
+        ``"half"`` (``"split_h2"`` only, its default: the residual and the tables ``u``, ``w`` rounded to float16,
+        exact products summed in float32; float16 keeps TF32's 10-bit mantissa but rounds to nearest, and normalized
+        keys and their codebooks are well inside its range).
 
     Returns
     -------
@@ -715,8 +721,8 @@ def encode_keys(
     n, h, d, r = _check_encode(x, thetas)
     chosen = encode_defaults(precision, search)
     search = chosen["search"]
-    if dot_dtype is not None and search != "split_h2":
-        raise ValueError(f"dot_dtype is a setting of search='split_h2', not {search!r}.")
+    _check_half(precision, search)
+    dot_dtype = torch.float16 if precision == "half" else None
     block_n = chosen["block_n"] if block_n is None else block_n
     num_warps = chosen["num_warps"] if num_warps is None else num_warps
     if out is None:

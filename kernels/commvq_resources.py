@@ -319,7 +319,8 @@ def default_configs():
         for precision in enc.PRECISIONS:  # the tiling encode_keys launches for each precision
             kw = enc.encode_defaults(precision)
             meta, opts = enc.encode_meta(d, r, kw["block_n"], kw["num_warps"], 1, kw["search"], precision)
-            out.append((f"encode {name} {precision}", enc.encode_kernel(kw["search"]), meta, *opts, None))
+            half = {"ud_ptr": "*fp16", "wd_ptr": "*fp16"} if precision == "half" else None  # float16 dot tables
+            out.append((f"encode {name} {precision}", enc.encode_kernel(kw["search"]), meta, *opts, half))
     return out
 
 

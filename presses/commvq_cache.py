@@ -103,6 +103,18 @@ def install_attention() -> list[str]:
 
 
 @contextlib.contextmanager
+def _value_matmuls(precision: str, device: torch.device):
+    """The value encoder's matmuls at ``encode_precision``: TF32 for ``"tf32"`` on CUDA, bfloat16 (autocast, float32
+    sums; the layer norm stays float32) for ``"half"`` on any device, float32 otherwise."""
+    if precision == "half":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        with _matmul_tf32(device.type == "cuda" and precision == "tf32"):
+            yield
+
+
+@contextlib.contextmanager
 def _matmul_tf32(enabled: bool):
     """float32 matmuls on tensor cores (TF32) inside the block when ``enabled`` (the value encoder with
     ``encode_precision="tf32"``); the global setting is restored after."""
@@ -121,7 +133,8 @@ def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(
             f"encode_precision must be one of {PRECISIONS} ('ieee': the reference quantizer's codes; 'tf32x3' / "
-            f"'tf32': the key search's dot products on tensor cores, 4x / 8x faster), got {precision!r}."
+            f"'tf32' / 'half': the key search's dot products on tensor cores, 4x / 8x / 9x faster; 'half' also runs "
+            f"the value encoder in bfloat16), got {precision!r}."
         )
 
 
@@ -172,7 +185,10 @@ class CommVQLayer(CacheLayerMixin):
         candidate sums, ``"split_h2"``: 12.1 ms, 99.0% identical, the same reconstruction error to four digits;
         ``benchmarks/results/commvq_encode_h2.json``; the value encoder's matmuls then run in TF32 too: 15.2 ms
         instead of 48.7 ms per layer). Off Triton the keys are coded by the PyTorch reference of that search: the
-        exact one for ``"ieee"`` and ``"tf32x3"``, the float16-sum one for ``"tf32"``.
+        exact one for ``"ieee"`` and ``"tf32x3"``, the float16-sum one for ``"tf32"``. ``"half"``: the float16-sum
+        search with float16 dot operands (the residual rounded to nearest, where TF32 truncates; same mantissa) and the
+        value encoder's matmuls in bfloat16 (autocast, on any device); see the README's encode section for its
+        timings and codes.
     value_refine : int
         Greedy bit flips per token after the value encoder (:meth:`ValueCodec.refine`), each lowering the token's
         reconstruction error, and the least-squares coefficient stored as ``c_t``; ``0``: the encoder's bits and the
@@ -367,7 +383,7 @@ class CommVQLayer(CacheLayerMixin):
             self.knorm[:, lo:hi] = norms.to(torch.float16)
             v = values[:, :, s:e].transpose(1, 2).reshape(self.batch, e - s, -1).float()
             emb = self.codec.embedding
-            with torch.no_grad(), _matmul_tf32(v.is_cuda and self.encode_precision == "tf32"):
+            with torch.no_grad(), _value_matmuls(self.encode_precision, v.device):
                 logits, prescale = self.codec.logits(v)
                 # the arg-max choices as packed bytes and bits in one pass (a Triton kernel on CUDA)
                 packed, bits = value_codes(logits, torch.uint8 if self.value_refine else emb.dtype, self._triton)

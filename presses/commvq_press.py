@@ -103,7 +103,7 @@ class CommVQPress(BasePress):
     use_triton : bool, optional
         ``None``: Triton kernels on CUDA, PyTorch references elsewhere.
     encode_precision : str, default="ieee"
-        Key encoder dot products on the GPU: ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` (see
+        Key encoder dot products on the GPU: ``"ieee"``, ``"tf32x3"``, ``"tf32"`` or ``"half"`` (see
         :class:`~pressroom.presses.CommVQLayer`).
     value_refine : int, default=64
         Greedy bit flips per token after the value encoder, each lowering the token's error (our addition; ``0``:

@@ -187,14 +187,16 @@ def test_split_h2_search_equals_its_reference_and_codes_near_nearest():
     assert torch.equal(one_lane, ref)  # the previous layout of the running minima
     # float16 dot operands: the kernel rounds the residual and the tables as its reference does
     ref16 = encode_keys_split_h2_reference(x[0], theta, dot_dtype=torch.float16)
-    kw16 = dict(search="split_h2", block_n=16, dot_dtype=torch.float16)
+    kw16 = dict(block_n=16, precision="half")  # split_h2 by default
     assert torch.equal(encode_keys(x[0], theta, use_triton=True, **kw16), ref16)
     assert torch.equal(encode_keys(x[0], theta, use_triton=False, **kw16), ref16)
     assert (ref16 == ref).all(-1).float().mean() >= 0.9
-    with pytest.raises(ValueError, match="dot_dtype is a setting of search='split_h2'"):
-        encode_keys(x[0], theta, use_triton=True, search="split", dot_dtype=torch.float16)
-    with pytest.raises(ValueError, match="dot_dtype must be None or torch.float16"):
-        encode_keys(x[0], theta, use_triton=False, search="split_h2", dot_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="precision='half' is implemented for search='split_h2'"):
+        encode_keys(x[0], theta, use_triton=True, search="split", precision="half")
+    with pytest.raises(ValueError, match="precision='half' is implemented for search='split_h2'"):
+        encode_keys(x[0], theta, use_triton=False, search="flat", precision="half")
+    with pytest.raises(ValueError, match="the dot tables are float32 or torch.float16"):
+        KeyTables(theta).dot_tables(torch.bfloat16)
     exact = encode_keys_reference(x[0], theta)
     assert (ref == exact).all(-1).float().mean() >= 0.9  # near-ties aside, the exact search's codes
     for h in range(heads):
