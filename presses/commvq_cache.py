@@ -364,9 +364,9 @@ class CommVQLayer(CacheLayerMixin):
         for s in range(0, m, ENCODE_BLOCK):
             e = min(m, s + ENCODE_BLOCK)
             lo, hi = self.n + s, self.n + e
-            k = keys_il[:, :, s:e].float().transpose(1, 2)  # [B, n, H, D]
-            norms = k.flatten(2).norm(dim=-1)  # [B, n]
-            x = k / torch.where(norms > 0, norms, torch.ones_like(norms))[..., None, None]
+            k = keys_il[:, :, s:e].float()  # [B, H, n, D]
+            norms = torch.linalg.vector_norm(k, dim=(1, 3))  # [B, n]: a token's heads together, read in place
+            x = (k / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None, :, None]).transpose(1, 2)
             if self.search.scale is not None:
                 x = x * self.search.scale
             for b in range(self.batch):
@@ -381,7 +381,10 @@ class CommVQLayer(CacheLayerMixin):
                     key_norm_bound=self._key_norm_bound,
                 )
             self.knorm[:, lo:hi] = norms.to(torch.float16)
-            v = values[:, :, s:e].transpose(1, 2).reshape(self.batch, e - s, -1).float()
+            # [B, n, H * D] float32 in one pass (the cast and the transpose together)
+            v = torch.empty(self.batch, e - s, self.heads, values.shape[-1], device=values.device)
+            v.copy_(values[:, :, s:e].transpose(1, 2))
+            v = v.view(self.batch, e - s, -1)
             emb = self.codec.embedding
             with torch.no_grad(), _value_matmuls(self.encode_precision, v.device):
                 logits, prescale = self.codec.logits(v)
