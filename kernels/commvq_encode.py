@@ -484,6 +484,7 @@ if HAS_TRITON:
     @triton.jit
     def _encode_split_h2_kernel(
         x_ptr,
+        norm_ptr,
         u_ptr,
         w_ptr,
         ud_ptr,
@@ -508,6 +509,7 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
         NATIVE: tl.constexpr,
         WIDE_LANES: tl.constexpr = True,
+        ROW_NORMS: tl.constexpr = False,
     ):
         # The split search with its 4,096 candidate sums K[A, B] + g_B in packed float16 pairs: lane j of a row
         # holds A = j (low half) and A = j + 32 (high half), so one add.rn.f16x2 and one min.f16x2 cover two
@@ -521,6 +523,9 @@ if HAS_TRITON:
                 x_ptr, out_ptr, blk * BLOCK_N + lrow, head, cols, dmask, n_rows, stride_xn, stride_xh, stride_on,
                 stride_oh,
             )  # fmt: skip
+            if ROW_NORMS:  # the raw keys divided by their token's norm here, rounded as torch's division
+                rows = blk * BLOCK_N + lrow
+                res = tl.math.div_rn(res, tl.load(norm_ptr + rows, mask=rows < n_rows, other=1.0)[:, None])
             prev = tl.zeros((BLOCK_N,), tl.int32)
             for r in range(R):
                 step = head * R + r
@@ -655,6 +660,7 @@ def encode_keys(
     unroll: int = 4,
     key_norm_bound: float | None = None,
     wide_lanes: bool = True,
+    row_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
 
@@ -694,6 +700,10 @@ def encode_keys(
     key_norm_bound : float, optional
         ``"split_h2"``: an upper bound on the rows' norms, for its float16 range check (the cache knows it: 1, or the
         largest pair scale of a weighted search); by default bounded from ``x`` (one device sync per call).
+    row_norms : torch.Tensor, optional
+        ``[N]`` positive: code ``x / row_norms[:, None, None]`` instead of ``x`` (unnormalized keys and their tokens'
+        norms). ``"split_h2"`` on Triton divides in the kernel as it loads a block (no normalized copy of the keys in
+        memory), rounded as PyTorch's division; other paths divide first.
     wide_lanes : bool
         ``"split_h2"``: the running minima of its candidate loop laid out four adjacent lanes a thread (default), so
         that each ``K^T`` row is one 16-byte load per thread; ``False``: the compiler's default layout, one lane a
@@ -722,17 +732,26 @@ def encode_keys(
     chosen = encode_defaults(precision, search)
     search = chosen["search"]
     _check_half(precision, search)
+    if row_norms is not None:
+        if row_norms.shape != (n,):
+            raise ValueError(f"row_norms must be [N] = [{n}] (one norm per row of x), got {tuple(row_norms.shape)}.")
+        row_norms = row_norms.float().contiguous()
     dot_dtype = torch.float16 if precision == "half" else None
     block_n = chosen["block_n"] if block_n is None else block_n
     num_warps = chosen["num_warps"] if num_warps is None else num_warps
     if out is None:
         out = torch.empty(n, h, code_bytes(r), dtype=torch.uint8, device=x.device)
     triton_path = resolve_use_triton(use_triton, x, out)
+    if row_norms is not None and not (triton_path and search == "split_h2"):
+        x, row_norms = x / row_norms[:, None, None], None  # divided first
     if tables is None and (search == "split_h2" or (triton_path and n)):
         tables = KeyTables(thetas.to(x.device))
     if search == "split_h2":  # the float16 range, on either path
-        if key_norm_bound is None:  # >= every row's norm
-            key_norm_bound = float(x.detach().abs().amax()) * d**0.5 if n else 0.0
+        if key_norm_bound is None and not n:
+            key_norm_bound = 0.0
+        elif key_norm_bound is None:  # >= every (divided) row's norm
+            peak = x.detach().abs().amax() if row_norms is None else (x.detach().abs().amax((1, 2)) / row_norms).amax()
+            key_norm_bound = float(peak) * d**0.5
         tables.check_h2_keys(key_norm_bound)
     if not triton_path:
         if search == "split_h2":
@@ -762,8 +781,11 @@ def encode_keys(
             search_tables = (*tables.dot_tables(dot_dtype), *tables.split_tables()[:3], tables.split_h2_table())
         else:
             search_tables = (tables.h,)
+        norm_args = (x if row_norms is None else row_norms,) if search == "split_h2" else ()
+        if search == "split_h2":
+            meta["ROW_NORMS"] = row_norms is not None
         encode_kernel(search)[(programs, h)](
-            x, tables.u, tables.w, *search_tables, out, scratch, n, n_blocks, *strides,
+            x, *norm_args, tables.u, tables.w, *search_tables, out, scratch, n, n_blocks, *strides,
             **meta, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     else:

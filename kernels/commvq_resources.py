@@ -104,7 +104,8 @@ _POINTERS = {
         "out_ptr": "*u8",
     },
     "_encode_split_h2_kernel": {
-        **{k: "*fp32" for k in ("x_ptr", "u_ptr", "w_ptr", "ud_ptr", "wd_ptr", "un_ptr", "wn_ptr", "k_ptr")},
+        **{k: "*fp32" for k in ("x_ptr", "norm_ptr", "u_ptr", "w_ptr", "ud_ptr", "wd_ptr", "un_ptr", "wn_ptr")},
+        "k_ptr": "*fp32",
         "kt2_ptr": "*i32",
         "scr_ptr": "*i32",
         "out_ptr": "*u8",

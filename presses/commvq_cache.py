@@ -366,9 +366,10 @@ class CommVQLayer(CacheLayerMixin):
             lo, hi = self.n + s, self.n + e
             k = keys_il[:, :, s:e].float()  # [B, H, n, D]
             norms = torch.linalg.vector_norm(k, dim=(1, 3))  # [B, n]: a token's heads together, read in place
-            x = (k / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None, :, None]).transpose(1, 2)
-            if self.search.scale is not None:
-                x = x * self.search.scale
+            safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+            x, row_norms = k.transpose(1, 2), safe  # [B, n, H, D]: encode_keys divides (in the kernel on Triton)
+            if self.search.scale is not None:  # weighted search: divide, then scale the pairs
+                x, row_norms = x / safe[..., None, None] * self.search.scale, None
             for b in range(self.batch):
                 out = self.codes[b, :, lo:hi].transpose(0, 1)
                 encode_keys(
@@ -379,6 +380,7 @@ class CommVQLayer(CacheLayerMixin):
                     out=out,
                     precision=self.encode_precision,
                     key_norm_bound=self._key_norm_bound,
+                    row_norms=None if row_norms is None else row_norms[b],
                 )
             self.knorm[:, lo:hi] = norms.to(torch.float16)
             # [B, n, H * D] float32 in one pass (the cast and the transpose together)

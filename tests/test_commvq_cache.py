@@ -185,6 +185,19 @@ def test_split_h2_search_equals_its_reference_and_codes_near_nearest():
     assert torch.equal(encode_keys(x[0], theta, use_triton=True, search="split_h2", block_n=16, programs=2), ref)
     one_lane = encode_keys(x[0], theta, use_triton=True, search="split_h2", block_n=16, wide_lanes=False)
     assert torch.equal(one_lane, ref)  # the previous layout of the running minima
+    # unnormalized rows with their norms: divided in the kernel as PyTorch divides (then the same search)
+    raw = x[0] * (torch.rand(n) * 3 + 0.5)[:, None, None]
+    norms = raw.flatten(1).norm(dim=-1)
+    divided = encode_keys_split_h2_reference(raw / norms[:, None, None], theta)
+    for use_triton in (True, False):
+        kw = dict(search="split_h2", block_n=16, row_norms=norms, use_triton=use_triton)
+        assert torch.equal(encode_keys(raw, theta, **kw), divided)
+        assert torch.equal(
+            encode_keys(raw, theta, **dict(kw, search="split")),
+            encode_keys(raw / norms[:, None, None], theta, search="split", use_triton=use_triton, block_n=16),
+        )
+    with pytest.raises(ValueError, match=r"row_norms must be \[N\]"):
+        encode_keys(raw, theta, search="split_h2", row_norms=norms[:-1], use_triton=True)
     # float16 dot operands: the kernel rounds the residual and the tables as its reference does
     ref16 = encode_keys_split_h2_reference(x[0], theta, dot_dtype=torch.float16)
     kw16 = dict(block_n=16, precision="half")  # split_h2 by default
