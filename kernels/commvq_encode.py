@@ -172,6 +172,7 @@ class KeyTables:
         self._split_h2: torch.Tensor | None = None
         self._h2_bounds: tuple[float, float] | None = None  # (max ||w_B||^2, residual growth), with the split_h2 table
         self._dot16: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._exact16: bool | None = None
 
     def split_tables(self) -> tuple[torch.Tensor, ...]:
         """What the ``"split"`` search reads: ``||u_A||^2``, ``||w_B||^2`` ``[H, R, 64]`` and the cross term
@@ -194,6 +195,15 @@ class KeyTables:
         if self._dot16 is None:
             self._dot16 = (self.u.half().contiguous(), self.w.half().contiguous())
         return self._dot16
+
+    def center_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``u``, ``w`` as the ``"split_h2"`` search gathers them to subtract the chosen center: float16 when that
+        holds them exactly (codebooks stored in float16, as the native ones: half the bytes, the same residuals),
+        float32 otherwise."""
+        if self._exact16 is None:
+            u16, w16 = self.dot_tables(torch.float16)
+            self._exact16 = bool(torch.equal(u16.float(), self.u) and torch.equal(w16.float(), self.w))
+        return self.dot_tables(torch.float16) if self._exact16 else (self.u, self.w)
 
     def split_h2_table(self) -> torch.Tensor:
         """What ``"split_h2"`` reads beside :meth:`split_tables`: ``K^T`` as packed float16 pairs ``[H, R, 64, 32]``
@@ -282,7 +292,7 @@ if HAS_TRITON:
         """``res - (u_A + w_B)`` per row: the residual left for the next step."""
         ua = tl.load(u_ptr + base + a_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
         wb = tl.load(w_ptr + base + b_idx[:, None] * D + cols[None, :], mask=dmask[None, :], other=0.0)
-        return res - (ua + wb)
+        return res - (ua.to(tl.float32) + wb.to(tl.float32))  # float16 tables hold float16-exact codebooks
 
     @triton.jit
     def _encode_kernel(
@@ -784,8 +794,9 @@ def encode_keys(
         norm_args = (x if row_norms is None else row_norms,) if search == "split_h2" else ()
         if search == "split_h2":
             meta["ROW_NORMS"] = row_norms is not None
+        centers = tables.center_tables() if search == "split_h2" else (tables.u, tables.w)
         encode_kernel(search)[(programs, h)](
-            x, *norm_args, tables.u, tables.w, *search_tables, out, scratch, n, n_blocks, *strides,
+            x, *norm_args, *centers, *search_tables, out, scratch, n, n_blocks, *strides,
             **meta, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     else:
