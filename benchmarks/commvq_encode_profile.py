@@ -12,8 +12,8 @@ Llama-3.1-8B shape (8 KV heads, head_dim 128; 1 bit: R=11, 2 bits: R=21), random
 - ``layer_tf32_codes_pytorch_ms``: the ``"tf32"`` layer with its value codes by the PyTorch reference (``argmax`` over
   the four-way choices, the bits, ``pack_bits``: the path before ``pressroom.kernels.commvq_value_codes``);
 - ``parts_ms``: the parts alone on one chunk: the key search at each precision and with the previous layout of its
-  candidate loop (``wide_lanes=False``) and with the chosen centers gathered from float32 tables instead of the
-  float16 ones that these float16-exact codebooks allow, the value encoder's logits and postscale at each precision,
+  candidate loop (``wide_lanes=False``), ``"half"`` with the chosen centers gathered from float32 tables instead of
+  the float16 ones that these float16-exact codebooks allow, the value encoder's logits and postscale at each precision,
   the value codes (kernel and PyTorch).
 
 CPU: ``--smoke`` runs everything on a small shape (no timing value). JSON: ``--output`` (written after each part).
@@ -153,13 +153,12 @@ def measure_width(bits: int, n: int, blocks: list[int], reps: int, device: torch
         parts[label] = median_ms(
             lambda kw=kw, p=precision: encode_keys(xm, theta, precision=p, **kw, **key_kw), reps, cuda
         )
-    parts["key_center_tables"] = str(tables.center_tables()[0].dtype)
-    # the same searches with the centers gathered from the float32 tables (as for codebooks float16 cannot hold)
+    parts["key_center_tables_half"] = str(tables.center_tables()[0].dtype)
+    # "half" with the centers gathered from the float32 tables (as for codebooks float16 cannot hold)
     f32_tables = KeyTables(theta)
     f32_tables._exact16 = False
-    for precision in ("tf32", "half"):
-        kw32 = dict(key_kw, tables=f32_tables, precision=precision)
-        parts[f"keys_{precision}_centers_f32"] = median_ms(lambda kw=kw32: encode_keys(xm, theta, **kw), reps, cuda)
+    kw32 = dict(key_kw, tables=f32_tables, precision="half")
+    parts["keys_half_centers_f32"] = median_ms(lambda: encode_keys(xm, theta, **kw32), reps, cuda)
     vm = values[:, :, :m].transpose(1, 2).reshape(1, m, -1).float()
     with torch.no_grad():
         for precision in ("tf32", "half"):

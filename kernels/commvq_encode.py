@@ -197,9 +197,9 @@ class KeyTables:
         return self._dot16
 
     def center_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``u``, ``w`` as the ``"split_h2"`` search gathers them to subtract the chosen center: float16 when that
-        holds them exactly (codebooks stored in float16, as the native ones: half the bytes, the same residuals),
-        float32 otherwise."""
+        """``u``, ``w`` as ``precision="half"`` gathers them to subtract the chosen center: float16 when that holds
+        them exactly (codebooks stored in float16, as the native ones: half the bytes, the same residuals), float32
+        otherwise."""
         if self._exact16 is None:
             u16, w16 = self.dot_tables(torch.float16)
             self._exact16 = bool(torch.equal(u16.float(), self.u) and torch.equal(w16.float(), self.w))
@@ -794,7 +794,9 @@ def encode_keys(
         norm_args = (x if row_norms is None else row_norms,) if search == "split_h2" else ()
         if search == "split_h2":
             meta["ROW_NORMS"] = row_norms is not None
-        centers = tables.center_tables() if search == "split_h2" else (tables.u, tables.w)
+        # "half" gathers the chosen centers from float16 tables where they are exact (3-5% faster on an H200;
+        # "tf32" measured no faster with them: benchmarks/results/commvq_encode_profile_centers.json)
+        centers = tables.center_tables() if precision == "half" else (tables.u, tables.w)
         encode_kernel(search)[(programs, h)](
             x, *norm_args, *centers, *search_tables, out, scratch, n, n_blocks, *strides,
             **meta, num_warps=num_warps, num_stages=num_stages,

@@ -320,12 +320,9 @@ def default_configs():
         for precision in enc.PRECISIONS:  # the tiling encode_keys launches for each precision
             kw = enc.encode_defaults(precision)
             meta, opts = enc.encode_meta(d, r, kw["block_n"], kw["num_warps"], 1, kw["search"], precision)
-            ptrs = {}
-            if kw["search"] == "split_h2":  # the center tables of float16-exact (native) codebooks
-                ptrs.update(u_ptr="*fp16", w_ptr="*fp16")
-            if precision == "half":  # and its float16 dot tables
-                ptrs.update(ud_ptr="*fp16", wd_ptr="*fp16")
-            out.append((f"encode {name} {precision}", enc.encode_kernel(kw["search"]), meta, *opts, ptrs or None))
+            # "half": float16 dot tables, and the center tables of float16-exact (native) codebooks
+            half = {k: "*fp16" for k in ("u_ptr", "w_ptr", "ud_ptr", "wd_ptr")} if precision == "half" else None
+            out.append((f"encode {name} {precision}", enc.encode_kernel(kw["search"]), meta, *opts, half))
     return out
 
 

@@ -189,8 +189,8 @@ def test_split_h2_search_equals_its_reference_and_codes_near_nearest():
     theta16 = theta.half().float()
     assert KeyTables(theta16).center_tables()[0].dtype == torch.float16
     assert KeyTables(theta).center_tables()[0].dtype == torch.float32
-    ref_t16 = encode_keys_split_h2_reference(x[0], theta16)
-    assert torch.equal(encode_keys(x[0], theta16, use_triton=True, search="split_h2", block_n=16), ref_t16)
+    ref_t16 = encode_keys_split_h2_reference(x[0], theta16, dot_dtype=torch.float16)
+    assert torch.equal(encode_keys(x[0], theta16, use_triton=True, precision="half", block_n=16), ref_t16)
     # unnormalized rows with their norms: divided in the kernel as PyTorch divides (then the same search)
     raw = x[0] * (torch.rand(n) * 3 + 0.5)[:, None, None]
     norms = raw.flatten(1).norm(dim=-1)
