@@ -11,10 +11,10 @@ Llama-3.1-8B shape (8 KV heads, head_dim 128; 1 bit: R=11, 2 bits: R=21), random
   over the first 4,096 tokens (squared key error of the normalized keys, relative value error);
 - ``layer_tf32_codes_pytorch_ms``: the ``"tf32"`` layer with its value codes by the PyTorch reference (``argmax`` over
   the four-way choices, the bits, ``pack_bits``: the path before ``pressroom.kernels.commvq_value_codes``);
-- ``parts_ms``: the parts alone on one chunk: the key search at each precision and with the previous layout of its
-  candidate loop (``wide_lanes=False``), ``"half"`` with the chosen centers gathered from float32 tables instead of
-  the float16 ones that these float16-exact codebooks allow, the value encoder's logits and postscale at each precision,
-  the value codes (kernel and PyTorch).
+- ``parts_ms``: the parts alone on one chunk: the key search at each precision, each also with the running minima of
+  its candidate loop four lanes a thread (``wide_lanes=True``), ``"half"`` with the chosen centers gathered from
+  float32 tables instead of the float16 ones that these float16-exact codebooks allow; the value encoder's logits and
+  postscale at each precision; the value codes (kernel and PyTorch).
 
 CPU: ``--smoke`` runs everything on a small shape (no timing value). JSON: ``--output`` (written after each part).
 """
@@ -148,8 +148,14 @@ def measure_width(bits: int, n: int, blocks: list[int], reps: int, device: torch
     out = torch.empty(m, H, code_bytes(r), dtype=torch.uint8, device=device)
     key_kw = dict(use_triton=cuda or None, tables=tables, out=out, key_norm_bound=1.0)
     parts = cfg["parts_ms"] = {"chunk": m}
-    for label, kw in (("keys_tf32", {}), ("keys_tf32_one_lane", dict(wide_lanes=False)), ("keys_half", {})):
-        precision = "half" if label == "keys_half" else "tf32"
+    variants = (
+        ("keys_tf32", {}),
+        ("keys_tf32_wide_lanes", dict(wide_lanes=True)),
+        ("keys_half", {}),
+        ("keys_half_wide_lanes", dict(wide_lanes=True)),
+    )
+    for label, kw in variants:
+        precision = "half" if label.startswith("keys_half") else "tf32"
         parts[label] = median_ms(
             lambda kw=kw, p=precision: encode_keys(xm, theta, precision=p, **kw, **key_kw), reps, cuda
         )

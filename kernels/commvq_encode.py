@@ -518,7 +518,7 @@ if HAS_TRITON:
         UNROLL: tl.constexpr,
         PRECISION: tl.constexpr,
         NATIVE: tl.constexpr,
-        WIDE_LANES: tl.constexpr = True,
+        WIDE_LANES: tl.constexpr = False,
         ROW_NORMS: tl.constexpr = False,
     ):
         # The split search with its 4,096 candidate sums K[A, B] + g_B in packed float16 pairs: lane j of a row
@@ -624,7 +624,7 @@ def encode_meta(
     precision: str = "ieee",
     a_chunk: int = 16,
     unroll: int = 4,
-    wide_lanes: bool = True,
+    wide_lanes: bool = False,
 ) -> tuple[dict, tuple]:
     """The encode kernel's constexprs and ``(num_warps, num_stages)`` for head dim ``d`` and ``r`` residuals (what
     :func:`encode_keys` launches; :mod:`pressroom.kernels.commvq_resources` compiles exactly this)."""
@@ -669,7 +669,7 @@ def encode_keys(
     programs: int | None = None,
     unroll: int = 4,
     key_norm_bound: float | None = None,
-    wide_lanes: bool = True,
+    wide_lanes: bool = False,
     row_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
@@ -715,9 +715,10 @@ def encode_keys(
         norms). ``"split_h2"`` on Triton divides in the kernel as it loads a block (no normalized copy of the keys in
         memory), rounded as PyTorch's division; other paths divide first.
     wide_lanes : bool
-        ``"split_h2"``: the running minima of its candidate loop laid out four adjacent lanes a thread (default), so
-        that each ``K^T`` row is one 16-byte load per thread; ``False``: the compiler's default layout, one lane a
-        thread (the kernel before; the same codes).
+        ``"split_h2"``: ``True`` lays the running minima of its candidate loop out four adjacent lanes a thread, so
+        that each ``K^T`` row is one 16-byte load per thread (20 loads per 4 candidates instead of 68 on sm_90; the
+        same codes); ``False`` (default): the compiler's layout, one lane a thread, which measured 1-2% faster on an
+        H200 over six runs (``benchmarks/results/commvq_encode_profile*.json``).
     precision : str
         Of the ``r . u_A`` / ``r . w_B`` dot products: ``"ieee"`` (float32, equal codes to the reference) or
         ``"tf32"`` (tensor cores on a GPU, and by default the ``"split_h2"`` search; near-ties may then pick another
