@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import call_ms, kernel_ms  # noqa: E402
 
-from pressroom.kernels.commvq_codebook import centers_from_theta, to_interleaved  # noqa: E402
+from pressroom.kernels.commvq_codebook import centers_from_theta  # noqa: E402
 from pressroom.kernels.commvq_encode import (  # noqa: E402
     KeyTables,
     code_bytes,
@@ -103,8 +103,8 @@ def measure_width(bits: int, n: int, blocks: list[int], reps: int, device: torch
 
     # the codes' quality over the first tokens: normalized keys and values as the layer saw them
     sub = min(n, 4096)
+    # (the layer takes raw as interleaved keys already: no layout change)
     x = torch.nn.functional.normalize(raw[0, :, :sub].transpose(0, 1).flatten(1), dim=-1).view(sub, H, D)
-    x = to_interleaved(x)
     v = values[0, :, :sub].transpose(0, 1).reshape(sub, -1).float()
     default_block = commvq_cache.ENCODE_BLOCK
     try:
@@ -203,7 +203,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
         "triton": __import__("triton").__version__ if cuda or os.environ.get("TRITON_INTERPRET") else None,
-        "shape": dict(tokens=n, kv_heads=H, head_dim=D, blocks=blocks, encode_precision="tf32", value_refine=0),
+        "shape": dict(
+            tokens=n, kv_heads=H, head_dim=D, blocks=blocks, encode_precisions=["tf32", "half"], value_refine=0
+        ),
         "configs": {},
     }
 

@@ -24,8 +24,8 @@
 #   bash benchmarks/gpu_commvq.sh encode     # the whole layer's encode through CommVQLayer at 128k (1 and 2 bits),
 #                                            # chunks of 8192 and 32768 tokens, next to the kernels alone
 #   bash benchmarks/gpu_commvq.sh encode_profile  # where the whole layer's encode spends its time at 128k (1 and 2
-#                                            # bits, torch.profiler), the value codes kernel vs its PyTorch path in the
-#                                            # same layer, the parts alone, key-search unroll / programs, bf16 logits
+#                                            # bits, torch.profiler): encode_precision "tf32" and "half" side by side,
+#                                            # the value codes kernel vs its PyTorch path in the same layer, the parts
 #   bash benchmarks/gpu_commvq.sh encode_h2  # the key search alone at 128k, 1 and 2 bits: the split search with
 #                                            # float16 sums (split_h2) next to the float32 one and the flat ieee
 #                                            # search (kernels only: no .gpu load needed)
@@ -115,7 +115,7 @@ train)
   python3 benchmarks/commvq_train_smollm2.py --bits ${BITS:-2} --methods em --train-tokens "${TRAIN_TOKENS:-32768}" \
     --heldout-tokens 8192 --em-steps 25 --value-steps "${VALUE_STEPS:-1000}" --value-window "${VALUE_WINDOW:-256}" \
     --deadline-s "${DEADLINE_S:-420}" \
-    --output "$out/commvq_smollm2_2bit_train.json" --codebooks "$cb"
+    --output "$out/commvq_smollm2_$([ "${BITS:-2}" = 2 ] && echo 2bit_)train.json" --codebooks "$cb"
   tar czf - -C "$(dirname "$cb")" "$(basename "$cb")" | split -b 15m - "$out/commvq_codebooks.tgz.part-"
   ;;
 profile) python3 benchmarks/commvq_scores_profile.py --keep-csv --output "$out/commvq_scores_profile.json" ;;

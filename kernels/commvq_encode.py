@@ -98,7 +98,7 @@ def normalize_keys(raw_keys: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tens
     if raw_keys.dim() != 4:
         raise ValueError(f"keys must be [batch, kv_heads, tokens, head_dim], got {tuple(raw_keys.shape)}.")
     x = to_interleaved(raw_keys.float()).transpose(1, 2)  # [B, N, H, D]
-    norms = x.flatten(2).norm(dim=-1)
+    norms = torch.linalg.vector_norm(x, dim=(2, 3))  # read in place, summed as CommVQLayer's encode sums them
     x = x / torch.where(norms > eps, norms, torch.ones_like(norms))[..., None, None]
     return x.contiguous(), norms
 
@@ -540,7 +540,7 @@ if HAS_TRITON:
             for r in range(R):
                 step = head * R + r
                 base = step * 64 * D
-                rd = res.to(ud_ptr.dtype.element_ty)  # the dots' operand (float16 with DOT_F16)
+                rd = res.to(ud_ptr.dtype.element_ty)  # the dots' operand (float16 with precision="half")
                 g = _split_g(rd, wd_ptr, wn_ptr, base, step, ks, cols, dmask, D, PRECISION)
                 g16 = g.to(tl.float16)
                 tl.debug_barrier()  # the previous step's reads of the scratch are done
@@ -598,7 +598,9 @@ def encode_defaults(precision: str = "ieee", search: str | None = None) -> dict:
     dots (``"ieee"``) the flat search (the split search's float32 dots spill: 267 ms vs 121 ms per layer at 1 bit),
     with ``"tf32"`` the split search with float16 sums (``"split_h2"``: 12.1 ms vs 14.8 ms for ``"split"`` and 50.3
     ms for the flat search with TF32, the same reconstruction error to 4 digits; ``commvq_encode_h2.json``), with
-    ``"tf32x3"`` the split search (29.3 ms), the closest to float32 of the fast ones."""
+    ``"half"`` the same search with float16 dot operands (about 12% faster than ``"tf32"`` on an H200;
+    ``commvq_encode_profile.json``), with ``"tf32x3"`` the split search (29.3 ms), the closest to float32 of the
+    fast ones."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     if search is None:
@@ -625,6 +627,7 @@ def encode_meta(
     a_chunk: int = 16,
     unroll: int = 4,
     wide_lanes: bool = False,
+    row_norms: bool = False,
 ) -> tuple[dict, tuple]:
     """The encode kernel's constexprs and ``(num_warps, num_stages)`` for head dim ``d`` and ``r`` residuals (what
     :func:`encode_keys` launches; :mod:`pressroom.kernels.commvq_resources` compiles exactly this)."""
@@ -643,7 +646,7 @@ def encode_meta(
             raise ValueError(f"unroll must divide 64, got {unroll}.")
         meta.update(UNROLL=unroll)
         if search == "split_h2":
-            meta.update(NATIVE=not triton_interpreted(), WIDE_LANES=bool(wide_lanes))
+            meta.update(NATIVE=not triton_interpreted(), WIDE_LANES=bool(wide_lanes), ROW_NORMS=bool(row_norms))
     elif search != "running":
         meta.update(A_CHUNK=a_chunk, NESTED=search == "nested")
     return meta, (num_warps, num_stages)
@@ -690,7 +693,8 @@ def encode_keys(
         Kernel tiling: tokens per tile (a power of two >= 16), warps per program, ``A`` entries scored per step
         (16 .. 64; flat and nested searches). ``block_n`` / ``num_warps`` default to :func:`encode_defaults`.
     search : str, optional
-        Default: ``"flat"`` with ``precision="ieee"``, ``"split"`` otherwise (:func:`encode_defaults`).
+        Default (:func:`encode_defaults`): ``"flat"`` with ``precision="ieee"``, ``"split_h2"`` with ``"tf32"`` and
+        ``"half"``, ``"split"`` with ``"tf32x3"``.
         ``"flat"``: min and argmin over the ``A_CHUNK x 64`` candidates reshaped to one row; ``"nested"``: one
         min-with-index over ``B``, then over ``A`` (same result, first index on ties); ``"running"``: persistent
         programs keep, per ``B``, the running minimum over ``A`` in a ``[block_n, 64]`` tile (one elementwise
@@ -711,14 +715,15 @@ def encode_keys(
         ``"split_h2"``: an upper bound on the rows' norms, for its float16 range check (the cache knows it: 1, or the
         largest pair scale of a weighted search); by default bounded from ``x`` (one device sync per call).
     row_norms : torch.Tensor, optional
-        ``[N]`` positive: code ``x / row_norms[:, None, None]`` instead of ``x`` (unnormalized keys and their tokens'
-        norms). ``"split_h2"`` on Triton divides in the kernel as it loads a block (no normalized copy of the keys in
-        memory), rounded as PyTorch's division; other paths divide first.
+        ``[N]`` positive, on ``x``'s device: code ``x / row_norms[:, None, None]`` instead of ``x`` (then ``x`` holds
+        unnormalized keys and ``row_norms`` their tokens' norms). ``"split_h2"`` on Triton divides in the kernel as
+        it loads a block (no normalized copy of the keys in memory), rounded as PyTorch's division; other paths
+        divide first.
     wide_lanes : bool
         ``"split_h2"``: ``True`` lays the running minima of its candidate loop out four adjacent lanes a thread, so
         that each ``K^T`` row is one 16-byte load per thread (20 loads per 4 candidates instead of 68 on sm_90; the
         same codes); ``False`` (default): the compiler's layout, one lane a thread, which measured 1-2% faster on an
-        H200 over six runs (``benchmarks/results/commvq_encode_profile*.json``).
+        H200 over seven runs (``benchmarks/results/commvq_encode_profile*.json``).
     precision : str
         Of the ``r . u_A`` / ``r . w_B`` dot products: ``"ieee"`` (float32, equal codes to the reference) or
         ``"tf32"`` (tensor cores on a GPU, and by default the ``"split_h2"`` search; near-ties may then pick another
@@ -737,15 +742,19 @@ def encode_keys(
     Raises
     ------
     ValueError
-        With ``"split_h2"``, if the codebooks or the keys' norms reach past the float16 range it sums in.
+        With ``"split_h2"``, if the codebooks or the keys' norms reach past the float16 range it sums in; with
+        ``precision="half"`` and another search; with ``row_norms`` not ``[N]``.
     """
     n, h, d, r = _check_encode(x, thetas)
     chosen = encode_defaults(precision, search)
     search = chosen["search"]
     _check_half(precision, search)
     if row_norms is not None:
-        if row_norms.shape != (n,):
-            raise ValueError(f"row_norms must be [N] = [{n}] (one norm per row of x), got {tuple(row_norms.shape)}.")
+        if row_norms.shape != (n,) or row_norms.device != x.device:
+            raise ValueError(
+                f"row_norms must be [N] = [{n}] on {x.device} (one norm per row of x), got {tuple(row_norms.shape)} "
+                f"on {row_norms.device}."
+            )
         row_norms = row_norms.float().contiguous()
     dot_dtype = torch.float16 if precision == "half" else None
     block_n = chosen["block_n"] if block_n is None else block_n
@@ -775,7 +784,7 @@ def encode_keys(
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
     meta, (num_warps, num_stages) = encode_meta(
-        d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll, wide_lanes
+        d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll, wide_lanes, row_norms is not None
     )
     strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
     n_blocks = triton.cdiv(n, block_n)
@@ -793,8 +802,6 @@ def encode_keys(
         else:
             search_tables = (tables.h,)
         norm_args = (x if row_norms is None else row_norms,) if search == "split_h2" else ()
-        if search == "split_h2":
-            meta["ROW_NORMS"] = row_norms is not None
         # "half" gathers the chosen centers from float16 tables where they are exact (3-5% faster on an H200;
         # "tf32" measured no faster with them: benchmarks/results/commvq_encode_profile_centers.json)
         centers = tables.center_tables() if precision == "half" else (tables.u, tables.w)

@@ -319,7 +319,10 @@ def default_configs():
         out.append((f"refine {name}", ref._refine_kernel, meta, warps, 1, None))
         for precision in enc.PRECISIONS:  # the tiling encode_keys launches for each precision
             kw = enc.encode_defaults(precision)
-            meta, opts = enc.encode_meta(d, r, kw["block_n"], kw["num_warps"], 1, kw["search"], precision)
+            # split_h2 as the cache launches it: the raw keys divided by their norms in the kernel
+            meta, opts = enc.encode_meta(
+                d, r, kw["block_n"], kw["num_warps"], 1, kw["search"], precision, row_norms=kw["search"] == "split_h2"
+            )
             # "half": float16 dot tables, and the center tables of float16-exact (native) codebooks
             half = {k: "*fp16" for k in ("u_ptr", "w_ptr", "ud_ptr", "wd_ptr")} if precision == "half" else None
             out.append((f"encode {name} {precision}", enc.encode_kernel(kw["search"]), meta, *opts, half))

@@ -72,12 +72,13 @@ if HAS_TRITON:
         WRITE_BITS: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        roff = rows.to(tl.int64)  # row offsets in 64 bits: a batch of long chunks passes 2**31 logits
         byte = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
         rmask = rows < n_rows
         bmask = byte < n_bytes
         # a byte holds 4 choices of 4 logits: [rows, bytes, 16] -> [rows, 4 bytes' choices, 4]
         k = tl.arange(0, 16)
-        ptrs = logits_ptr + rows[:, None, None] * stride_l + byte[None, :, None] * 16 + k[None, None, :]
+        ptrs = logits_ptr + roff[:, None, None] * stride_l + byte[None, :, None] * 16 + k[None, None, :]
         mask = rmask[:, None, None] & bmask[None, :, None]
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         x = tl.reshape(x, (BLOCK_M, BLOCK_B * 4, 4))
@@ -88,11 +89,11 @@ if HAS_TRITON:
         q = tl.arange(0, 4)
         packed = tl.sum(pair << (2 * q)[None, None, :], axis=2)
         pmask = rmask[:, None] & bmask[None, :]
-        tl.store(packed_ptr + rows[:, None] * stride_p + byte[None, :], packed.to(tl.uint8), mask=pmask)
+        tl.store(packed_ptr + roff[:, None] * stride_p + byte[None, :], packed.to(tl.uint8), mask=pmask)
         if WRITE_BITS:
             bits = tl.reshape(tl.join(first, second), (BLOCK_M, BLOCK_B * 8))
             col = tl.program_id(1) * BLOCK_B * 8 + tl.arange(0, BLOCK_B * 8)
-            bptrs = bits_ptr + rows[:, None] * stride_b + col[None, :]
+            bptrs = bits_ptr + roff[:, None] * stride_b + col[None, :]
             tl.store(bptrs, bits.to(bits_ptr.dtype.element_ty), mask=rmask[:, None] & (col < n_bytes * 8)[None, :])
 
 

@@ -133,8 +133,8 @@ def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(
             f"encode_precision must be one of {PRECISIONS} ('ieee': the reference quantizer's codes; 'tf32x3' / "
-            f"'tf32' / 'half': the key search's dot products on tensor cores, 4x / 8x / 9x faster; 'half' also runs "
-            f"the value encoder in bfloat16), got {precision!r}."
+            f"'tf32' / 'half': the key search's dot products on tensor cores; 'half' also runs the value encoder "
+            f"in bfloat16), got {precision!r}."
         )
 
 
@@ -384,7 +384,7 @@ class CommVQLayer(CacheLayerMixin):
                 )
             self.knorm[:, lo:hi] = norms.to(torch.float16)
             # [B, n, H * D] float32 in one pass (the cast and the transpose together)
-            v = torch.empty(self.batch, e - s, self.heads, values.shape[-1], device=values.device)
+            v = torch.empty(self.batch, e - s, self.heads, values.shape[-1], dtype=torch.float32, device=values.device)
             v.copy_(values[:, :, s:e].transpose(1, 2))
             v = v.view(self.batch, e - s, -1)
             emb = self.codec.embedding
@@ -394,7 +394,7 @@ class CommVQLayer(CacheLayerMixin):
                 packed, bits = value_codes(logits, torch.uint8 if self.value_refine else emb.dtype, self._triton)
                 del logits
                 if not self.value_refine:  # the decoded direction's norm: a [m, bits] x [bits, D] matmul too
-                    post = (bits @ emb).norm(dim=-1, keepdim=True)
+                    post = torch.linalg.vector_norm((bits @ emb).float(), dim=-1, keepdim=True)  # float32 norm
                     coef = (prescale.float() + self.codec.eps) / (post.float() + self.codec.eps)
             if self.value_refine:  # float32 throughout: it tracks each token's error through the flips
                 bits, coef = self.codec.refine(v, bits, self.value_refine, self._triton)

@@ -103,8 +103,9 @@ class CommVQPress(BasePress):
     use_triton : bool, optional
         ``None``: Triton kernels on CUDA, PyTorch references elsewhere.
     encode_precision : str, default="ieee"
-        Key encoder dot products on the GPU: ``"ieee"``, ``"tf32x3"``, ``"tf32"`` or ``"half"`` (see
-        :class:`~pressroom.presses.CommVQLayer`).
+        The encoders' arithmetic: ``"ieee"`` (the reference quantizer's key codes), ``"tf32x3"``, ``"tf32"`` (key
+        dot products on tensor cores, and the value encoder in TF32 on the GPU) or ``"half"`` (float16 key dot
+        operands and the value encoder in bfloat16, on any device); see :class:`~pressroom.presses.CommVQLayer`.
     value_refine : int, default=64
         Greedy bit flips per token after the value encoder, each lowering the token's error (our addition; ``0``:
         the reference's coding; see :class:`~pressroom.presses.CommVQLayer`).

@@ -643,10 +643,11 @@ def test_weighted_key_search_in_the_cache(tiny, use_triton):
 
 
 @pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_interpreter)])
-def test_tf32_cache_codes_keys_with_float16_sums(tiny, use_triton):
-    """encode_precision="tf32": the cache codes keys by the split search with float16 sums on both paths (the
-    kernel under the interpreter, its PyTorch reference off Triton), also under a weighted search, whose scaled keys
-    stay inside the float16 range check."""
+@pytest.mark.parametrize("precision", ["tf32", "half"])
+def test_tf32_cache_codes_keys_with_float16_sums(tiny, use_triton, precision):
+    """encode_precision="tf32" / "half": the cache codes keys by the split search with float16 sums on both paths
+    (the kernel under the interpreter, its PyTorch reference off Triton; "half" with float16 dot operands), also
+    under a weighted search, whose scaled keys stay inside the float16 range check; values are coded too."""
     from pressroom.kernels.commvq_codebook import search_operands
     from pressroom.kernels.commvq_encode import encode_keys_split_h2_reference
 
@@ -661,15 +662,17 @@ def test_tf32_cache_codes_keys_with_float16_sums(tiny, use_triton):
     keys, values, pos = torch.randn(1, heads, 20, head_dim), torch.randn(1, heads, 20, head_dim), torch.arange(20)
     x, _ = normalize_keys(keys)
     for books, pw in ((plain, None), (weighted, weights[1])):
-        cache = CommVQCache(model.config, books, window=4, n_sink=0, use_triton=use_triton, encode_precision="tf32")
+        cache = CommVQCache(model.config, books, window=4, n_sink=0, use_triton=use_triton, encode_precision=precision)
         with torch.no_grad():
             model(torch.randint(5, 1000, (1, 6)), past_key_values=cache)
         layer = cache.layers[1]
         start = layer.n
         layer.append_prerope(keys, values, pos)
         xs, theta = search_operands(x[0], plain.key_theta[1], pw)
-        want = encode_keys_split_h2_reference(xs, theta)  # [20, H, bytes]
+        dot = torch.float16 if precision == "half" else None
+        want = encode_keys_split_h2_reference(xs, theta, dot_dtype=dot)  # [20, H, bytes]
         assert torch.equal(layer.codes[0, :, start : layer.n], want.transpose(0, 1))
+        assert torch.isfinite(layer.vcoef[0, start : layer.n].float()).all()
 
 
 def test_sink_tokens_stay_in_full_precision(tiny):
