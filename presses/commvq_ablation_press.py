@@ -22,6 +22,7 @@ from pressroom.presses.commvq_cache import CommVQLayer
 from pressroom.presses.commvq_press import CommVQPress
 
 SIDES = ("keys", "values")
+CODED = (*SIDES, "both")
 
 
 @dataclass
@@ -31,8 +32,10 @@ class CommVQAblationPress(CommVQPress):
     Parameters
     ----------
     coded : str, default="keys"
-        The side whose CommVQ reconstruction replaces the original: ``"keys"`` (values stay exact) or ``"values"``
-        (keys stay exact).
+        The side whose CommVQ reconstruction replaces the original: ``"keys"`` (values stay exact), ``"values"``
+        (keys stay exact) or ``"both"`` (the coded cache's attention inputs, in a plain layer).
+    layers : tuple of int, optional
+        Only these layers are coded; the others keep their exact keys and values. ``None`` (default): every layer.
 
     The other fields are :class:`~pressroom.presses.CommVQPress`'s (codebooks, bits, window, n_sink, ...); the
     reconstruction is the CommVQ layer's own dequantization (``CommVQLayer.keys`` / ``.values``), so sinks and
@@ -40,16 +43,23 @@ class CommVQAblationPress(CommVQPress):
     """
 
     coded: str = "keys"
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.coded not in SIDES:
-            raise ValueError(f"coded must be one of {SIDES}, got {self.coded!r}.")
+        if self.coded not in CODED:
+            raise ValueError(f"coded must be one of {CODED}, got {self.coded!r}.")
+        if self.layers is not None:
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers):
+                raise ValueError(f"layers must be layer indices (ints >= 0), got {self.layers!r}.")
+            self.layers = tuple(sorted(set(self.layers)))
 
     def forward_hook(self, module: nn.Module, input: Any, kwargs: dict, output: Any) -> Any:
         """After the prefill, code the layer as CommVQPress does, then keep one side's reconstruction only."""
         cache = kwargs.get("past_key_values")
         idx = module.layer_idx
+        if self.layers is not None and idx not in self.layers:  # left exact
+            return output
         before = cache.layers[idx] if cache is not None else None
         exact = (before.keys, before.values) if type(before) is DynamicLayer and before.is_initialized else None
         output = super().forward_hook(module, input, kwargs, output)
@@ -66,14 +76,15 @@ class CommVQAblationPress(CommVQPress):
         order = torch.cat((layer.pos[:, : layer.n], layer.wpos[:, : layer.nw]), dim=1).long().argsort(dim=1)
         gather = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
         keys, values = keys.gather(2, gather), values.gather(2, gather)
+        keys, values = keys.to(exact[0].dtype), values.to(exact[1].dtype)
         if self.coded == "keys":
-            keys, values = keys.to(exact[0].dtype), exact[1]
-        else:
-            keys, values = exact[0], values.to(exact[1].dtype)
+            values = exact[1]
+        elif self.coded == "values":
+            keys = exact[0]
         plain = DynamicLayer()
         plain.update(keys, values)
         cache.layers[idx] = plain
         return output
 
 
-__all__ = ["CommVQAblationPress", "SIDES"]
+__all__ = ["CODED", "CommVQAblationPress", "SIDES"]

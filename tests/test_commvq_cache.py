@@ -1202,7 +1202,30 @@ def test_ablation_press_codes_one_side_only(tiny, coded):
         assert 0 < recent <= 8 and cl.nsink == 2
         assert torch.allclose(got[side][:, :, -recent:].float(), exact[side][:, :, -recent:].float(), atol=1e-5)
     with pytest.raises(ValueError, match="coded must be one of"):
-        CommVQAblationPress(codebooks=books, coded="both")
+        CommVQAblationPress(codebooks=books, coded="all")
+    with pytest.raises(ValueError, match="layers must be layer indices"):
+        CommVQAblationPress(codebooks=books, layers=(0, -1))
+
+
+def test_ablation_press_codes_both_sides_of_the_chosen_layers(tiny):
+    """coded="both" on some layers: those hold CommVQ's reconstruction of keys and values, the others stay exact."""
+    from pressroom.presses.commvq_ablation_press import CommVQAblationPress
+
+    model, _ = tiny
+    books = random_books(model.config)
+    ids = torch.randint(5, 1000, (1, 40))
+    with torch.no_grad():
+        plain, everywhere, some = DynamicCache(), DynamicCache(), DynamicCache()
+        model(ids, past_key_values=plain)
+        with CommVQAblationPress(codebooks=books, window=8, n_sink=2, coded="both")(model):
+            model(ids, past_key_values=everywhere)
+        with CommVQAblationPress(codebooks=books, window=8, n_sink=2, coded="both", layers=(1,))(model):
+            model(ids, past_key_values=some)
+    for i in range(len(plain.layers)):
+        want = everywhere.layers[i] if i == 1 else plain.layers[i]
+        assert torch.equal(some.layers[i].keys, want.keys) and torch.equal(some.layers[i].values, want.values)
+        differs = not torch.allclose(everywhere.layers[i].keys, plain.layers[i].keys, atol=1e-3)
+        assert differs and not torch.allclose(everywhere.layers[i].values, plain.layers[i].values, atol=1e-3)
 
 
 def test_ablation_press_in_pipeline_with_several_questions(tiny):
