@@ -19,6 +19,8 @@
 #                                            # (ABLATION=0: fp16 and CommVQ only, about half the time;
 #                                            # RUNS_DIR: where the Runner results go, default $OUT; a rerun with
 #                                            # the same RUNS_DIR resumes; NEEDLE_SAMPLES: per task, default 12)
+#   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh needle_nll  # teacher-forced answer NLL of niah_multivalue at 4k with
+#                                            # each layer / group / side CommVQ-coded (2 bits; NEEDLE_SAMPLES, default 8)
 #   bash benchmarks/gpu_commvq.sh refine     # the value-refinement Triton kernel against its PyTorch path (8B and
 #                                            # SmolLM2 value shapes)
 #   bash benchmarks/gpu_commvq.sh encode     # the whole layer's encode through CommVQLayer at 128k (1 and 2 bits),
@@ -83,6 +85,11 @@ needles_qa)
     --needle-samples "${NEEDLE_SAMPLES:-12}" --skip-ppl --skip-hqq $ablation --query-aware \
     --output "$out/commvq_quality_2bit_query_aware.json" --runs-dir "${RUNS_DIR:-$out}/commvq_quality_runs_qa"
   ;;
+needle_nll)
+  : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
+  python3 benchmarks/commvq_needle_nll.py --codebooks "$CODEBOOKS/2bit/$method" --bits 2 \
+    --samples "${NEEDLE_SAMPLES:-8}" --output "$out/commvq_needle_nll.json"
+  ;;
 refine) python3 benchmarks/commvq_value_refine.py --output "$out/commvq_value_refine.json" ;;
 encode)
   python3 benchmarks/commvq_decode.py --bits 1 2 --sweep none --skip-reference-path --skip-hqq --skip-key-scores \
@@ -119,5 +126,5 @@ train)
   tar czf - -C "$(dirname "$cb")" "$(basename "$cb")" | split -b 15m - "$out/commvq_codebooks.tgz.part-"
   ;;
 profile) python3 benchmarks/commvq_scores_profile.py --keep-csv --output "$out/commvq_scores_profile.json" ;;
-*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|refine|encode|encode_profile|encode_h2|keyside|pairs|window|train|profile" >&2; exit 2 ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|needle_nll|refine|encode|encode_profile|encode_h2|keyside|pairs|window|train|profile" >&2; exit 2 ;;
 esac
