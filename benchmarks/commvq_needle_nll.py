@@ -12,8 +12,8 @@ once plain and once with every layer coded (``coded="both"``); each layer's atte
 other layers are coded (the prefill attends over exact keys and values, the coding happens after it), so every mix of
 exact and coded layers is assembled from these two caches. Then for each mix the answer prefix and the reference
 answer (the values joined by ``", "``) are teacher-forced, and the answer tokens' NLL is summed. Mixes: exact; every
-layer coded (both sides, keys only, values only); each layer alone coded (both sides); each group of
-``--group-size`` layers coded; every layer but one group coded.
+layer coded (both sides, keys only, values only); each layer alone coded (both sides); every layer but one coded;
+each group of ``--group-size`` layers coded; every layer but one group coded.
 
 Writes ``--output`` (JSON, atomically, after each sample; a rerun with the same output resumes after the samples
 already there). ``--smoke``: a tiny random model and random codebooks on the CPU.
@@ -60,6 +60,8 @@ def mixes(n_layers: int, group: int) -> dict[str, tuple[tuple[int, ...], str]]:
     }
     for i in every:
         out[f"layer{i}"] = ((i,), "both")
+    for i in every:  # what keeping one layer exact recovers
+        out[f"all_but_layer{i}"] = (tuple(j for j in every if j != i), "both")
     for g in range(0, n_layers, group):
         members = tuple(range(g, min(n_layers, g + group)))
         out[f"group{g}-{members[-1]}"] = (members, "both")
