@@ -31,6 +31,11 @@ def call_ms(fn, reps: int, warmup: int, cuda: bool) -> list[float]:
     return times
 
 
+def median_ms(fn, reps: int, cuda: bool) -> float:
+    """The median of :func:`call_ms` (one warm-up call)."""
+    return sorted(call_ms(fn, reps, warmup=1, cuda=cuda))[reps // 2]
+
+
 def kernel_ms(fn, reps: int) -> dict[str, float]:
     """Mean GPU milliseconds per call of each kernel ``fn`` launches (``torch.profiler``, after one warm-up call),
     by kernel name; empty off CUDA."""

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from _timing import call_ms, gpu_ms, kernel_ms
+from _timing import gpu_ms, kernel_ms, median_ms
 
 from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.kernels.commvq_attention import (
@@ -74,7 +74,7 @@ CONFIGS = ((1, 11), (2, 21))  # (bits, key residuals)
 
 def timed_ms(fn, reps: int, device: torch.device) -> float:
     """Median milliseconds per call (CUDA events on the GPU, wall clock on the CPU)."""
-    return sorted(call_ms(fn, reps, warmup=1, cuda=device.type == "cuda"))[reps // 2]
+    return median_ms(fn, reps, device.type == "cuda")
 
 
 def make_layer(n: int, bits: int, r: int, device: torch.device, seed: int = 0):

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import call_ms, kernel_ms  # noqa: E402
+from _timing import kernel_ms, median_ms  # noqa: E402
 
 from pressroom.kernels.commvq_codebook import centers_from_theta  # noqa: E402
 from pressroom.kernels.commvq_encode import (  # noqa: E402
@@ -49,10 +49,6 @@ from pressroom.presses.commvq_codebooks import ValueCodec  # noqa: E402
 
 H, D = 8, 128
 RESIDUALS = {1: 11, 2: 21}
-
-
-def median_ms(fn, reps: int, cuda: bool) -> float:
-    return sorted(call_ms(fn, reps, warmup=1, cuda=cuda))[reps // 2]
 
 
 def key_sq_error(x: torch.Tensor, packed: torch.Tensor, theta: torch.Tensor) -> float:

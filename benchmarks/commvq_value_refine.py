@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _timing import call_ms
+from _timing import call_ms, median_ms
 
 from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.kernels.commvq_refine import refine_value_bits, refine_value_bits_reference
@@ -92,9 +92,7 @@ def main() -> None:
         row["rel_err_reference"] = rel_err(x, rb, rc, emb)
         row["tokens_same_bits"] = float((ob == rb).all(-1).float().mean())
         row["mean_flips"] = float((rb != bits).sum(-1).float().mean())
-        row["triton_ms"] = sorted(call_ms(ours, 1 if args.smoke else args.reps, warmup=1, cuda=cuda))[
-            (1 if args.smoke else args.reps) // 2
-        ]
+        row["triton_ms"] = median_ms(ours, 1 if args.smoke else args.reps, cuda)
         row["reference_ms"] = call_ms(reference, 1, warmup=0, cuda=cuda)[0]
         row["speedup"] = row["reference_ms"] / row["triton_ms"]
         result["shapes"][name] = row

@@ -767,11 +767,9 @@ def encode_keys(
     if tables is None and (search == "split_h2" or (triton_path and n)):
         tables = KeyTables(thetas.to(x.device))
     if search == "split_h2":  # the float16 range, on either path
-        if key_norm_bound is None and not n:
-            key_norm_bound = 0.0
-        elif key_norm_bound is None:  # >= every (divided) row's norm
-            peak = x.detach().abs().amax() if row_norms is None else (x.detach().abs().amax((1, 2)) / row_norms).amax()
-            key_norm_bound = float(peak) * d**0.5
+        if key_norm_bound is None:  # >= every (divided) row's norm
+            peak = x.detach().abs().amax((1, 2)) / (1.0 if row_norms is None else row_norms)
+            key_norm_bound = float(peak.amax()) * d**0.5 if n else 0.0
         tables.check_h2_keys(key_norm_bound)
     if not triton_path:
         if search == "split_h2":

@@ -387,15 +387,16 @@ class CommVQLayer(CacheLayerMixin):
             v = torch.empty(self.batch, e - s, self.heads, values.shape[-1], dtype=torch.float32, device=values.device)
             v.copy_(values[:, :, s:e].transpose(1, 2))
             v = v.view(self.batch, e - s, -1)
-            emb = self.codec.embedding
             with torch.no_grad(), _value_matmuls(self.encode_precision, v.device):
                 logits, prescale = self.codec.logits(v)
                 # the arg-max choices as packed bytes and bits in one pass (a Triton kernel on CUDA)
-                packed, bits = value_codes(logits, torch.uint8 if self.value_refine else emb.dtype, self._triton)
+                packed, bits = value_codes(
+                    logits, torch.uint8 if self.value_refine else self.codec.embedding.dtype, self._triton
+                )
                 del logits
                 if not self.value_refine:  # the decoded direction's norm: a [m, bits] x [bits, D] matmul too
-                    post = torch.linalg.vector_norm((bits @ emb).float(), dim=-1, keepdim=True)  # float32 norm
-                    coef = (prescale.float() + self.codec.eps) / (post.float() + self.codec.eps)
+                    post = self.codec.postscale(bits)
+                    coef = (prescale.float() + self.codec.eps) / (post + self.codec.eps)
             if self.value_refine:  # float32 throughout: it tracks each token's error through the flips
                 bits, coef = self.codec.refine(v, bits, self.value_refine, self._triton)
                 packed = pack_bits(bits)

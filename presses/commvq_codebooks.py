@@ -151,8 +151,9 @@ class ValueCodec(nn.Module):
         return choices_to_bits(choice)
 
     def postscale(self, bits: torch.Tensor) -> torch.Tensor:
-        """Norm of ``bits @ embedding`` ``[..., 1]`` (the decoded direction is divided by it)."""
-        return (bits.to(self.embedding.dtype) @ self.embedding).norm(dim=-1, keepdim=True)
+        """Norm of ``bits @ embedding`` ``[..., 1]`` (the decoded direction is divided by it), taken in float32 (the
+        product may be bfloat16 under autocast)."""
+        return torch.linalg.vector_norm((bits.to(self.embedding.dtype) @ self.embedding).float(), dim=-1, keepdim=True)
 
     def decode(self, bits: torch.Tensor, prescale: torch.Tensor) -> torch.Tensor:
         """Values ``[..., feat_dim]`` from bits ``[..., 2 n_e]`` and ``prescale [..., 1]``."""
