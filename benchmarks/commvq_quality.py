@@ -41,7 +41,7 @@ from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.kernels.commvq_encode import PRECISIONS
 from pressroom.presses import CommVQCache, CommVQPress
 from pressroom.presses.commvq_ablation_press import SIDES, CommVQAblationPress
-from pressroom.presses.commvq_cache import DEFAULT_VALUE_REFINE
+from pressroom.presses.commvq_cache import DEFAULT_VALUE_REFINE, check_exact_layers
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, model_kv_shape
 
 NEEDLE_TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "passkey", "vt"]
@@ -146,6 +146,13 @@ def main() -> None:
         choices=list(PRECISIONS),
         help="CommVQ encode_precision settings to run (the key search's dots and the value encoder's matmuls)",
     )
+    ap.add_argument(
+        "--exact-layers",
+        nargs="+",
+        default=["none"],
+        help="CommVQ exact_layers settings to run: 'none' (every layer coded) or layer indices joined by '+' "
+        "(e.g. 18 or 15+18), kept in full precision",
+    )
     ap.add_argument("--skip-ppl", action="store_true", help="needles only (e.g. a second job)")
     ap.add_argument(
         "--query-aware",
@@ -201,22 +208,27 @@ def main() -> None:
         books[bits].validate(model.config)
     result["codebooks"] = {str(b): {"R": bk.residuals, "key_bits": bk.key_bits} for b, bk in books.items()}
 
-    def commvq_name(bits: int, n_sink: int, refine: int, precision: str = "ieee") -> str:
+    def commvq_name(bits: int, n_sink: int, refine: int, precision: str = "ieee", exact: tuple = ()) -> str:
         name = f"commvq_{bits}bit" + (f"_sink{n_sink}" if n_sink else "")
         name += f"_refine{refine}" if refine != DEFAULT_VALUE_REFINE else ""
-        return name + (f"_{precision}" if precision != "ieee" else "")
+        name += f"_{precision}" if precision != "ieee" else ""
+        return name + (f"_exact{'+'.join(map(str, exact))}" if exact else "")
 
+    exact_settings = [
+        () if e == "none" else check_exact_layers(e, model.config.num_hidden_layers) for e in args.exact_layers
+    ]
     settings = [
-        (b, ns, vr, ep)
+        (b, ns, vr, ep, ex)
         for b in args.bits
         for ns in args.n_sink
         for vr in args.value_refine
         for ep in args.encode_precision
+        for ex in exact_settings
     ]
     caches = {"fp16": lambda: None}
-    for b, ns, vr, ep in settings:
-        caches[commvq_name(b, ns, vr, ep)] = lambda b=b, ns=ns, vr=vr, ep=ep: CommVQCache(
-            model.config, books[b], bits=b, window=128, n_sink=ns, value_refine=vr, encode_precision=ep
+    for b, ns, vr, ep, ex in settings:
+        caches[commvq_name(b, ns, vr, ep, ex)] = lambda b=b, ns=ns, vr=vr, ep=ep, ex=ex: CommVQCache(
+            model.config, books[b], bits=b, window=128, n_sink=ns, value_refine=vr, encode_precision=ep, exact_layers=ex
         )
     for b in () if args.skip_hqq else args.bits:
         caches[f"hqq_{b}bit"] = lambda b=b: quantized_cache(model, b, min(64, head_dim))
@@ -263,16 +275,18 @@ def main() -> None:
         query_aware=args.query_aware,
     )
     presses: list[tuple[str, CommVQPress | None]] = [("fp16", None)]
-    for b, ns, vr, ep in settings:
+    for b, ns, vr, ep, ex in settings:
         kw = dict(codebooks=books[b], bits=b, window=128, n_sink=ns, value_refine=vr, encode_precision=ep)
-        presses.append((commvq_name(b, ns, vr, ep), CommVQPress(**kw)))
-        for side in SIDES if args.ablation else ():
+        presses.append((commvq_name(b, ns, vr, ep, ex), CommVQPress(**kw, exact_layers=ex)))
+        for side in SIDES if args.ablation and not ex else ():
             presses.append((f"{commvq_name(b, ns, vr, ep)}_{side}_only", CommVQAblationPress(**kw, coded=side)))
     for name, press in presses:
         sink = f",n_sink={press.n_sink}" if press is not None and press.n_sink else ""
         sink += f",value_refine={press.value_refine}" if press is not None else ""
         if press is not None and press.encode_precision != "ieee":
             sink += f",encode_precision={press.encode_precision}"
+        if press is not None and press.exact_layers:
+            sink += f",exact_layers={'+'.join(map(str, press.exact_layers))}"
         if press is None:
             spec = "no_press"
         elif isinstance(press, CommVQAblationPress):

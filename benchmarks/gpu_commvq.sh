@@ -18,7 +18,8 @@
 #                                            # with the context, as the CommVQ reference's needle script does
 #                                            # (ABLATION=0: fp16 and CommVQ only, about half the time;
 #                                            # RUNS_DIR: where the Runner results go, default $OUT; a rerun with
-#                                            # the same RUNS_DIR resumes; NEEDLE_SAMPLES: per task, default 12)
+#                                            # the same RUNS_DIR resumes; NEEDLE_SAMPLES: per task, default 12;
+#                                            # EXACT_LAYERS: exact_layers settings, e.g. "none 18", default none)
 #   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh needle_nll  # teacher-forced answer NLL of niah_multivalue at 4k with
 #                                            # each layer / group / side CommVQ-coded (2 bits; NEEDLE_SAMPLES, default 8)
 #   bash benchmarks/gpu_commvq.sh refine     # the value-refinement Triton kernel against its PyTorch path (8B and
@@ -83,6 +84,7 @@ needles_qa)
   ablation=--ablation; [ "${ABLATION:-1}" = 0 ] && ablation=
   python3 benchmarks/commvq_quality.py --codebooks-2 "$CODEBOOKS/2bit/$method" --bits 2 --n-sink 4 \
     --needle-samples "${NEEDLE_SAMPLES:-12}" --skip-ppl --skip-hqq $ablation --query-aware \
+    --exact-layers ${EXACT_LAYERS:-none} \
     --output "$out/commvq_quality_2bit_query_aware.json" --runs-dir "${RUNS_DIR:-$out}/commvq_quality_runs_qa"
   ;;
 needle_nll)

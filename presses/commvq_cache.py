@@ -81,12 +81,24 @@ def _wrap_attention(fn):
             def dense(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # the wrapped implementation itself
                 return fn(module, query, k, v, attention_mask, *args, **kwargs)[0]
 
-            return pending.layer.attend(pending, query, float(scaling), dense), None
+            return pending.layer.attend(pending, query, float(scaling), dense, attention_mask), None
         return fn(module, query, key, value, attention_mask, *args, **kwargs)
 
     commvq_attention._commvq_wrapped = True
     commvq_attention.__wrapped__ = fn
     return commvq_attention
+
+
+def _check_no_pending() -> None:
+    """Raise if the previous layer's attention was never computed through the wrapper (then cleared)."""
+    if _PENDING[0] is not None:
+        stale = _PENDING[0]
+        _PENDING[0] = None
+        raise RuntimeError(
+            f"A CommVQ layer's attention was never computed ({stale.layer!r}): the model's attention did not go "
+            "through transformers' attention functions. Load the model with attn_implementation='sdpa' or use "
+            "CommVQCache(..., mode='dequantize')."
+        )
 
 
 def install_attention() -> list[str]:
@@ -480,14 +492,7 @@ class CommVQLayer(CacheLayerMixin):
         attend to the stored state and themselves, then are stored). In ``dequantize`` mode the full dequantized
         keys and values (rotated, model layout) are returned, in the same order of storing and attending.
         """
-        if _PENDING[0] is not None:
-            stale = _PENDING[0]
-            _PENDING[0] = None
-            raise RuntimeError(
-                f"A CommVQ layer's attention was never computed ({stale.layer!r}): the model's attention did not go "
-                "through transformers' attention functions. Load the model with attn_implementation='sdpa' or use "
-                "CommVQCache(..., mode='dequantize')."
-            )
+        _check_no_pending()
         cache_kwargs = cache_kwargs or {}
         cos, sin = cache_kwargs.get("cos"), cache_kwargs.get("sin")
         if cos is None or sin is None:
@@ -519,7 +524,9 @@ class CommVQLayer(CacheLayerMixin):
             _PENDING[0] = _Pending(self, key_states, "chunk", (raw, value_states, pos))
         return key_states, value_states
 
-    def attend(self, pending: _Pending, query: torch.Tensor, scaling: float, dense=None) -> torch.Tensor:
+    def attend(
+        self, pending: _Pending, query: torch.Tensor, scaling: float, dense=None, attention_mask=None
+    ) -> torch.Tensor:
         """Attention output ``[B, q, Hq, D]`` (the layout transformers' attention functions return).
 
         One new token: :func:`decode_attention` over codes + window. Several: if nothing is coded yet (a prefill),
@@ -703,6 +710,237 @@ class CommVQLayer(CacheLayerMixin):
         return -1
 
 
+class ExactLayer(CacheLayerMixin):
+    """A full-precision layer of a CommVQ cache: keys (rotated, as the model gives them) and values in the model's
+    dtype, for the layers whose coding costs most quality (``exact_layers`` of :class:`CommVQCache` and
+    :class:`~pressroom.presses.CommVQPress`).
+
+    Mixed precision over layers is not in CommVQ (arXiv 2506.18879), which codes every layer; it follows the
+    observation that a model's retrieval depends on few layers and heads (e.g. Wu et al., *Retrieval Head
+    Mechanistically Explains Long-Context Factuality*, arXiv 2404.15574). On SmolLM2 at 2 bits one layer (18) carries
+    56% of the multi-value needle answer's loss (``benchmarks/results/commvq_needle_nll_cpu.json``).
+
+    The tokens live in buffers that grow by an eighth (``memory_bytes`` reports their capacity). In ``codes`` mode the
+    layer shares the coded layers' attention masks, which cover only their windows: the mask the model builds is
+    then used when it covers this layer's tokens, else the layer attends causally over all of them itself (SDPA).
+    Padding masks are then not applied, as in the coded layers.
+
+    Parameters
+    ----------
+    mode : str
+        The cache's mode, ``"codes"`` or ``"dequantize"``.
+    peers : list, optional
+        The cache's layers: the first coded one gives the attention-mask sizes in ``codes`` mode.
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, mode: str = "codes", peers: list | None = None) -> None:
+        if mode not in ("codes", "dequantize"):
+            raise ValueError(f"mode must be 'codes' or 'dequantize', got {mode!r}.")
+        self.mode = mode
+        self.peers = peers
+        self.is_initialized = False
+        self.n = 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._mark: int | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(tokens={self.n})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dim() != 4 or value_states.shape[:3] != key_states.shape[:3]:
+            raise ValueError(
+                f"Keys and values must be [batch, kv_heads, tokens, head_dim] with the same first three sizes, got "
+                f"{tuple(key_states.shape)} and {tuple(value_states.shape)}."
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._k = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
+        self._v = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _ensure(self, needed: int) -> None:
+        cap = min(self._k.shape[2], self._v.shape[2])
+        if needed <= cap:
+            return
+        cap = max(needed, cap + max(256, cap // 8))  # geometric growth, a small overshoot on a long prefill
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:2], cap, old.shape[-1])
+            new[:, :, : self.n] = old[:, :, : self.n]
+            setattr(self, name, new)
+
+    def reserve(self, n_tokens: int) -> None:
+        """Capacity for ``n_tokens`` tokens in all (once initialized)."""
+        if self.is_initialized:
+            self._ensure(int(n_tokens))
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store new rotated keys and values ``[B, H, n, D]`` after the held ones."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[:2] != self._k.shape[:2] or key_states.shape[-1] != self._k.shape[-1]:
+            raise ValueError(f"New keys {tuple(key_states.shape)} do not fit this layer (fixed at the first update).")
+        if value_states.shape[:3] != key_states.shape[:3] or value_states.shape[-1] != self._v.shape[-1]:
+            raise ValueError(f"New values {tuple(value_states.shape)} do not fit the keys {tuple(key_states.shape)}.")
+        m = key_states.shape[2]
+        self._ensure(self.n + m)
+        self._k[:, :, self.n : self.n + m] = key_states
+        self._v[:, :, self.n : self.n + m] = value_states
+        self.n += m
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens; return every held token (in ``codes`` mode the wrapped attention attends them)."""
+        _check_no_pending()
+        self.append(key_states, value_states)
+        keys, values = self.keys, self.values
+        if self.mode == "codes":
+            _PENDING[0] = _Pending(self, keys, "exact", None)
+        return keys, values
+
+    def attend(
+        self, pending: _Pending, query: torch.Tensor, scaling: float, dense=None, attention_mask=None
+    ) -> torch.Tensor:
+        """Attention output ``[B, q, Hq, D]`` over every held token: the model's attention with its own mask when that
+        mask covers them (or none is needed), else causal SDPA over all of them."""
+        keys, values = pending.key, self.values
+        q, total = query.shape[2], keys.shape[2]
+        mask_fits = q in (1, total) if attention_mask is None else attention_mask.shape[-1] == total
+        if dense is not None and mask_fits:
+            return dense(keys, values)
+        causal = (
+            torch.arange(total, device=query.device)[None, :]
+            <= torch.arange(total - q, total, device=query.device)[:, None]
+        )
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, keys, values, attn_mask=causal, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
+        )
+        return out.transpose(1, 2).contiguous()
+
+    # ------------------------------------------------------------------ kvpress's protocol and the Cache protocol
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._k[:, :, : self.n] if self.is_initialized else None
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._assign(value, "_k")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._v[:, :, : self.n] if self.is_initialized else None
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._assign(value, "_v")
+
+    def _assign(self, value: torch.Tensor | None, name: str) -> None:
+        """A prefix of the held tokens (kvpress removing an answer) truncates; another tensor replaces the buffer."""
+        if value is None or not isinstance(value, torch.Tensor) or value.dim() != 4:
+            raise ValueError(f"An ExactLayer's {name[1:]} must be a [batch, kv_heads, tokens, head_dim] tensor.")
+        held = getattr(self, name)
+        if held is not None and value.data_ptr() == held.data_ptr() and value.shape[2] <= self.n:
+            self.n = value.shape[2]
+            return
+        if not self.is_initialized:
+            self.dtype, self.device = value.dtype, value.device
+            self._k = self._v = value.new_empty(*value.shape[:2], 0, value.shape[-1])
+            self.is_initialized = True
+        setattr(self, name, value.contiguous())
+        self.n = value.shape[2]
+
+    def mark(self) -> None:
+        self._mark = self.n if self.is_initialized else None
+
+    def restore(self) -> None:
+        if self._mark is None:
+            raise RuntimeError("This ExactLayer has no mark.")
+        self.n = self._mark
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        if self.mode == "codes":  # the mask the coded layers use (this layer adapts in attend)
+            coded = next((p for p in self.peers or () if isinstance(p, CommVQLayer)), None)
+            if coded is not None:
+                return coded.get_mask_sizes(cache_position)
+        return self.n + cache_position.shape[0], 0
+
+    def memory_bytes(self) -> int:
+        """Bytes of the key and value buffers (their capacity)."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in {id(self._k): self._k, id(self._v): self._v}.values())
+
+    def codebook_bytes(self) -> int:
+        return 0
+
+    def reset(self) -> None:
+        self.n = 0
+        self._mark = None
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.n + max_length
+        self.n = max(0, min(self.n, max_length))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("CommVQCache does not support beam search.")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("CommVQCache does not support repeating the batch.")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("CommVQCache does not support selecting batch rows.")
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._k.shape[0] if self.is_initialized else 0
+
+    @property
+    def max_cache_len(self) -> int:
+        return -1
+
+
+def check_exact_layers(exact_layers: Any, num_layers: int | None = None) -> tuple[int, ...]:
+    """``exact_layers`` as a sorted tuple of layer indices: an int, ints, or a string of ints joined by ``+``
+    (``"15+18"``, the form press specs use); checked against ``num_layers`` when given."""
+    items = exact_layers
+    if isinstance(items, str):
+        items = [s.strip() for s in items.split("+") if s.strip()]
+        try:
+            items = [int(s) for s in items]
+        except ValueError as err:
+            raise ValueError(
+                f"exact_layers as a string must be layer indices joined by '+', got {exact_layers!r}."
+            ) from err
+    elif isinstance(items, int) and not isinstance(items, bool):
+        items = [items]
+    elif items is None:
+        items = []
+    try:
+        items = list(items)
+    except TypeError:
+        items = None
+    if items is None or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
+        raise ValueError(f"exact_layers must be layer indices (ints >= 0), got {exact_layers!r}.")
+    out = tuple(sorted(set(items)))
+    if num_layers is not None:
+        if any(i >= num_layers for i in out):
+            raise ValueError(f"exact_layers {out} out of range: the model has {num_layers} layers.")
+        if len(out) == num_layers:
+            raise ValueError("exact_layers names every layer: nothing would be coded (use a DynamicCache).")
+    return out
+
+
 def _check_value_refine(value_refine: Any) -> None:
     if isinstance(value_refine, bool) or not isinstance(value_refine, int) or value_refine < 0:
         raise ValueError(
@@ -775,6 +1013,9 @@ class CommVQCache(Cache):
         Key encoder dot products on the GPU, ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` (:class:`CommVQLayer`).
     value_refine : int, default=64
         Greedy bit flips per token after the value encoder; ``0``: the reference's coding (:class:`CommVQLayer`).
+    exact_layers : tuple of int, optional
+        Layers kept in full precision (:class:`ExactLayer`), every other layer coded; default none. Each costs
+        ``2 * H_kv * head_dim`` elements per token (a SmolLM2 layer: 768 bytes a token in bfloat16).
 
     Raises
     ------
@@ -798,6 +1039,7 @@ class CommVQCache(Cache):
         encode_precision: str = "ieee",
         value_refine: int = DEFAULT_VALUE_REFINE,
         pair_weights: torch.Tensor | None = None,
+        exact_layers: tuple[int, ...] | int | str | None = None,
     ) -> None:
         flush_chunk = _check_window(window, flush_chunk)
         _check_sink(n_sink)
@@ -805,6 +1047,7 @@ class CommVQCache(Cache):
         _check_value_refine(value_refine)
         text = _text_config(config)
         books = load_codebooks(codebooks, bits, text)
+        self.exact_layers = check_exact_layers(exact_layers, books.num_layers)
         if rotary_emb is not None and hasattr(rotary_emb, "inv_freq"):
             inv_freq = rotary_emb.inv_freq.detach().float()
             scaling = float(getattr(rotary_emb, "attention_scaling", 1.0))
@@ -831,9 +1074,14 @@ class CommVQCache(Cache):
                 value_refine=value_refine,
                 pair_weights=books.layer_pair_weights(i),
             )
+            if i not in self.exact_layers
+            else ExactLayer(self.mode)
             for i in range(books.num_layers)
         ]
         super().__init__(layers=layers)
+        for layer in self.layers:
+            if isinstance(layer, ExactLayer):
+                layer.peers = self.layers
 
     def memory_bytes(self) -> int:
         """Bytes held by all layers (codes, bits, norms, positions, windows); codebooks excluded."""
@@ -857,4 +1105,12 @@ class CommVQCache(Cache):
             layer.restore()
 
 
-__all__ = ["CommVQCache", "CommVQLayer", "attention_mode", "install_attention", "load_codebooks"]
+__all__ = [
+    "CommVQCache",
+    "CommVQLayer",
+    "ExactLayer",
+    "attention_mode",
+    "check_exact_layers",
+    "install_attention",
+    "load_codebooks",
+]

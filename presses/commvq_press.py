@@ -15,11 +15,13 @@ from transformers.cache_utils import DynamicLayer
 from pressroom.presses.commvq_cache import (
     DEFAULT_VALUE_REFINE,
     CommVQLayer,
+    ExactLayer,
     _check_precision,
     _check_sink,
     _check_value_refine,
     _check_window,
     attention_mode,
+    check_exact_layers,
     load_codebooks,
 )
 from pressroom.presses.commvq_codebooks import CommVQCodebooks
@@ -109,6 +111,10 @@ class CommVQPress(BasePress):
     value_refine : int, default=64
         Greedy bit flips per token after the value encoder, each lowering the token's error (our addition; ``0``:
         the reference's coding; see :class:`~pressroom.presses.CommVQLayer`).
+    exact_layers : tuple of int, optional
+        Layers kept in full precision (:class:`~pressroom.presses.commvq_cache.ExactLayer`), the others coded; an
+        int, ints, or ints joined by ``+`` in a press spec (``commvq:bits=2,exact_layers=18``). Our addition (mixed
+        precision over layers): each such layer costs its full fp16 cache.
 
     Raises
     ------
@@ -129,6 +135,7 @@ class CommVQPress(BasePress):
     use_triton: bool | None = None
     encode_precision: str = "ieee"
     value_refine: int = DEFAULT_VALUE_REFINE
+    exact_layers: tuple[int, ...] | int | str | None = None
     _books: CommVQCodebooks | None = field(init=False, repr=False, compare=False, default=None)
     _resolver: PositionResolver = field(init=False, repr=False, compare=False, default_factory=PositionResolver)
 
@@ -144,6 +151,7 @@ class CommVQPress(BasePress):
         _check_sink(self.n_sink)
         _check_precision(self.encode_precision)
         _check_value_refine(self.value_refine)
+        self.exact_layers = check_exact_layers(self.exact_layers)
 
     def books_for(self, config: Any) -> CommVQCodebooks:
         """The codebooks, loaded once and validated against ``config``."""
@@ -172,7 +180,7 @@ class CommVQPress(BasePress):
             return output
         layer_idx = module.layer_idx
         layer = cache.layers[layer_idx]
-        if isinstance(layer, CommVQLayer):
+        if isinstance(layer, (CommVQLayer, ExactLayer)):
             layer.mark()
             return output
         if isinstance(cache, QuantizedCache) or type(layer) is not DynamicLayer:
@@ -181,6 +189,13 @@ class CommVQPress(BasePress):
                 f"{type(cache).__name__}."
             )
         books = self.books_for(module.config)
+        check_exact_layers(self.exact_layers, books.num_layers)
+        if layer_idx in self.exact_layers:  # full precision, attending through the coded layers' masks
+            exact = ExactLayer(attention_mode(module.config), peers=cache.layers)
+            exact.append(layer.keys, layer.values)
+            exact.mark()
+            cache.layers[layer_idx] = exact
+            return output
         cos, sin = kwargs["position_embeddings"]
         rope_type = getattr(module.config, "rope_parameters", None) or {}
         if isinstance(rope_type, dict) and rope_type.get("rope_type") in UNSUPPORTED_ROPE:

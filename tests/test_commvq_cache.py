@@ -36,6 +36,7 @@ from pressroom.kernels.commvq_encode import (
     unpack_codes12,
 )
 from pressroom.presses import CommVQCache, CommVQLayer, CommVQPress, cache_memory_bytes
+from pressroom.presses.commvq_cache import ExactLayer, check_exact_layers
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, model_kv_shape
 from pressroom.presses.commvq_press import kept_indices
 
@@ -277,6 +278,25 @@ def test_split_h2_refuses_what_float16_cannot_hold(use_triton):
     with pytest.raises(ValueError, match="normalized keys"):
         encode_keys(x[0], theta, use_triton=use_triton, search="split_h2", key_norm_bound=1e5)
     encode_keys(x[0], theta, use_triton=use_triton, search="split_h2", key_norm_bound=1.0)  # in range: codes
+
+
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_interpreter)])
+def test_encode_maxnreg_keeps_the_codes_and_refuses_bad_caps(use_triton):
+    """A register cap (``maxnreg``: a compile option, which the interpreter and the PyTorch path accept and ignore)
+    gives the same codes as the uncapped launch; caps ptxas would not honour as asked are refused on every path."""
+    torch.manual_seed(6)
+    theta = (torch.randn(2, 2, 128, 8) * 0.2).half().float()  # float16-exact, as the native codebooks
+    x, _ = normalize_keys(torch.randn(1, 2, 40, 16))
+    for precision in ("half", "tf32"):  # split_h2, the search the cap is for
+        kw = dict(use_triton=use_triton, precision=precision, block_n=16, key_norm_bound=1.0)
+        want = encode_keys(x[0], theta, **kw)
+        for cap in (168, 128):
+            assert torch.equal(encode_keys(x[0], theta, maxnreg=cap, **kw), want)
+    flat = dict(use_triton=use_triton, block_n=16)  # the other kernels take it too
+    assert torch.equal(encode_keys(x[0], theta, maxnreg=128, **flat), encode_keys(x[0], theta, **flat))
+    for bad in (0, 16, 100, 255, 256, 128.0, True, "128"):
+        with pytest.raises(ValueError, match="maxnreg must be None or a multiple of 8 from 24 to 248"):
+            encode_keys(x[0], theta, use_triton=use_triton, precision="half", maxnreg=bad)
 
 
 def test_f16x2_pack_round_trip():
@@ -1238,3 +1258,94 @@ def test_ablation_press_in_pipeline_with_several_questions(tiny):
     questions = ["What jumps?", "Who is lazy?"]
     both = pipe(context, questions=questions, press=press, max_new_tokens=5)["answers"]
     assert both == [pipe(context, question=q, press=press, max_new_tokens=5)["answer"] for q in questions]
+
+
+# ------------------------------------------------------------------------------------------------ exact layers
+@pytest.mark.parametrize("exact", [0, 1])
+def test_exact_layers_codes_mode_equals_dequantized_mode(tiny, exact):
+    """A full-precision layer beside coded ones: its attention from the coded layers' window masks (codes mode:
+    prefill, a chunk after codes exist, decode steps) equals the model's attention with full masks (dequantize
+    mode); layer 0 exact also gives the masks' sizes from the coded layer."""
+    model, _ = tiny
+    books = random_books(model.config)
+    ids = torch.randint(5, 1000, (1, 20))
+    logits, caches = {}, {}
+    for mode in ("codes", "dequantize"):
+        cache = CommVQCache(model.config, books, window=8, flush_chunk=4, mode=mode, exact_layers=exact)
+        out = []
+        with torch.no_grad():
+            out.append(model(ids[:, :14], past_key_values=cache).logits)
+            out.append(model(ids[:, 14:17], past_key_values=cache).logits)
+            for t in range(17, 20):
+                out.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+        logits[mode], caches[mode] = torch.cat(out, dim=1), cache
+        assert isinstance(cache.layers[exact], ExactLayer) and isinstance(cache.layers[1 - exact], CommVQLayer)
+        assert cache.layers[exact].get_seq_length() == 20 and cache.layers[1 - exact].n > 0
+    assert torch.allclose(logits["codes"], logits["dequantize"], atol=1e-5, rtol=1e-5)
+    plain = CommVQCache(model.config, books, window=8, flush_chunk=4)
+    with torch.no_grad():
+        model(ids[:, :14], past_key_values=plain)
+        other = model(ids[:, 14:17], past_key_values=plain).logits
+    assert not torch.allclose(other, logits["codes"][:, 14:17], atol=1e-3)  # the exact layer changed the outputs
+
+
+def test_exact_layer_holds_the_models_keys_and_reports_its_bytes(tiny):
+    model, _ = tiny
+    books = random_books(model.config)
+    ids = torch.randint(5, 1000, (1, 30))
+    cache = CommVQCache(model.config, books, window=8, flush_chunk=4, exact_layers=(0,))
+    dense = DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        model(ids, past_key_values=dense)
+    exact = cache.layers[0]
+    assert torch.equal(exact.keys, dense.layers[0].keys) and torch.equal(exact.values, dense.layers[0].values)
+    cap = exact._k.shape[2]
+    assert cap >= 30
+    per_token = 2 * exact.keys.shape[1] * exact.keys.shape[-1] * exact.keys.element_size()
+    assert exact.memory_bytes() == cap * per_token
+    assert cache.memory_bytes() == exact.memory_bytes() + cache.layers[1].memory_bytes()
+    assert cache_memory_bytes(cache) == cache.memory_bytes()
+
+
+def test_exact_layers_in_the_pipeline_and_composed(tiny):
+    """The press keeps the named layers in full precision: answers to several questions equal one-by-one answers
+    (the exact layer restored after each), and with SnapKV in front the exact layer holds what SnapKV kept."""
+    model, _ = tiny
+    books = random_books(model.config)
+    pipe = _pipe(tiny)
+    context = "The quick brown fox jumps over the lazy dog. " * 8
+    press = CommVQPress(codebooks=books, bits=2, window=16, flush_chunk=8, exact_layers="1")
+    assert press.exact_layers == (1,)
+    questions = ["What jumps?", "Who is lazy?"]
+    both = pipe(context, questions=questions, press=press, max_new_tokens=5)["answers"]
+    single = [pipe(context, question=q, press=press, max_new_tokens=5)["answer"] for q in questions]
+    assert both == single
+    seen = {}
+
+    class Spy(CommVQPress):
+        def forward_hook(self, module, input, kwargs, output):
+            out = super().forward_hook(module, input, kwargs, output)
+            seen[module.layer_idx] = (kwargs["past_key_values"].layers[module.layer_idx], kwargs["hidden_states"])
+            return out
+
+    composed = ComposedPress([SnapKVPress(compression_ratio=0.5), Spy(codebooks=books, window=16, exact_layers=1)])
+    assert isinstance(_pipe(tiny)(context, question="Count?", press=composed, max_new_tokens=4)["answer"], str)
+    layer, hidden = seen[1]
+    assert isinstance(layer, ExactLayer) and layer._mark == int(hidden.shape[1] * 0.5)
+    assert isinstance(seen[0][0], CommVQLayer)
+
+
+def test_exact_layers_are_validated(tiny):
+    model, _ = tiny
+    books = random_books(model.config)
+    assert check_exact_layers("1+0") == (0, 1) and check_exact_layers(None) == () and check_exact_layers([1, 1]) == (1,)
+    for bad in (-1, 1.5, True, "a+b", ["1"]):
+        with pytest.raises(ValueError, match="exact_layers"):
+            check_exact_layers(bad)
+    with pytest.raises(ValueError, match="out of range"):
+        CommVQCache(model.config, books, exact_layers=2)
+    with pytest.raises(ValueError, match="nothing would be coded"):
+        CommVQCache(model.config, books, exact_layers=(0, 1))
+    with pytest.raises(ValueError, match="exact_layers"):
+        CommVQPress(codebooks=books, exact_layers=-3)
