@@ -13,8 +13,9 @@ Llama-3.1-8B shape (8 KV heads, head_dim 128; 1 bit: R=11, 2 bits: R=21), random
   the four-way choices, the bits, ``pack_bits``: the path before ``pressroom.kernels.commvq_value_codes``);
 - ``parts_ms``: the parts alone on one chunk: the key search at each precision, each also with the running minima of
   its candidate loop four lanes a thread (``wide_lanes=True``), ``"half"`` with the chosen centers gathered from
-  float32 tables instead of the float16 ones that these float16-exact codebooks allow; the value encoder's logits and
-  postscale at each precision; the value codes (kernel and PyTorch).
+  float32 tables instead of the float16 ones that these float16-exact codebooks allow; ``"half"`` with a register
+  cap (``maxnreg``) and other tilings (:data:`MAXNREG_VARIANTS`, each with the share of code rows equal to the
+  default's); the value encoder's logits and postscale at each precision; the value codes (kernel and PyTorch).
 
 CPU: ``--smoke`` runs everything on a small shape (no timing value). JSON: ``--output`` (written after each part).
 """
@@ -38,6 +39,7 @@ from pressroom.kernels.commvq_codebook import centers_from_theta  # noqa: E402
 from pressroom.kernels.commvq_encode import (  # noqa: E402
     KeyTables,
     code_bytes,
+    encode_defaults,
     encode_keys,
     unpack_bits,
     unpack_codes12,
@@ -49,6 +51,19 @@ from pressroom.presses.commvq_codebooks import ValueCodec  # noqa: E402
 
 H, D = 8, 128
 RESIDUALS = {1: 11, 2: 21}
+# the "half" key search with a register cap: (block_n, num_warps, maxnreg), maxnreg None = the compiler's choice.
+# Triton 3.6 for sm_90, R = 11 / 21 (65,536 registers, 64 warps per SM): the default (64, 4) takes 255 registers (2
+# programs per SM), 168 fits 3 with ~460 bytes of spill stores, 128 fits 4 with ~750; (16, 2) takes 238 / 236 (4
+# programs of 2 warps), 168 fits 6 without spills, 128 fits 8 with ~200 bytes; (16, 4) takes 128 / 118 uncapped (4
+# programs of 4 warps, no spills): the most resident warps without a spill
+MAXNREG_VARIANTS = (
+    (64, 4, 168),
+    (64, 4, 128),
+    (16, 2, None),
+    (16, 2, 168),
+    (16, 2, 128),
+    (16, 4, None),
+)
 
 
 def key_sq_error(x: torch.Tensor, packed: torch.Tensor, theta: torch.Tensor) -> float:
@@ -161,6 +176,30 @@ def measure_width(bits: int, n: int, blocks: list[int], reps: int, device: torch
     f32_tables._exact16 = False
     kw32 = dict(key_kw, tables=f32_tables, precision="half")
     parts["keys_half_centers_f32"] = median_ms(lambda: encode_keys(xm, theta, **kw32), reps, cuda)
+    # register caps and tilings of the "half" key search, next to keys_half (its default tiling, no cap)
+    default = encode_defaults("half")
+    parts["keys_half_tiling"] = dict(block_n=default["block_n"], num_warps=default["num_warps"], maxnreg=None)
+    want = encode_keys(xm, theta, precision="half", **key_kw).clone()
+    timed = {}
+    for block_n, num_warps, maxnreg in MAXNREG_VARIANTS:
+        label = f"keys_half_bn{block_n}_w{num_warps}" + ("" if maxnreg is None else f"_maxnreg{maxnreg}")
+        tiling = dict(block_n=block_n, num_warps=num_warps, maxnreg=maxnreg)
+        parts[f"{label}_tiling"] = tiling
+        try:
+            parts[label] = median_ms(
+                lambda t=tiling: encode_keys(xm, theta, precision="half", **t, **key_kw), reps, cuda
+            )
+        except Exception as err:  # a cap ptxas cannot compile under: recorded, the other parts still run
+            parts[label] = None
+            parts[f"{label}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            continue
+        parts[f"{label}_rows_equal_fraction"] = (out == want).all(-1).float().mean().item()
+        timed[label] = parts[label]
+    log(
+        f"{bits} bit, half key search: default {parts['keys_half']:.3f} ms; "
+        + ", ".join(f"{k} {v:.3f} ms" for k, v in timed.items())
+    )
+    save()
     vm = values[:, :, :m].transpose(1, 2).reshape(1, m, -1).float()
     with torch.no_grad():
         for precision in ("tf32", "half"):

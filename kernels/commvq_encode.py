@@ -611,6 +611,24 @@ def encode_defaults(precision: str = "ieee", search: str | None = None) -> dict:
     return dict(search=search, block_n=block_n, num_warps=num_warps)
 
 
+# ``maxnreg`` (the PTX ``.maxnreg`` directive that Triton's NVIDIA backend emits): ptxas raises a lower cap to 24 and
+# allows at most 255; it allocates registers to a warp in units of 256 (8 a thread), so a cap between multiples of 8
+# takes the registers of the next one (170 compiles to 170 and occupies 176: two 4-warp programs per SM, as 168 gives
+# three)
+MAXNREG_RANGE = (24, 248)
+
+
+def _check_maxnreg(maxnreg: int | None) -> None:
+    if maxnreg is None:
+        return
+    lo, hi = MAXNREG_RANGE
+    if isinstance(maxnreg, bool) or not isinstance(maxnreg, int) or not lo <= maxnreg <= hi or maxnreg % 8:
+        raise ValueError(
+            f"maxnreg must be None or a multiple of 8 from {lo} to {hi} (registers per thread; ptxas allocates them 8 "
+            f"at a time), got {maxnreg!r}."
+        )
+
+
 def _check_half(precision: str, search: str) -> None:
     if precision == "half" and search != "split_h2":
         raise ValueError(f"precision='half' is implemented for search='split_h2', not {search!r}.")
@@ -674,6 +692,7 @@ def encode_keys(
     key_norm_bound: float | None = None,
     wide_lanes: bool = False,
     row_norms: torch.Tensor | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
 
@@ -724,6 +743,16 @@ def encode_keys(
         that each ``K^T`` row is one 16-byte load per thread (20 loads per 4 candidates instead of 68 on sm_90; the
         same codes); ``False`` (default): the compiler's layout, one lane a thread, which measured 1-2% faster on an
         H200 over seven runs (``benchmarks/results/commvq_encode_profile*.json``).
+    maxnreg : int, optional
+        Registers per thread the kernel may use (Triton's ``maxnreg`` launch option: the PTX ``.maxnreg``
+        directive, NVIDIA only), a multiple of 8 from 24 to 248; ``None`` (default): the compiler's choice. For
+        more resident programs per SM at the cost of spills: ``"split_h2"`` at its default tiling takes 255
+        registers (two 4-warp programs per SM on sm_90), 168 lets three fit and 128 four. The cap is a compile
+        option (one compiled kernel per value); ptxas fails to compile below what the kernel needs at the least
+        (``"split_h2"``: about 64); the interpreter and the PyTorch path ignore it. :func:`encode_meta` (and so the
+        resource table) describes the launch without it. Measured on an H200 (``"half"``, 32k tokens, 1 bit), every
+        cap was slower than none: 3.7-3.8 ms against 2.65 (the spills cost more than the occupancy gains;
+        ``benchmarks/results/commvq_encode_profile_maxnreg.json``): an option for experiments, off by default.
     precision : str
         Of the ``r . u_A`` / ``r . w_B`` dot products: ``"ieee"`` (float32, equal codes to the reference) or
         ``"tf32"`` (tensor cores on a GPU, and by default the ``"split_h2"`` search; near-ties may then pick another
@@ -743,9 +772,11 @@ def encode_keys(
     ------
     ValueError
         With ``"split_h2"``, if the codebooks or the keys' norms reach past the float16 range it sums in; with
-        ``precision="half"`` and another search; with ``row_norms`` not ``[N]``.
+        ``precision="half"`` and another search; with ``row_norms`` not ``[N]``; with ``maxnreg`` not ``None`` nor
+        a multiple of 8 from 24 to 248, or set for a launch on a ROCm build of PyTorch (an NVIDIA option).
     """
     n, h, d, r = _check_encode(x, thetas)
+    _check_maxnreg(maxnreg)
     chosen = encode_defaults(precision, search)
     search = chosen["search"]
     _check_half(precision, search)
@@ -779,6 +810,9 @@ def encode_keys(
         return out
     if n == 0:
         return out
+    launch = {} if maxnreg is None else dict(maxnreg=maxnreg)  # default: the launch as before, without the option
+    if launch and torch.version.hip is not None and not triton_interpreted():
+        raise ValueError("maxnreg is an NVIDIA (ptxas) launch option; this PyTorch build targets ROCm.")
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
     meta, (num_warps, num_stages) = encode_meta(
@@ -805,16 +839,18 @@ def encode_keys(
         centers = tables.center_tables() if precision == "half" else (tables.u, tables.w)
         encode_kernel(search)[(programs, h)](
             x, *norm_args, *centers, *search_tables, out, scratch, n, n_blocks, *strides,
-            **meta, num_warps=num_warps, num_stages=num_stages,
+            **meta, num_warps=num_warps, num_stages=num_stages, **launch,
         )  # fmt: skip
     else:
         _encode_kernel[(n_blocks, h)](
-            x, tables.u, tables.w, tables.h, out, n, *strides, **meta, num_warps=num_warps, num_stages=num_stages
-        )
+            x, tables.u, tables.w, tables.h, out, n, *strides, **meta, num_warps=num_warps, num_stages=num_stages,
+            **launch,
+        )  # fmt: skip
     return out
 
 
 __all__ = [
+    "MAXNREG_RANGE",
     "N_ENTRIES",
     "KeyTables",
     "code_bytes",
