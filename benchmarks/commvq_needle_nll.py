@@ -35,6 +35,7 @@ from transformers import DynamicCache
 
 from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.presses.commvq_ablation_press import CommVQAblationPress
+from pressroom.presses.commvq_cache import check_exact_layers
 from pressroom.presses.commvq_codebooks import CommVQCodebooks
 
 
@@ -49,15 +50,22 @@ def answer_nll(model, layers_kv: list[tuple[torch.Tensor, torch.Tensor]], follow
     return float(torch.nn.functional.cross_entropy(pred, targets, reduction="sum"))
 
 
-def mixes(n_layers: int, group: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (coded layers, side)."""
+def mixes(
+    n_layers: int, group: int, keep: list[tuple[int, ...]] | None = None, only_keep: bool = False
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (coded layers, side). ``keep``: sets of layers left exact, every other layer coded (the caches of
+    ``CommVQPress(exact_layers=...)``), named ``all_but_<i+j>``; ``only_keep``: those and the exact / all-coded
+    references only."""
     every = tuple(range(n_layers))
     out = {
         "exact": ((), "both"),
         "all_both": (every, "both"),
-        "all_keys": (every, "keys"),
-        "all_values": (every, "values"),
     }
+    for kept in keep or ():
+        out[f"all_but_{'+'.join(map(str, kept))}"] = (tuple(i for i in every if i not in kept), "both")
+    if only_keep:
+        return out
+    out.update({"all_keys": (every, "keys"), "all_values": (every, "values")})
     for i in every:
         out[f"layer{i}"] = ((i,), "both")
     for i in every:  # what keeping one layer exact recovers
@@ -81,6 +89,13 @@ def main() -> None:
     ap.add_argument("--n-sink", type=int, default=4)
     ap.add_argument("--encode-precision", default="half")
     ap.add_argument("--group-size", type=int, default=5)
+    ap.add_argument(
+        "--keep",
+        nargs="+",
+        default=[],
+        help="sets of layers left exact, every other coded: layer indices joined by '+' (e.g. 18 18+23)",
+    )
+    ap.add_argument("--only-keep", action="store_true", help="only the --keep mixes (and exact / all coded)")
     ap.add_argument("--output", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny random model, random codebooks, CPU")
     args = ap.parse_args()
@@ -106,7 +121,8 @@ def main() -> None:
         books = CommVQCodebooks.load(args.codebooks, bits=args.bits)
     books.validate(model.config)
     n_layers = model.config.num_hidden_layers
-    plan = mixes(n_layers, args.group_size)
+    keep = [check_exact_layers(k, n_layers) for k in args.keep]
+    plan = mixes(n_layers, args.group_size, keep, args.only_keep)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -123,7 +139,8 @@ def main() -> None:
     }
     if args.output.exists():  # resume: keep the samples already measured with the same settings
         old = json.loads(args.output.read_text())
-        same = all(old.get(k) == result[k] for k in ("model", "task", "context", "bits", "n_sink", "encode_precision"))
+        keys = ("model", "task", "context", "bits", "n_sink", "encode_precision", "mixes")
+        same = all(old.get(k) == result[k] for k in keys)
         if not same:
             raise SystemExit(f"{args.output} holds another run's settings: pass another --output.")
         result["samples"] = old.get("samples", [])

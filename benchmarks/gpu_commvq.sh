@@ -21,7 +21,9 @@
 #                                            # the same RUNS_DIR resumes; NEEDLE_SAMPLES: per task, default 12;
 #                                            # EXACT_LAYERS: exact_layers settings, e.g. "none 18", default none)
 #   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh needle_nll  # teacher-forced answer NLL of niah_multivalue at 4k with
-#                                            # each layer / group / side CommVQ-coded (2 bits; NEEDLE_SAMPLES, default 8)
+#                                            # each layer / group / side CommVQ-coded (2 bits; NEEDLE_SAMPLES, default 8;
+#                                            # NLL_ARGS: more options, e.g. "--keep 18 18+23 --only-keep --task
+#                                            # niah_multikey"; NLL_TAG: a suffix of the JSON's name)
 #   bash benchmarks/gpu_commvq.sh refine     # the value-refinement Triton kernel against its PyTorch path (8B and
 #                                            # SmolLM2 value shapes)
 #   bash benchmarks/gpu_commvq.sh encode     # the whole layer's encode through CommVQLayer at 128k (1 and 2 bits),
@@ -90,7 +92,7 @@ needles_qa)
 needle_nll)
   : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
   python3 benchmarks/commvq_needle_nll.py --codebooks "$CODEBOOKS/2bit/$method" --bits 2 \
-    --samples "${NEEDLE_SAMPLES:-8}" --output "$out/commvq_needle_nll.json"
+    --samples "${NEEDLE_SAMPLES:-8}" --output "$out/commvq_needle_nll${NLL_TAG:-}.json" ${NLL_ARGS:-}
   ;;
 refine) python3 benchmarks/commvq_value_refine.py --output "$out/commvq_value_refine.json" ;;
 encode)

@@ -167,7 +167,30 @@ def _unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (k * c - rot * s) / (c * c + s * s)
 
 
-class CommVQLayer(CacheLayerMixin):
+class _CommVQLayerBase(CacheLayerMixin):
+    """What the layers of a CommVQ cache share: full attention, no static shape, no beam search or batch edits."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    @property
+    def max_cache_len(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("CommVQCache does not support beam search.")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("CommVQCache does not support repeating the batch.")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("CommVQCache does not support selecting batch rows.")
+
+
+class CommVQLayer(_CommVQLayerBase):
     """One layer of a :class:`CommVQCache`: packed key codes, packed value bits, norms, positions and a window.
 
     Parameters
@@ -213,9 +236,6 @@ class CommVQLayer(CacheLayerMixin):
         ``[H_kv, head_dim/2]``: the key encoder's per-RoPE-pair distance weights the codebooks were trained under
         (:attr:`CommVQCodebooks.key_pair_weights`); ``None``: the Euclidean distance.
     """
-
-    is_sliding = False
-    is_compileable = False
 
     def __init__(
         self,
@@ -646,9 +666,6 @@ class CommVQLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_max_cache_shape(self) -> int:
-        return -1
-
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         n_new = cache_position.shape[0]
         start = self.resolver.cache_position_start(cache_position) if n_new else self.seen
@@ -692,25 +709,12 @@ class CommVQLayer(CacheLayerMixin):
             return
         raise ValueError(f"Cannot crop a CommVQLayer from {self.seen} to {max_length} tokens (codes are final).")
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("CommVQCache does not support beam search.")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("CommVQCache does not support repeating the batch.")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("CommVQCache does not support selecting batch rows.")
-
     @property
     def max_batch_size(self) -> int:
         return self.batch if self.is_initialized else 0
 
-    @property
-    def max_cache_len(self) -> int:
-        return -1
 
-
-class ExactLayer(CacheLayerMixin):
+class ExactLayer(_CommVQLayerBase):
     """A full-precision layer of a CommVQ cache: keys (rotated, as the model gives them) and values in the model's
     dtype, for the layers whose coding costs most quality (``exact_layers`` of :class:`CommVQCache` and
     :class:`~pressroom.presses.CommVQPress`).
@@ -732,9 +736,6 @@ class ExactLayer(CacheLayerMixin):
     peers : list, optional
         The cache's layers: the first coded one gives the attention-mask sizes in ``codes`` mode.
     """
-
-    is_sliding = False
-    is_compileable = False
 
     def __init__(self, mode: str = "codes", peers: list | None = None) -> None:
         if mode not in ("codes", "dequantize"):
@@ -864,9 +865,6 @@ class ExactLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.n
 
-    def get_max_cache_shape(self) -> int:
-        return -1
-
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         if self.mode == "codes":  # the mask the coded layers use (this layer adapts in attend)
             coded = next((p for p in self.peers or () if isinstance(p, CommVQLayer)), None)
@@ -892,22 +890,9 @@ class ExactLayer(CacheLayerMixin):
             max_length = self.n + max_length
         self.n = max(0, min(self.n, max_length))
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("CommVQCache does not support beam search.")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("CommVQCache does not support repeating the batch.")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("CommVQCache does not support selecting batch rows.")
-
     @property
     def max_batch_size(self) -> int:
         return self._k.shape[0] if self.is_initialized else 0
-
-    @property
-    def max_cache_len(self) -> int:
-        return -1
 
 
 def check_exact_layers(exact_layers: Any, num_layers: int | None = None) -> tuple[int, ...]:
