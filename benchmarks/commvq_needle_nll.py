@@ -52,28 +52,35 @@ def answer_nll(model, layers_kv: list[tuple[torch.Tensor, torch.Tensor]], follow
 
 def mixes(
     n_layers: int, group: int, keep: list[tuple[int, ...]] | None = None, only_keep: bool = False
-) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (coded layers, side). ``keep``: sets of layers left exact, every other layer coded (the caches of
-    ``CommVQPress(exact_layers=...)``), named ``all_but_<i+j>``; ``only_keep``: those and the exact / all-coded
-    references only."""
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Name -> (layers whose keys are coded, layers whose values are coded); the rest is exact.
+
+    ``keep``: sets of layers left exact, every other layer coded (the caches of ``CommVQPress(exact_layers=...)``),
+    named ``all_but_<i+j>``, each also with only the set's keys exact (its values coded: ``..._keys_exact``) and only
+    its values exact (``..._values_exact``), which tells which side those layers need; ``only_keep``: those and the
+    exact / all-coded references only.
+    """
     every = tuple(range(n_layers))
-    out = {
-        "exact": ((), "both"),
-        "all_both": (every, "both"),
-    }
+    out = {"exact": ((), ()), "all_both": (every, every)}
     for kept in keep or ():
-        out[f"all_but_{'+'.join(map(str, kept))}"] = (tuple(i for i in every if i not in kept), "both")
+        rest = tuple(i for i in every if i not in kept)
+        name = f"all_but_{'+'.join(map(str, kept))}"
+        out[name] = (rest, rest)
+        out[f"{name}_keys_exact"] = (rest, every)
+        out[f"{name}_values_exact"] = (every, rest)
     if only_keep:
         return out
-    out.update({"all_keys": (every, "keys"), "all_values": (every, "values")})
+    out.update({"all_keys": (every, ()), "all_values": ((), every)})
     for i in every:
-        out[f"layer{i}"] = ((i,), "both")
+        out[f"layer{i}"] = ((i,), (i,))
     for i in every:  # what keeping one layer exact recovers
-        out[f"all_but_layer{i}"] = (tuple(j for j in every if j != i), "both")
+        rest = tuple(j for j in every if j != i)
+        out[f"all_but_layer{i}"] = (rest, rest)
     for g in range(0, n_layers, group):
         members = tuple(range(g, min(n_layers, g + group)))
-        out[f"group{g}-{members[-1]}"] = (members, "both")
-        out[f"all_but_group{g}-{members[-1]}"] = (tuple(i for i in every if i not in members), "both")
+        rest = tuple(i for i in every if i not in members)
+        out[f"group{g}-{members[-1]}"] = (members, members)
+        out[f"all_but_group{g}-{members[-1]}"] = (rest, rest)
     return out
 
 
@@ -134,7 +141,7 @@ def main() -> None:
         "bits": args.bits,
         "n_sink": args.n_sink,
         "encode_precision": args.encode_precision,
-        "mixes": {k: {"layers": list(v[0]), "side": v[1]} for k, v in plan.items()},
+        "mixes": {k: {"keys_coded": list(v[0]), "values_coded": list(v[1])} for k, v in plan.items()},
         "samples": [],
     }
     if args.output.exists():  # resume: keep the samples already measured with the same settings
@@ -169,11 +176,11 @@ def main() -> None:
             ex = [(layer.keys, layer.values) for layer in exact.layers]
             co = [(layer.keys, layer.values) for layer in coded.layers]
             nll = {}
-            for name, (members, side) in plan.items():
+            for name, (keys_coded, values_coded) in plan.items():
                 kv = []
                 for i in range(n_layers):
-                    k = co[i][0] if i in members and side in ("both", "keys") else ex[i][0]
-                    v = co[i][1] if i in members and side in ("both", "values") else ex[i][1]
+                    k = co[i][0] if i in keys_coded else ex[i][0]
+                    v = co[i][1] if i in values_coded else ex[i][1]
                     kv.append((k, v))
                 nll[name] = answer_nll(model, kv, follow, answer_ids.shape[1])
         result["samples"].append(
