@@ -1349,3 +1349,17 @@ def test_exact_layers_are_validated(tiny):
         CommVQCache(model.config, books, exact_layers=(0, 1))
     with pytest.raises(ValueError, match="exact_layers"):
         CommVQPress(codebooks=books, exact_layers=-3)
+
+
+def test_exact_layers_in_model_generate(tiny_model):
+    """``model.generate`` with a cache holding a full-precision layer: it holds every token, the coded one codes."""
+    model, _ = tiny_model
+    books = random_books(model.config)
+    ids = torch.randint(5, 1000, (1, 24))
+    cache = CommVQCache(model.config, books, window=8, flush_chunk=4, exact_layers=(1,))
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=6, do_sample=False
+    )
+    assert out.shape[1] == 30 and cache.get_seq_length() == 29
+    assert isinstance(cache.layers[1], ExactLayer) and cache.layers[1].get_seq_length() == 29
+    assert cache.layers[0].n >= 16
