@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
@@ -733,19 +735,21 @@ class ExactLayer(_CommVQLayerBase):
     ----------
     mode : str
         The cache's mode, ``"codes"`` or ``"dequantize"``.
-    peers : list, optional
-        The cache's layers: the first coded one gives the attention-mask sizes in ``codes`` mode.
+    cache : transformers.Cache, optional
+        The cache holding the layer (kept as a weak reference, so the cache is freed when dropped): its first coded
+        layer gives the attention-mask sizes in ``codes`` mode.
     """
 
-    def __init__(self, mode: str = "codes", peers: list | None = None) -> None:
+    def __init__(self, mode: str = "codes", cache: Any = None) -> None:
         if mode not in ("codes", "dequantize"):
             raise ValueError(f"mode must be 'codes' or 'dequantize', got {mode!r}.")
         self.mode = mode
-        self.peers = peers
+        self._cache = weakref.ref(cache) if cache is not None else None
         self.is_initialized = False
         self.n = 0
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        self._held = {"_k": 0, "_v": 0}  # valid tokens per buffer (they differ only between two assignments)
         self._mark: int | None = None
 
     def __repr__(self) -> str:
@@ -766,7 +770,8 @@ class ExactLayer(_CommVQLayerBase):
         cap = min(self._k.shape[2], self._v.shape[2])
         if needed <= cap:
             return
-        cap = max(needed, cap + max(256, cap // 8))  # geometric growth, a small overshoot on a long prefill
+        cap = max(needed, cap)
+        cap += max(256, cap // 8)  # headroom of an eighth: geometric growth, counted by memory_bytes
         for name in ("_k", "_v"):
             old = getattr(self, name)
             new = old.new_empty(*old.shape[:2], cap, old.shape[-1])
@@ -791,6 +796,7 @@ class ExactLayer(_CommVQLayerBase):
         self._k[:, :, self.n : self.n + m] = key_states
         self._v[:, :, self.n : self.n + m] = value_states
         self.n += m
+        self._held = {"_k": self.n, "_v": self.n}
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
@@ -813,10 +819,8 @@ class ExactLayer(_CommVQLayerBase):
         mask_fits = q in (1, total) if attention_mask is None else attention_mask.shape[-1] == total
         if dense is not None and mask_fits:
             return dense(keys, values)
-        causal = (
-            torch.arange(total, device=query.device)[None, :]
-            <= torch.arange(total - q, total, device=query.device)[:, None]
-        )
+        # new tokens at the end: bottom-right aligned causal attention, without materializing a [q, total] mask
+        causal = causal_lower_right(q, total) if q > 1 else None
         out = torch.nn.functional.scaled_dot_product_attention(
             query, keys, values, attn_mask=causal, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
         )
@@ -840,34 +844,62 @@ class ExactLayer(_CommVQLayerBase):
         self._assign(value, "_v")
 
     def _assign(self, value: torch.Tensor | None, name: str) -> None:
-        """A prefix of the held tokens (kvpress removing an answer) truncates; another tensor replaces the buffer."""
+        """``held[:, :, :m]`` of the held tokens (kvpress removing an answer) truncates; any other tensor is copied
+        into a new buffer (the held length is then the shorter of keys and values until both are assigned)."""
         if value is None or not isinstance(value, torch.Tensor) or value.dim() != 4:
             raise ValueError(f"An ExactLayer's {name[1:]} must be a [batch, kv_heads, tokens, head_dim] tensor.")
         held = getattr(self, name)
-        if held is not None and value.data_ptr() == held.data_ptr() and value.shape[2] <= self.n:
-            self.n = value.shape[2]
+        if (
+            held is not None
+            and value.data_ptr() == held.data_ptr()
+            and value.shape[2] <= self.n
+            and value.shape[:2] == held.shape[:2]
+            and value.shape[-1] == held.shape[-1]
+            and value.stride() == held.stride()
+        ):
+            self._truncate(value.shape[2])
             return
+        other = self._v if name == "_k" else self._k
+        if self.is_initialized and (value.shape[:2] != other.shape[:2] or value.dtype != other.dtype):
+            raise ValueError(
+                f"An ExactLayer's {name[1:]} {tuple(value.shape)} ({value.dtype}) do not fit the layer's other side "
+                f"{tuple(other.shape)} ({other.dtype})."
+            )
         if not self.is_initialized:
             self.dtype, self.device = value.dtype, value.device
             self._k = self._v = value.new_empty(*value.shape[:2], 0, value.shape[-1])
             self.is_initialized = True
-        setattr(self, name, value.contiguous())
-        self.n = value.shape[2]
+        setattr(self, name, value.clone(memory_format=torch.contiguous_format))
+        self._held[name] = value.shape[2]
+        self.n = min(self._held.values())
+        self._drop_stale_mark()
+
+    def _truncate(self, length: int) -> None:
+        """Hold the first ``length`` tokens; a mark beyond them is dropped (its tokens are gone)."""
+        self.n = min(self.n, length)
+        self._held = {name: min(held, self.n) for name, held in self._held.items()}
+        self._drop_stale_mark()
+
+    def _drop_stale_mark(self) -> None:
+        if self._mark is not None and self._mark > self.n:
+            self._mark = None
 
     def mark(self) -> None:
         self._mark = self.n if self.is_initialized else None
 
     def restore(self) -> None:
         if self._mark is None:
-            raise RuntimeError("This ExactLayer has no mark.")
+            raise RuntimeError("This ExactLayer has no mark (or its tokens were removed since).")
         self.n = self._mark
+        self._held = {"_k": self.n, "_v": self.n}
 
     def get_seq_length(self) -> int:
         return self.n
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         if self.mode == "codes":  # the mask the coded layers use (this layer adapts in attend)
-            coded = next((p for p in self.peers or () if isinstance(p, CommVQLayer)), None)
+            cache = self._cache() if self._cache is not None else None
+            coded = next((p for p in getattr(cache, "layers", ()) if isinstance(p, CommVQLayer)), None)
             if coded is not None:
                 return coded.get_mask_sizes(cache_position)
         return self.n + cache_position.shape[0], 0
@@ -883,12 +915,23 @@ class ExactLayer(_CommVQLayerBase):
 
     def reset(self) -> None:
         self.n = 0
+        self._held = {"_k": 0, "_v": 0}
         self._mark = None
 
     def crop(self, max_length: int) -> None:
+        """As a coded layer: only back to the mark (the multi-question protocol); a crop to the held length or more
+        does nothing. The same rule in every layer keeps a cache's layers in step."""
         if max_length < 0:
             max_length = self.n + max_length
-        self.n = max(0, min(self.n, max_length))
+        if max_length >= self.n:
+            return
+        if self._mark is not None and max_length == self._mark:
+            self.restore()
+            return
+        raise ValueError(
+            f"Cannot crop an ExactLayer from {self.n} to {max_length} tokens: a CommVQ cache crops only back to its "
+            "marked context."
+        )
 
     @property
     def max_batch_size(self) -> int:
@@ -1066,7 +1109,7 @@ class CommVQCache(Cache):
         super().__init__(layers=layers)
         for layer in self.layers:
             if isinstance(layer, ExactLayer):
-                layer.peers = self.layers
+                layer._cache = weakref.ref(self)
 
     def memory_bytes(self) -> int:
         """Bytes held by all layers (codes, bits, norms, positions, windows); codebooks excluded."""

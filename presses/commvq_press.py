@@ -189,9 +189,8 @@ class CommVQPress(BasePress):
                 f"{type(cache).__name__}."
             )
         books = self.books_for(module.config)
-        check_exact_layers(self.exact_layers, books.num_layers)
-        if layer_idx in self.exact_layers:  # full precision, attending through the coded layers' masks
-            exact = ExactLayer(attention_mode(module.config), peers=cache.layers)
+        if layer_idx in check_exact_layers(self.exact_layers, books.num_layers):  # full precision beside the codes
+            exact = ExactLayer(attention_mode(module.config), cache=cache)
             exact.append(layer.keys, layer.values)
             exact.mark()
             cache.layers[layer_idx] = exact

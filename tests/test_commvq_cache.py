@@ -1363,3 +1363,49 @@ def test_exact_layers_in_model_generate(tiny_model):
     assert out.shape[1] == 30 and cache.get_seq_length() == 29
     assert isinstance(cache.layers[1], ExactLayer) and cache.layers[1].get_seq_length() == 29
     assert cache.layers[0].n >= 16
+
+
+def test_exact_layer_cache_is_freed_without_the_garbage_collector(tiny):
+    """The exact layer refers to its cache weakly: dropping the cache frees every layer at once (no reference cycle
+    holding the coded layers' device tables until a full collection)."""
+    import gc
+    import weakref
+
+    model, _ = tiny
+    books = random_books(model.config)
+    gc.collect()
+    gc.disable()
+    try:
+        cache = CommVQCache(model.config, books, window=8, flush_chunk=4, exact_layers=1)
+        with torch.no_grad():
+            model(torch.randint(5, 1000, (1, 20)), past_key_values=cache)
+        coded = weakref.ref(cache.layers[0])
+        del cache
+        assert coded() is None
+    finally:
+        gc.enable()
+
+
+def test_exact_layer_assignment_truncates_only_prefixes_and_crops_as_coded_layers():
+    torch.manual_seed(0)
+    layer = ExactLayer("dequantize")
+    k, v = torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
+    layer.append(k, v)
+    layer.mark()
+    layer.append(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    layer.keys = layer.keys[:, :, :10]  # kvpress removing an answer: a prefix view
+    layer.values = layer.values[:, :, :10]
+    assert layer.get_seq_length() == 10 and torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    layer.keys = layer.keys[:, :, ::2]  # not a prefix: copied; the held length waits for the values
+    assert torch.equal(layer.keys, k[:, :, ::2]) and torch.equal(layer.values, v[:, :, :5])
+    assert layer._mark is None  # the marked context is gone
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.values = torch.randn(1, 3, 5, 4)
+    other = ExactLayer("dequantize")
+    other.append(k, v)
+    other.mark()
+    other.append(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))
+    with pytest.raises(ValueError, match="crops only back to its marked context"):
+        other.crop(5)
+    other.crop(10)
+    assert other.get_seq_length() == 10 and torch.equal(other.keys, k)
