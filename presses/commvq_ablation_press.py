@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from pressroom.presses.commvq_cache import CommVQLayer
+from pressroom.presses.commvq_cache import CommVQLayer, check_exact_layers
 from pressroom.presses.commvq_press import CommVQPress
 
 SIDES = ("keys", "values")
@@ -50,9 +50,7 @@ class CommVQAblationPress(CommVQPress):
         if self.coded not in CODED:
             raise ValueError(f"coded must be one of {CODED}, got {self.coded!r}.")
         if self.layers is not None:
-            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers):
-                raise ValueError(f"layers must be layer indices (ints >= 0), got {self.layers!r}.")
-            self.layers = tuple(sorted(set(self.layers)))
+            self.layers = check_exact_layers(self.layers, name="layers")
 
     def forward_hook(self, module: nn.Module, input: Any, kwargs: dict, output: Any) -> Any:
         """After the prefill, code the layer as CommVQPress does, then keep one side's reconstruction only."""

@@ -91,6 +91,11 @@ def _wrap_attention(fn):
     return commvq_attention
 
 
+def _check_kv(key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    if key_states.dim() != 4 or value_states.shape[:3] != key_states.shape[:3]:
+        raise ValueError(f"Expected keys/values [batch, kv_heads, seq, head_dim], got {tuple(key_states.shape)}.")
+
+
 def _check_no_pending() -> None:
     """Raise if the previous layer's attention was never computed through the wrapper (then cleared)."""
     if _PENDING[0] is not None:
@@ -306,8 +311,7 @@ class CommVQLayer(_CommVQLayerBase):
 
     # ------------------------------------------------------------------ allocation
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.dim() != 4 or value_states.shape[:3] != key_states.shape[:3]:
-            raise ValueError(f"Expected keys/values [batch, kv_heads, seq, head_dim], got {tuple(key_states.shape)}.")
+        _check_kv(key_states, value_states)
         batch, heads, _, head_dim = key_states.shape
         if heads != self.consts.theta.shape[0] or head_dim != 2 * self.consts.theta.shape[-1]:
             raise ValueError(
@@ -746,21 +750,24 @@ class ExactLayer(_CommVQLayerBase):
         self.mode = mode
         self._cache = weakref.ref(cache) if cache is not None else None
         self.is_initialized = False
-        self.n = 0
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._held = {"_k": 0, "_v": 0}  # valid tokens per buffer (they differ only between two assignments)
         self._mark: int | None = None
 
+    @property
+    def n(self) -> int:
+        """Tokens held (by both keys and values)."""
+        return min(self._held.values())
+
+    def _hold(self, n: int) -> None:
+        self._held = {"_k": n, "_v": n}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tokens={self.n})"
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.dim() != 4 or value_states.shape[:3] != key_states.shape[:3]:
-            raise ValueError(
-                f"Keys and values must be [batch, kv_heads, tokens, head_dim] with the same first three sizes, got "
-                f"{tuple(key_states.shape)} and {tuple(value_states.shape)}."
-            )
+        _check_kv(key_states, value_states)
         self.dtype, self.device = key_states.dtype, key_states.device
         self._k = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
         self._v = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
@@ -775,7 +782,7 @@ class ExactLayer(_CommVQLayerBase):
         for name in ("_k", "_v"):
             old = getattr(self, name)
             new = old.new_empty(*old.shape[:2], cap, old.shape[-1])
-            new[:, :, : self.n] = old[:, :, : self.n]
+            new[:, :, : self._held[name]] = old[:, :, : self._held[name]]
             setattr(self, name, new)
 
     def reserve(self, n_tokens: int) -> None:
@@ -795,8 +802,7 @@ class ExactLayer(_CommVQLayerBase):
         self._ensure(self.n + m)
         self._k[:, :, self.n : self.n + m] = key_states
         self._v[:, :, self.n : self.n + m] = value_states
-        self.n += m
-        self._held = {"_k": self.n, "_v": self.n}
+        self._hold(self.n + m)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
@@ -866,18 +872,14 @@ class ExactLayer(_CommVQLayerBase):
                 f"{tuple(other.shape)} ({other.dtype})."
             )
         if not self.is_initialized:
-            self.dtype, self.device = value.dtype, value.device
-            self._k = self._v = value.new_empty(*value.shape[:2], 0, value.shape[-1])
-            self.is_initialized = True
+            self.lazy_initialization(value, value)
         setattr(self, name, value.clone(memory_format=torch.contiguous_format))
         self._held[name] = value.shape[2]
-        self.n = min(self._held.values())
         self._drop_stale_mark()
 
     def _truncate(self, length: int) -> None:
         """Hold the first ``length`` tokens; a mark beyond them is dropped (its tokens are gone)."""
-        self.n = min(self.n, length)
-        self._held = {name: min(held, self.n) for name, held in self._held.items()}
+        self._hold(min(self.n, length))
         self._drop_stale_mark()
 
     def _drop_stale_mark(self) -> None:
@@ -890,8 +892,7 @@ class ExactLayer(_CommVQLayerBase):
     def restore(self) -> None:
         if self._mark is None:
             raise RuntimeError("This ExactLayer has no mark (or its tokens were removed since).")
-        self.n = self._mark
-        self._held = {"_k": self.n, "_v": self.n}
+        self._hold(self._mark)
 
     def get_seq_length(self) -> int:
         return self.n
@@ -908,14 +909,13 @@ class ExactLayer(_CommVQLayerBase):
         """Bytes of the key and value buffers (their capacity)."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in {id(self._k): self._k, id(self._v): self._v}.values())
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v))
 
     def codebook_bytes(self) -> int:
         return 0
 
     def reset(self) -> None:
-        self.n = 0
-        self._held = {"_k": 0, "_v": 0}
+        self._hold(0)
         self._mark = None
 
     def crop(self, max_length: int) -> None:
@@ -938,18 +938,17 @@ class ExactLayer(_CommVQLayerBase):
         return self._k.shape[0] if self.is_initialized else 0
 
 
-def check_exact_layers(exact_layers: Any, num_layers: int | None = None) -> tuple[int, ...]:
-    """``exact_layers`` as a sorted tuple of layer indices: an int, ints, or a string of ints joined by ``+``
-    (``"15+18"``, the form press specs use); checked against ``num_layers`` when given."""
+def check_exact_layers(exact_layers: Any, num_layers: int | None = None, name: str = "exact_layers") -> tuple[int, ...]:
+    """``exact_layers`` (or another set of layers, ``name`` in the errors) as a sorted tuple of layer indices: an int,
+    ints, or a string of ints joined by ``+`` (``"15+18"``, the form press specs use); checked against ``num_layers``
+    when given."""
     items = exact_layers
     if isinstance(items, str):
         items = [s.strip() for s in items.split("+") if s.strip()]
         try:
             items = [int(s) for s in items]
         except ValueError as err:
-            raise ValueError(
-                f"exact_layers as a string must be layer indices joined by '+', got {exact_layers!r}."
-            ) from err
+            raise ValueError(f"{name} as a string must be layer indices joined by '+', got {exact_layers!r}.") from err
     elif isinstance(items, int) and not isinstance(items, bool):
         items = [items]
     elif items is None:
@@ -959,13 +958,13 @@ def check_exact_layers(exact_layers: Any, num_layers: int | None = None) -> tupl
     except TypeError:
         items = None
     if items is None or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
-        raise ValueError(f"exact_layers must be layer indices (ints >= 0), got {exact_layers!r}.")
+        raise ValueError(f"{name} must be layer indices (ints >= 0), got {exact_layers!r}.")
     out = tuple(sorted(set(items)))
     if num_layers is not None:
         if any(i >= num_layers for i in out):
-            raise ValueError(f"exact_layers {out} out of range: the model has {num_layers} layers.")
+            raise ValueError(f"{name} {out} out of range: the model has {num_layers} layers.")
         if len(out) == num_layers:
-            raise ValueError("exact_layers names every layer: nothing would be coded (use a DynamicCache).")
+            raise ValueError(f"{name} names every layer: nothing would be coded (use a DynamicCache).")
     return out
 
 
@@ -1103,13 +1102,10 @@ class CommVQCache(Cache):
                 pair_weights=books.layer_pair_weights(i),
             )
             if i not in self.exact_layers
-            else ExactLayer(self.mode)
+            else ExactLayer(self.mode, cache=self)  # a weak reference: no cycle through the layers
             for i in range(books.num_layers)
         ]
         super().__init__(layers=layers)
-        for layer in self.layers:
-            if isinstance(layer, ExactLayer):
-                layer._cache = weakref.ref(self)
 
     def memory_bytes(self) -> int:
         """Bytes held by all layers (codes, bits, norms, positions, windows); codebooks excluded."""
