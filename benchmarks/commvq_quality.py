@@ -155,16 +155,27 @@ def main() -> None:
     )
     ap.add_argument("--skip-ppl", action="store_true", help="needles only (e.g. a second job)")
     ap.add_argument(
+        "--needles-of",
+        choices=["all", "fp16", "commvq"],
+        default="all",
+        help="which needle runs: all, only the fp16 baseline (no codebooks needed), or all but fp16 (e.g. processes "
+        "sharing one --runs-dir in parallel); fp16 and commvq need --skip-ppl",
+    )
+    ap.add_argument(
         "--query-aware",
         action="store_true",
         help="needles in kvpress's query_aware mode: the question joins the context before the prefill",
     )
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run: tiny-llama, random codebooks")
     args = ap.parse_args()
+    if args.needles_of != "all" and not args.skip_ppl:
+        ap.error("--needles-of fp16 / commvq needs --skip-ppl (the perplexity table is relative to fp16)")
+    if args.needles_of == "fp16":
+        args.bits, args.skip_hqq = [], True
     if args.smoke:
         args.model, args.context, args.eval, args.segments = "tiny-llama", 200, 3, 1
         args.needle_length, args.needle_samples = 256, 1
-    elif not (args.codebooks or all(getattr(args, f"codebooks_{b}") for b in args.bits)):
+    elif args.bits and not (args.codebooks or all(getattr(args, f"codebooks_{b}") for b in args.bits)):
         ap.error("--codebooks (or --codebooks-1 / --codebooks-2 for each of --bits) is required (except with --smoke)")
     import transformers
     import triton
@@ -274,7 +285,7 @@ def main() -> None:
         max_new_tokens=8 if args.smoke else None,
         query_aware=args.query_aware,
     )
-    presses: list[tuple[str, CommVQPress | None]] = [("fp16", None)]
+    presses: list[tuple[str, CommVQPress | None]] = [("fp16", None)] if args.needles_of != "commvq" else []
     for b, ns, vr, ep, ex in settings:
         kw = dict(codebooks=books[b], bits=b, window=128, n_sink=ns, value_refine=vr, encode_precision=ep)
         presses.append((commvq_name(b, ns, vr, ep, ex), CommVQPress(**kw, exact_layers=ex)))

@@ -19,7 +19,9 @@
 #                                            # (ABLATION=0: fp16 and CommVQ only, about half the time;
 #                                            # RUNS_DIR: where the Runner results go, default $OUT; a rerun with
 #                                            # the same RUNS_DIR resumes; NEEDLE_SAMPLES: per task, default 12;
-#                                            # EXACT_LAYERS: exact_layers settings, e.g. "none 18", default none)
+#                                            # EXACT_LAYERS: exact_layers settings, e.g. "none 18", default none;
+#                                            # PARALLEL=1: one process per setting and one for fp16 (FP16=0: none,
+#                                            # FP16=only: fp16 alone, no codebooks needed), on the same GPU)
 #   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh needle_nll  # teacher-forced answer NLL of niah_multivalue at 4k with
 #                                            # each layer / group / side CommVQ-coded (2 bits; NEEDLE_SAMPLES, default 8;
 #                                            # NLL_ARGS: more options, e.g. "--keep 18 18+23 --only-keep --task
@@ -82,12 +84,39 @@ ablation)
     --runs-dir "$out/commvq_quality_runs12"
   ;;
 needles_qa)
-  : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
   ablation=--ablation; [ "${ABLATION:-1}" = 0 ] && ablation=
-  python3 benchmarks/commvq_quality.py --codebooks-2 "$CODEBOOKS/2bit/$method" --bits 2 --n-sink 4 \
-    --needle-samples "${NEEDLE_SAMPLES:-12}" --skip-ppl --skip-hqq $ablation --query-aware \
-    --exact-layers ${EXACT_LAYERS:-none} \
-    --output "$out/commvq_quality_2bit_query_aware.json" --runs-dir "${RUNS_DIR:-$out}/commvq_quality_runs_qa"
+  runs="${RUNS_DIR:-$out}/commvq_quality_runs_qa"
+  qa() {  # one commvq_quality.py process: $1 the JSON's name, then its own options
+    local name=$1; shift
+    python3 benchmarks/commvq_quality.py --bits 2 --n-sink 4 --needle-samples "${NEEDLE_SAMPLES:-12}" --skip-ppl \
+      --skip-hqq --query-aware --output "$out/$name" --runs-dir "$runs" "$@"
+  }
+  if [ "${PARALLEL:-0}" = 1 ]; then
+    # one process per setting (and one for fp16 unless FP16=0), all on the one GPU: the 4k needle runs are bound by
+    # the host (a decode step is ~30 small launches per layer), so they overlap almost perfectly; their timings are
+    # then those of a shared GPU. Logs go to $runs/*.log.
+    mkdir -p "$runs"
+    pids=()
+    if [ "${FP16:-1}" = 1 ]; then
+      qa commvq_quality_2bit_query_aware_fp16.json --needles-of fp16 >"$runs/fp16.log" 2>&1 &
+      pids+=($!)
+    fi
+    if [ "${FP16:-1}" != only ]; then
+      : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
+      for e in ${EXACT_LAYERS:-none}; do
+        qa "commvq_quality_2bit_query_aware_exact_$e.json" --needles-of commvq --codebooks-2 "$CODEBOOKS/2bit/$method" \
+          --exact-layers "$e" $ablation >"$runs/exact_$e.log" 2>&1 &
+        pids+=($!)
+      done
+    fi
+    rc=0
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    tail -n 3 "$runs"/*.log
+    exit $rc
+  fi
+  : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
+  qa commvq_quality_2bit_query_aware.json --codebooks-2 "$CODEBOOKS/2bit/$method" $ablation \
+    --exact-layers ${EXACT_LAYERS:-none}
   ;;
 needle_nll)
   : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
