@@ -97,7 +97,7 @@ needles_qa)
     # then those of a shared GPU. Logs go to $runs/*.log.
     mkdir -p "$runs"
     pids=()
-    if [ "${FP16:-1}" = 1 ]; then
+    if [ "${FP16:-1}" != 0 ]; then
       qa commvq_quality_2bit_query_aware_fp16.json --needles-of fp16 >"$runs/fp16.log" 2>&1 &
       pids+=($!)
     fi
@@ -111,7 +111,7 @@ needles_qa)
     fi
     rc=0
     for p in "${pids[@]}"; do wait "$p" || rc=1; done
-    tail -n 3 "$runs"/*.log
+    tail -n 3 "$runs"/*.log || true
     exit $rc
   fi
   : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
