@@ -1,4 +1,5 @@
-"""Do float16 candidate sums (``search="split_h2"``) code real keys as well as the exact search? (CPU, no timing.)
+"""Do float16 (``search="split_h2"``) or int16 fixed-point (``"split_dpx"``) candidate sums code real keys as well as
+the exact search? (CPU, no timing.)
 
 The GPU comparison of the key searches (``commvq_encode_h2.json``) uses random codebooks far from the keys' scale.
 This takes SmolLM2's held-out pre-RoPE keys (``--heldout-tokens`` of the essays' held-out split, float32 on the CPU)
@@ -7,7 +8,8 @@ and its trained codebooks, and codes every layer with the two PyTorch references
 search (:func:`~pressroom.kernels.commvq_encode.encode_keys_split_h2_reference`, which rounds as the Triton kernel
 does; the kernel adds TF32 dot products on the GPU). It reports per layer the fraction of (token, head) code
 sequences that are identical and the relative key MSE of both. The JSON is rewritten after each layer; a rerun
-skips the layers already in it.
+skips the layers already in it. ``--search split_dpx`` compares the fixed-point sums instead (the same reference
+with ``sums="i16"`` and the cache's ``key_norm_bound``: 1, or the largest pair scale of a weighted search).
 
     python benchmarks/commvq_encode_h2_quality_cpu.py --codebooks CB/2bit/em --bits 2 \\
         --output benchmarks/results/commvq_encode_h2_quality_cpu.json
@@ -53,6 +55,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, nargs="*", default=None, help="default: all")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--output", required=True)
+    ap.add_argument(
+        "--search", default="split_h2", choices=["split_h2", "split_dpx"], help="the search set beside the exact one"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     books = CommVQCodebooks.load(args.codebooks, bits=args.bits)
@@ -67,6 +72,9 @@ def main() -> int:
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
     setting = {"model": args.model, "bits": args.bits, "heldout_tokens": int(ids.numel()), "seq_len": args.seq_len,
                "codebooks": str(args.codebooks), "residuals": books.R}  # fmt: skip
+    if args.search != "split_h2":  # (the split_h2 files were written before the option)
+        setting["search"] = args.search
+    name = f"rel_mse_{args.search}"
     if result and result.get("setting") != setting:
         raise SystemExit(f"{out_path} holds a run with other settings {result.get('setting')}; use another --output")
     result.update(
@@ -85,11 +93,14 @@ def main() -> int:
         x, thetas = search_operands(r.transpose(0, 1), books.key_theta[layer].float(), books.layer_pair_weights(layer))
         x = x.contiguous()
         exact = encode_keys_reference(x, thetas)
-        h2 = encode_keys_split_h2_reference(x, thetas)
+        pw = books.layer_pair_weights(layer)
+        bound = 1.0 if pw is None else float(search_operands(torch.ones_like(x[0]), thetas, pw)[0].max())
+        sums = "i16" if args.search == "split_dpx" else "f16"
+        h2 = encode_keys_split_h2_reference(x, thetas, sums=sums, key_norm_bound=bound)
         result["layers"][str(layer)] = {
             "codes_equal": float((exact == h2).all(-1).float().mean()),
             "rel_mse_exact": relative_mse(exact, x, thetas),
-            "rel_mse_split_h2": relative_mse(h2, x, thetas),
+            name: relative_mse(h2, x, thetas),
             "seconds": round(time.time() - t, 1),
         }
         rows = result["layers"].values()
@@ -97,7 +108,7 @@ def main() -> int:
             "layers": len(rows),
             "codes_equal_mean": sum(v["codes_equal"] for v in rows) / len(rows),
             "rel_mse_exact_mean": sum(v["rel_mse_exact"] for v in rows) / len(rows),
-            "rel_mse_split_h2_mean": sum(v["rel_mse_split_h2"] for v in rows) / len(rows),
+            f"{name}_mean": sum(v[name] for v in rows) / len(rows),
         }
         atomic_write_json(out_path, result)
         print(layer, result["layers"][str(layer)], flush=True)

@@ -24,19 +24,21 @@ from __future__ import annotations
 import torch
 
 from pressroom.kernels.commvq_codebook import N_ENTRIES, THETA_ROWS, additive_parts, residual_encode, to_interleaved
-from pressroom.kernels.f16x2 import pack_f16x2
+from pressroom.kernels.f16x2 import pack_f16x2, pack_i16x2
 from pressroom.kernels.rope_ring import HAS_TRITON, resolve_use_triton, triton_interpreted
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from pressroom.kernels.f16x2 import _f16_halves, _f16_pack, _hadd2, _hmin2
+    from pressroom.kernels.f16x2 import _f16_halves, _f16_pack, _hadd2, _hmin2, _i16_halves, _viaddmin2
 
 _BIT_WEIGHTS = (1 << torch.arange(8)).to(torch.uint8)
 # "split_h2": the largest codebook term (|K|, ||u||^2, ||w||^2) and key-side bound (||w||^2 + 2 ||x|| ||w||) let
 # through to float16 sums (max 65504): far above unit-norm keys and their codebooks, far below overflow
 F16_SAFE = 1.0e4
+# "split_dpx": candidate sums in int16 fixed point, |sum| kept at most I16_SPAN (the sentinel 32767 stays above)
+I16_SPAN = 32766
 
 
 def code_bytes(residuals: int) -> int:
@@ -125,21 +127,39 @@ def encode_keys_reference(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor
 
 
 def encode_keys_split_h2_reference(
-    x: torch.Tensor, thetas: torch.Tensor, tables: KeyTables | None = None, dot_dtype: torch.dtype | None = None
+    x: torch.Tensor,
+    thetas: torch.Tensor,
+    tables: KeyTables | None = None,
+    dot_dtype: torch.dtype | None = None,
+    sums: str = "f16",
+    key_norm_bound: float = 1.0,
 ) -> torch.Tensor:
-    """Plain-PyTorch ``search="split_h2"`` of :func:`encode_keys`, rounding as the kernel does: per step and row,
-    ``m_A = min_B fp16(fp16(K[A, B]) + fp16(g_B))`` (each sum rounded to float16, ``K = 2 u_A . w_B``, ``g_B =
-    ||w_B||^2 - 2 r . w_B``), ``A`` the first arg-min of ``m_A + f_A`` in float32 (``f_A = ||u_A||^2 - 2 r . u_A``),
-    then ``B`` the first arg-min of the float32 ``K[A, B] + g_B``; packed as :func:`pack_codes12`. ``tables``:
-    those of ``thetas`` on ``x``'s device, if the caller holds them (built otherwise). ``dot_dtype=torch.float16``:
-    the dot products' operands (residual and ``u``, ``w``) rounded to float16 first, as the kernel's."""
+    """Plain-PyTorch ``search="split_h2"`` (``sums="f16"``) or ``"split_dpx"`` (``sums="i16"``) of
+    :func:`encode_keys`, rounding as the kernel does. Per step and row, with ``K = 2 u_A . w_B`` and ``g_B =
+    ||w_B||^2 - 2 r . w_B``:
+
+    - ``"f16"``: ``m_A = min_B fp16(fp16(K[A, B]) + fp16(g_B))`` (each sum rounded to float16);
+    - ``"i16"``: ``m_A = s * min_B (Kq[A, B] + gq_B)``, exact int16 sums of the fixed-point ``Kq = round(K / s)`` and
+      ``gq = clamp(floor(g / s + 1/2), -c, c)`` (``s`` and ``c`` per step: :meth:`KeyTables.split_i16_tables` for
+      ``key_norm_bound``);
+
+    ``A`` is the first arg-min of ``m_A + f_A`` in float32 (``f_A = ||u_A||^2 - 2 r . u_A``), then ``B`` the first
+    arg-min of the float32 ``K[A, B] + g_B``; packed as :func:`pack_codes12`. ``tables``: those of ``thetas`` on
+    ``x``'s device, if the caller holds them (built otherwise). ``dot_dtype=torch.float16``: the dot products'
+    operands (residual and ``u``, ``w``) rounded to float16 first, as the kernel's."""
+    if sums not in ("f16", "i16"):
+        raise ValueError(f"sums must be 'f16' or 'i16', got {sums!r}.")
     n, h, _, r = _check_encode(x, thetas)
     if tables is None:
         tables = KeyTables(thetas.to(x.device))
     ud, wd = (t.float() for t in tables.dot_tables(dot_dtype))
     rnd = torch.float32 if dot_dtype is None else dot_dtype
     un, wn, k, _ = tables.split_tables()
-    k16 = k.half()
+    if sums == "f16":
+        k16 = k.half()
+    else:
+        kq, qs = tables.split_i16_tables(key_norm_bound)[1:]
+        kq = kq.view(h, r, 64, 64)
     codes = torch.empty(n, h, r, dtype=torch.long, device=x.device)
     for head in range(h):
         res = x[:, head].float()
@@ -148,10 +168,18 @@ def encode_keys_split_h2_reference(
             rd = res.to(rnd).float()
             g = wn[head, step] - 2.0 * rd @ wd[head, step].T  # [n, 64]
             f = un[head, step] - 2.0 * rd @ ud[head, step].T
-            g16 = g.half().float()
             m = torch.empty_like(f)
-            for s in range(0, n, 2048):  # [rows, A, B] float16 sums (float32 sum rounded: the float16 add), 2k rows
-                m[s : s + 2048] = (k16[head, step].float()[None] + g16[s : s + 2048, None, :]).half().amin(-1).float()
+            if sums == "f16":
+                g16 = g.half().float()
+                k16s = k16[head, step].float()[None]
+                for s in range(0, n, 2048):  # [rows, A, B] float16 sums (float32 sum rounded: the float16 add), 2k rows
+                    m[s : s + 2048] = (k16s + g16[s : s + 2048, None, :]).half().amin(-1).float()
+            else:
+                scale, inv, clamp = qs[head * r + step]
+                gq = torch.clamp(torch.floor(g * inv + 0.5), -clamp, clamp).to(torch.int32)
+                kqs = kq[head, step].to(torch.int32)
+                for s in range(0, n, 2048):
+                    m[s : s + 2048] = (kqs[None] + gq[s : s + 2048, None, :]).amin(-1).float() * scale
             a = (m + f).argmin(-1)
             b = (k[head, step][a] + g).argmin(-1)
             codes[:, head, step] = a * 64 + b
@@ -172,6 +200,7 @@ class KeyTables:
         self._split_h2: torch.Tensor | None = None
         self._h2_bounds: tuple[float, float] | None = None  # (max ||w_B||^2, residual growth), with the split_h2 table
         self._dot16: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._i16: dict[float, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._exact16: bool | None = None
 
     def split_tables(self) -> tuple[torch.Tensor, ...]:
@@ -228,6 +257,37 @@ class KeyTables:
             growth = float((un.amax(-1).sqrt() + wn.amax(-1).sqrt()).amax(0).sum())
             self._h2_bounds = (float(wn.max()), growth)
         return self._split_h2
+
+    def split_i16_tables(self, key_norm_bound: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What ``"split_dpx"`` reads beside :meth:`split_tables`: the cross term in int16 fixed point, per step
+        ``Kq = round(K / s)``, as packed pairs of ``K^T`` ``[H, R, 64, 32]`` int32 (lane ``j`` of row ``B``: ``Kq[j,
+        B]`` low, ``Kq[j + 32, B]`` high), the same ``Kq`` unpacked ``[H, R, 4096]`` int16 (row-major ``[A, B]``),
+        and per step ``(s, 1 / s, c)`` ``[H * R, 3]`` float32.
+
+        The step ``s = (max |K| + G) / 32766`` with ``G = max ||w_B||^2 + 2 key_norm_bound max ||w_B||``, the
+        largest ``|g_B|`` of a residual of norm ``key_norm_bound``; ``c = 32766 - max |Kq|`` clamps ``gq``, so every
+        sum ``Kq + gq`` stays inside int16 (a residual past the bound saturates its ``g_B``, it never wraps). For
+        normalized keys (norm 1 per token over all heads) ``s`` is about ``1e-4``, finer than float16 for sums
+        past 0.1.
+        """
+        key_norm_bound = float(key_norm_bound)
+        if not key_norm_bound > 0:
+            raise ValueError(f"key_norm_bound must be positive, got {key_norm_bound}.")
+        if key_norm_bound not in self._i16:
+            un, wn, k, kt = self.split_tables()
+            h, r = k.shape[:2]
+            kmax = k.abs().flatten(2).amax(-1).double()  # [H, R]
+            wmax = wn.amax(-1).double()
+            span = kmax + wmax + 2.0 * key_norm_bound * wmax.sqrt()
+            scale = torch.where(span > 0, span / I16_SPAN, torch.ones_like(span))
+            kq = torch.round(k.double() / scale[..., None, None])  # [H, R, A, B]
+            clamp = I16_SPAN - kq.abs().flatten(2).amax(-1)
+            kqt = kq.transpose(-1, -2).to(torch.int32)
+            packed = pack_i16x2(kqt[..., :32], kqt[..., 32:]).contiguous()
+            scale32 = scale.float()
+            qs = torch.stack((scale32, 1.0 / scale32, clamp.float()), dim=-1).reshape(h * r, 3).contiguous()
+            self._i16[key_norm_bound] = (packed, kq.to(torch.int16).reshape(h, r, 4096).contiguous(), qs)
+        return self._i16[key_norm_bound]
 
     def check_h2_keys(self, key_norm_bound: float) -> None:
         """Raise unless ``g_B = ||w_B||^2 - 2 r . w_B`` stays inside :data:`F16_SAFE` for every residual ``r`` of
@@ -503,6 +563,7 @@ if HAS_TRITON:
         wn_ptr,
         k_ptr,
         kt2_ptr,
+        qs_ptr,
         out_ptr,
         scr_ptr,
         n_rows,
@@ -520,12 +581,15 @@ if HAS_TRITON:
         NATIVE: tl.constexpr,
         WIDE_LANES: tl.constexpr = False,
         ROW_NORMS: tl.constexpr = False,
+        I16: tl.constexpr = False,
     ):
         # The split search with its 4,096 candidate sums K[A, B] + g_B in packed float16 pairs: lane j of a row
         # holds A = j (low half) and A = j + 32 (high half), so one add.rn.f16x2 and one min.f16x2 cover two
         # candidates. K^T comes packed the same way ([B, 32] int32 per step, kt2) and g_B is rounded to float16 and
         # written to both halves of a scratch lane. m_A + f_A is then formed in float32 and its arg-min picks A;
         # B is the exact float32 arg-min for that A, as in the split search.
+        # I16 ("split_dpx"): the same lanes hold int16 fixed-point sums (K^T and g_B scaled by the step's 1 / s,
+        # qs_ptr), and one fused add-min (sm_90 DPX: VIADDMNMX) replaces the add and the min.
         pid, n_prog, head, lrow, cols, ks, dmask, scr = _persistent_program(scr_ptr, D, BLOCK_N, BLOCK_D)
         js = tl.arange(0, 32)
         for blk in range(pid, n_blocks, n_prog):
@@ -542,9 +606,16 @@ if HAS_TRITON:
                 base = step * 64 * D
                 rd = res.to(ud_ptr.dtype.element_ty)  # the dots' operand (float16 with precision="half")
                 g = _split_g(rd, wd_ptr, wn_ptr, base, step, ks, cols, dmask, D, PRECISION)
-                g16 = g.to(tl.float16)
+                if I16:  # g_B in fixed point, clamped so that no sum leaves int16
+                    q_inv = tl.load(qs_ptr + step * 3 + 1)
+                    q_clamp = tl.load(qs_ptr + step * 3 + 2)
+                    gq = tl.minimum(tl.maximum(tl.floor(g * q_inv + 0.5), -q_clamp), q_clamp).to(tl.int32)
+                    gpack = (gq & 0xFFFF) | (gq << 16)
+                else:
+                    g16 = g.to(tl.float16)
+                    gpack = _f16_pack(g16, g16)
                 tl.debug_barrier()  # the previous step's reads of the scratch are done
-                tl.store(scr[:, None] + ks[None, :], _f16_pack(g16, g16))
+                tl.store(scr[:, None] + ks[None, :], gpack)
                 tl.debug_barrier()
                 u_lo = tl.load(ud_ptr + base + js[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
                 u_hi = tl.load(ud_ptr + base + (js[None, :] + 32) * D + cols[:, None], mask=dmask[:, None], other=0.0)
@@ -557,16 +628,32 @@ if HAS_TRITON:
                 # lanes a thread (sm_90: the loop's K^T loads become one 16-byte load per thread and B, 20 loads per 4 B
                 # instead of 68); the loop takes B = 0 again, min(s, s) = s
                 if WIDE_LANES:
-                    m2 = _hadd2(tl.load(kt2 + lrow[:, None] * 0), tl.load(scr)[:, None], NATIVE)
+                    first = tl.load(kt2 + lrow[:, None] * 0)
+                    if I16:
+                        m2 = _viaddmin2(first, tl.load(scr)[:, None], 0x7FFF7FFF, NATIVE)
+                    else:
+                        m2 = _hadd2(first, tl.load(scr)[:, None], NATIVE)
+                elif I16:  # int16 max in both halves, above every sum
+                    m2 = tl.full((BLOCK_N, 32), 0x7FFF7FFF, tl.int32)
                 else:  # +inf in both halves, the compiler's default layout (one lane a thread: the previous kernel)
                     m2 = tl.full((BLOCK_N, 32), 0x7C007C00, tl.int32)
                 for b0 in range(0, 64, UNROLL):
                     for j in tl.static_range(UNROLL):
                         gb2 = tl.load(scr + b0 + j)
-                        m2 = _hmin2(m2, _hadd2(tl.load(kt2 + (b0 + j) * 32)[None, :], gb2[:, None], NATIVE), NATIVE)
-                m_lo, m_hi = _f16_halves(m2)
-                t_lo = m_lo.to(tl.float32) + f_lo
-                t_hi = m_hi.to(tl.float32) + f_hi
+                        kb2 = tl.load(kt2 + (b0 + j) * 32)[None, :]
+                        if I16:
+                            m2 = _viaddmin2(kb2, gb2[:, None], m2, NATIVE)
+                        else:
+                            m2 = _hmin2(m2, _hadd2(kb2, gb2[:, None], NATIVE), NATIVE)
+                if I16:
+                    q_scale = tl.load(qs_ptr + step * 3)
+                    qi_lo, qi_hi = _i16_halves(m2)
+                    t_lo = qi_lo.to(tl.float32) * q_scale + f_lo
+                    t_hi = qi_hi.to(tl.float32) * q_scale + f_hi
+                else:
+                    m_lo, m_hi = _f16_halves(m2)
+                    t_lo = m_lo.to(tl.float32) + f_lo
+                    t_hi = m_hi.to(tl.float32) + f_hi
                 vmin = tl.minimum(tl.min(t_lo, axis=1), tl.min(t_hi, axis=1))
                 a_idx = tl.minimum(
                     tl.min(tl.where(t_lo == vmin[:, None], js[None, :], 64), axis=1),
@@ -577,8 +664,8 @@ if HAS_TRITON:
                 )
 
 
-SEARCHES = ("flat", "nested", "running", "split", "split_h2")
-PERSISTENT_SEARCHES = ("running", "split", "split_h2")
+SEARCHES = ("flat", "nested", "running", "split", "split_h2", "split_dpx")
+PERSISTENT_SEARCHES = ("running", "split", "split_h2", "split_dpx")
 PRECISIONS = ("ieee", "tf32", "tf32x3", "half")
 # (block_n, num_warps) per search, and where a precision has its own; the fastest measured at 128k tokens x 8 KV
 # heads, head_dim 128, R = 11 and 21 (benchmarks/results/commvq_encode_split.json, H200; commvq_encode_variants.json
@@ -590,7 +677,10 @@ _TILINGS = {
     "split": (128, 8),
     ("split", "tf32x3"): (64, 8),
     "split_h2": (64, 4),
+    "split_dpx": (64, 4),
 }
+# the searches that run the split kernel with packed pairs (float16 or int16 sums)
+PAIRED_SEARCHES = ("split_h2", "split_dpx")
 
 
 def encode_defaults(precision: str = "ieee", search: str | None = None) -> dict:
@@ -630,8 +720,8 @@ def _check_maxnreg(maxnreg: int | None) -> None:
 
 
 def _check_half(precision: str, search: str) -> None:
-    if precision == "half" and search != "split_h2":
-        raise ValueError(f"precision='half' is implemented for search='split_h2', not {search!r}.")
+    if precision == "half" and search not in PAIRED_SEARCHES:
+        raise ValueError(f"precision='half' is implemented for search='split_h2' and 'split_dpx', not {search!r}.")
 
 
 def encode_meta(
@@ -646,9 +736,12 @@ def encode_meta(
     unroll: int = 4,
     wide_lanes: bool = False,
     row_norms: bool = False,
+    native_dpx: bool = True,
 ) -> tuple[dict, tuple]:
     """The encode kernel's constexprs and ``(num_warps, num_stages)`` for head dim ``d`` and ``r`` residuals (what
-    :func:`encode_keys` launches; :mod:`pressroom.kernels.commvq_resources` compiles exactly this)."""
+    :func:`encode_keys` launches; :mod:`pressroom.kernels.commvq_resources` compiles exactly this). ``native_dpx``:
+    ``"split_dpx"``'s fused add-min as sm_90 PTX (``add.s16x2`` / ``min.s16x2``, which need sm_90); ``False``
+    compiles the same arithmetic from 32-bit integer operations (older GPUs)."""
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}.")
     if precision not in PRECISIONS:
@@ -659,12 +752,17 @@ def encode_meta(
     # "half": float16 operands, exact products summed in float32 (the dot's input_precision does not apply)
     dot_precision = "ieee" if precision == "half" else precision
     meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION=dot_precision)
-    if search in ("split", "split_h2"):
+    if search in ("split", *PAIRED_SEARCHES):
         if unroll < 1 or 64 % unroll:
             raise ValueError(f"unroll must divide 64, got {unroll}.")
         meta.update(UNROLL=unroll)
-        if search == "split_h2":
-            meta.update(NATIVE=not triton_interpreted(), WIDE_LANES=bool(wide_lanes), ROW_NORMS=bool(row_norms))
+        if search in PAIRED_SEARCHES:
+            meta.update(
+                NATIVE=not triton_interpreted() and (search == "split_h2" or bool(native_dpx)),
+                WIDE_LANES=bool(wide_lanes),
+                ROW_NORMS=bool(row_norms),
+                I16=search == "split_dpx",
+            )
     elif search != "running":
         meta.update(A_CHUNK=a_chunk, NESTED=search == "nested")
     return meta, (num_warps, num_stages)
@@ -672,7 +770,12 @@ def encode_meta(
 
 def encode_kernel(search: str = "flat"):
     """The Triton kernel :func:`encode_keys` launches for ``search``."""
-    kernels = {"running": _encode_running_kernel, "split": _encode_split_kernel, "split_h2": _encode_split_h2_kernel}
+    kernels = {
+        "running": _encode_running_kernel,
+        "split": _encode_split_kernel,
+        "split_h2": _encode_split_h2_kernel,
+        "split_dpx": _encode_split_h2_kernel,
+    }
     return kernels.get(search, _encode_kernel)
 
 
@@ -793,18 +896,26 @@ def encode_keys(
     if out is None:
         out = torch.empty(n, h, code_bytes(r), dtype=torch.uint8, device=x.device)
     triton_path = resolve_use_triton(use_triton, x, out)
-    if row_norms is not None and not (triton_path and search == "split_h2"):
+    paired = search in PAIRED_SEARCHES
+    if row_norms is not None and not (triton_path and paired):
         x, row_norms = x / row_norms[:, None, None], None  # divided first
-    if tables is None and (search == "split_h2" or (triton_path and n)):
+    if tables is None and (paired or (triton_path and n)):
         tables = KeyTables(thetas.to(x.device))
-    if search == "split_h2":  # the float16 range, on either path
-        if key_norm_bound is None:  # >= every (divided) row's norm
+    if paired:
+        if key_norm_bound is None and search == "split_dpx":  # the largest head vector's norm: the fixed-point step
+            peak = torch.linalg.vector_norm(x.detach().float(), dim=-1).amax(1)
+            key_norm_bound = float((peak / (1.0 if row_norms is None else row_norms)).amax()) if n else 0.0
+        elif key_norm_bound is None:  # >= every (divided) row's norm
             peak = x.detach().abs().amax((1, 2)) / (1.0 if row_norms is None else row_norms)
             key_norm_bound = float(peak.amax()) * d**0.5 if n else 0.0
-        tables.check_h2_keys(key_norm_bound)
+        if search == "split_h2":  # the float16 range, on either path
+            tables.check_h2_keys(key_norm_bound)
+        else:  # the fixed-point step; an empty or all-zero input still needs a positive bound
+            key_norm_bound = max(key_norm_bound, 1e-6)
+    sums = "i16" if search == "split_dpx" else "f16"
     if not triton_path:
-        if search == "split_h2":
-            out.copy_(encode_keys_split_h2_reference(x, thetas, tables, dot_dtype))
+        if paired:
+            out.copy_(encode_keys_split_h2_reference(x, thetas, tables, dot_dtype, sums, key_norm_bound or 1.0))
         else:
             out.copy_(encode_keys_reference(x, thetas))
         return out
@@ -815,8 +926,9 @@ def encode_keys(
         raise ValueError("maxnreg is an NVIDIA (ptxas) launch option; this PyTorch build targets ROCm.")
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
+    native_dpx = x.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(x.device)[0] >= 9
     meta, (num_warps, num_stages) = encode_meta(
-        d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll, wide_lanes, row_norms is not None
+        d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll, wide_lanes, row_norms is not None, native_dpx
     )
     strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
     n_blocks = triton.cdiv(n, block_n)
@@ -825,15 +937,19 @@ def encode_keys(
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
             programs = triton.cdiv(8 * sms, h)
         programs = max(1, min(programs, n_blocks))
-        dtype = torch.int32 if search == "split_h2" else torch.float32  # split_h2: g_B as packed float16 pairs
+        dtype = torch.int32 if paired else torch.float32  # split_h2 / split_dpx: g_B as packed pairs
         scratch = torch.empty(h, programs, block_n, N_ENTRIES, dtype=dtype, device=x.device)
         if search == "split":
             search_tables = tables.split_tables()
-        elif search == "split_h2":
-            search_tables = (*tables.dot_tables(dot_dtype), *tables.split_tables()[:3], tables.split_h2_table())
+        elif paired:
+            if search == "split_dpx":
+                pairs, _, qs = tables.split_i16_tables(key_norm_bound)
+            else:
+                pairs, qs = tables.split_h2_table(), tables.split_tables()[0]  # qs: unread
+            search_tables = (*tables.dot_tables(dot_dtype), *tables.split_tables()[:3], pairs, qs)
         else:
             search_tables = (tables.h,)
-        norm_args = (x if row_norms is None else row_norms,) if search == "split_h2" else ()
+        norm_args = (x if row_norms is None else row_norms,) if paired else ()
         # "half" gathers the chosen centers from float16 tables where they are exact (3-5% faster on an H200;
         # "tf32" measured no faster with them: benchmarks/results/commvq_encode_profile_centers.json)
         centers = tables.center_tables() if precision == "half" else (tables.u, tables.w)
@@ -863,6 +979,8 @@ __all__ = [
     "encode_defaults",
     "encode_keys_reference",
     "encode_keys_split_h2_reference",
+    "I16_SPAN",
+    "PAIRED_SEARCHES",
     "normalize_keys",
     "pack_bits",
     "pack_codes12",

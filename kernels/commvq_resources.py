@@ -107,6 +107,7 @@ _POINTERS = {
         **{k: "*fp32" for k in ("x_ptr", "norm_ptr", "u_ptr", "w_ptr", "ud_ptr", "wd_ptr", "un_ptr", "wn_ptr")},
         "k_ptr": "*fp32",
         "kt2_ptr": "*i32",
+        "qs_ptr": "*fp32",
         "scr_ptr": "*i32",
         "out_ptr": "*u8",
     },
@@ -151,6 +152,20 @@ def _cubin_usage(cubin: bytes) -> dict:
     return out
 
 
+def kernel_resources_compiled(fn, constexprs: dict, num_warps: int, num_stages: int, pointers=None, target=SM90):
+    """The compiled kernel (``triton.compile``'s result: ``.asm["cubin"]``, ``.metadata``) that
+    :func:`kernel_resources` describes, compiled as it says."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
+    constexprs = {**defaults, **constexprs}
+    sig = _signature(fn, constexprs, pointers)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name].startswith("*")}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
+    return triton.compile(src, target=GPUTarget(*target), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
 def kernel_resources(fn, constexprs: dict, num_warps: int, num_stages: int, target=SM90, pointers=None) -> dict:
     """Compile the ``@triton.jit`` function ``fn`` for ``target`` (``(backend, arch, warp_size)``) and return
     ``{"shared": bytes, "regs": per thread, "stack_bytes": per thread (spills), "fits": shared <= 227 KB}``.
@@ -165,17 +180,7 @@ def kernel_resources(fn, constexprs: dict, num_warps: int, num_stages: int, targ
     ahead-of-time path compiles them as ``i32`` arguments, and an ``if`` on one keeps both branches).
 
     Raises whatever Triton raises when the kernel does not compile (the caller records it)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
-    constexprs = {**defaults, **constexprs}
-    sig = _signature(fn, constexprs, pointers)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name].startswith("*")}
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(
-        src, target=GPUTarget(*target), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
+    compiled = kernel_resources_compiled(fn, constexprs, num_warps, num_stages, pointers, target)
     shared = int(compiled.metadata.shared)
     res = {"shared": shared, "fits": shared <= H100_SHARED_BYTES}
     res.update(_cubin_usage(compiled.asm["cubin"]))

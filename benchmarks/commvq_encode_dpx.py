@@ -1,0 +1,202 @@
+"""The CommVQ key search with int16 fixed-point candidate sums (``search="split_dpx"``) next to the float16 one
+(``"split_h2"``, the default of ``encode_precision="half"``), at 128k tokens of the Llama-3.1-8B shape.
+
+``"split_dpx"`` runs the same split search, but its 4,096 candidate sums per row and step are int16 fixed point, so
+that one sm_90 DPX instruction (``VIADDMNMX``: ``min(a + b, c)`` on two int16 halves) replaces the float16 add and
+min (``add.f16x2`` and ``min.f16x2``). In one run, per bit width (1 bit: R=11, 2 bits: R=21; random float16-exact
+codebooks, random keys, 8 KV heads, head_dim 128):
+
+- ``kernel_ms``: the key search alone on one chunk of ``--chunk`` tokens (normalized keys, ``key_norm_bound=1`` as
+  the cache passes), for each variant of :data:`VARIANTS` (search, precision, unroll, wide lanes), with the share
+  of (token, head) code rows equal to ``split_h2``'s at ``"half"`` and the squared key error of the codes;
+- ``layer_ms``: the whole layer's encode through the cache's own path (``CommVQLayer._encode``, ``value_refine=0``,
+  ``encode_precision="half"``, chunks of ``--chunk`` tokens) with each search, and its kernels (``torch.profiler``).
+
+``--sass`` also compiles both searches offline for sm_90 (no GPU needed) and counts the candidate loop's
+instructions (``HADD2`` / ``HMNMX2`` against ``VIADDMNMX``). JSON: ``--output`` (written after each part).
+
+    python benchmarks/commvq_encode_dpx.py --sass --output $OUT/commvq_encode_dpx.json
+    TRITON_INTERPRET=1 python benchmarks/commvq_encode_dpx.py --smoke --output /tmp/dpx.json   # CPU, no timing value
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import kernel_ms, median_ms  # noqa: E402
+from commvq_encode_profile import key_sq_error  # noqa: E402
+
+from pressroom.evaluation.atomic import atomic_write_json  # noqa: E402
+from pressroom.kernels import commvq_encode  # noqa: E402
+from pressroom.kernels.commvq_encode import KeyTables, code_bytes, encode_defaults, encode_keys  # noqa: E402
+from pressroom.presses import commvq_cache  # noqa: E402
+from pressroom.presses.commvq_cache import CommVQLayer  # noqa: E402
+from pressroom.presses.commvq_codebooks import ValueCodec  # noqa: E402
+
+H, D = 8, 128
+RESIDUALS = {1: 11, 2: 21}
+# (label, encode_keys options): the first is the reference of the equal-rows share
+VARIANTS = (
+    ("split_h2_half", dict(search="split_h2", precision="half")),
+    ("split_dpx_half", dict(search="split_dpx", precision="half")),
+    ("split_dpx_half_unroll8", dict(search="split_dpx", precision="half", unroll=8)),
+    ("split_dpx_half_wide", dict(search="split_dpx", precision="half", wide_lanes=True)),
+    ("split_dpx_half_unroll8_wide", dict(search="split_dpx", precision="half", unroll=8, wide_lanes=True)),
+    ("split_dpx_half_bn128_w8", dict(search="split_dpx", precision="half", block_n=128, num_warps=8)),
+    ("split_h2_tf32", dict(search="split_h2", precision="tf32")),
+    ("split_dpx_tf32", dict(search="split_dpx", precision="tf32")),
+)
+LOOP_OPS = ("HADD2", "HMNMX2", "VIADDMNMX")
+
+
+def sass_counts(search: str, r: int = RESIDUALS[1]) -> dict:
+    """Opcode counts of the key search compiled offline for sm_90 (``"half"``, the default tiling, keys divided in
+    the kernel as the cache launches it): the candidate loop's ``LOOP_OPS`` (``HADD2`` without the ``.F32``
+    conversions), ``LDG`` and all instructions."""
+    from triton import knobs
+
+    from pressroom.kernels.commvq_resources import kernel_resources_compiled
+
+    tiling = encode_defaults("half", search)
+    meta, (num_warps, num_stages) = commvq_encode.encode_meta(
+        D, r, tiling["block_n"], tiling["num_warps"], 1, search, "half", row_norms=True
+    )
+    meta["NATIVE"] = True  # what a launch on sm_90 compiles (the meta above is built off a GPU here)
+    half = {k: "*fp16" for k in ("ud_ptr", "wd_ptr", "u_ptr", "w_ptr")}
+    compiled = kernel_resources_compiled(commvq_encode.encode_kernel(search), meta, num_warps, num_stages, half)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(path)], capture_output=True, text=True).stdout
+    names = Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))  # with modifiers
+    ops = Counter()
+    for name, count in names.items():
+        ops[name if name in ("HADD2", "HMNMX2") else name.split(".")[0]] += count  # HADD2.F32: a conversion
+    return {**{op: ops.get(op, 0) for op in (*LOOP_OPS, "LDG")}, "total": sum(names.values())}
+
+
+def measure(bits: int, n: int, chunk: int, reps: int, device: torch.device, cfg: dict, log, save) -> None:
+    cuda = device.type == "cuda"
+    r = RESIDUALS[bits]
+    g = torch.Generator().manual_seed(bits)
+    theta = ((torch.randn(H, r, 128, D // 2, generator=g) * 0.1).half().float()).to(device)
+    raw = torch.randn(1, H, n, D, generator=g).to(device)
+    values = torch.randn(1, H, n, D, generator=g).to(device, torch.bfloat16)
+    cfg.update(bits=bits, key_residuals=r)
+    # the key search alone on one chunk
+    xm = torch.nn.functional.normalize(raw[0, :, :chunk].transpose(0, 1).flatten(1), dim=-1).view(chunk, H, D)
+    tables = KeyTables(theta)
+    out = torch.empty(chunk, H, code_bytes(r), dtype=torch.uint8, device=device)
+    kw = dict(use_triton=cuda or None, tables=tables, out=out, key_norm_bound=1.0)
+    rows, first = {}, None
+    sub = min(chunk, 4096)
+    for label, opts in VARIANTS:
+        run = functools.partial(encode_keys, xm, theta, **opts, **kw)
+        try:
+            ms = median_ms(run, reps, cuda)
+        except Exception as err:  # a variant that fails is recorded, the others still run
+            rows[label] = dict(opts, error=f"{type(err).__name__}: {str(err)[:300]}")
+            continue
+        first = out.clone() if first is None else first
+        rows[label] = dict(
+            opts,
+            ms=ms,
+            rows_equal_to_first=(out == first).all(-1).float().mean().item(),
+            key_sq_error=key_sq_error(xm[:sub], out[:sub], theta),
+        )
+        log(f"{bits} bit, {label}: {ms:.3f} ms, rows equal {rows[label]['rows_equal_to_first']:.4f}")
+    cfg["kernel_ms"] = dict(chunk=chunk, variants=rows)
+    save()
+    # the whole layer through the cache's path, "half", with each search
+    codec = ValueCodec(H * D, bits).to(device)
+    inv_freq = (1.0 / (500000 ** (torch.arange(0, D, 2).float() / D))).to(device)
+    positions = torch.arange(n, device=device)
+    layer = CommVQLayer(theta, codec, inv_freq, D**-0.5, encode_precision="half", value_refine=0)
+    layer.lazy_initialization(raw[:, :, :1], values[:, :, :1])
+    layer.reserve(n)
+
+    def run_layer() -> None:
+        layer.n = 0
+        layer._encode(raw, values, positions)
+
+    default_block, default_encode = commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys
+    layer_rows, codes = {}, {}
+    try:
+        commvq_cache.ENCODE_BLOCK = chunk
+        for search in ("split_h2", "split_dpx"):
+            commvq_cache.encode_keys = functools.partial(default_encode, search=search)
+            layer_rows[search] = dict(ms=median_ms(run_layer, reps, cuda), kernels_ms=kernel_ms(run_layer, 2))
+            codes[search] = layer.codes[:, :, :n].clone()
+            log(f"{bits} bit, whole layer with {search}: {layer_rows[search]['ms']:.2f} ms")
+    finally:
+        commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys = default_block, default_encode
+    layer_rows["rows_equal"] = (codes["split_h2"] == codes["split_dpx"]).all(-1).float().mean().item()
+    cfg["layer_ms"] = dict(tokens=n, chunk=chunk, encode_precision="half", value_refine=0, **layer_rows)
+    save()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--chunk", type=int, default=32768, help="tokens per encode chunk (and of the kernel-alone runs)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--sass", action="store_true", help="also count the sm_90 instructions (offline compile)")
+    ap.add_argument("--smoke", action="store_true", help="a small shape on any device (no timing value)")
+    ap.add_argument("--output", type=Path, required=True)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("no GPU: pass --smoke for a small run on the CPU (or only --sass with --smoke)")
+    n, chunk, reps = (256, 128, 1) if args.smoke else (args.tokens, args.chunk, args.reps)
+    if chunk < 1 or n % chunk:
+        raise SystemExit(f"--tokens ({n}) must be a positive multiple of --chunk ({chunk})")
+    import triton
+
+    t0 = time.time()
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "capability": list(torch.cuda.get_device_capability()) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "smoke": args.smoke,
+        "shape": dict(tokens=n, kv_heads=H, head_dim=D, chunk=chunk),
+        "configs": {},
+    }
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+
+    def save() -> None:
+        result["elapsed_s"] = round(time.time() - t0, 1)
+        atomic_write_json(args.output, result)
+
+    if args.sass:
+        try:
+            result["sass_sm90"] = {s: sass_counts(s) for s in ("split_h2", "split_dpx")}
+        except Exception as err:  # no ptxas / cuobjdump here: recorded, the timings still run
+            result["sass_sm90"] = f"{type(err).__name__}: {str(err)[:300]}"
+        log(f"sm_90 instructions: {result['sass_sm90']}")
+        save()
+    for bits in args.bits:
+        result["configs"][f"{bits}bit"] = {}
+        measure(bits, n, chunk, reps, device, result["configs"][f"{bits}bit"], log, save)
+    log(f"done; JSON in {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
