@@ -829,12 +829,19 @@ def encode_keys(
         ``min.f16x2`` per two candidates), ``A`` then picked in float32 from them and ``B`` exactly as in
         ``"split"``: near-ties in ``A`` may go another way (:func:`encode_keys_split_h2_reference` rounds the same;
         it is also what runs without Triton). Needs normalized keys (``ValueError`` otherwise).
+        ``"split_dpx"``: the split search with those sums in int16 fixed point (:meth:`KeyTables.split_i16_tables`:
+        a step of about ``1e-4`` for normalized keys, ``g_B`` saturating past ``key_norm_bound``), one fused add-min
+        per two candidates (sm_90 DPX ``VIADDMNMX``; integer operations on older GPUs);
+        ``encode_keys_split_h2_reference(..., sums="i16")`` rounds the same. Not faster on an H200 (2.71-3.07 ms
+        against 2.78 ms per 32k-token chunk at 1 bit: ``benchmarks/results/commvq_encode_dpx.json``): an option.
     programs : int, optional
         Persistent programs per KV head for ``"running"`` and ``"split"`` (default: 8 per SM over all heads).
     unroll : int
-        ``"split"`` / ``"split_h2"``: candidates ``B`` per iteration of its inner loop (a divisor of 64).
+        ``"split"`` / ``"split_h2"`` / ``"split_dpx"``: candidates ``B`` per iteration of its inner loop (a divisor
+        of 64).
     key_norm_bound : float, optional
-        ``"split_h2"``: an upper bound on the rows' norms, for its float16 range check (the cache knows it: 1, or the
+        ``"split_h2"``: an upper bound on the rows' norms, for its float16 range check; ``"split_dpx"``: the same
+        bound sets its fixed-point step (default there: the largest head vector's norm) (the cache knows it: 1, or the
         largest pair scale of a weighted search); by default bounded from ``x`` (one device sync per call).
     row_norms : torch.Tensor, optional
         ``[N]`` positive, on ``x``'s device: code ``x / row_norms[:, None, None]`` instead of ``x`` (then ``x`` holds
