@@ -124,6 +124,12 @@ def main() -> None:
     )
     ap.add_argument("--needle-length", type=int, default=4096)
     ap.add_argument("--needle-samples", type=int, default=3)
+    ap.add_argument(
+        "--needle-seed",
+        type=int,
+        default=0,
+        help="seed of the needle tasks (another seed: other needles and haystacks)",
+    )
     ap.add_argument("--runs-dir", default=None, help="Runner results (default: beside --output)")
     ap.add_argument("--skip-needles", action="store_true")
     ap.add_argument("--skip-hqq", action="store_true", help="no QuantizedCache(hqq) baseline (e.g. measured already)")
@@ -279,6 +285,7 @@ def main() -> None:
         model=args.model,
         tasks=tasks,
         n_samples=args.needle_samples,
+        seed=args.needle_seed,
         device=device,
         dtype=dtype,
         output_dir=str(runs_dir),

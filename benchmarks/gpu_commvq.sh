@@ -21,7 +21,8 @@
 #                                            # the same RUNS_DIR resumes; NEEDLE_SAMPLES: per task, default 12;
 #                                            # EXACT_LAYERS: exact_layers settings, e.g. "none 18", default none;
 #                                            # PARALLEL=1: one process per setting and one for fp16 (FP16=0: none,
-#                                            # FP16=only: fp16 alone, no codebooks needed), on the same GPU)
+#                                            # FP16=only: fp16 alone, no codebooks needed), on the same GPU;
+#                                            # NEEDLE_SEED: the tasks' seed, default 0)
 #   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh needle_nll  # teacher-forced answer NLL of niah_multivalue at 4k with
 #                                            # each layer / group / side CommVQ-coded (2 bits; NEEDLE_SAMPLES, default 8;
 #                                            # NLL_ARGS: more options, e.g. "--keep 18 18+23 --only-keep --task
@@ -88,7 +89,8 @@ needles_qa)
   runs="${RUNS_DIR:-$out}/commvq_quality_runs_qa"
   qa() {  # one commvq_quality.py process: $1 the JSON's name, then its own options
     local name=$1; shift
-    python3 benchmarks/commvq_quality.py --bits 2 --n-sink 4 --needle-samples "${NEEDLE_SAMPLES:-12}" --skip-ppl \
+    python3 benchmarks/commvq_quality.py --bits 2 --n-sink 4 --needle-samples "${NEEDLE_SAMPLES:-12}" \
+      --needle-seed "${NEEDLE_SEED:-0}" --skip-ppl \
       --skip-hqq --query-aware --output "$out/$name" --runs-dir "$runs" "$@"
   }
   if [ "${PARALLEL:-0}" = 1 ]; then
