@@ -25,10 +25,18 @@ import json
 import sys
 
 import torch
-from _timing import call_ms
+from _timing import call_ms, kernel_ms
 
 from pressroom.kernels.commvq_codebook import residual_decode
-from pressroom.kernels.commvq_encode import SEARCHES, KeyTables, code_bytes, encode_keys, normalize_keys, unpack_codes12
+from pressroom.kernels.commvq_encode import (
+    PAIRED_SEARCHES,
+    SEARCHES,
+    KeyTables,
+    code_bytes,
+    encode_keys,
+    normalize_keys,
+    unpack_codes12,
+)
 from pressroom.kernels.commvq_resources import ENCODE_TILINGS
 
 H, D = 8, 128
@@ -79,6 +87,18 @@ def main() -> int:
         help="only these variants, in this order (e.g. flat:16:4:ieee split:128:8:tf32 split_h2:64:8:tf32); the "
         "first is the one the others' codes are compared with",
     )  # fmt: skip
+    ap.add_argument(
+        "--key-norm-bound",
+        type=float,
+        default=None,
+        help="passed to encode_keys for the split_h2 / split_dpx searches, as the cache passes 1.0 (default: bounded "
+        "from the keys on every call, a device sync each)",
+    )
+    ap.add_argument(
+        "--gpu-time",
+        action="store_true",
+        help="also each variant's kernel time on the GPU alone (torch.profiler, mean of 3 calls): kernel_ms",
+    )
     ap.add_argument("--output", required=True)
     args = ap.parse_args()
     chosen = variants(args.searches) if args.tilings is None else parse_tilings(args.tilings)
@@ -106,14 +126,19 @@ def main() -> int:
         for kw in chosen:
             o = torch.empty(n, H, code_bytes(r), dtype=torch.uint8, device="cuda")
 
-            def f(o=o, kw=kw, x=x, theta=theta, tables=tables):
-                return encode_keys(x[0], theta, use_triton=True, tables=tables, out=o, **kw)
+            paired = args.key_norm_bound and kw["search"] in PAIRED_SEARCHES
+            bound = dict(key_norm_bound=args.key_norm_bound) if paired else {}
+
+            def f(o=o, kw=kw, x=x, theta=theta, tables=tables, bound=bound):
+                return encode_keys(x[0], theta, use_triton=True, tables=tables, out=o, **kw, **bound)
 
             try:
                 ms = sorted(call_ms(f, 5, warmup=1, cuda=True))[2]
             except Exception as e:  # a tiling that fails is recorded, not fatal (and its buffer is not read)
                 ms = f"failed: {e}"[:200]
             row = dict(kw, bits=bits, ms=ms, codes_equal_to_first=None, mse=None)
+            if args.gpu_time and isinstance(ms, float):
+                row["kernel_ms"] = kernel_ms(f, 3)
             if isinstance(ms, float):
                 first = o.clone() if first is None else first  # the first variant that ran (flat, ieee by default)
                 row["codes_equal_to_first"] = float((o == first).all(-1).float().mean())
