@@ -97,6 +97,9 @@ needles_qa)
     # one process per setting (and one for fp16 unless FP16=0), all on the one GPU: the 4k needle runs are bound by
     # the host (a decode step is ~30 small launches per layer), so they overlap almost perfectly; their timings are
     # then those of a shared GPU. Logs go to $runs/*.log.
+    if [ "${FP16:-1}" != only ]; then  # before anything starts in the background
+      : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
+    fi
     mkdir -p "$runs"
     pids=()
     if [ "${FP16:-1}" != 0 ]; then
@@ -104,10 +107,10 @@ needles_qa)
       pids+=($!)
     fi
     if [ "${FP16:-1}" != only ]; then
-      : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
       for e in ${EXACT_LAYERS:-none}; do
-        qa "commvq_quality_2bit_query_aware_exact_$e.json" --needles-of commvq --codebooks-2 "$CODEBOOKS/2bit/$method" \
-          --exact-layers "$e" $ablation >"$runs/exact_$e.log" 2>&1 &
+        # file names without '+' (files named so do not come back from the device): 18+23 -> 18_23
+        qa "commvq_quality_2bit_query_aware_exact_${e//+/_}.json" --needles-of commvq \
+          --codebooks-2 "$CODEBOOKS/2bit/$method" --exact-layers "$e" $ablation >"$runs/exact_${e//+/_}.log" 2>&1 &
         pids+=($!)
       done
     fi

@@ -144,9 +144,11 @@ def encode_keys_split_h2_reference(
       ``key_norm_bound``);
 
     ``A`` is the first arg-min of ``m_A + f_A`` in float32 (``f_A = ||u_A||^2 - 2 r . u_A``), then ``B`` the first
-    arg-min of the float32 ``K[A, B] + g_B``; packed as :func:`pack_codes12`. ``tables``: those of ``thetas`` on
-    ``x``'s device, if the caller holds them (built otherwise). ``dot_dtype=torch.float16``: the dot products'
-    operands (residual and ``u``, ``w``) rounded to float16 first, as the kernel's."""
+    arg-min of the float32 ``K[A, B] + g_B``; packed as :func:`pack_codes12`. The kernel equals this bit for bit under
+    the interpreter; compiled for a GPU it may also fuse a product and a sum into one multiply-add (``g / s + 1/2``,
+    ``s m + f``), so near-ties may go another way there, as with its tensor-core dot products. ``tables``: those of
+    ``thetas`` on ``x``'s device, if the caller holds them (built otherwise). ``dot_dtype=torch.float16``: the dot
+    products' operands (residual and ``u``, ``w``) rounded to float16 first, as the kernel's."""
     if sums not in ("f16", "i16"):
         raise ValueError(f"sums must be 'f16' or 'i16', got {sums!r}.")
     n, h, _, r = _check_encode(x, thetas)
@@ -267,8 +269,8 @@ class KeyTables:
         The step ``s = (max |K| + G) / 32766`` with ``G = max ||w_B||^2 + 2 key_norm_bound max ||w_B||``, the
         largest ``|g_B|`` of a residual of norm ``key_norm_bound``; ``c = 32766 - max |Kq|`` clamps ``gq``, so every
         sum ``Kq + gq`` stays inside int16 (a residual past the bound saturates its ``g_B``, it never wraps). For
-        normalized keys (norm 1 per token over all heads) ``s`` is about ``1e-4``, finer than float16 for sums
-        past 0.1.
+        normalized keys (norm 1 per token over all heads) ``s`` is about ``1e-4`` (``1.4e-4`` at most in our
+        codebooks), finer than float16 for sums past about 0.25.
         """
         key_norm_bound = float(key_norm_bound)
         if not key_norm_bound > 0:
@@ -286,7 +288,8 @@ class KeyTables:
             packed = pack_i16x2(kqt[..., :32], kqt[..., 32:]).contiguous()
             scale32 = scale.float()
             qs = torch.stack((scale32, 1.0 / scale32, clamp.float()), dim=-1).reshape(h * r, 3).contiguous()
-            self._i16[key_norm_bound] = (packed, kq.to(torch.int16).reshape(h, r, 4096).contiguous(), qs)
+            # one bound at a time (the cache passes a constant one; a computed bound changes with the keys)
+            self._i16 = {key_norm_bound: (packed, kq.to(torch.int16).reshape(h, r, 4096).contiguous(), qs)}
         return self._i16[key_norm_bound]
 
     def check_h2_keys(self, key_norm_bound: float) -> None:
@@ -708,6 +711,12 @@ def encode_defaults(precision: str = "ieee", search: str | None = None) -> dict:
 MAXNREG_RANGE = (24, 248)
 
 
+def dpx_native(device: torch.device) -> bool:
+    """Whether ``search="split_dpx"`` compiles its fused add-min as sm_90 PTX on ``device``: an NVIDIA GPU of compute
+    capability 9 or more (``add.s16x2`` / ``min.s16x2`` need sm_90; ROCm and older GPUs take integer operations)."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _check_maxnreg(maxnreg: int | None) -> None:
     if maxnreg is None:
         return
@@ -912,17 +921,18 @@ def encode_keys(
         if key_norm_bound is None and search == "split_dpx":  # the largest head vector's norm: the fixed-point step
             peak = torch.linalg.vector_norm(x.detach().float(), dim=-1).amax(1)
             key_norm_bound = float((peak / (1.0 if row_norms is None else row_norms)).amax()) if n else 0.0
+            key_norm_bound = max(key_norm_bound, 1e-6)  # all-zero or no keys: still a positive step
         elif key_norm_bound is None:  # >= every (divided) row's norm
             peak = x.detach().abs().amax((1, 2)) / (1.0 if row_norms is None else row_norms)
             key_norm_bound = float(peak.amax()) * d**0.5 if n else 0.0
         if search == "split_h2":  # the float16 range, on either path
             tables.check_h2_keys(key_norm_bound)
-        else:  # the fixed-point step; an empty or all-zero input still needs a positive bound
-            key_norm_bound = max(key_norm_bound, 1e-6)
+        else:  # the fixed-point step (ValueError for a bound that is not positive)
+            tables.split_i16_tables(key_norm_bound)
     sums = "i16" if search == "split_dpx" else "f16"
     if not triton_path:
         if paired:
-            out.copy_(encode_keys_split_h2_reference(x, thetas, tables, dot_dtype, sums, key_norm_bound or 1.0))
+            out.copy_(encode_keys_split_h2_reference(x, thetas, tables, dot_dtype, sums, key_norm_bound))
         else:
             out.copy_(encode_keys_reference(x, thetas))
         return out
@@ -933,7 +943,7 @@ def encode_keys(
         raise ValueError("maxnreg is an NVIDIA (ptxas) launch option; this PyTorch build targets ROCm.")
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
-    native_dpx = x.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(x.device)[0] >= 9
+    native_dpx = dpx_native(x.device)
     meta, (num_warps, num_stages) = encode_meta(
         d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll, wide_lanes, row_norms is not None, native_dpx
     )
@@ -986,6 +996,7 @@ __all__ = [
     "encode_defaults",
     "encode_keys_reference",
     "encode_keys_split_h2_reference",
+    "dpx_native",
     "I16_SPAN",
     "PAIRED_SEARCHES",
     "normalize_keys",

@@ -65,7 +65,8 @@ if HAS_TRITON:
     def _viaddmin2(a, b, c, NATIVE: tl.constexpr):
         """Lane-wise ``min(a + b, c)`` of signed int16 pairs packed in int32 (sums must stay in int16's range): one
         DPX ``VIADDMNMX`` on sm_90 when ``NATIVE`` (``add.s16x2`` then ``min.s16x2``, as CUDA's
-        ``__viaddmin_s16x2``), else the same on unpacked halves (the interpreter, which runs no PTX)."""
+        ``__viaddmin_s16x2``), else the same on unpacked halves, the sums wrapping at 16 bits as there (the
+        interpreter, which runs no PTX, and older GPUs)."""
         if NATIVE:
             return tl.inline_asm_elementwise(
                 "{.reg .b32 t; add.s16x2 t, $1, $2; min.s16x2 $0, t, $3;}",
@@ -79,8 +80,11 @@ if HAS_TRITON:
             alo, ahi = _i16_halves(a)
             blo, bhi = _i16_halves(b)
             clo, chi = _i16_halves(c)
-            lo = tl.minimum(alo + blo, clo)
-            hi = tl.minimum(ahi + bhi, chi)
+            # the sums wrap at 16 bits, as add.s16x2 (callers keep them in range; a test would see them wrap)
+            slo = ((alo + blo) << 16) >> 16
+            shi = ((ahi + bhi) << 16) >> 16
+            lo = tl.minimum(slo, clo)
+            hi = tl.minimum(shi, chi)
             return (lo & 0xFFFF) | (hi << 16)
 
     @triton.jit

@@ -18,9 +18,21 @@ from pressroom.kernels.commvq_encode import (
     unpack_codes12,
 )
 from pressroom.kernels.f16x2 import pack_i16x2, unpack_i16x2
+from pressroom.kernels.rope_ring import HAS_TRITON
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton kernels on CPU need TRITON_INTERPRET=1")
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from pressroom.kernels.f16x2 import _viaddmin2
+
+    @triton.jit
+    def _add_min_kernel(a_ptr, b_ptr, c_ptr, o_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(o_ptr + i, _viaddmin2(tl.load(a_ptr + i), tl.load(b_ptr + i), tl.load(c_ptr + i), False))
 
 
 def _problem(seed: int, heads: int = 2, residuals: int = 3, head_dim: int = 16, n: int = 40):
@@ -112,3 +124,52 @@ def test_native_dpx_only_where_sm90_runs_it():
     assert not h2["I16"] and h2["NATIVE"] == (not INTERPRET)  # the float16 pairs run on every NVIDIA GPU
     with pytest.raises(ValueError, match="precision='half' is implemented for search='split_h2' and 'split_dpx'"):
         encode_meta(16, 3, 16, 4, 1, "split", "half")
+
+
+def test_one_fixed_point_table_at_a_time_and_positive_bounds_only():
+    x, theta = _problem(3)
+    tables = KeyTables(theta)
+    first = tables.split_i16_tables(1.0)
+    assert tables.split_i16_tables(1.0) is first  # a constant bound (the cache's) builds once
+    tables.split_i16_tables(0.5)
+    assert list(tables._i16) == [0.5]  # computed bounds that change do not pile up tables
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="key_norm_bound must be positive"):
+            encode_keys(x, theta, search="split_dpx", key_norm_bound=bad, use_triton=False)
+    # all-zero keys: the computed bound is floored, the codes are those of a zero residual
+    zeros = torch.zeros_like(x)
+    assert torch.equal(
+        encode_keys(zeros, theta, search="split_dpx", use_triton=False),
+        encode_keys_split_h2_reference(zeros, theta, sums="i16", key_norm_bound=1e-6),
+    )
+
+
+def test_dpx_native_needs_an_nvidia_sm90(monkeypatch):
+    from pressroom.kernels.commvq_encode import dpx_native
+
+    assert not dpx_native(torch.device("cpu"))
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, native in (((9, 0), True), ((10, 0), True), ((8, 9), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert dpx_native(torch.device("cuda", 0)) is native
+    monkeypatch.setattr(torch.version, "hip", "6.0")
+    assert not dpx_native(torch.device("cuda", 0))
+
+
+@needs_interpreter
+def test_emulated_add_min_wraps_like_add_s16x2():
+    """The emulation (interpreter, older GPUs) wraps the int16 sums as the hardware does, so a range error in the
+    tables would show in the tests instead of hiding behind 32-bit sums."""
+    a_lo, a_hi = torch.tensor([30000, -5, 100, -32768]), torch.tensor([1, 32767, -200, 7])
+    b_lo, b_hi = torch.tensor([5000, -7, 1, -1]), torch.tensor([2, 1, -100, 8])
+    c_lo, c_hi = torch.full((4,), 32767), torch.full((4,), 32767)
+    out = torch.empty(4, dtype=torch.int32)
+    _add_min_kernel[(1,)](pack_i16x2(a_lo, a_hi), pack_i16x2(b_lo, b_hi), pack_i16x2(c_lo, c_hi), out, N=4)
+    lo, hi = unpack_i16x2(out)
+
+    def wrap(v):
+        return ((v + 32768) % 65536) - 32768
+
+    assert torch.equal(lo, torch.minimum(wrap(a_lo + b_lo), c_lo).to(torch.int32))  # 30000 + 5000 wraps negative
+    assert torch.equal(hi, torch.minimum(wrap(a_hi + b_hi), c_hi).to(torch.int32))
+    assert int(lo[0]) < 0 and int(lo[3]) == 32767  # -32768 - 1 wraps to 32767, then min with 32767
