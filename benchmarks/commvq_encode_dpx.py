@@ -10,7 +10,9 @@ codebooks, random keys, 8 KV heads, head_dim 128):
   the cache passes), for each variant of :data:`VARIANTS` (search, precision, unroll, wide lanes), with the share
   of (token, head) code rows equal to ``split_h2``'s at ``"half"`` and the squared key error of the codes;
 - ``layer_ms``: the whole layer's encode through the cache's own path (``CommVQLayer._encode``, ``value_refine=0``,
-  ``encode_precision="half"``, chunks of ``--chunk`` tokens) with each search, and its kernels (``torch.profiler``).
+  ``encode_precision="half"``, chunks of ``--chunk`` tokens) with each search, and its kernels (``torch.profiler``);
+  also ``split_h2`` with the value encoder's input formed in PyTorch instead of the one-pass kernel
+  (:mod:`pressroom.kernels.commvq_value_prep`), and the share of value bytes the two give alike.
 
 ``--sass`` also compiles both searches offline for sm_90 (no GPU needed) and counts the candidate loop's
 instructions (``HADD2`` / ``HMNMX2`` against ``VIADDMNMX``). JSON: ``--output`` (written after each part).
@@ -87,7 +89,9 @@ def sass_counts(search: str, r: int = RESIDUALS[1]) -> dict:
     return {**{op: ops.get(op, 0) for op in (*LOOP_OPS, "HADD2.F32", "LDG")}, "total": sum(names.values())}
 
 
-def measure(bits: int, n: int, chunk: int, reps: int, device: torch.device, cfg: dict, log, save) -> None:
+def measure(
+    bits: int, n: int, chunk: int, reps: int, device: torch.device, cfg: dict, log, save, layer_only: bool = False
+) -> None:
     cuda = device.type == "cuda"
     r = RESIDUALS[bits]
     g = torch.Generator().manual_seed(bits)
@@ -102,7 +106,7 @@ def measure(bits: int, n: int, chunk: int, reps: int, device: torch.device, cfg:
     kw = dict(use_triton=cuda or None, tables=tables, out=out, key_norm_bound=1.0)
     rows, first = {}, None
     sub = min(chunk, 4096)
-    for label, opts in VARIANTS:
+    for label, opts in () if layer_only else VARIANTS:
         run = functools.partial(encode_keys, xm, theta, **opts, **kw)
         try:
             ms = median_ms(run, reps, cuda)
@@ -117,8 +121,9 @@ def measure(bits: int, n: int, chunk: int, reps: int, device: torch.device, cfg:
             key_sq_error=key_sq_error(xm[:sub], out[:sub], theta),
         )
         log(f"{bits} bit, {label}: {ms:.3f} ms, rows equal {rows[label]['rows_equal_to_first']:.4f}")
-    cfg["kernel_ms"] = dict(chunk=chunk, variants=rows)
-    save()
+    if not layer_only:
+        cfg["kernel_ms"] = dict(chunk=chunk, variants=rows)
+        save()
     # the whole layer through the cache's path, "half", with each search
     codec = ValueCodec(H * D, bits).to(device)
     inv_freq = (1.0 / (500000 ** (torch.arange(0, D, 2).float() / D))).to(device)
@@ -132,17 +137,31 @@ def measure(bits: int, n: int, chunk: int, reps: int, device: torch.device, cfg:
         layer._encode(raw, values, positions)
 
     default_block, default_encode = commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys
-    layer_rows, codes = {}, {}
+    default_prep = commvq_cache.value_prep
+    layer_rows, codes, vbits = {}, {}, {}
+    # (label, key search, value encoder input): the kernels, then split_h2 with that input in PyTorch (the path
+    # before pressroom.kernels.commvq_value_prep)
+    runs = (
+        ("split_h2", "split_h2", default_prep),
+        ("split_dpx", "split_dpx", default_prep),
+        ("split_h2_value_prep_pytorch", "split_h2", functools.partial(default_prep, use_triton=False)),
+    )
     try:
         commvq_cache.ENCODE_BLOCK = chunk
-        for search in ("split_h2", "split_dpx"):
+        for label, search, prep in runs:
             commvq_cache.encode_keys = functools.partial(default_encode, search=search)
-            layer_rows[search] = dict(ms=median_ms(run_layer, reps, cuda), kernels_ms=kernel_ms(run_layer, 2))
-            codes[search] = layer.codes[:, :, :n].clone()
-            log(f"{bits} bit, whole layer with {search}: {layer_rows[search]['ms']:.2f} ms")
+            commvq_cache.value_prep = lambda *a, prep=prep: prep(*a[:-1])  # the layer's use_triton left out
+            layer_rows[label] = dict(ms=median_ms(run_layer, reps, cuda), kernels_ms=kernel_ms(run_layer, 2))
+            codes[label], vbits[label] = layer.codes[:, :, :n].clone(), layer.vbits[:, :n].clone()
+            log(f"{bits} bit, whole layer, {label}: {layer_rows[label]['ms']:.2f} ms")
     finally:
         commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys = default_block, default_encode
+        commvq_cache.value_prep = default_prep
     layer_rows["rows_equal"] = (codes["split_h2"] == codes["split_dpx"]).all(-1).float().mean().item()
+    # the value bytes with the value_prep kernel equal to those with its PyTorch reference (bfloat16 roundings of
+    # sums taken in another order may flip a near-tied choice)
+    same = vbits["split_h2"] == vbits["split_h2_value_prep_pytorch"]
+    layer_rows["value_prep_value_bytes_equal"] = same.float().mean().item()
     cfg["layer_ms"] = dict(tokens=n, chunk=chunk, encode_precision="half", value_refine=0, **layer_rows)
     save()
 
@@ -154,6 +173,7 @@ def main() -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--sass", action="store_true", help="also count the sm_90 instructions (offline compile)")
+    ap.add_argument("--layer-only", action="store_true", help="only the whole layer (no key-search variants)")
     ap.add_argument("--smoke", action="store_true", help="a small shape on any device (no timing value)")
     ap.add_argument("--output", type=Path, required=True)
     args = ap.parse_args()
@@ -193,7 +213,7 @@ def main() -> int:
         save()
     for bits in args.bits:
         result["configs"][f"{bits}bit"] = {}
-        measure(bits, n, chunk, reps, device, result["configs"][f"{bits}bit"], log, save)
+        measure(bits, n, chunk, reps, device, result["configs"][f"{bits}bit"], log, save, args.layer_only)
     log(f"done; JSON in {args.output}")
     return 0
 

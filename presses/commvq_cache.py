@@ -48,6 +48,7 @@ from pressroom.kernels.commvq_attention import (
 from pressroom.kernels.commvq_codebook import check_pair_weights, from_interleaved, search_operands, to_interleaved
 from pressroom.kernels.commvq_encode import PRECISIONS, KeyTables, code_bytes, encode_keys, pack_bits
 from pressroom.kernels.commvq_value_codes import value_codes
+from pressroom.kernels.commvq_value_prep import value_prep
 from pressroom.kernels.rope_ring import resolve_use_triton
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec
 from pressroom.presses.sink_window_cache import PositionResolver, _text_config, rope_frequencies
@@ -421,12 +422,24 @@ class CommVQLayer(_CommVQLayerBase):
                     row_norms=None if row_norms is None else row_norms[b],
                 )
             self.knorm[:, lo:hi] = norms.to(torch.float16)
-            # [B, n, H * D] float32 in one pass (the cast and the transpose together)
-            v = torch.empty(self.batch, e - s, self.heads, values.shape[-1], dtype=torch.float32, device=values.device)
-            v.copy_(values[:, :, s:e].transpose(1, 2))
-            v = v.view(self.batch, e - s, -1)
-            with torch.no_grad(), _value_matmuls(self.encode_precision, v.device):
-                logits, prescale = self.codec.logits(v)
+            v = None
+            if self.value_refine or self.encode_precision != "half":
+                # [B, n, H * D] float32 in one pass (the cast and the transpose together)
+                shape = (self.batch, e - s, self.heads, values.shape[-1])
+                v = torch.empty(shape, dtype=torch.float32, device=values.device)
+                v.copy_(values[:, :, s:e].transpose(1, 2))
+                v = v.view(self.batch, e - s, -1)
+            with torch.no_grad(), _value_matmuls(self.encode_precision, values.device):
+                if self.encode_precision == "half":  # the encoder's input in one pass, in its matmuls' bfloat16
+                    norm = self.codec.norm1
+                    y, prescale = value_prep(
+                        values[:, :, s:e], self.codec.scale, self.codec.eps, norm.weight, norm.bias, norm.eps,
+                        torch.bfloat16, self._triton,
+                    )  # fmt: skip
+                    logits = self.codec.head(y)
+                    del y
+                else:
+                    logits, prescale = self.codec.logits(v)
                 # the arg-max choices as packed bytes and bits in one pass (a Triton kernel on CUDA)
                 packed, bits = value_codes(
                     logits, torch.uint8 if self.value_refine else self.codec.embedding.dtype, self._triton

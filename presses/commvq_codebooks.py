@@ -123,8 +123,12 @@ class ValueCodec(nn.Module):
         x = v.to(self.embedding.dtype) / (self.scale + self.eps)
         prescale = x.norm(dim=-1, keepdim=True)
         x = x / (prescale + self.eps)
-        x = self.out(self.act1(self.enc1(self.norm1(x))))
-        return x.unflatten(-1, (self.n_e, 4)), prescale
+        return self.head(self.norm1(x)), prescale
+
+    def head(self, y: torch.Tensor) -> torch.Tensor:
+        """Encoder logits ``[..., n_e, 4]`` from the layer norm's output ``y [..., feat_dim]`` (what
+        :func:`pressroom.kernels.commvq_value_prep.value_prep` computes in one pass): ``Linear -> GELU -> Linear``."""
+        return self.out(self.act1(self.enc1(y))).unflatten(-1, (self.n_e, 4))
 
     @staticmethod
     def choices_to_bits(onehot: torch.Tensor) -> torch.Tensor:
