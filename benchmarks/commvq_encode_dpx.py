@@ -89,6 +89,13 @@ def sass_counts(search: str, r: int = RESIDUALS[1]) -> dict:
     return {**{op: ops.get(op, 0) for op in (*LOOP_OPS, "HADD2.F32", "LDG")}, "total": sum(names.values())}
 
 
+def _without_use_triton(args: tuple) -> tuple:
+    """The cache's positional ``value_prep`` arguments without its last, ``use_triton`` (the benchmark chooses)."""
+    if len(args) != 8:
+        raise RuntimeError(f"CommVQLayer._encode now calls value_prep with {len(args)} positional arguments, not 8")
+    return args[:-1]
+
+
 def measure(
     bits: int, n: int, chunk: int, reps: int, device: torch.device, cfg: dict, log, save, layer_only: bool = False
 ) -> None:
@@ -150,7 +157,7 @@ def measure(
         commvq_cache.ENCODE_BLOCK = chunk
         for label, search, prep in runs:
             commvq_cache.encode_keys = functools.partial(default_encode, search=search)
-            commvq_cache.value_prep = lambda *a, prep=prep: prep(*a[:-1])  # the layer's use_triton left out
+            commvq_cache.value_prep = lambda *a, prep=prep: prep(*_without_use_triton(a))
             layer_rows[label] = dict(ms=median_ms(run_layer, reps, cuda), kernels_ms=kernel_ms(run_layer, 2))
             codes[label], vbits[label] = layer.codes[:, :, :n].clone(), layer.vbits[:, :n].clone()
             log(f"{bits} bit, whole layer, {label}: {layer_rows[label]['ms']:.2f} ms")

@@ -47,8 +47,9 @@ def value_prep_reference(
     """Plain-PyTorch :func:`value_prep`: ``x = v / (scale + eps)``, ``prescale = ||x||``, ``y = LayerNorm(x /
     (prescale + eps))`` in float32, then cast to ``out_dtype``."""
     b, h, n, d = _check(values, scale, weight, bias)
-    v = values.transpose(1, 2).reshape(b, n, h * d).float()
-    x = v / (scale.float() + eps)
+    v = torch.empty(b, n, h, d, dtype=torch.float32, device=values.device)
+    v.copy_(values.transpose(1, 2))  # the cast and the transpose in one pass
+    x = v.view(b, n, h * d) / (scale.float() + eps)
     prescale = x.norm(dim=-1, keepdim=True)
     x = x / (prescale + eps)
     y = torch.nn.functional.layer_norm(x, (h * d,), weight.float(), bias.float(), ln_eps)
@@ -78,9 +79,9 @@ if HAS_TRITON:
     ):
         # ROWS tokens per program, all F = H * D features of each: head f // D, element f % D
         pid = tl.program_id(0)
-        b = tl.program_id(1)
-        rows = pid * ROWS + tl.arange(0, ROWS)
-        f = tl.arange(0, BLOCK_F)
+        b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a long prompt's values pass 2^31 elements
+        rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        f = tl.arange(0, BLOCK_F).to(tl.int64)
         rmask = rows < n
         fmask = f < F
         mask = rmask[:, None] & fmask[None, :]
@@ -136,8 +137,9 @@ def value_prep(
     -------
     tuple of torch.Tensor
         ``y [B, n, H_kv * head_dim]`` in ``out_dtype`` and ``prescale [B, n, 1]`` float32. The kernel sums in
-        float32 in another order than PyTorch: equal to :func:`value_prep_reference` to float32 rounding (then
-        rounded to ``out_dtype``).
+        float32 in another order than PyTorch (and a GPU's square root and division are not the correctly rounded
+        ones): :func:`value_prep_reference` to a few float32 units in the last place, then rounded to
+        ``out_dtype``.
 
     Raises
     ------

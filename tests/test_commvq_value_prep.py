@@ -55,9 +55,26 @@ def test_kernel_equals_the_reference(rows):
         torch.testing.assert_close(pre, want_pre, rtol=1e-6, atol=0)
         if dtype == torch.float32:  # float32 sums in another order
             torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
-        else:  # then rounded to bfloat16: at most one unit in the last place apart
+        else:  # then rounded to bfloat16: one unit in the last place apart at most (plus float32 slack near zero)
             ulp = 2.0 ** (torch.floor(torch.log2(want.float().abs().clamp_min(1e-30))) - 7)
-            assert torch.all((y.float() - want.float()).abs() <= ulp)
+            assert torch.all((y.float() - want.float()).abs() <= ulp + 1e-5)
+
+
+def test_half_cache_codes_values_as_the_codecs_own_path():
+    """encode_precision="half" off Triton: the value bits and coefficients equal those of ValueCodec.logits on the
+    float32 values under the same bfloat16 autocast (the path before value_prep)."""
+    from pressroom.kernels.commvq_value_codes import value_codes
+
+    codec = _codec(seed=2)
+    values = torch.randn(1, 3, 24, 16)
+    v = values.transpose(1, 2).reshape(1, 24, 48)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        old_logits, old_pre = codec.logits(v)
+        y, pre = _prep(codec, values, torch.bfloat16, use_triton=False)
+        new_logits = codec.head(y)
+    assert torch.equal(pre, old_pre)
+    assert torch.equal(new_logits, old_logits)
+    assert torch.equal(value_codes(new_logits, torch.uint8, False)[0], value_codes(old_logits, torch.uint8, False)[0])
 
 
 def test_bad_input_is_refused():
