@@ -87,6 +87,9 @@ ablation)
 needles_qa)
   ablation=--ablation; [ "${ABLATION:-1}" = 0 ] && ablation=
   runs="${RUNS_DIR:-$out}/commvq_quality_runs_qa"
+  if [ "${PARALLEL:-0}" != 1 ] || [ "${FP16:-1}" != only ]; then  # checked before anything starts in the background
+    : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
+  fi
   qa() {  # one commvq_quality.py process: $1 the JSON's name, then its own options
     local name=$1; shift
     python3 benchmarks/commvq_quality.py --bits 2 --n-sink 4 --needle-samples "${NEEDLE_SAMPLES:-12}" \
@@ -97,9 +100,6 @@ needles_qa)
     # one process per setting (and one for fp16 unless FP16=0), all on the one GPU: the 4k needle runs are bound by
     # the host (a decode step is ~30 small launches per layer), so they overlap almost perfectly; their timings are
     # then those of a shared GPU. Logs go to $runs/*.log.
-    if [ "${FP16:-1}" != only ]; then  # before anything starts in the background
-      : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
-    fi
     mkdir -p "$runs"
     pids=()
     if [ "${FP16:-1}" != 0 ]; then
@@ -119,7 +119,6 @@ needles_qa)
     tail -n 3 "$runs"/*.log || true
     exit $rc
   fi
-  : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
   qa commvq_quality_2bit_query_aware.json --codebooks-2 "$CODEBOOKS/2bit/$method" $ablation \
     --exact-layers ${EXACT_LAYERS:-none}
   ;;

@@ -31,7 +31,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from pressroom.kernels.f16x2 import _f16_halves, _f16_pack, _hadd2, _hmin2, _i16_halves, _viaddmin2
+    from pressroom.kernels.f16x2 import _f16_halves, _f16_pack, _hadd2, _hmin2, _i16_halves, _i16_pack, _viaddmin2
 
 _BIT_WEIGHTS = (1 << torch.arange(8)).to(torch.uint8)
 # "split_h2": the largest codebook term (|K|, ||u||^2, ||w||^2) and key-side bound (||w||^2 + 2 ||x|| ||w||) let
@@ -613,7 +613,7 @@ if HAS_TRITON:
                     q_inv = tl.load(qs_ptr + step * 3 + 1)
                     q_clamp = tl.load(qs_ptr + step * 3 + 2)
                     gq = tl.minimum(tl.maximum(tl.floor(g * q_inv + 0.5), -q_clamp), q_clamp).to(tl.int32)
-                    gpack = (gq & 0xFFFF) | (gq << 16)
+                    gpack = _i16_pack(gq, gq)
                 else:
                     g16 = g.to(tl.float16)
                     gpack = _f16_pack(g16, g16)
@@ -929,9 +929,9 @@ def encode_keys(
             tables.check_h2_keys(key_norm_bound)
         else:  # the fixed-point step (ValueError for a bound that is not positive)
             tables.split_i16_tables(key_norm_bound)
-    sums = "i16" if search == "split_dpx" else "f16"
     if not triton_path:
         if paired:
+            sums = "i16" if search == "split_dpx" else "f16"
             out.copy_(encode_keys_split_h2_reference(x, thetas, tables, dot_dtype, sums, key_norm_bound))
         else:
             out.copy_(encode_keys_reference(x, thetas))
@@ -943,7 +943,7 @@ def encode_keys(
         raise ValueError("maxnreg is an NVIDIA (ptxas) launch option; this PyTorch build targets ROCm.")
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
-    native_dpx = dpx_native(x.device)
+    native_dpx = search == "split_dpx" and dpx_native(x.device)
     meta, (num_warps, num_stages) = encode_meta(
         d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll, wide_lanes, row_norms is not None, native_dpx
     )

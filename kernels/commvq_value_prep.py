@@ -35,6 +35,27 @@ def _check(values: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias
     return b, h, n, d
 
 
+def values_by_token(values: torch.Tensor) -> torch.Tensor:
+    """The cache's values ``[B, H_kv, n, head_dim]`` as float32 ``[B, n, H_kv * head_dim]`` (a token's heads together),
+    the cast and the transpose in one pass."""
+    b, h, n, d = values.shape
+    v = torch.empty(b, n, h, d, dtype=torch.float32, device=values.device)
+    v.copy_(values.transpose(1, 2))
+    return v.view(b, n, h * d)
+
+
+def normalized_features(
+    v: torch.Tensor, scale: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor, ln_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value encoder's steps before its first matmul on ``v [..., F]``: ``x = v / (scale + eps)``, ``prescale =
+    ||x||`` ``[..., 1]``, ``y = LayerNorm(x / (prescale + eps))``; returns ``(y, prescale)`` (differentiable: the
+    codec's own forward, :meth:`pressroom.presses.commvq_codebooks.ValueCodec.logits`)."""
+    x = v / (scale + eps)
+    prescale = x.norm(dim=-1, keepdim=True)
+    y = torch.nn.functional.layer_norm(x / (prescale + eps), (v.shape[-1],), weight, bias, ln_eps)
+    return y, prescale
+
+
 def value_prep_reference(
     values: torch.Tensor,
     scale: torch.Tensor,
@@ -46,13 +67,9 @@ def value_prep_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch :func:`value_prep`: ``x = v / (scale + eps)``, ``prescale = ||x||``, ``y = LayerNorm(x /
     (prescale + eps))`` in float32, then cast to ``out_dtype``."""
-    b, h, n, d = _check(values, scale, weight, bias)
-    v = torch.empty(b, n, h, d, dtype=torch.float32, device=values.device)
-    v.copy_(values.transpose(1, 2))  # the cast and the transpose in one pass
-    x = v.view(b, n, h * d) / (scale.float() + eps)
-    prescale = x.norm(dim=-1, keepdim=True)
-    x = x / (prescale + eps)
-    y = torch.nn.functional.layer_norm(x, (h * d,), weight.float(), bias.float(), ln_eps)
+    _check(values, scale, weight, bias)
+    params = (scale.float(), eps, weight.float(), bias.float(), ln_eps)
+    y, prescale = normalized_features(values_by_token(values), *params)
     return y.to(out_dtype), prescale
 
 
@@ -166,4 +183,4 @@ def value_prep(
     return y, prescale
 
 
-__all__ = ["value_prep", "value_prep_reference"]
+__all__ = ["normalized_features", "value_prep", "value_prep_reference", "values_by_token"]

@@ -62,6 +62,11 @@ if HAS_TRITON:
         return (z << 16) >> 16, z >> 16
 
     @triton.jit
+    def _i16_pack(lo, hi):
+        """Two int32 tensors (values in int16's range) -> int32 lanes (low, high): inverse of :func:`_i16_halves`."""
+        return (lo & 0xFFFF) | (hi << 16)
+
+    @triton.jit
     def _viaddmin2(a, b, c, NATIVE: tl.constexpr):
         """Lane-wise ``min(a + b, c)`` of signed int16 pairs packed in int32 (sums must stay in int16's range): one
         DPX ``VIADDMNMX`` on sm_90 when ``NATIVE`` (``add.s16x2`` then ``min.s16x2``, as CUDA's
@@ -83,9 +88,7 @@ if HAS_TRITON:
             # the sums wrap at 16 bits, as add.s16x2 (callers keep them in range; a test would see them wrap)
             slo = ((alo + blo) << 16) >> 16
             shi = ((ahi + bhi) << 16) >> 16
-            lo = tl.minimum(slo, clo)
-            hi = tl.minimum(shi, chi)
-            return (lo & 0xFFFF) | (hi << 16)
+            return _i16_pack(tl.minimum(slo, clo), tl.minimum(shi, chi))
 
     @triton.jit
     def _f16_halves(z):

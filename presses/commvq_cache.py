@@ -48,7 +48,7 @@ from pressroom.kernels.commvq_attention import (
 from pressroom.kernels.commvq_codebook import check_pair_weights, from_interleaved, search_operands, to_interleaved
 from pressroom.kernels.commvq_encode import PRECISIONS, KeyTables, code_bytes, encode_keys, pack_bits
 from pressroom.kernels.commvq_value_codes import value_codes
-from pressroom.kernels.commvq_value_prep import value_prep
+from pressroom.kernels.commvq_value_prep import value_prep, values_by_token
 from pressroom.kernels.rope_ring import resolve_use_triton
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec
 from pressroom.presses.sink_window_cache import PositionResolver, _text_config, rope_frequencies
@@ -422,13 +422,8 @@ class CommVQLayer(_CommVQLayerBase):
                     row_norms=None if row_norms is None else row_norms[b],
                 )
             self.knorm[:, lo:hi] = norms.to(torch.float16)
-            v = None
-            if self.value_refine or self.encode_precision != "half":
-                # [B, n, H * D] float32 in one pass (the cast and the transpose together)
-                shape = (self.batch, e - s, self.heads, values.shape[-1])
-                v = torch.empty(shape, dtype=torch.float32, device=values.device)
-                v.copy_(values[:, :, s:e].transpose(1, 2))
-                v = v.view(self.batch, e - s, -1)
+            # [B, n, H * D] float32, for the float32 encoder and the refinement ("half" reads the values in place)
+            v = values_by_token(values[:, :, s:e]) if self.value_refine or self.encode_precision != "half" else None
             with torch.no_grad(), _value_matmuls(self.encode_precision, values.device):
                 if self.encode_precision == "half":  # the encoder's input in one pass, in its matmuls' bfloat16
                     norm = self.codec.norm1

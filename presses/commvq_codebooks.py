@@ -44,6 +44,7 @@ from torch import nn
 from pressroom.kernels.commvq_codebook import THETA_ROWS, centers_from_theta, check_pair_weights
 from pressroom.kernels.commvq_refine import refine_value_bits
 from pressroom.kernels.commvq_value_codes import choices_to_bits
+from pressroom.kernels.commvq_value_prep import normalized_features
 
 NATIVE_CONFIG = "commvq.json"
 NATIVE_KEYS = "keys.safetensors"
@@ -120,10 +121,9 @@ class ValueCodec(nn.Module):
     def logits(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder logits ``[..., n_e, 4]`` and ``prescale [..., 1]`` (norm of the scaled value)."""
         self._check(v)
-        x = v.to(self.embedding.dtype) / (self.scale + self.eps)
-        prescale = x.norm(dim=-1, keepdim=True)
-        x = x / (prescale + self.eps)
-        return self.head(self.norm1(x)), prescale
+        n = self.norm1
+        y, prescale = normalized_features(v.to(self.embedding.dtype), self.scale, self.eps, n.weight, n.bias, n.eps)
+        return self.head(y), prescale
 
     def head(self, y: torch.Tensor) -> torch.Tensor:
         """Encoder logits ``[..., n_e, 4]`` from the layer norm's output ``y [..., feat_dim]`` (what
