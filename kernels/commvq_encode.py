@@ -269,8 +269,9 @@ class KeyTables:
         The step ``s = (max |K| + G) / 32766`` with ``G = max ||w_B||^2 + 2 key_norm_bound max ||w_B||``, the
         largest ``|g_B|`` of a residual of norm ``key_norm_bound``; ``c = 32766 - max |Kq|`` clamps ``gq``, so every
         sum ``Kq + gq`` stays inside int16 (a residual past the bound saturates its ``g_B``, it never wraps). For
-        normalized keys (norm 1 per token over all heads) ``s`` is about ``1e-4`` (``1.4e-4`` at most in our
-        codebooks), finer than float16 for sums past about 0.25.
+        normalized keys (``key_norm_bound=1``) and SmolLM2's 2-bit codebooks ``s`` runs from ``6e-7`` to ``1.4e-4``
+        over layers, heads and steps (median ``2e-6``; the 1,000-step codebooks of
+        ``benchmarks/results/commvq_smollm2_2bit_train_v1000.json``): no coarser than float16 for sums past 0.25.
         """
         key_norm_bound = float(key_norm_bound)
         if not key_norm_bound > 0:
@@ -839,7 +840,7 @@ def encode_keys(
         ``"split"``: near-ties in ``A`` may go another way (:func:`encode_keys_split_h2_reference` rounds the same;
         it is also what runs without Triton). Needs normalized keys (``ValueError`` otherwise).
         ``"split_dpx"``: the split search with those sums in int16 fixed point (:meth:`KeyTables.split_i16_tables`:
-        a step of about ``1e-4`` for normalized keys, ``g_B`` saturating past ``key_norm_bound``), one fused add-min
+        a step of ``1.4e-4`` at most for normalized keys, ``g_B`` saturating past ``key_norm_bound``), one fused add-min
         per two candidates (sm_90 DPX ``VIADDMNMX``; integer operations on older GPUs);
         ``encode_keys_split_h2_reference(..., sums="i16")`` rounds the same. Not faster on an H200 (2.71-3.07 ms
         against 2.78 ms per 32k-token chunk at 1 bit: ``benchmarks/results/commvq_encode_dpx.json``): an option.
