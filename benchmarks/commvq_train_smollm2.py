@@ -3,8 +3,9 @@
 SmolLM2-135M-Instruct (30 layers, 3 KV heads, head_dim 64): key bits are ``12 R / 64``, so R=11 gives 2.06 bits and
 R=5 gives 0.94 bits ("1 bit"). The steps are the ``pressroom-train commvq`` steps, called in-process:
 
-1. collect pre-RoPE KV of the essays' training split (keys, values, queries) and of the held-out split (keys,
-   values), in ``--seq-len`` sequences, capped at ``--train-tokens`` / ``--heldout-tokens``;
+1. collect pre-RoPE KV of the training split of ``--train-corpus`` (default the essays; keys, values, queries) and of
+   the essays' held-out split (keys, values), in ``--seq-len`` sequences, capped at ``--train-tokens`` /
+   ``--heldout-tokens``;
 2. per bit width: EM key codebooks for every layer, value codecs for every layer, native codebook, held-out
    relative MSE per layer (keys and values);
 3. per bit width: E2E key codebooks for every layer, held-out relative MSE per layer;
@@ -35,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--bits", default="2,1")
     p.add_argument("--methods", default="em,e2e")
+    p.add_argument(
+        "--train-corpus",
+        default="pg_essays",
+        help="the codebooks' training text: a corpus of pressroom.evaluation.corpora.load_corpus, its train split "
+        "(default pg_essays; e.g. pg_essays+DIR adds a folder of .txt files after the essays, such as the novels of "
+        "benchmarks/export_austen.py); the held-out MSE is always on the essays' held-out split",
+    )
     p.add_argument("--train-tokens", type=int, default=65536)
     p.add_argument("--heldout-tokens", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=2048)
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton": triton.__version__,
         "transformers": transformers.__version__,
         "model": args.model,
-        "corpus": "pg_essays (train split for codebooks, heldout split for the MSE)",
+        "corpus": f"{args.train_corpus} (train split for codebooks); pg_essays (heldout split for the MSE)",
         "caps": {
             "train_tokens": args.train_tokens,
             "heldout_tokens": args.heldout_tokens,
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model, device=device)
     result["phases"]["model_load_s"] = time.time() - t0
     t0 = time.time()
-    collect(model, tok, work, "pg_essays", "train", args.train_tokens, args.seq_len, True, args.model)
+    collect(model, tok, work, args.train_corpus, "train", args.train_tokens, args.seq_len, True, args.model)
     collect(model, tok, work, "pg_essays", "heldout", args.heldout_tokens, args.seq_len, False, args.model)
     meta = read_meta(work / "kv" / "train")
     result["collected"] = {

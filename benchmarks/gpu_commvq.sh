@@ -156,10 +156,11 @@ train)
   # the 2-bit EM codebooks of the needle runs, written to $CODEBOOKS (default /tmp/pressroom-cb) and sent back as
   # 15 MB parts (a file from $OUT may hold 16 MB): cat "$OUT"/commvq_codebooks.tgz.part-* | tar xz
   cb=${CODEBOOKS:-/tmp/pressroom-cb}
+  # TRAIN_CORPUS: the training text (default pg_essays; e.g. pg_essays+.corpora/austen), TAG: a suffix of the JSON
   python3 benchmarks/commvq_train_smollm2.py --bits ${BITS:-2} --methods em --train-tokens "${TRAIN_TOKENS:-32768}" \
-    --heldout-tokens 8192 --em-steps 25 --value-steps "${VALUE_STEPS:-1000}" --value-window "${VALUE_WINDOW:-256}" \
-    --deadline-s "${DEADLINE_S:-420}" \
-    --output "$out/commvq_smollm2_$([ "${BITS:-2}" = 2 ] && echo 2bit_)train.json" --codebooks "$cb"
+    --train-corpus "${TRAIN_CORPUS:-pg_essays}" --heldout-tokens 8192 --em-steps 25 --value-steps "${VALUE_STEPS:-1000}" \
+    --value-window "${VALUE_WINDOW:-256}" --deadline-s "${DEADLINE_S:-420}" \
+    --output "$out/commvq_smollm2_$([ "${BITS:-2}" = 2 ] && echo 2bit_)train${TAG:+_$TAG}.json" --codebooks "$cb"
   tar czf - -C "$(dirname "$cb")" "$(basename "$cb")" | split -b 15m - "$out/commvq_codebooks.tgz.part-"
   ;;
 profile) python3 benchmarks/commvq_scores_profile.py --keep-csv --output "$out/commvq_scores_profile.json" ;;

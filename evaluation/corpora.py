@@ -6,6 +6,11 @@
   The split is deterministic and by document: the essays sorted by file name, every fifth one
   (index % 5 == 4) held out, the rest for training. ``split="all"`` gives every essay.
 - ``wikitext-103`` and ``pg19``: from the Hub through ``datasets`` (network or a warm HF cache needed).
+- a folder of ``.txt`` files (its path): one document per file, split as the essays (sorted by name, every fifth
+  held out). ``benchmarks/export_austen.py`` writes Jane Austen's six novels (Debian's ``r-cran-janeaustenr``) to
+  such a folder, for calibration text beyond the essays.
+- a mix ``"a+b"`` of the above: each part's documents of the split, in order (e.g. ``"pg_essays+/data/austen"``: the
+  essays first, then the novels; with ``max_tokens`` the later parts fill what the first leaves).
 """
 
 from __future__ import annotations
@@ -43,7 +48,23 @@ def _check_split(split: str) -> None:
 
 
 def _pg_essays(split: str) -> list[str]:
-    files = sorted(pg_essays_dir().glob("*.txt"))
+    return _text_files(sorted(pg_essays_dir().glob("*.txt")), split)
+
+
+def _text_folder(path: Path, split: str) -> list[str]:
+    files = sorted(path.glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"Corpus folder {path} has no .txt files (one document per file).")
+    docs = _text_files(files, split)
+    if not docs:
+        raise ValueError(
+            f"Corpus folder {path} has {len(files)} .txt file(s), none in the {split!r} split (every "
+            f"{HELDOUT_EVERY}th file by name is held out): add files or use split='all'."
+        )
+    return docs
+
+
+def _text_files(files: list[Path], split: str) -> list[str]:
     docs = []
     for i, path in enumerate(files):
         heldout = i % HELDOUT_EVERY == HELDOUT_EVERY - 1
@@ -73,16 +94,27 @@ def load_corpus(name: str = PG_ESSAYS, split: str = "all") -> list[str]:
     Parameters
     ----------
     name : str
-        ``"pg_essays"`` (embedded), ``"wikitext-103"`` or ``"pg19"`` (Hub).
+        ``"pg_essays"`` (embedded), ``"wikitext-103"`` or ``"pg19"`` (Hub), the path of a folder of ``.txt`` files,
+        or several of these joined by ``"+"`` (their documents in that order).
     split : str
         ``"train"``, ``"heldout"`` or ``"all"``.
     """
     _check_split(split)
+    if "+" in name and not Path(name).expanduser().is_dir():
+        parts = name.split("+")
+        if any(not p for p in parts):
+            raise ValueError(f"Corpus mix {name!r} has an empty part; write e.g. 'pg_essays+/path/to/folder'.")
+        return [doc for part in parts for doc in load_corpus(part, split)]
     if name == PG_ESSAYS:
         return _pg_essays(split)
     if name in HUB_CORPORA:
         return _hub_corpus(name, split)
-    raise ValueError(f"Unknown corpus {name!r}; choose one of {', '.join(corpus_names())}.")
+    if Path(name).expanduser().is_dir():
+        return _text_folder(Path(name).expanduser(), split)
+    raise ValueError(
+        f"Unknown corpus {name!r}; choose one of {', '.join(corpus_names())}, a folder of .txt files, or a mix of "
+        "them joined by '+'."
+    )
 
 
 def corpus_text(name: str = PG_ESSAYS, split: str = "all", separator: str = "\n\n") -> str:
