@@ -34,6 +34,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from pressroom.evaluation.atomic import atomic_write_json
+from pressroom.kernels.commvq_beam import check_beam
 from pressroom.presses.commvq_ablation_press import CommVQAblationPress
 from pressroom.presses.commvq_cache import check_exact_layers
 from pressroom.presses.commvq_codebooks import CommVQCodebooks
@@ -68,9 +69,9 @@ def mixes(
         out[name] = (rest, rest)
         out[f"{name}_keys_exact"] = (rest, every)
         out[f"{name}_values_exact"] = (every, rest)
+    out.update({"all_keys": (every, ()), "all_values": ((), every)})
     if only_keep:
         return out
-    out.update({"all_keys": (every, ()), "all_values": ((), every)})
     for i in every:
         out[f"layer{i}"] = ((i,), (i,))
     for i in every:  # what keeping one layer exact recovers
@@ -102,7 +103,17 @@ def main() -> None:
         default=[],
         help="sets of layers left exact, every other coded: layer indices joined by '+' (e.g. 18 18+23)",
     )
-    ap.add_argument("--only-keep", action="store_true", help="only the --keep mixes (and exact / all coded)")
+    ap.add_argument(
+        "--only-keep", action="store_true", help="only the --keep mixes (and exact / all coded / all keys / all values)"
+    )
+    ap.add_argument(
+        "--key-beam",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="key encoder beams (CommVQPress key_beam), one coded cache each; the mixes of a beam other than 1 are "
+        "named with _beam<k> (default 1: the greedy search)",
+    )
     ap.add_argument("--output", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny random model, random codebooks, CPU")
     args = ap.parse_args()
@@ -129,7 +140,16 @@ def main() -> None:
     books.validate(model.config)
     n_layers = model.config.num_hidden_layers
     keep = [check_exact_layers(k, n_layers) for k in args.keep]
-    plan = mixes(n_layers, args.group_size, keep, args.only_keep)
+    base = mixes(n_layers, args.group_size, keep, args.only_keep)
+    for beam in args.key_beam:
+        check_beam(beam)
+    # name -> (keys coded, values coded, beam); the exact mix once
+    plan = {
+        name + ("" if beam == 1 else f"_beam{beam}"): (*sides, beam)
+        for beam in dict.fromkeys(args.key_beam)
+        for name, sides in base.items()
+        if name != "exact" or beam == args.key_beam[0]
+    }
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -141,7 +161,8 @@ def main() -> None:
         "bits": args.bits,
         "n_sink": args.n_sink,
         "encode_precision": args.encode_precision,
-        "mixes": {k: {"keys_coded": list(v[0]), "values_coded": list(v[1])} for k, v in plan.items()},
+        "key_beam": list(dict.fromkeys(args.key_beam)),
+        "mixes": {k: {"keys_coded": list(v[0]), "values_coded": list(v[1]), "key_beam": v[2]} for k, v in plan.items()},
         "samples": [],
     }
     if args.output.exists():  # resume: keep the samples already measured with the same settings
@@ -165,22 +186,25 @@ def main() -> None:
         answer_ids = tok(" " + ", ".join(answers), add_special_tokens=False, return_tensors="pt").input_ids
         follow = torch.cat((prefix, answer_ids.to(model.device)), dim=1)
         with torch.no_grad():
-            exact, coded = DynamicCache(), DynamicCache()
+            exact = DynamicCache()
             model(ctx, past_key_values=exact)
-            press = CommVQAblationPress(
-                codebooks=books, bits=args.bits, n_sink=args.n_sink, coded="both",
-                encode_precision=args.encode_precision,
-            )  # fmt: skip
-            with press(model):
-                model(ctx, past_key_values=coded)
             ex = [(layer.keys, layer.values) for layer in exact.layers]
-            co = [(layer.keys, layer.values) for layer in coded.layers]
+            co = {}
+            for beam in dict.fromkeys(args.key_beam):
+                coded = DynamicCache()
+                press = CommVQAblationPress(
+                    codebooks=books, bits=args.bits, n_sink=args.n_sink, coded="both",
+                    encode_precision=args.encode_precision, key_beam=beam,
+                )  # fmt: skip
+                with press(model):
+                    model(ctx, past_key_values=coded)
+                co[beam] = [(layer.keys, layer.values) for layer in coded.layers]
             nll = {}
-            for name, (keys_coded, values_coded) in plan.items():
+            for name, (keys_coded, values_coded, beam) in plan.items():
                 kv = []
                 for i in range(n_layers):
-                    k = co[i][0] if i in keys_coded else ex[i][0]
-                    v = co[i][1] if i in values_coded else ex[i][1]
+                    k = co[beam][i][0] if i in keys_coded else ex[i][0]
+                    v = co[beam][i][1] if i in values_coded else ex[i][1]
                     kv.append((k, v))
                 nll[name] = answer_nll(model, kv, follow, answer_ids.shape[1])
         result["samples"].append(
