@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from pressroom.evaluation.atomic import atomic_write_json
+from pressroom.kernels.commvq_beam import check_beam
 from pressroom.kernels.commvq_encode import PRECISIONS
 from pressroom.presses import CommVQCache, CommVQPress
 from pressroom.presses.commvq_ablation_press import SIDES, CommVQAblationPress
@@ -159,6 +160,13 @@ def main() -> None:
         help="CommVQ exact_layers settings to run: 'none' (every layer coded) or layer indices joined by '+' "
         "(e.g. 18 or 15+18), kept in full precision",
     )
+    ap.add_argument(
+        "--key-beam",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="CommVQ key_beam settings to run (code sequences kept per key by the key encoder; 1: the greedy search)",
+    )
     ap.add_argument("--skip-ppl", action="store_true", help="needles only (e.g. a second job)")
     ap.add_argument(
         "--needles-of",
@@ -206,6 +214,7 @@ def main() -> None:
         "commvq_n_sink": args.n_sink,
         "commvq_value_refine": args.value_refine,
         "commvq_encode_precision": args.encode_precision,
+        "commvq_key_beam": args.key_beam,
         "needles_query_aware": args.query_aware,
         "perplexity": {"context": args.context, "eval_tokens_per_segment": args.eval, "segments": args.segments},
         "needles": {},
@@ -225,28 +234,35 @@ def main() -> None:
         books[bits].validate(model.config)
     result["codebooks"] = {str(b): {"R": bk.residuals, "key_bits": bk.key_bits} for b, bk in books.items()}
 
-    def commvq_name(bits: int, n_sink: int, refine: int, precision: str = "ieee", exact: tuple = ()) -> str:
+    def commvq_name(
+        bits: int, n_sink: int, refine: int, precision: str = "ieee", exact: tuple = (), beam: int = 1
+    ) -> str:
         name = f"commvq_{bits}bit" + (f"_sink{n_sink}" if n_sink else "")
         name += f"_refine{refine}" if refine != DEFAULT_VALUE_REFINE else ""
         name += f"_{precision}" if precision != "ieee" else ""
+        name += f"_beam{beam}" if beam != 1 else ""
         return name + (f"_exact{'+'.join(map(str, exact))}" if exact else "")
 
     exact_settings = [
         () if e == "none" else check_exact_layers(e, model.config.num_hidden_layers) for e in args.exact_layers
     ]
+    for kb in args.key_beam:
+        check_beam(kb)
     settings = [
-        (b, ns, vr, ep, ex)
+        (b, ns, vr, ep, ex, kb)
         for b in args.bits
         for ns in args.n_sink
         for vr in args.value_refine
         for ep in args.encode_precision
         for ex in exact_settings
+        for kb in args.key_beam
     ]
     caches = {"fp16": lambda: None}
-    for b, ns, vr, ep, ex in settings:
-        caches[commvq_name(b, ns, vr, ep, ex)] = lambda b=b, ns=ns, vr=vr, ep=ep, ex=ex: CommVQCache(
-            model.config, books[b], bits=b, window=128, n_sink=ns, value_refine=vr, encode_precision=ep, exact_layers=ex
-        )
+    for b, ns, vr, ep, ex, kb in settings:
+        caches[commvq_name(b, ns, vr, ep, ex, kb)] = lambda b=b, ns=ns, vr=vr, ep=ep, ex=ex, kb=kb: CommVQCache(
+            model.config, books[b], bits=b, window=128, n_sink=ns, value_refine=vr, encode_precision=ep,
+            exact_layers=ex, key_beam=kb,
+        )  # fmt: skip
     for b in () if args.skip_hqq else args.bits:
         caches[f"hqq_{b}bit"] = lambda b=b: quantized_cache(model, b, min(64, head_dim))
     if not args.skip_ppl:
@@ -293,11 +309,12 @@ def main() -> None:
         query_aware=args.query_aware,
     )
     presses: list[tuple[str, CommVQPress | None]] = [("fp16", None)] if args.needles_of != "commvq" else []
-    for b, ns, vr, ep, ex in settings:
-        kw = dict(codebooks=books[b], bits=b, window=128, n_sink=ns, value_refine=vr, encode_precision=ep)
-        presses.append((commvq_name(b, ns, vr, ep, ex), CommVQPress(**kw, exact_layers=ex)))
+    for b, ns, vr, ep, ex, kb in settings:
+        kw = dict(codebooks=books[b], bits=b, window=128, n_sink=ns, value_refine=vr, encode_precision=ep, key_beam=kb)
+        presses.append((commvq_name(b, ns, vr, ep, ex, kb), CommVQPress(**kw, exact_layers=ex)))
         for side in SIDES if args.ablation and not ex else ():
-            presses.append((f"{commvq_name(b, ns, vr, ep)}_{side}_only", CommVQAblationPress(**kw, coded=side)))
+            name = f"{commvq_name(b, ns, vr, ep, beam=kb)}_{side}_only"
+            presses.append((name, CommVQAblationPress(**kw, coded=side)))
     for name, press in presses:
         sink = f",n_sink={press.n_sink}" if press is not None and press.n_sink else ""
         sink += f",value_refine={press.value_refine}" if press is not None else ""
@@ -305,6 +322,8 @@ def main() -> None:
             sink += f",encode_precision={press.encode_precision}"
         if press is not None and press.exact_layers:
             sink += f",exact_layers={'+'.join(map(str, press.exact_layers))}"
+        if press is not None and press.key_beam != 1:
+            sink += f",key_beam={press.key_beam}"
         if press is None:
             spec = "no_press"
         elif isinstance(press, CommVQAblationPress):
