@@ -114,6 +114,14 @@ def main() -> None:
         help="key encoder beams (CommVQPress key_beam), one coded cache each; the mixes of a beam other than 1 are "
         "named with _beam<k> (default 1: the greedy search)",
     )
+    ap.add_argument(
+        "--pin-ratio",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="CommVQPress pin_ratio settings (shares of the prefill kept exact by the observation window's attention), "
+        "one coded cache each with every --key-beam; mixes of a ratio other than 0 are named with _pin<ratio>",
+    )
     ap.add_argument("--output", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny random model, random codebooks, CPU")
     args = ap.parse_args()
@@ -143,12 +151,13 @@ def main() -> None:
     base = mixes(n_layers, args.group_size, keep, args.only_keep)
     for beam in args.key_beam:
         check_beam(beam)
-    # name -> (keys coded, values coded, beam); the exact mix once
+    # the coded caches: (key beam, pin ratio); name -> (keys coded, values coded, variant); the exact mix once
+    variants = [(b, p) for b in dict.fromkeys(args.key_beam) for p in dict.fromkeys(args.pin_ratio)]
     plan = {
-        name + ("" if beam == 1 else f"_beam{beam}"): (*sides, beam)
-        for beam in dict.fromkeys(args.key_beam)
+        name + ("" if beam == 1 else f"_beam{beam}") + ("" if not pin else f"_pin{pin:g}"): (*sides, (beam, pin))
+        for beam, pin in variants
         for name, sides in base.items()
-        if name != "exact" or beam == args.key_beam[0]
+        if name != "exact" or (beam, pin) == variants[0]
     }
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -162,7 +171,11 @@ def main() -> None:
         "n_sink": args.n_sink,
         "encode_precision": args.encode_precision,
         "key_beam": list(dict.fromkeys(args.key_beam)),
-        "mixes": {k: {"keys_coded": list(v[0]), "values_coded": list(v[1]), "key_beam": v[2]} for k, v in plan.items()},
+        "pin_ratio": list(dict.fromkeys(args.pin_ratio)),
+        "mixes": {
+            k: {"keys_coded": list(v[0]), "values_coded": list(v[1]), "key_beam": v[2][0], "pin_ratio": v[2][1]}
+            for k, v in plan.items()
+        },
         "samples": [],
     }
     if args.output.exists():  # resume: keep the samples already measured with the same settings
@@ -190,21 +203,21 @@ def main() -> None:
             model(ctx, past_key_values=exact)
             ex = [(layer.keys, layer.values) for layer in exact.layers]
             co = {}
-            for beam in dict.fromkeys(args.key_beam):
+            for beam, pin in variants:
                 coded = DynamicCache()
                 press = CommVQAblationPress(
                     codebooks=books, bits=args.bits, n_sink=args.n_sink, coded="both",
-                    encode_precision=args.encode_precision, key_beam=beam,
+                    encode_precision=args.encode_precision, key_beam=beam, pin_ratio=pin,
                 )  # fmt: skip
                 with press(model):
                     model(ctx, past_key_values=coded)
-                co[beam] = [(layer.keys, layer.values) for layer in coded.layers]
+                co[beam, pin] = [(layer.keys, layer.values) for layer in coded.layers]
             nll = {}
-            for name, (keys_coded, values_coded, beam) in plan.items():
+            for name, (keys_coded, values_coded, variant) in plan.items():
                 kv = []
                 for i in range(n_layers):
-                    k = co[beam][i][0] if i in keys_coded else ex[i][0]
-                    v = co[beam][i][1] if i in values_coded else ex[i][1]
+                    k = co[variant][i][0] if i in keys_coded else ex[i][0]
+                    v = co[variant][i][1] if i in values_coded else ex[i][1]
                     kv.append((k, v))
                 nll[name] = answer_nll(model, kv, follow, answer_ids.shape[1])
         result["samples"].append(

@@ -289,6 +289,7 @@ class CommVQLayer(_CommVQLayerBase):
         self.window = int(window)
         self.n_sink = int(n_sink)
         self.nsink = 0  # sink tokens held, in window slots [0, nsink)
+        self.npin = 0  # pinned prefill tokens (load_prefill's pin), in window slots [nsink, nsink + npin)
         self.flush_chunk = int(flush_chunk)
         self.mode = mode
         self.use_triton = use_triton
@@ -484,7 +485,7 @@ class CommVQLayer(_CommVQLayerBase):
         q = keys_il.shape[2]
         if q == 0:
             return
-        s = self.nsink
+        s = self.nsink + self.npin  # the recent tokens' slots start after the sinks and the pinned tokens
         recent = self.nw - s
         total = recent + q
         n_flush = 0
@@ -614,12 +615,16 @@ class CommVQLayer(_CommVQLayerBase):
         cos: torch.Tensor,
         sin: torch.Tensor,
         index: torch.Tensor | None = None,
+        pin: torch.Tensor | None = None,
     ) -> None:
         """Fill an empty layer from rotated prefill keys ``[B, H, n, D]`` (``cos``/``sin`` of the whole prefill).
 
         ``index`` (``[B, H, n]`` int64), when given, is the prefill position of each kept key (a per-head eviction
         press kept different tokens per head): every kept token is then coded, with per-head positions. Without it
         the keys are the whole prefill, at positions ``0..n-1``: the last ``window`` tokens stay in full precision.
+        ``pin`` (int64 ``[k]``, distinct prefill positions from ``n_sink`` to ``n - window - 1``, without
+        ``index``): tokens kept in full precision for good, in window slots after the sinks (the window's buffers
+        grow by ``k`` slots; :class:`~pressroom.presses.CommVQPress`'s ``pin_ratio`` picks them).
         """
         if self.seen:
             raise ValueError("load_prefill needs an empty CommVQLayer.")
@@ -629,7 +634,13 @@ class CommVQLayer(_CommVQLayerBase):
         if index is None:
             n = keys.shape[2]
             raw = to_interleaved(_unrotate(keys, cos, sin))
-            self._commit(raw, values, torch.arange(n, device=self.device, dtype=torch.int32))
+            pos = torch.arange(n, device=self.device, dtype=torch.int32)
+            if pin is not None and pin.numel():
+                self._pin_prefill(raw, values, pos, pin)
+            else:
+                self._commit(raw, values, pos)
+        elif pin is not None:
+            raise ValueError("load_prefill: pin needs the whole prefill (no index of kept tokens).")
         else:
             b, h, n = index.shape
             gather = index[..., None].expand(b, h, n, cos.shape[-1])
@@ -639,18 +650,54 @@ class CommVQLayer(_CommVQLayerBase):
             self._encode(raw, values, index.to(torch.int32))
         self._next_position = None
 
+    def _pin_prefill(self, raw: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, pin: torch.Tensor) -> None:
+        """``load_prefill`` with pinned tokens: the sinks, then the pinned tokens in the next window slots (for
+        good), then every other token committed as usual (the oldest coded, the last ``window`` in the window)."""
+        n = raw.shape[2]
+        pin = pin.to(self.device, torch.long)
+        lo, hi = self.n_sink, n - self.window
+        if pin.dim() != 1 or pin.unique().numel() != pin.numel() or (pin < lo).any() or (pin >= hi).any():
+            raise ValueError(
+                f"pin must be distinct prefill positions in [{lo}, {hi}) (after the {self.n_sink} sinks, before the "
+                f"last {self.window} tokens, which stay in full precision anyway), got {pin.tolist()[:8]}..."
+            )
+        pin = pin.sort().values
+        self._commit(raw[:, :, :lo], values[:, :, :lo], pos[:lo])  # the sinks
+        k = pin.numel()
+        at = self.nsink
+        self._grow_window(k)
+        self.wkeys[:, :, at : at + k] = raw[:, :, pin].to(self.dtype)
+        self.wvals[:, :, at : at + k] = values[:, :, pin].to(self.wvals.dtype)
+        self.wpos[:, at : at + k] = pos[pin]
+        self.npin, self.nw = k, self.nw + k
+        rest = torch.ones(n, dtype=torch.bool, device=self.device)
+        rest[:lo] = False
+        rest[pin] = False
+        self._commit(raw[:, :, rest], values[:, :, rest], pos[rest])
+
+    def _grow_window(self, extra: int) -> None:
+        """``extra`` more window slots (the held ones kept)."""
+        old = self.wkeys.shape[2]
+        for name, slot_dim in (("wkeys", 2), ("wvals", 2), ("wpos", 1)):
+            held = getattr(self, name)
+            shape = list(held.shape)
+            shape[slot_dim] += extra
+            grown = held.new_zeros(shape)
+            grown.narrow(slot_dim, 0, old).copy_(held)
+            setattr(self, name, grown)
+
     # ------------------------------------------------------------------ mark / restore (kvpress's pipeline)
     def mark(self) -> None:
         """Record the state; assigning ``keys``/``values`` of the marked length later restores it."""
         if not self.is_initialized:
             return
-        self._mark = (self.n, self.nw, self.wkeys.clone(), self.wvals.clone(), self.wpos.clone(), self.nsink)
+        self._mark = (self.n, self.nw, self.wkeys.clone(), self.wvals.clone(), self.wpos.clone(), self.nsink, self.npin)
 
     def restore(self) -> None:
         if self._mark is None:
             raise RuntimeError("This CommVQLayer has no mark (CommVQPress marks it after the context).")
-        n, nw, wk, wv, wp, nsink = self._mark
-        self.n, self.nw, self.nsink = n, nw, nsink
+        n, nw, wk, wv, wp, nsink, npin = self._mark
+        self.n, self.nw, self.nsink, self.npin = n, nw, nsink, npin
         self.wkeys.copy_(wk)
         self.wvals.copy_(wv)
         self.wpos.copy_(wp)
@@ -722,7 +769,7 @@ class CommVQLayer(_CommVQLayerBase):
         return codec + sum(t.numel() * t.element_size() for t in books)
 
     def reset(self) -> None:
-        self.n = self.nw = self.nsink = 0
+        self.n = self.nw = self.nsink = self.npin = 0
         self._mark = None
         self._next_position = None
 

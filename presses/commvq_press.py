@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from kvpress import BasePress
+from kvpress import BasePress, SnapKVPress
 from kvpress.presses.base_press import is_prefilling
 from torch import nn
 from transformers import QuantizedCache
@@ -116,6 +116,14 @@ class CommVQPress(BasePress):
         Layers kept in full precision (:class:`~pressroom.presses.commvq_cache.ExactLayer`), the others coded; an
         int, ints, or ints joined by ``+`` in a press spec (``commvq:bits=2,exact_layers=18``). Our addition (mixed
         precision over layers): each such layer costs its full fp16 cache.
+    pin_ratio : float, default=0.0
+        Share of the prefill's tokens kept in full precision for good beside the sinks and the window (our
+        addition, per-token mixed precision as in MiKV, arXiv 2402.18096, and ZipCache, arXiv 2405.14256): per layer
+        the tokens that the last ``pin_window`` prefill tokens attend to most (SnapKV's observation window, arXiv
+        2404.14469: attention averaged over those queries, the largest over the query heads). Each costs its full
+        keys and values; ``0`` (default): CommVQ as in the paper. Needs the whole prefill (no eviction press in front).
+    pin_window : int, default=64
+        The observation window's queries for ``pin_ratio``.
     key_beam : int, default=1
         Code sequences kept per key by the key encoder after each residual step (our addition; 1: the paper's
         greedy search): 4 lowers SmolLM2's layer-18 key error by a fifth at 2 bits, for about 4 times the search's
@@ -142,6 +150,8 @@ class CommVQPress(BasePress):
     value_refine: int = DEFAULT_VALUE_REFINE
     exact_layers: tuple[int, ...] | int | str | None = None
     key_beam: int = 1
+    pin_ratio: float = 0.0
+    pin_window: int = 64
     _books: CommVQCodebooks | None = field(init=False, repr=False, compare=False, default=None)
     _resolver: PositionResolver = field(init=False, repr=False, compare=False, default_factory=PositionResolver)
 
@@ -158,6 +168,12 @@ class CommVQPress(BasePress):
         _check_precision(self.encode_precision)
         _check_value_refine(self.value_refine)
         check_beam(self.key_beam)
+        if isinstance(self.pin_ratio, bool) or not isinstance(self.pin_ratio, (int, float)):
+            raise ValueError(f"pin_ratio must be a number in [0, 1), got {self.pin_ratio!r}.")
+        if not 0.0 <= float(self.pin_ratio) < 1.0:
+            raise ValueError(f"pin_ratio must be in [0, 1) (a share of the prefill's tokens), got {self.pin_ratio!r}.")
+        if isinstance(self.pin_window, bool) or not isinstance(self.pin_window, int) or self.pin_window < 1:
+            raise ValueError(f"pin_window must be an int >= 1 (observation queries), got {self.pin_window!r}.")
         self.exact_layers = check_exact_layers(self.exact_layers)
 
     def books_for(self, config: Any) -> CommVQCodebooks:
@@ -167,6 +183,26 @@ class CommVQPress(BasePress):
         else:
             self._books.validate(config)
         return self._books
+
+    def pinned_tokens(
+        self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, position_embeddings: tuple
+    ) -> torch.Tensor | None:
+        """The prefill positions ``pin_ratio`` keeps exact in this layer (int64 ``[k]``, sorted), or ``None``.
+
+        Scores: the attention of the last ``pin_window`` prefill queries (SnapKV's window attention, with the
+        layer's rotated ``keys [B, H_kv, n, D]``), averaged over those queries, the largest over query heads and
+        batch rows (one set of pinned tokens per layer). Candidates: after the sinks and before the last ``window``
+        tokens (those stay exact anyway) and the observation window; ``k = round(pin_ratio * n)`` at most.
+        """
+        n = keys.shape[2]
+        w = min(self.pin_window, n - 1)
+        lo, hi = self.n_sink, min(n - self.window, n - w)
+        k = min(round(self.pin_ratio * n), hi - lo)
+        if k <= 0:
+            return None
+        attn = SnapKVPress.compute_window_attention(module, hidden_states, keys, w, position_embeddings)
+        scores = attn.float().mean(dim=-2).amax(dim=1).amax(dim=0)  # [n - w]
+        return (scores[lo:hi].topk(k).indices + lo).sort().values
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         """Not available: this press replaces the cache layer.
@@ -232,7 +268,15 @@ class CommVQPress(BasePress):
             pair_weights=books.layer_pair_weights(layer_idx),
             key_beam=self.key_beam,
         )
-        new_layer.load_prefill(keys, values, cos, sin, index=index)
+        pin = None
+        if self.pin_ratio > 0:
+            if index is not None:
+                raise ValueError(
+                    "CommVQPress(pin_ratio>0) needs the whole prefill: it cannot follow an eviction press (set "
+                    "pin_ratio=0 in a ComposedPress)."
+                )
+            pin = self.pinned_tokens(module, kwargs["hidden_states"], keys, (cos, sin))
+        new_layer.load_prefill(keys, values, cos, sin, index=index, pin=pin)
         new_layer.mark()
         cache.layers[layer_idx] = new_layer
         return output
