@@ -114,6 +114,7 @@ def main() -> None:
         help="key encoder beams (CommVQPress key_beam), one coded cache each; the mixes of a beam other than 1 are "
         "named with _beam<k> (default 1: the greedy search)",
     )
+    ap.add_argument("--pin-span", type=int, default=1, help="CommVQPress pin_span of the --pin-ratio caches")
     ap.add_argument(
         "--pin-ratio",
         type=float,
@@ -172,6 +173,7 @@ def main() -> None:
         "encode_precision": args.encode_precision,
         "key_beam": list(dict.fromkeys(args.key_beam)),
         "pin_ratio": list(dict.fromkeys(args.pin_ratio)),
+        "pin_span": args.pin_span,
         "mixes": {
             k: {"keys_coded": list(v[0]), "values_coded": list(v[1]), "key_beam": v[2][0], "pin_ratio": v[2][1]}
             for k, v in plan.items()
@@ -207,7 +209,7 @@ def main() -> None:
                 coded = DynamicCache()
                 press = CommVQAblationPress(
                     codebooks=books, bits=args.bits, n_sink=args.n_sink, coded="both",
-                    encode_precision=args.encode_precision, key_beam=beam, pin_ratio=pin,
+                    encode_precision=args.encode_precision, key_beam=beam, pin_ratio=pin, pin_span=args.pin_span,
                 )  # fmt: skip
                 with press(model):
                     model(ctx, past_key_values=coded)

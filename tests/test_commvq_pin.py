@@ -129,3 +129,27 @@ def test_pin_errors(tiny):
     cos, sin = torch.ones(1, 100, keys.shape[-1]), torch.zeros(1, 100, keys.shape[-1])
     with pytest.raises(ValueError, match="pin must be distinct prefill positions"):
         fresh.load_prefill(keys, values, cos, sin, pin=torch.tensor([99]))  # inside the last window
+
+
+def test_pin_span_keeps_what_follows_the_attended_tokens(tiny, monkeypatch):
+    """A spike of window attention at token t pins t and the pin_span - 1 tokens after it (then the next best)."""
+    from pressroom.presses import commvq_press
+
+    model, _ = tiny
+    books = random_books(model.config)
+    n, w = 100, 8
+
+    def spike(module, hidden_states, keys, window, position_embeddings):
+        attn = torch.full((1, 2, window, n - window), 1e-4)
+        attn[0, 1, :, 40] = 0.5  # one head, token 40
+        attn[0, 0, :, 70] = 0.2
+        return attn
+
+    monkeypatch.setattr(commvq_press.SnapKVPress, "compute_window_attention", staticmethod(spike))
+    keys = torch.zeros(1, 1, n, 4)
+    for span, want in ((1, [40, 70]), (3, [40, 41, 42, 70, 71, 72])):
+        press = CommVQPress(codebooks=books, window=16, n_sink=4, pin_ratio=len(want) / n, pin_window=w, pin_span=span)
+        got = press.pinned_tokens(model.model.layers[0].self_attn, None, keys, None)
+        assert got.tolist() == want
+    with pytest.raises(ValueError, match="pin_span must be"):
+        CommVQPress(codebooks=books, pin_span=0)
