@@ -167,6 +167,15 @@ def main() -> None:
         default=[1],
         help="CommVQ key_beam settings to run (code sequences kept per key by the key encoder; 1: the greedy search)",
     )
+    ap.add_argument(
+        "--pin-ratio",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="CommVQ pin_ratio settings to run (share of the prefill kept exact, chosen by the observation window's "
+        "attention; 0: none)",
+    )
+    ap.add_argument("--pin-span", type=int, default=1, help="CommVQ pin_span of the pin_ratio settings")
     ap.add_argument("--skip-ppl", action="store_true", help="needles only (e.g. a second job)")
     ap.add_argument(
         "--needles-of",
@@ -215,6 +224,8 @@ def main() -> None:
         "commvq_value_refine": args.value_refine,
         "commvq_encode_precision": args.encode_precision,
         "commvq_key_beam": args.key_beam,
+        "commvq_pin_ratio": args.pin_ratio,
+        "commvq_pin_span": args.pin_span,
         "needles_query_aware": args.query_aware,
         "perplexity": {"context": args.context, "eval_tokens_per_segment": args.eval, "segments": args.segments},
         "needles": {},
@@ -235,12 +246,13 @@ def main() -> None:
     result["codebooks"] = {str(b): {"R": bk.residuals, "key_bits": bk.key_bits} for b, bk in books.items()}
 
     def commvq_name(
-        bits: int, n_sink: int, refine: int, precision: str = "ieee", exact: tuple = (), beam: int = 1
+        bits: int, n_sink: int, refine: int, precision: str = "ieee", exact: tuple = (), beam: int = 1, pin: float = 0.0
     ) -> str:
         name = f"commvq_{bits}bit" + (f"_sink{n_sink}" if n_sink else "")
         name += f"_refine{refine}" if refine != DEFAULT_VALUE_REFINE else ""
         name += f"_{precision}" if precision != "ieee" else ""
         name += f"_beam{beam}" if beam != 1 else ""
+        name += f"_pin{pin:g}" + (f"_span{args.pin_span}" if args.pin_span != 1 else "") if pin else ""
         return name + (f"_exact{'+'.join(map(str, exact))}" if exact else "")
 
     exact_settings = [
@@ -249,16 +261,19 @@ def main() -> None:
     for kb in args.key_beam:
         check_beam(kb)
     settings = [
-        (b, ns, vr, ep, ex, kb)
+        (b, ns, vr, ep, ex, kb, pr)
         for b in args.bits
         for ns in args.n_sink
         for vr in args.value_refine
         for ep in args.encode_precision
         for ex in exact_settings
         for kb in args.key_beam
+        for pr in args.pin_ratio
     ]
     caches = {"fp16": lambda: None}
-    for b, ns, vr, ep, ex, kb in settings:
+    for b, ns, vr, ep, ex, kb, pr in settings:
+        if pr:  # pins are chosen by the press at prefill: needles only
+            continue
         caches[commvq_name(b, ns, vr, ep, ex, kb)] = lambda b=b, ns=ns, vr=vr, ep=ep, ex=ex, kb=kb: CommVQCache(
             model.config, books[b], bits=b, window=128, n_sink=ns, value_refine=vr, encode_precision=ep,
             exact_layers=ex, key_beam=kb,
@@ -309,9 +324,10 @@ def main() -> None:
         query_aware=args.query_aware,
     )
     presses: list[tuple[str, CommVQPress | None]] = [("fp16", None)] if args.needles_of != "commvq" else []
-    for b, ns, vr, ep, ex, kb in settings:
+    for b, ns, vr, ep, ex, kb, pr in settings:
         kw = dict(codebooks=books[b], bits=b, window=128, n_sink=ns, value_refine=vr, encode_precision=ep, key_beam=kb)
-        presses.append((commvq_name(b, ns, vr, ep, ex, kb), CommVQPress(**kw, exact_layers=ex)))
+        kw.update(pin_ratio=pr, pin_span=args.pin_span)
+        presses.append((commvq_name(b, ns, vr, ep, ex, kb, pr), CommVQPress(**kw, exact_layers=ex)))
         for side in SIDES if args.ablation and not ex else ():
             name = f"{commvq_name(b, ns, vr, ep, beam=kb)}_{side}_only"
             presses.append((name, CommVQAblationPress(**kw, coded=side)))
@@ -324,6 +340,8 @@ def main() -> None:
             sink += f",exact_layers={'+'.join(map(str, press.exact_layers))}"
         if press is not None and press.key_beam != 1:
             sink += f",key_beam={press.key_beam}"
+        if press is not None and press.pin_ratio:
+            sink += f",pin_ratio={press.pin_ratio:g},pin_span={press.pin_span}"
         if press is None:
             spec = "no_press"
         elif isinstance(press, CommVQAblationPress):

@@ -23,7 +23,8 @@
 #                                            # PARALLEL=1: one process per setting and one for fp16 (FP16=0: none,
 #                                            # FP16=only: fp16 alone, no codebooks needed), on the same GPU;
 #                                            # NEEDLE_SEED: the tasks' seed, default 0; KEY_BEAM: key_beam
-#                                            # settings, e.g. "1 4", default 1)
+#                                            # settings, e.g. "1 4", default 1; PIN_RATIO: pin_ratio
+#                                            # settings, e.g. "0 0.01", default 0; PIN_SPAN, default 1)
 #   CODEBOOKS=DIR bash benchmarks/gpu_commvq.sh needle_nll  # teacher-forced answer NLL of niah_multivalue at 4k with
 #                                            # each layer / group / side CommVQ-coded (2 bits; NEEDLE_SAMPLES, default 8;
 #                                            # NLL_ARGS: more options, e.g. "--keep 18 18+23 --only-keep --task
@@ -95,7 +96,7 @@ needles_qa)
     local name=$1; shift
     python3 benchmarks/commvq_quality.py --bits 2 --n-sink 4 --needle-samples "${NEEDLE_SAMPLES:-12}" \
       --needle-seed "${NEEDLE_SEED:-0}" --skip-ppl \
-      --skip-hqq --query-aware --key-beam ${KEY_BEAM:-1} --output "$out/$name" --runs-dir "$runs" "$@"
+      --skip-hqq --query-aware --key-beam ${KEY_BEAM:-1} --pin-ratio ${PIN_RATIO:-0} --pin-span ${PIN_SPAN:-1} --output "$out/$name" --runs-dir "$runs" "$@"
   }
   if [ "${PARALLEL:-0}" = 1 ]; then
     # one process per setting (and one for fp16 unless FP16=0), all on the one GPU: the 4k needle runs are bound by
