@@ -198,24 +198,37 @@ class CommVQPress(BasePress):
     ) -> torch.Tensor | None:
         """The prefill positions ``pin_ratio`` keeps exact in this layer (int64 ``[k]``, sorted), or ``None``.
 
-        Scores: the attention of the last ``pin_window`` prefill queries (SnapKV's window attention, with the
-        layer's rotated ``keys [B, H_kv, n, D]``), averaged over those queries, the largest over query heads and
-        batch rows (one set of pinned tokens per layer), then the largest over each token and the ``pin_span - 1``
-        before it. Candidates: after the sinks and before the last ``window``
-        tokens (those stay exact anyway) and the observation window; ``k = round(pin_ratio * n)`` at most.
+        The window attention of the last ``pin_window`` prefill queries (SnapKV's, with the layer's rotated ``keys
+        [B, H_kv, n, D]``) scored by :meth:`pin_scores` and picked by :meth:`pick_pins`.
         """
         n = keys.shape[2]
         w = min(self.pin_window, n - 1)
-        lo, hi = self.n_sink, min(n - self.window, n - w)
-        k = min(round(self.pin_ratio * n), hi - lo)
-        if k <= 0:
+        if self.pin_count(n, w) <= 0:
             return None
         attn = SnapKVPress.compute_window_attention(module, hidden_states, keys, w, position_embeddings)
-        scores = attn.float().mean(dim=-2).amax(dim=1).amax(dim=0)  # [n - w]
-        if self.pin_span > 1:  # a token scores as the most attended of itself and the pin_span - 1 before it
-            padded = torch.nn.functional.pad(scores[None, None], (self.pin_span - 1, 0), value=0.0)
-            scores = torch.nn.functional.max_pool1d(padded, self.pin_span, stride=1)[0, 0]
-        return (scores[lo:hi].topk(k).indices + lo).sort().values
+        return self.pick_pins(self.pin_scores(attn, self.pin_span), n, w)
+
+    def pin_count(self, n: int, w: int) -> int:
+        """How many of ``n`` prefill tokens to pin with a ``w``-query observation window: ``round(pin_ratio * n)``,
+        at most the candidates (after the sinks, before the last ``window`` tokens and the observation window)."""
+        return min(round(self.pin_ratio * n), min(n - self.window, n - w) - self.n_sink)
+
+    def pick_pins(self, scores: torch.Tensor, n: int, w: int) -> torch.Tensor:
+        """The :meth:`pin_count` best candidates of ``scores [n - w]``, sorted."""
+        lo = self.n_sink
+        hi = min(n - self.window, n - w)
+        return (scores[lo:hi].topk(self.pin_count(n, w)).indices + lo).sort().values
+
+    @staticmethod
+    def pin_scores(attn: torch.Tensor, span: int = 1) -> torch.Tensor:
+        """Per-token scores ``[n - w]`` from the window attention ``[B, H_q, w, n - w]``: averaged over the window's
+        queries, the largest over query heads and batch rows (one set of pinned tokens per layer), then the largest
+        over each token and the ``span - 1`` tokens before it."""
+        scores = attn.float().mean(dim=-2).amax(dim=1).amax(dim=0)
+        if span > 1:  # a token scores as the most attended of itself and the span - 1 before it
+            padded = torch.nn.functional.pad(scores[None, None], (span - 1, 0), value=0.0)
+            scores = torch.nn.functional.max_pool1d(padded, span, stride=1)[0, 0]
+        return scores
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         """Not available: this press replaces the cache layer.
