@@ -154,8 +154,14 @@ def main() -> None:
         check_beam(beam)
     # the coded caches: (key beam, pin ratio); name -> (keys coded, values coded, variant); the exact mix once
     variants = [(b, p) for b in dict.fromkeys(args.key_beam) for p in dict.fromkeys(args.pin_ratio)]
+
+    def label(name: str, beam: int, pin: float) -> str:
+        if name == "exact":  # one exact mix, whatever the variants
+            return name
+        return name + ("" if beam == 1 else f"_beam{beam}") + ("" if not pin else f"_pin{pin:g}")
+
     plan = {
-        name + ("" if beam == 1 else f"_beam{beam}") + ("" if not pin else f"_pin{pin:g}"): (*sides, (beam, pin))
+        label(name, beam, pin): (*sides, (beam, pin))
         for beam, pin in variants
         for name, sides in base.items()
         if name != "exact" or (beam, pin) == variants[0]
