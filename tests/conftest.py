@@ -34,3 +34,26 @@ def tiny_model(request):
     from pressroom.evaluation.models import load_model
 
     return load_model(request.param, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """(model, tokenizer) of the tiny random Llama (GQA), float32 on CPU, once per module."""
+    from pressroom.evaluation.models import load_model
+
+    return load_model("tiny-llama", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture
+def random_commvq_books():
+    """``make(config, residuals=3, bits=2)``: random but valid CommVQ codebooks (value codecs included), seeded."""
+    from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, model_kv_shape
+
+    def make(config, residuals: int = 3, bits: int = 2) -> CommVQCodebooks:
+        torch.manual_seed(0)
+        layers, heads, head_dim = model_kv_shape(config)
+        theta = torch.randn(layers, heads, residuals, 128, head_dim // 2) * 0.3
+        values = [ValueCodec(heads * head_dim, bits) for _ in range(layers)]
+        return CommVQCodebooks("random", bits, residuals, head_dim, layers, heads, theta, values=values)
+
+    return make

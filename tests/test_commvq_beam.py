@@ -10,15 +10,7 @@ from pressroom.kernels.commvq_beam import MAX_BEAM, beam_search_head, check_beam
 from pressroom.kernels.commvq_codebook import centers_from_theta
 from pressroom.kernels.commvq_encode import KeyTables, encode_keys_reference, normalize_keys, unpack_codes12
 from pressroom.presses import CommVQCache, CommVQPress
-from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, model_kv_shape
-
-
-def random_books(config, residuals: int) -> CommVQCodebooks:
-    torch.manual_seed(0)
-    layers, heads, head_dim = model_kv_shape(config)
-    theta = torch.randn(layers, heads, residuals, 128, head_dim // 2) * 0.3
-    values = [ValueCodec(heads * head_dim, 2) for _ in range(layers)]
-    return CommVQCodebooks("random", 2, residuals, head_dim, layers, heads, theta, values=values)
+from pressroom.presses.commvq_codebooks import model_kv_shape
 
 
 def _keys(n: int, heads: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -81,28 +73,21 @@ def test_row_norms_divide_first():
 
 
 @pytest.mark.parametrize("bad", [0, MAX_BEAM + 1, True, 2.0, "4"])
-def test_bad_beams_raise(bad, tiny):
+def test_bad_beams_raise(bad, tiny_llama, random_commvq_books):
     with pytest.raises(ValueError, match="key_beam must be an int"):
         check_beam(bad)
-    model, _ = tiny
-    books = random_books(model.config, residuals=2)
+    model, _ = tiny_llama
+    books = random_commvq_books(model.config, residuals=2)
     with pytest.raises(ValueError, match="key_beam must be an int"):
         CommVQCache(model.config, books, key_beam=bad)
     with pytest.raises(ValueError, match="key_beam must be an int"):
         CommVQPress(codebooks=books, key_beam=bad)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from pressroom.evaluation.models import load_model
-
-    return load_model("tiny-llama", device="cpu", dtype=torch.float32)
-
-
-def test_key_beam_in_the_cache_and_the_press(tiny):
+def test_key_beam_in_the_cache_and_the_press(tiny_llama, random_commvq_books):
     """key_beam=4: the cache holds the beam search's codes (same bytes as greedy), and the press passes it on."""
-    model, tok = tiny
-    books = random_books(model.config, residuals=3)
+    model, tok = tiny_llama
+    books = random_commvq_books(model.config, residuals=3)
     _, heads, head_dim = model_kv_shape(model.config)
     torch.manual_seed(4)
     keys, values, pos = torch.randn(1, heads, 40, head_dim), torch.randn(1, heads, 40, head_dim), torch.arange(40)

@@ -8,22 +8,7 @@ from kvpress import ComposedPress, KVPressTextGenerationPipeline, SnapKVPress
 from transformers import DynamicCache
 
 from pressroom.presses import CommVQAblationPress, CommVQLayer, CommVQPress
-from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec, model_kv_shape
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from pressroom.evaluation.models import load_model
-
-    return load_model("tiny-llama", device="cpu", dtype=torch.float32)
-
-
-def random_books(config, residuals: int = 3) -> CommVQCodebooks:
-    torch.manual_seed(0)
-    layers, heads, head_dim = model_kv_shape(config)
-    theta = torch.randn(layers, heads, residuals, 128, head_dim // 2) * 0.3
-    values = [ValueCodec(heads * head_dim, 2) for _ in range(layers)]
-    return CommVQCodebooks("random", 2, residuals, head_dim, layers, heads, theta, values=values)
+from pressroom.presses.commvq_codebooks import model_kv_shape
 
 
 class Spy(CommVQPress):
@@ -44,9 +29,9 @@ def _prefill(model, press, ids):
     return cache
 
 
-def test_pinned_tokens_stay_exact_through_decoding(tiny):
-    model, _ = tiny
-    books = random_books(model.config)
+def test_pinned_tokens_stay_exact_through_decoding(tiny_llama, random_commvq_books):
+    model, _ = tiny_llama
+    books = random_commvq_books(model.config)
     ids = torch.randint(5, 1000, (1, 200), generator=torch.Generator().manual_seed(1))
     kw = dict(codebooks=books, window=32, n_sink=4, use_triton=False, pin_window=16)
     press = Spy(**kw, pin_ratio=0.1)
@@ -76,11 +61,11 @@ def test_pinned_tokens_stay_exact_through_decoding(tiny):
     assert layer.npin == 20 and torch.equal(layer.wpos[0, 4:24].long(), press.chosen[1]) and layer.seen == 241
 
 
-def test_pins_cost_their_full_precision_bytes(tiny):
+def test_pins_cost_their_full_precision_bytes(tiny_llama, random_commvq_books):
     """memory_bytes: each pinned token adds a window slot (keys, values, position; twice while marked) and leaves
     the coded part (its codes, norms, value bits, coefficient, position)."""
-    model, _ = tiny
-    books = random_books(model.config)
+    model, _ = tiny_llama
+    books = random_commvq_books(model.config)
     ids = torch.randint(5, 1000, (1, 300), generator=torch.Generator().manual_seed(2))
     kw = dict(codebooks=books, window=32, n_sink=4, use_triton=False)
     pinned = _prefill(model, CommVQPress(**kw, pin_ratio=0.05), ids).layers[0]
@@ -98,9 +83,9 @@ def test_pins_cost_their_full_precision_bytes(tiny):
     assert pinned._mark[2].shape == pinned.wkeys.shape
 
 
-def test_pins_in_the_pipeline_with_several_questions(tiny):
-    model, tok = tiny
-    books = random_books(model.config)
+def test_pins_in_the_pipeline_with_several_questions(tiny_llama, random_commvq_books):
+    model, tok = tiny_llama
+    books = random_commvq_books(model.config)
     press = CommVQPress(codebooks=books, window=16, flush_chunk=8, pin_ratio=0.1, pin_window=8)
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tok)
     context = "The quick brown fox jumps over the lazy dog. " * 10
@@ -110,9 +95,9 @@ def test_pins_in_the_pipeline_with_several_questions(tiny):
     assert both == single
 
 
-def test_pin_errors(tiny):
-    model, _ = tiny
-    books = random_books(model.config)
+def test_pin_errors(tiny_llama, random_commvq_books):
+    model, _ = tiny_llama
+    books = random_commvq_books(model.config)
     for bad in (-0.1, 1.0, True, "0.1"):
         with pytest.raises(ValueError, match="pin_ratio must be"):
             CommVQPress(codebooks=books, pin_ratio=bad)
@@ -131,12 +116,12 @@ def test_pin_errors(tiny):
         fresh.load_prefill(keys, values, cos, sin, pin=torch.tensor([99]))  # inside the last window
 
 
-def test_pin_span_keeps_what_follows_the_attended_tokens(tiny, monkeypatch):
+def test_pin_span_keeps_what_follows_the_attended_tokens(tiny_llama, random_commvq_books, monkeypatch):
     """A spike of window attention at token t pins t and the pin_span - 1 tokens after it (then the next best)."""
     from pressroom.presses import commvq_press
 
-    model, _ = tiny
-    books = random_books(model.config)
+    model, _ = tiny_llama
+    books = random_commvq_books(model.config)
     n, w = 100, 8
 
     def spike(module, hidden_states, keys, window, position_embeddings):
