@@ -131,7 +131,8 @@ class CommVQPress(BasePress):
     key_beam : int, default=1
         Code sequences kept per key by the key encoder after each residual step (our addition; 1: the paper's
         greedy search): 4 lowers SmolLM2's layer-18 key error by a fifth at 2 bits, for about 4 times the search's
-        arithmetic, in PyTorch (:class:`~pressroom.presses.CommVQLayer`).
+        arithmetic, in PyTorch (:class:`~pressroom.presses.CommVQLayer`); the needle answers did not gain from it on
+        the CPU (README).
 
     Raises
     ------
