@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from commvq_scores_profile import RESIDUALS, SECTIONS, STALL_METRICS, parse_ncu_csv  # noqa: E402
+from commvq_scores_profile import RESIDUALS, SECTIONS, STALL_METRICS, find_ncu, parse_ncu_csv  # noqa: E402
 
 KERNEL = "_encode_split_h2_kernel"
 # encode_keys options of the profiled search (commvq_encode_dpx.VARIANTS' "split_h2_half", the cache's default)
@@ -487,9 +487,7 @@ def main() -> None:
         raise SystemExit("--output is required (the JSON to write)")
     from pressroom.evaluation.atomic import atomic_write_json
 
-    ncu = shutil.which(args.ncu)
-    if ncu is None:
-        raise SystemExit(f"{args.ncu!r} is not on the PATH: this script needs Nsight Compute (set --ncu or NCU)")
+    ncu = find_ncu(args.ncu)
     import torch
     import triton
 

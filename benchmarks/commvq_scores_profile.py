@@ -91,6 +91,14 @@ def child(bits: int, variant: str, tokens: int, launches: int) -> None:
     torch.cuda.synchronize()
 
 
+def find_ncu(name: str) -> str:
+    """The path of the ``ncu`` executable ``name``, or ``SystemExit`` saying how to point to it."""
+    ncu = shutil.which(name)
+    if ncu is None:
+        raise SystemExit(f"{name!r} is not on the PATH: this script needs Nsight Compute (set --ncu or NCU)")
+    return ncu
+
+
 def parse_ncu_csv(text: str) -> dict:
     """``{metric name: value}`` (value as float where it parses, with the unit kept in ``units``) of the kept metrics
     and the warp stall breakdown from ``ncu --csv --page details``."""
@@ -134,9 +142,7 @@ def main() -> None:
         raise SystemExit("--output is required (the JSON to write)")
     from pressroom.evaluation.atomic import atomic_write_json
 
-    ncu = shutil.which(args.ncu)
-    if ncu is None:
-        raise SystemExit(f"{args.ncu!r} is not on the PATH: this script needs Nsight Compute (set --ncu or NCU)")
+    ncu = find_ncu(args.ncu)
     import torch
     import triton
 

@@ -209,15 +209,20 @@ class CommVQPress(BasePress):
         attn = SnapKVPress.compute_window_attention(module, hidden_states, keys, w, position_embeddings)
         return self.pick_pins(self.pin_scores(attn, self.pin_span), n, w)
 
+    def _pin_range(self, n: int, w: int) -> tuple[int, int]:
+        """The candidates ``[lo, hi)``: after the sinks, before the last ``window`` tokens and the observation
+        window."""
+        return self.n_sink, min(n - self.window, n - w)
+
     def pin_count(self, n: int, w: int) -> int:
         """How many of ``n`` prefill tokens to pin with a ``w``-query observation window: ``round(pin_ratio * n)``,
-        at most the candidates (after the sinks, before the last ``window`` tokens and the observation window)."""
-        return min(round(self.pin_ratio * n), min(n - self.window, n - w) - self.n_sink)
+        at most the candidates."""
+        lo, hi = self._pin_range(n, w)
+        return min(round(self.pin_ratio * n), hi - lo)
 
     def pick_pins(self, scores: torch.Tensor, n: int, w: int) -> torch.Tensor:
         """The :meth:`pin_count` best candidates of ``scores [n - w]``, sorted."""
-        lo = self.n_sink
-        hi = min(n - self.window, n - w)
+        lo, hi = self._pin_range(n, w)
         return (scores[lo:hi].topk(self.pin_count(n, w)).indices + lo).sort().values
 
     @staticmethod
