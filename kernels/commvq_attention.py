@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pressroom.kernels.commvq_codebook import N_ENTRIES, THETA_ROWS, centers_from_theta
+from pressroom.kernels.commvq_codebook import N_ENTRIES, THETA_ROWS, additive_parts
 from pressroom.kernels.commvq_encode import unpack_bits, unpack_codes12
 from pressroom.kernels.rope_ring import HAS_TRITON, resolve_use_triton, triton_interpreted
 
@@ -146,15 +146,20 @@ def rotate_interleaved(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tenso
 
 
 def dequantize_keys(kv: CodedKV, books: LayerBooks, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Rotated keys ``[B, H, stop-start, D]`` (float32, interleaved) of coded tokens ``start .. stop-1``."""
+    """Rotated keys ``[B, H, stop-start, D]`` (float32, interleaved) of coded tokens ``start .. stop-1``.
+
+    A key is the sum of ``2R`` rows of the layer's small additive table (``u_A + w_B`` per residual, 128 rows of
+    ``D`` per residual and head), so the sum is one ``embedding_bag`` over that table: it never builds the 4096
+    centers nor a ``[n, R, D]`` intermediate.
+    """
     stop = kv.n if stop is None else stop
     codes = unpack_codes12(kv.codes[:, :, start:stop], books.theta.shape[1])  # [B, H, n, R]
     b, h, n, r = codes.shape
-    keys = torch.zeros(b, h, n, 2 * books.theta.shape[-1], device=codes.device)
-    for head in range(h):
-        centers = centers_from_theta(books.theta[head])  # [R, 4096, D]
-        for step in range(r):
-            keys[:, head] += centers[step][codes[:, head, :, step]]
+    u, w = additive_parts(books.theta)  # [H, R, 64, D] each
+    table = torch.cat((u, w), dim=2).reshape(h * r * 2 * N_ENTRIES, -1)  # row (h R + r) 128 + A, then + 64 + B
+    base = (torch.arange(h * r, device=codes.device).view(h, 1, r) * (2 * N_ENTRIES))[None]  # [1, H, 1, R]
+    rows = torch.cat((base + (codes >> 6), base + N_ENTRIES + (codes & (N_ENTRIES - 1))), dim=-1)
+    keys = torch.nn.functional.embedding_bag(rows.reshape(-1, 2 * r), table, mode="sum").view(b, h, n, table.shape[-1])
     keys = keys * kv.knorm[:, None, start:stop, None].float()
     pos = kv.pos[:, None, start:stop] if kv.pos.dim() == 2 else kv.pos[:, :, start:stop]
     return rotate_interleaved(keys, pos, books.inv_freq, books.rope_scale)
@@ -166,6 +171,18 @@ def dequantize_values(kv: CodedKV, books: LayerBooks, start: int = 0, stop: int 
     bits = unpack_bits(kv.vbits[:, start:stop], torch.float32)  # [B, n, n_bits]
     v = torch.einsum("bnk,khd->bhnd", bits, books.emb)
     return v * kv.vcoef[:, None, start:stop, None].float() * books.chscale[None, :, None, :]
+
+
+def weighted_values(p: torch.Tensor, kv: CodedKV, books: LayerBooks) -> torch.Tensor:
+    """``sum_t p_t v_t`` over the coded tokens without dequantizing them: ``s_g * ((p * c) @ bits) @ E[:, g]``.
+
+    ``p [B, H, G, nq, n]`` float32 weights; returns ``[B, H, G, nq, D]``. The value side of the kernels' design,
+    in PyTorch: ``n x n_bits`` multiply-adds per query head instead of ``n x n_bits x D`` per KV head.
+    """
+    bits = unpack_bits(kv.vbits[:, : kv.n], torch.float32)  # [B, n, n_bits]
+    pc = p * kv.vcoef[:, None, None, None, : kv.n].float()
+    acc = torch.einsum("bhgqn,bnk->bhgqk", pc, bits)
+    return torch.einsum("bhgqk,khd->bhgqd", acc, books.emb) * books.chscale[None, :, None, None, :]
 
 
 def window_keys(kv: CodedKV, books: LayerBooks) -> torch.Tensor:
@@ -208,10 +225,17 @@ def decode_attention_reference(q: torch.Tensor, kv: CodedKV, books: LayerBooks, 
     b, hq, d = q.shape
     h = kv.codes.shape[1]
     qg = q.float().view(b, h, hq // h, 1, d) * scaling
-    keys = torch.cat((dequantize_keys(kv, books), window_keys(kv, books)), dim=2)
-    values = torch.cat((dequantize_values(kv, books), kv.wvals[:, :, : kv.nw].float()), dim=2)
-    out, _ = _attend_lse(qg, keys, values)
-    return out.view(b, hq, d)
+    s = torch.cat(
+        (
+            torch.einsum("bhgqd,bhnd->bhgqn", qg, dequantize_keys(kv, books)),
+            torch.einsum("bhgqd,bhnd->bhgqn", qg, window_keys(kv, books)),
+        ),
+        dim=-1,
+    )
+    p = torch.softmax(s, dim=-1)
+    out = weighted_values(p[..., : kv.n], kv, books)
+    out = out + torch.einsum("bhgqn,bhnd->bhgqd", p[..., kv.n :], kv.wvals[:, :, : kv.nw].float())
+    return out.reshape(b, hq, d)
 
 
 def chunk_attention(
