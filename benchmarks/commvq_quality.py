@@ -231,7 +231,7 @@ def main() -> None:
         "needles": {},
     }
     save = lambda: atomic_write_json(out_path, result)  # noqa: E731
-    runner = Runner(progress=False)
+    runner = Runner()
     pipe = runner.pipeline(args.model, device, dtype, False)
     model, tok = pipe.model, pipe.tokenizer
     _, _, head_dim = model_kv_shape(model.config)

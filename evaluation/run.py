@@ -7,7 +7,9 @@ actually held after prefill, the full cache's bytes for the same tokens, prefill
 generated token, and peak GPU memory where there is a GPU.
 
 The directory is written atomically (built under a temporary name, then renamed), so an interrupted or failed
-run leaves nothing half-written, and a complete run is skipped when asked again. As in kvpress, the questions
+run leaves nothing half-written, and a complete run is skipped when asked again. An unfinished run keeps its answers
+so far in ``{results_dir}.partial.json`` (rewritten atomically after every context); the same run asked again
+resumes from it, and removes it once the results directory is written. As in kvpress, the questions
 of one context share a single prefill (a ``DecodingPress`` runs per question, as kvpress requires).
 """
 
@@ -31,6 +33,7 @@ from kvpress import BasePress, DecodingPress, KVPressTextGenerationPipeline, Obs
 from tqdm.auto import tqdm
 
 from pressroom.evaluation import tasks as tasks_mod
+from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.evaluation.models import load_model, model_label
 from pressroom.evaluation.press_registry import make_press, press_label
 from pressroom.presses.memory import cache_memory_bytes
@@ -166,6 +169,14 @@ def check_writable(directory: Path) -> None:
         ) from err
 
 
+_RECORDED = ("prefill_seconds", "decode_seconds", "decode_tokens", "kv_bytes", "context_tokens")
+
+
+def partial_path(results_dir: Path) -> Path:
+    """The checkpoint of an unfinished run: answers so far, written after every context (removed when complete)."""
+    return results_dir.with_name(f"{results_dir.name}.partial.json")
+
+
 class _Recorder:
     """Times prefill / question / decode forwards and measures the cache after prefill."""
 
@@ -178,6 +189,14 @@ class _Recorder:
         self.kv_bytes: list[int] = []
         self.context_tokens: list[int] = []
         self._t0 = 0.0
+
+    def state(self) -> dict[str, Any]:
+        """What has been recorded (a checkpoint's part; :meth:`load` restores it)."""
+        return {k: getattr(self, k) for k in _RECORDED}
+
+    def load(self, state: dict[str, Any]) -> None:
+        for k in _RECORDED:
+            setattr(self, k, state[k])
 
     def _sync(self) -> None:
         if self.cuda:
@@ -338,14 +357,22 @@ class Runner:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         df["predicted_answer"] = None
+        checkpoint = partial_path(results_dir)
+        done, wall_before = self._resume(checkpoint, config, df)
         started = time.perf_counter()
         with pipe.recording() as rec, torch.inference_mode():
+            if done:
+                rec.load(done["recorder"])
             if isinstance(press, DecodingPress):
                 groups = [(row["context"], df.loc[[idx]]) for idx, row in df.iterrows()]
             else:
                 groups = list(df.groupby("context", sort=False))
             desc = f"{press_label(config.press_name)}@{config.compression_ratio:.2f}"
-            for context, group in tqdm(groups, desc=desc, disable=not self.progress, leave=False):
+            answered = done["answers"] if done else {}
+            todo = [(c, g) for c, g in groups if not all(str(i) in answered for i in g.index)]
+            if len(todo) < len(groups):
+                logger.info("Resuming %s: %d of %d contexts done", results_dir, len(groups) - len(todo), len(groups))
+            for context, group in tqdm(todo, desc=desc, disable=not self.progress, leave=False):
                 if group["answer_prefix"].nunique() != 1:
                     raise ValueError("Rows sharing a context must share their answer_prefix.")
                 max_new = config.max_new_tokens or int(group["max_new_tokens"].iloc[0])
@@ -358,7 +385,11 @@ class Runner:
                     max_context_length=config.max_context_length,
                 )
                 df.loc[group.index, "predicted_answer"] = out["answers"]
-        wall = time.perf_counter() - started
+                answered.update({str(i): a for i, a in zip(group.index, out["answers"])})
+                wall = wall_before + time.perf_counter() - started
+                state = {"identity": config.identity(), "answers": answered, "recorder": rec.state(), "wall": wall}
+                atomic_write_json(checkpoint, state)
+        wall = wall_before + time.perf_counter() - started
         df["compression_ratio"] = config.compression_ratio
         metrics = tasks_mod.score_predictions(df)
         mean_tokens = sum(rec.context_tokens) / max(1, len(rec.context_tokens))
@@ -375,6 +406,7 @@ class Runner:
             "n_contexts": len(rec.context_tokens),
             "n_questions": len(df),
             "wall_seconds": wall,
+            "resumed_contexts": len(groups) - len(todo),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
             "dtype": str(pipe.model.dtype),
             "torch": torch.__version__,
@@ -389,8 +421,40 @@ class Runner:
                 "config.yaml": yaml.safe_dump(asdict(config), sort_keys=False),
             },
         )
+        checkpoint.unlink(missing_ok=True)
         logger.info("Wrote %s", results_dir)
         return results_dir
+
+    @staticmethod
+    def _resume(checkpoint: Path, config: EvalConfig, df: pd.DataFrame) -> tuple[dict[str, Any] | None, float]:
+        """The checkpoint of an interrupted run of ``config`` (its answers put into ``df``), and its wall seconds."""
+        if not checkpoint.is_file():
+            return None, 0.0
+        try:
+            state = json.loads(checkpoint.read_text())
+            missing = {"answers", "identity", "recorder", "wall"} - set(state)
+            missing |= {f"recorder.{k}" for k in _RECORDED if k not in state.get("recorder", {})}
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"{checkpoint} is an unreadable checkpoint ({err}); move it away to start afresh."
+            ) from err
+        if missing:
+            raise ValueError(f"{checkpoint} lacks {sorted(missing)}; move it away to start the run afresh.")
+        answers, identity = state["answers"], state["identity"]
+        if identity != json.loads(json.dumps(config.identity())):
+            raise ValueError(
+                f"{checkpoint} is the checkpoint of a run made with a different configuration ({identity} vs "
+                f"{config.identity()}); move it away, or use another --output-dir."
+            )
+        labels = {str(i): i for i in df.index}
+        unknown = [k for k in answers if k not in labels]
+        if unknown:
+            raise ValueError(
+                f"{checkpoint} answers rows {unknown[:5]} that this run's dataset does not have; move it away."
+            )
+        for key, answer in answers.items():
+            df.at[labels[key], "predicted_answer"] = answer
+        return state, float(state["wall"])
 
 
 def press_grid(presses: list[str], ratios: list[float], baseline: bool = True) -> list[tuple[str, float]]:

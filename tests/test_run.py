@@ -10,7 +10,7 @@ import yaml
 from kvpress import SnapKVPress
 
 from pressroom.evaluation.press_registry import make_press
-from pressroom.evaluation.run import RESULT_FILES, EvalConfig, Runner
+from pressroom.evaluation.run import RESULT_FILES, EvalConfig, Runner, partial_path
 
 SMALL = dict(model="tiny-llama", data_dir="512", tasks=["niah_single"], n_samples=1, max_new_tokens=4)
 
@@ -120,3 +120,58 @@ def test_runs_written_before_a_new_config_field_are_reused(runner, tmp_path, mon
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     monkeypatch.setattr(runner, "pipeline", lambda *a, **k: pytest.fail("must reuse the complete run"))
     assert runner.run(EvalConfig(press_name="knorm", compression_ratio=0.5, output_dir=str(tmp_path), **SMALL)) == out
+
+
+@dataclass
+class CountingSnapKVPress(SnapKVPress):
+    """SnapKV that counts the contexts it compresses and raises at the ``fail_at``-th (0: never)."""
+
+    fail_at: int = 0
+    contexts: int = 0
+
+    def compress(self, module, *args, **kwargs):
+        if module.layer_idx == 0:
+            self.contexts += 1
+            if self.contexts == self.fail_at:
+                raise KeyboardInterrupt  # as a Ctrl-C or a Slurm preemption would stop the run
+        return super().compress(module, *args, **kwargs)
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(runner, tmp_path):
+    """A run stopped after its first of three contexts keeps that answer; asked again it evaluates only the two
+    left, gives the answers of an uninterrupted run, and removes its checkpoint."""
+    small = dict(SMALL, n_samples=3)
+    cfg = EvalConfig(press_name="snapkv", compression_ratio=0.5, output_dir=str(tmp_path / "a"), **small)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg, press=CountingSnapKVPress(compression_ratio=0.5, fail_at=2))
+    checkpoint = partial_path(cfg.results_dir())
+    assert not cfg.results_dir().exists()
+    assert len(json.loads(checkpoint.read_text())["answers"]) == 1
+    press = CountingSnapKVPress(compression_ratio=0.5)
+    out = runner.run(cfg, press=press)
+    assert press.contexts == 2 and not checkpoint.exists()
+    assert json.loads((out / "stats.json").read_text())["resumed_contexts"] == 1
+    fresh_cfg = EvalConfig(press_name="snapkv", compression_ratio=0.5, output_dir=str(tmp_path / "b"), **small)
+    fresh = runner.run(fresh_cfg, press=CountingSnapKVPress(compression_ratio=0.5))
+    assert (out / "predictions.csv").read_text() == (fresh / "predictions.csv").read_text()
+
+
+def test_checkpoint_of_another_run_is_refused(runner, tmp_path):
+    cfg = EvalConfig(press_name="snapkv", compression_ratio=0.5, output_dir=str(tmp_path), **SMALL)
+    checkpoint = partial_path(cfg.results_dir())
+    checkpoint.write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable.*move it away"):
+        runner.run(cfg)
+    other = EvalConfig(press_name="snapkv", compression_ratio=0.5, output_dir=str(tmp_path), **dict(SMALL, seed=1))
+    state = {"identity": other.identity(), "answers": {}, "wall": 0.0}
+    state["recorder"] = {k: [] for k in ("prefill_seconds", "kv_bytes", "context_tokens")}
+    state["recorder"].update(decode_seconds=0.0, decode_tokens=0)
+    checkpoint.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="different configuration"):
+        runner.run(cfg)
+    state["identity"] = cfg.identity()
+    state["answers"] = {"999": "x"}
+    checkpoint.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="does not have"):
+        runner.run(cfg)
+    assert checkpoint.exists() and not cfg.results_dir().exists()  # nothing of the user's is removed
