@@ -31,6 +31,7 @@ if HAS_TRITON:
 
 _TINY = 1e-30
 _MIN_GAIN = 1e-6  # a flip must lower the error by this relative amount (no moves on rounding noise)
+_BLOCK_ROWS = 512  # tokens per block of the PyTorch reference ([512, n_bits] float32 states stay in cache)
 
 
 def _check(x: torch.Tensor, bits: torch.Tensor, emb: torch.Tensor, steps: int) -> None:
@@ -63,28 +64,44 @@ def _coef(a: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def refine_value_bits_reference(
     x: torch.Tensor, bits: torch.Tensor, emb: torch.Tensor, steps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch :func:`refine_value_bits`."""
+    """Plain-PyTorch :func:`refine_value_bits`.
+
+    A token whose best flip does not lower its error keeps its state for good (the next step would see the same
+    numbers), so each block of ``_BLOCK_ROWS`` tokens drops its finished tokens as it goes: the same float32 updates
+    on fewer, cache-resident rows, hence the same bits.
+    """
     _check(x, bits, emb, steps)
     with torch.no_grad():
         b, u, w, a, q, gram, sq = _start(x, bits, emb)  # a = <v, y>, q = |y|^2
         b = b.clone()
-        rows = torch.arange(x.shape[0], device=x.device)
-        for _ in range(steps):
-            d = 1.0 - 2.0 * b
-            a2 = a[:, None] + d * u
-            q2 = q[:, None] + 2.0 * d * w + sq[None, :]
-            gain = a2 * a2 / q2.clamp_min(_TINY)  # the error is |v|^2 - gain
-            best, i = gain.max(-1)
-            move = best > a * a / q.clamp_min(_TINY) * (1 + _MIN_GAIN)
-            if not bool(move.any()):
-                break
-            r, i = rows[move], i[move]
-            di = d[r, i]
-            a[r] = a2[r, i]
-            q[r] = q2[r, i]
-            w[r] += di[:, None] * gram[i]
-            b[r, i] = 1.0 - b[r, i]
+        for start in range(0, x.shape[0], _BLOCK_ROWS):
+            _refine_rows(b, u, w, a, q, gram, sq, torch.arange(start, min(start + _BLOCK_ROWS, x.shape[0])), steps)
     return b.to(torch.uint8), _coef(a, q)[:, None]
+
+
+def _refine_rows(b, u, w, a, q, gram, sq, rows: torch.Tensor, steps: int) -> None:
+    """Refine tokens ``rows`` in place in ``b``, ``a`` and ``q`` (``u`` and ``w`` are read)."""
+    bb, uu, ww, aa, qq = b[rows], u[rows], w[rows], a[rows], q[rows]
+    for _ in range(steps):
+        d = 1.0 - 2.0 * bb
+        a2 = aa[:, None] + d * uu
+        q2 = qq[:, None] + 2.0 * d * ww + sq[None, :]
+        gain = a2 * a2 / q2.clamp_min(_TINY)  # the error is |v|^2 - gain
+        best, i = gain.max(-1)
+        move = best > aa * aa / qq.clamp_min(_TINY) * (1 + _MIN_GAIN)
+        done = ~move
+        if bool(done.any()):  # final: write back, then continue with the others
+            b[rows[done]], a[rows[done]], q[rows[done]] = bb[done], aa[done], qq[done]
+            if not bool(move.any()):
+                return
+            rows, bb, uu, ww, d, a2, q2, i = (t[move] for t in (rows, bb, uu, ww, d, a2, q2, i))
+        r = torch.arange(rows.shape[0], device=rows.device)
+        di = d[r, i]
+        aa = a2[r, i]
+        qq = q2[r, i]
+        ww = ww + di[:, None] * gram[i]
+        bb[r, i] = 1.0 - bb[r, i]
+    b[rows], a[rows], q[rows] = bb, aa, qq
 
 
 if HAS_TRITON:
