@@ -80,28 +80,30 @@ def refine_value_bits_reference(
 
 
 def _refine_rows(b, u, w, a, q, gram, sq, rows: torch.Tensor, steps: int) -> None:
-    """Refine tokens ``rows`` in place in ``b``, ``a`` and ``q`` (``u`` and ``w`` are read)."""
-    bb, uu, ww, aa, qq = b[rows], u[rows], w[rows], a[rows], q[rows]
+    """Refine tokens ``rows`` in place in ``b``, ``a`` and ``q`` (``u`` and ``w`` are read).
+
+    The products by ``d = 1 - 2b`` (+-1) and by 2 are exact, so the fused forms below (``addcmul``) round as the
+    plain expressions of the kernel do; the chosen flip's ``a`` and ``q`` are recomputed for its bit alone.
+    """
+    d, uu, ww, aa, qq = 1.0 - 2.0 * b[rows], u[rows], w[rows], a[rows], q[rows]
     for _ in range(steps):
-        d = 1.0 - 2.0 * bb
-        a2 = aa[:, None] + d * uu
-        q2 = qq[:, None] + 2.0 * d * ww + sq[None, :]
-        gain = a2 * a2 / q2.clamp_min(_TINY)  # the error is |v|^2 - gain
+        gain = torch.addcmul(aa[:, None], d, uu).square_()  # (a + d u)^2
+        gain.div_(torch.addcmul(qq[:, None], d, ww, value=2.0).add_(sq).clamp_min_(_TINY))  # the error: |v|^2 - gain
         best, i = gain.max(-1)
         move = best > aa * aa / qq.clamp_min(_TINY) * (1 + _MIN_GAIN)
         done = ~move
         if bool(done.any()):  # final: write back, then continue with the others
-            b[rows[done]], a[rows[done]], q[rows[done]] = bb[done], aa[done], qq[done]
+            b[rows[done]], a[rows[done]], q[rows[done]] = (1.0 - d[done]) * 0.5, aa[done], qq[done]
             if not bool(move.any()):
                 return
-            rows, bb, uu, ww, d, a2, q2, i = (t[move] for t in (rows, bb, uu, ww, d, a2, q2, i))
+            rows, d, uu, ww, aa, qq, i = (t[move] for t in (rows, d, uu, ww, aa, qq, i))
         r = torch.arange(rows.shape[0], device=rows.device)
         di = d[r, i]
-        aa = a2[r, i]
-        qq = q2[r, i]
-        ww = ww + di[:, None] * gram[i]
-        bb[r, i] = 1.0 - bb[r, i]
-    b[rows], a[rows], q[rows] = bb, aa, qq
+        aa = aa + di * uu[r, i]
+        qq = qq + 2.0 * di * ww[r, i] + sq[i]
+        ww.addcmul_(di[:, None], gram[i])
+        d[r, i] = -di
+    b[rows], a[rows], q[rows] = (1.0 - d) * 0.5, aa, qq
 
 
 if HAS_TRITON:
