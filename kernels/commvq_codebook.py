@@ -174,12 +174,11 @@ def nearest_centers_reference(r: torch.Tensor, theta: torch.Tensor) -> torch.Ten
     for g in range(r.shape[0]):
         for s in range(0, r.shape[1], _CHUNK):
             rc = r[g, s : s + _CHUNK]
-            ru, rw = rc @ u[g].T, rc @ w[g].T
-            # d2 - ||r||^2 = h - 2 (r.u_A + r.w_B), in place on cache-sized blocks of rows (the same float32 values
-            # as the plain expression: -2x + h is h - 2x, bit for bit)
+            ru, rw = (rc @ u[g].T).mul_(-2.0), (rc @ w[g].T).mul_(-2.0)
+            # d2 - ||r||^2 = h - 2 (r.u_A + r.w_B), on cache-sized blocks of rows; the same float32 values as that
+            # expression, since scaling by -2 is exact: -2x - 2y = -2 (x + y) and h + (-2z) = h - 2z, bit for bit
             for t in range(0, rc.shape[0], _SUBCHUNK):
-                val = ru[t : t + _SUBCHUNK, :, None] + rw[t : t + _SUBCHUNK, None, :]
-                val.mul_(-2.0).add_(h[g])
+                val = torch.add(ru[t : t + _SUBCHUNK, :, None], rw[t : t + _SUBCHUNK, None, :]).add_(h[g])
                 out[g, s + t : s + t + _SUBCHUNK] = val.flatten(1).argmin(dim=1)
     return out if batched else out[0]
 
