@@ -555,7 +555,9 @@ def paired_gap(
     Parameters
     ----------
     base, other : str or Path
-        Run directories (``predictions.csv`` is read and rescored with kvpress's string match).
+        Run directories (``predictions.csv`` is read and rescored with kvpress's string match). ``other`` may also
+        be the checkpoint of an unfinished run (``{run}.partial.json``): the gap is then taken over the questions it
+        has answered so far, ``base`` restricted to the same ones, and the result says so under ``partial``.
     n_boot : int
         Bootstrap draws.
     seed : int
@@ -581,7 +583,14 @@ def paired_gap(
         raise ValueError(f"n_boot must be >= 1, got {n_boot}.")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}.")
-    a, b = _predictions(Path(base)), _predictions(Path(other))
+    if _is_checkpoint(base):
+        raise ValueError(f"{base}: an unfinished run goes second (OTHER_RUN), paired with a complete BASE_RUN.")
+    a = _predictions(Path(base))
+    partial = None
+    if _is_checkpoint(other):
+        a, b, partial = _answered_rows(Path(base), a, Path(other))
+    else:
+        b = _predictions(Path(other))
     keys = [c for c in ("task", "answer", "answer_prefix", "question") if c in a.columns and c in b.columns]
     same = len(a) == len(b) and "task" in keys and a[keys].reset_index(drop=True).equals(b[keys].reset_index(drop=True))
     if not same:
@@ -590,7 +599,7 @@ def paired_gap(
             f"compared columns {keys}): pair two runs made on one dataset (same tasks, samples, seed and length)."
         )
     sa, sb = row_scores(a).to_numpy(), row_scores(b).to_numpy()
-    for run, df, scores in ((Path(base), a, sa), (Path(other), b, sb)):
+    for run, df, scores in ((Path(base), a, sa), (Path(other), b, sb)) if partial is None else ():
         _check_rescored(run, df, scores)
     tasks = sorted(a["task"].unique())
     rows = {t: np.flatnonzero(a["task"].to_numpy() == t) for t in tasks}
@@ -622,7 +631,48 @@ def paired_gap(
         "n_boot": n_boot,
         "n_questions": int(len(a)),
         "tasks": per_task,
+        **({"partial": partial} if partial is not None else {}),
     }
+
+
+# the fields of a run's configuration that decide its questions (an unfinished run is paired on these)
+_DATASET_FIELDS = ("dataset", "data_dir", "model", "tasks", "n_samples", "seed", "fraction", "query_aware")
+
+
+def _is_checkpoint(path: str | Path) -> bool:
+    return str(path).endswith(".partial.json")
+
+
+def _answered_rows(base: Path, a: pd.DataFrame, checkpoint: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """``base``'s rows that the unfinished run ``checkpoint`` (``{run}.partial.json``, written by the Runner after
+    every context) has answered, and the same rows with its answers; the checkpoint's dataset must be ``base``'s."""
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"No checkpoint {checkpoint}: pass the .partial.json file of an unfinished run.")
+    try:
+        state = json.loads(checkpoint.read_text(encoding="utf-8"))
+        answers, identity = dict(state["answers"]), dict(state["identity"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{checkpoint} is not a Runner checkpoint ({err}).") from err
+    config_path = base / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"No config.yaml in {base}: an unfinished run is paired with a pressroom-eval run.")
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    differ = [k for k in _DATASET_FIELDS if k in identity and config.get(k) != identity[k]]
+    if differ:
+        raise ValueError(
+            f"{checkpoint} was made on other questions than {base} (they differ in {differ}): pair it with a run of "
+            "the same dataset, tasks, samples, seed and length."
+        )
+    try:
+        positions = sorted(int(k) for k in answers)
+    except ValueError as err:
+        raise ValueError(f"{checkpoint}: answers are keyed by row numbers, got {err}.") from err
+    if not answers or positions[0] < 0 or positions[-1] >= len(a):
+        raise ValueError(f"{checkpoint} answers {len(answers)} rows, not within {base}'s {len(a)} questions.")
+    a = a.iloc[positions].reset_index(drop=True)
+    b = a.copy()
+    b["predicted_answer"] = [str(answers[str(i)]) for i in positions]
+    return a, b, {"answered": len(positions), "of": int(len(_predictions(base))), "checkpoint": str(checkpoint)}
 
 
 def compare(paths: Sequence[str | Path], output_dir: str | Path | None = None) -> pd.DataFrame:

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--paired", nargs=2, metavar=("BASE_RUN", "OTHER_RUN"), default=None,
-        help="two run directories on the same questions: the gap BASE - OTHER with a paired bootstrap interval",
+        help="two run directories on the same questions: the gap BASE - OTHER with a paired bootstrap interval "
+        "(OTHER_RUN may be an unfinished run's .partial.json: the questions it has answered so far)",
     )  # fmt: skip
     parser.add_argument("--bootstrap", type=int, default=None, help="--paired: bootstrap draws (default 10000)")
     parser.add_argument("--json", default=None, help="--paired: also write the result to this JSON file")

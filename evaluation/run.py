@@ -348,7 +348,7 @@ class Runner:
         pipe = self.pipeline(config.model, config.device, config.dtype, isinstance(press, ObservedAttentionPress))
         if getattr(press, "tokenizer", False) is None:  # presses that read token types (AnchorPress): the pipeline's
             press.tokenizer = pipe.tokenizer
-        df = self.dataset(config, pipe.tokenizer)
+        df = self.dataset(config, pipe.tokenizer).reset_index(drop=True)  # row numbers: a checkpoint's keys
         if config.query_aware:  # as kvpress's evaluation
             make_query_aware(df)
         torch.manual_seed(config.seed)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from kvpress import SnapKVPress
 
+from pressroom.evaluation.compare import paired_gap
 from pressroom.evaluation.press_registry import make_press
 from pressroom.evaluation.run import RESULT_FILES, EvalConfig, Runner, partial_path
 
@@ -147,6 +148,15 @@ def test_interrupted_run_resumes_from_its_checkpoint(runner, tmp_path):
     checkpoint = partial_path(cfg.results_dir())
     assert not cfg.results_dir().exists()
     assert len(json.loads(checkpoint.read_text())["answers"]) == 1
+    # the unfinished run pairs with a baseline on the questions it has answered
+    base = runner.run(EvalConfig(output_dir=str(tmp_path / "base"), **small))
+    part = paired_gap(base, checkpoint, n_boot=10)
+    assert part["n_questions"] == 1 and part["partial"]["answered"] == 1 and part["partial"]["of"] == 3
+    other_seed = runner.run(EvalConfig(output_dir=str(tmp_path / "seed1"), **dict(small, seed=1)))
+    with pytest.raises(ValueError, match="other questions.*seed"):
+        paired_gap(other_seed, checkpoint)
+    with pytest.raises(ValueError, match="goes second"):
+        paired_gap(checkpoint, base)
     press = CountingSnapKVPress(compression_ratio=0.5)
     out = runner.run(cfg, press=press)
     assert press.contexts == 2 and not checkpoint.exists()
