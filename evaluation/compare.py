@@ -669,10 +669,11 @@ def _answered_rows(base: Path, a: pd.DataFrame, checkpoint: Path) -> tuple[pd.Da
         raise ValueError(f"{checkpoint}: answers are keyed by row numbers, got {err}.") from err
     if not answers or positions[0] < 0 or positions[-1] >= len(a):
         raise ValueError(f"{checkpoint} answers {len(answers)} rows, not within {base}'s {len(a)} questions.")
+    partial = {"answered": len(positions), "of": int(len(a)), "checkpoint": str(checkpoint)}
     a = a.iloc[positions].reset_index(drop=True)
     b = a.copy()
     b["predicted_answer"] = [str(answers[str(i)]) for i in positions]
-    return a, b, {"answered": len(positions), "of": int(len(_predictions(base))), "checkpoint": str(checkpoint)}
+    return a, b, partial
 
 
 def compare(paths: Sequence[str | Path], output_dir: str | Path | None = None) -> pd.DataFrame:

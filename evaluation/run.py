@@ -446,14 +446,14 @@ class Runner:
                 f"{checkpoint} is the checkpoint of a run made with a different configuration ({identity} vs "
                 f"{config.identity()}); move it away, or use another --output-dir."
             )
-        labels = {str(i): i for i in df.index}
-        unknown = [k for k in answers if k not in labels]
+        rows = {str(i) for i in range(len(df))}  # df is numbered 0..n-1 (run)
+        unknown = [k for k in answers if k not in rows]
         if unknown:
             raise ValueError(
                 f"{checkpoint} answers rows {unknown[:5]} that this run's dataset does not have; move it away."
             )
         for key, answer in answers.items():
-            df.at[labels[key], "predicted_answer"] = answer
+            df.at[int(key), "predicted_answer"] = answer
         return state, float(state["wall"])
 
 
