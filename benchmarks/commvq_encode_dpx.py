@@ -59,7 +59,23 @@ VARIANTS = (
     ("split_dpx_half_bn128_w8", dict(search="split_dpx", precision="half", block_n=128, num_warps=8)),
     ("split_h2_tf32", dict(search="split_h2", precision="tf32")),
     ("split_dpx_tf32", dict(search="split_dpx", precision="tf32")),
+    # the L1 prefetch of each step's K^T and scratch (encode_keys(prefetch=True))
+    ("split_h2_half_prefetch", dict(search="split_h2", precision="half", prefetch=True)),
+    ("split_h2_half_wide", dict(search="split_h2", precision="half", wide_lanes=True)),
+    ("split_h2_half_wide_prefetch", dict(search="split_h2", precision="half", wide_lanes=True, prefetch=True)),
+    ("split_h2_half_unroll8_prefetch", dict(search="split_h2", precision="half", unroll=8, prefetch=True)),
+    ("split_dpx_half_wide_prefetch", dict(search="split_dpx", precision="half", wide_lanes=True, prefetch=True)),
 )
+# (label, encode_keys options, value encoder input in PyTorch) of the whole layer's runs: the first is the reference
+# of the equal-rows share; split_h2_value_prep_pytorch is the path before pressroom.kernels.commvq_value_prep
+LAYER_RUNS = (
+    ("split_h2", dict(search="split_h2"), False),
+    ("split_dpx", dict(search="split_dpx"), False),
+    ("split_h2_value_prep_pytorch", dict(search="split_h2"), True),
+    ("split_h2_prefetch", dict(search="split_h2", prefetch=True), False),
+    ("split_h2_wide_prefetch", dict(search="split_h2", wide_lanes=True, prefetch=True), False),
+)
+DEFAULT_LAYER_RUNS = ("split_h2", "split_dpx", "split_h2_value_prep_pytorch")
 LOOP_OPS = ("HADD2", "HMNMX2", "VIADDMNMX")
 
 
@@ -97,7 +113,17 @@ def _without_use_triton(args: tuple) -> tuple:
 
 
 def measure(
-    bits: int, n: int, chunk: int, reps: int, device: torch.device, cfg: dict, log, save, layer_only: bool = False
+    bits: int,
+    n: int,
+    chunk: int,
+    reps: int,
+    device: torch.device,
+    cfg: dict,
+    log,
+    save,
+    layer_only: bool = False,
+    variants: tuple = VARIANTS,
+    layer_runs: tuple = tuple(r for r in LAYER_RUNS if r[0] in DEFAULT_LAYER_RUNS),
 ) -> None:
     cuda = device.type == "cuda"
     r = RESIDUALS[bits]
@@ -113,7 +139,7 @@ def measure(
     kw = dict(use_triton=cuda or None, tables=tables, out=out, key_norm_bound=1.0)
     rows, first = {}, None
     sub = min(chunk, 4096)
-    for label, opts in () if layer_only else VARIANTS:
+    for label, opts in () if layer_only else variants:
         run = functools.partial(encode_keys, xm, theta, **opts, **kw)
         try:
             ms = median_ms(run, reps, cuda)
@@ -146,17 +172,11 @@ def measure(
     default_block, default_encode = commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys
     default_prep = commvq_cache.value_prep
     layer_rows, codes, vbits = {}, {}, {}
-    # (label, key search, value encoder input): the kernels, then split_h2 with that input in PyTorch (the path
-    # before pressroom.kernels.commvq_value_prep)
-    runs = (
-        ("split_h2", "split_h2", default_prep),
-        ("split_dpx", "split_dpx", default_prep),
-        ("split_h2_value_prep_pytorch", "split_h2", functools.partial(default_prep, use_triton=False)),
-    )
     try:
         commvq_cache.ENCODE_BLOCK = chunk
-        for label, search, prep in runs:
-            commvq_cache.encode_keys = functools.partial(default_encode, search=search)
+        for label, opts, prep_pytorch in layer_runs:
+            prep = functools.partial(default_prep, use_triton=False) if prep_pytorch else default_prep
+            commvq_cache.encode_keys = functools.partial(default_encode, **opts)
             commvq_cache.value_prep = lambda *a, prep=prep: prep(*_without_use_triton(a))
             layer_rows[label] = dict(ms=median_ms(run_layer, reps, cuda), kernels_ms=kernel_ms(run_layer, 2))
             codes[label], vbits[label] = layer.codes[:, :, :n].clone(), layer.vbits[:, :n].clone()
@@ -164,11 +184,17 @@ def measure(
     finally:
         commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys = default_block, default_encode
         commvq_cache.value_prep = default_prep
-    layer_rows["rows_equal"] = (codes["split_h2"] == codes["split_dpx"]).all(-1).float().mean().item()
-    # the value bytes with the value_prep kernel equal to those with its PyTorch reference (bfloat16 roundings of
-    # sums taken in another order may flip a near-tied choice)
-    same = vbits["split_h2"] == vbits["split_h2_value_prep_pytorch"]
-    layer_rows["value_prep_value_bytes_equal"] = same.float().mean().item()
+    first = layer_runs[0][0]
+    for label in codes:  # the code rows of each run equal to the first run's
+        if label != first:
+            layer_rows[label]["rows_equal_to_first"] = (codes[label] == codes[first]).all(-1).float().mean().item()
+    if "split_dpx" in codes and first == "split_h2":  # the key of earlier files
+        layer_rows["rows_equal"] = layer_rows["split_dpx"]["rows_equal_to_first"]
+    if "split_h2_value_prep_pytorch" in vbits and "split_h2" in vbits:
+        # the value bytes with the value_prep kernel equal to those with its PyTorch reference (bfloat16 roundings
+        # of sums taken in another order may flip a near-tied choice)
+        same = vbits["split_h2"] == vbits["split_h2_value_prep_pytorch"]
+        layer_rows["value_prep_value_bytes_equal"] = same.float().mean().item()
     cfg["layer_ms"] = dict(tokens=n, chunk=chunk, encode_precision="half", value_refine=0, **layer_rows)
     save()
 
@@ -182,8 +208,22 @@ def main() -> int:
     ap.add_argument("--sass", action="store_true", help="also count the sm_90 instructions (offline compile)")
     ap.add_argument("--layer-only", action="store_true", help="only the whole layer (no key-search variants)")
     ap.add_argument("--smoke", action="store_true", help="a small shape on any device (no timing value)")
+    ap.add_argument(
+        "--variants", nargs="+", choices=[v[0] for v in VARIANTS], help="key-search variants to time (default: all)"
+    )
+    ap.add_argument(
+        "--layer-runs",
+        nargs="+",
+        choices=[r[0] for r in LAYER_RUNS],
+        default=list(DEFAULT_LAYER_RUNS),
+        help="whole-layer runs (the first is the reference of the equal-rows shares)",
+    )
     ap.add_argument("--output", type=Path, required=True)
     args = ap.parse_args()
+    by_label, runs_by_label = dict(VARIANTS), {r[0]: r for r in LAYER_RUNS}
+    # in the order named: the first is the reference of the equal-rows shares
+    variants = VARIANTS if args.variants is None else tuple((v, by_label[v]) for v in args.variants)
+    layer_runs = tuple(runs_by_label[r] for r in args.layer_runs)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("no GPU: pass --smoke for a small run on the CPU (or only --sass with --smoke)")
@@ -220,7 +260,19 @@ def main() -> int:
         save()
     for bits in args.bits:
         result["configs"][f"{bits}bit"] = {}
-        measure(bits, n, chunk, reps, device, result["configs"][f"{bits}bit"], log, save, args.layer_only)
+        measure(
+            bits,
+            n,
+            chunk,
+            reps,
+            device,
+            result["configs"][f"{bits}bit"],
+            log,
+            save,
+            args.layer_only,
+            variants,
+            layer_runs,
+        )
     log(f"done; JSON in {args.output}")
     return 0
 

@@ -359,6 +359,16 @@ if HAS_TRITON:
         return res - (ua.to(tl.float32) + wb.to(tl.float32))  # float16 tables hold float16-exact codebooks
 
     @triton.jit
+    def _prefetch_l1(ptrs, NATIVE: tl.constexpr):
+        """Ask for the lines at ``ptrs`` in L1 (PTX ``prefetch.global.L1``), without waiting for them: the split
+        search's candidate loop then finds its ``K^T`` rows and scratch lanes there instead of in L2. A no-op off
+        ``NATIVE`` (the interpreter runs no PTX)."""
+        if NATIVE:
+            tl.inline_asm_elementwise(
+                "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+            )
+
+    @triton.jit
     def _encode_kernel(
         x_ptr,
         u_ptr,
@@ -586,6 +596,7 @@ if HAS_TRITON:
         WIDE_LANES: tl.constexpr = False,
         ROW_NORMS: tl.constexpr = False,
         I16: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False,
     ):
         # The split search with its 4,096 candidate sums K[A, B] + g_B in packed float16 pairs: lane j of a row
         # holds A = j (low half) and A = j + 32 (high half), so one add.rn.f16x2 and one min.f16x2 cover two
@@ -608,6 +619,8 @@ if HAS_TRITON:
             for r in range(R):
                 step = head * R + r
                 base = step * 64 * D
+                if PREFETCH:  # this step's packed K^T (64 lines of 128 bytes), in L1 by the candidate loop
+                    _prefetch_l1(kt2_ptr + step * 2048 + ks * 32, NATIVE)
                 rd = res.to(ud_ptr.dtype.element_ty)  # the dots' operand (float16 with precision="half")
                 g = _split_g(rd, wd_ptr, wn_ptr, base, step, ks, cols, dmask, D, PRECISION)
                 if I16:  # g_B in fixed point, clamped so that no sum leaves int16
@@ -621,6 +634,8 @@ if HAS_TRITON:
                 tl.debug_barrier()  # the previous step's reads of the scratch are done
                 tl.store(scr[:, None] + ks[None, :], gpack)
                 tl.debug_barrier()
+                if PREFETCH:  # the scratch rows just written (two lines a row), in L1 while the f dots run
+                    _prefetch_l1(scr[:, None] + (tl.arange(0, 2) * 32)[None, :], NATIVE)
                 u_lo = tl.load(ud_ptr + base + js[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
                 u_hi = tl.load(ud_ptr + base + (js[None, :] + 32) * D + cols[:, None], mask=dmask[:, None], other=0.0)
                 f_lo = tl.load(un_ptr + step * 64 + js)[None, :] - 2.0 * tl.dot(rd, u_lo, input_precision=PRECISION)
@@ -747,11 +762,13 @@ def encode_meta(
     wide_lanes: bool = False,
     row_norms: bool = False,
     native_dpx: bool = True,
+    prefetch: bool = False,
 ) -> tuple[dict, tuple]:
     """The encode kernel's constexprs and ``(num_warps, num_stages)`` for head dim ``d`` and ``r`` residuals (what
     :func:`encode_keys` launches; :mod:`pressroom.kernels.commvq_resources` compiles exactly this). ``native_dpx``:
     ``"split_dpx"``'s fused add-min as sm_90 PTX (``add.s16x2`` / ``min.s16x2``, which need sm_90); ``False``
-    compiles the same arithmetic from 32-bit integer operations (older GPUs)."""
+    compiles the same arithmetic from 32-bit integer operations (older GPUs). ``prefetch``: the paired searches'
+    L1 prefetch of each step's ``K^T`` and scratch (:func:`encode_keys`)."""
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}.")
     if precision not in PRECISIONS:
@@ -772,6 +789,7 @@ def encode_meta(
                 WIDE_LANES=bool(wide_lanes),
                 ROW_NORMS=bool(row_norms),
                 I16=search == "split_dpx",
+                PREFETCH=bool(prefetch),
             )
     elif search != "running":
         meta.update(A_CHUNK=a_chunk, NESTED=search == "nested")
@@ -806,6 +824,7 @@ def encode_keys(
     wide_lanes: bool = False,
     row_norms: torch.Tensor | None = None,
     maxnreg: int | None = None,
+    prefetch: bool = False,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
 
@@ -863,6 +882,12 @@ def encode_keys(
         that each ``K^T`` row is one 16-byte load per thread (20 loads per 4 candidates instead of 68 on sm_90; the
         same codes); ``False`` (default): the compiler's layout, one lane a thread, which measured 1-2% faster on an
         H200 over seven runs (``benchmarks/results/commvq_encode_profile*.json``).
+    prefetch : bool
+        ``"split_h2"`` / ``"split_dpx"`` on a GPU: at each residual step, ask for the step's packed ``K^T`` (8 KB)
+        and the program's scratch of ``g_B`` (just written) in L1 (PTX ``prefetch.global.L1``) before the dot
+        products, so that the candidate loop's loads find them there (an Nsight Compute profile of the default
+        search on an H200 has 67% of its warp samples in that loop, most waiting on those loads:
+        ``benchmarks/results/commvq_encode_ncu.json``). The same codes; no effect off a GPU.
     maxnreg : int, optional
         Registers per thread the kernel may use (Triton's ``maxnreg`` launch option: the PTX ``.maxnreg``
         directive, NVIDIA only), a multiple of 8 from 24 to 248; ``None`` (default): the compiler's choice. For
@@ -946,7 +971,19 @@ def encode_keys(
         x = x.float().contiguous()
     native_dpx = search == "split_dpx" and dpx_native(x.device)
     meta, (num_warps, num_stages) = encode_meta(
-        d, r, block_n, num_warps, 1, search, precision, a_chunk, unroll, wide_lanes, row_norms is not None, native_dpx
+        d,
+        r,
+        block_n,
+        num_warps,
+        1,
+        search,
+        precision,
+        a_chunk,
+        unroll,
+        wide_lanes,
+        row_norms is not None,
+        native_dpx,
+        prefetch,
     )
     strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
     n_blocks = triton.cdiv(n, block_n)

@@ -104,6 +104,7 @@ def test_split_dpx_kernel_equals_its_reference():
     kw = dict(use_triton=True, search="split_dpx", block_n=16, key_norm_bound=1.0)
     assert torch.equal(encode_keys(x, theta, **kw), ref)
     assert torch.equal(encode_keys(x, theta, **kw, unroll=8, wide_lanes=True), ref)
+    assert torch.equal(encode_keys(x, theta, **kw, wide_lanes=True, prefetch=True), ref)
     assert torch.equal(encode_keys(x, theta, **kw, programs=2), ref)
     assert torch.equal(encode_keys(x, theta, use_triton=False, search="split_dpx", key_norm_bound=1.0), ref)
     ref16 = encode_keys_split_h2_reference(x, theta, dot_dtype=torch.float16, sums="i16", key_norm_bound=1.0)

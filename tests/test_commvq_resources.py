@@ -78,3 +78,32 @@ def test_two_pass_scores_code_programs_stay_lean(table):
         if "stack_bytes" not in row:
             pytest.skip("cuobjdump is not available: no register figures")
         assert row["stack_bytes"] == 0 and row["regs"] <= 128, row
+
+
+_PREFETCH_PROBE = """
+import json
+from pressroom.kernels import commvq_encode
+from pressroom.kernels.commvq_resources import kernel_resources_compiled
+half = {k: "*fp16" for k in ("ud_ptr", "wd_ptr", "u_ptr", "w_ptr")}
+out = {}
+for prefetch in (False, True):
+    meta, (nw, ns) = commvq_encode.encode_meta(128, 11, 64, 4, 1, "split_h2", "half", row_norms=True, prefetch=prefetch)
+    meta["NATIVE"] = True
+    c = kernel_resources_compiled(commvq_encode.encode_kernel("split_h2"), meta, nw, ns, half)
+    out[str(prefetch)] = c.asm["ptx"].count("prefetch.global.L1")
+print(json.dumps(out))
+"""
+
+
+def test_encode_prefetch_compiles_to_l1_prefetches():
+    """``encode_keys(prefetch=True)`` puts two ``prefetch.global.L1`` in the sm_90 PTX of the key search (the
+    step's ``K^T`` and the scratch; not removed as dead code), the default none."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _PREFETCH_PROBE], capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        if "ptxas" in proc.stderr or "cuda" in proc.stderr.lower():
+            pytest.skip(f"no sm_90 compile here: {proc.stderr[-300:]}")
+        raise AssertionError(proc.stderr[-2000:])
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts == {"False": 0, "True": 2}, counts
