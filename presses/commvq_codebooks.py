@@ -284,6 +284,17 @@ class CommVQCodebooks:
             if len(self.values) != self.num_layers or any(v.feat_dim != feat for v in self.values):
                 raise ValueError(f"values must be {self.num_layers} ValueCodec of feat_dim {feat}.")
 
+    def __repr__(self) -> str:
+        """The shapes, not the tensors: a press's repr (kvpress's ``press_init_command`` in an evaluation's
+        ``config.yaml``) stays one short line."""
+        values = "None" if self.values is None else f"<{len(self.values)} ValueCodec>"
+        weighted = self.key_pair_weights is not None
+        return (
+            f"CommVQCodebooks(model_name={self.model_name!r}, bits={self.bits}, residuals={self.residuals}, "
+            f"head_dim={self.head_dim}, num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, "
+            f"values={values}, key_pair_weights={'<weights>' if weighted else None})"
+        )
+
     @property
     def R(self) -> int:  # noqa: N802 - the paper's name
         """Alias of :attr:`residuals`."""

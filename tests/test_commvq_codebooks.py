@@ -353,3 +353,14 @@ def test_pair_weights_round_trip_and_validation(tmp_path):
     for bad, match in ((torch.rand(2, 2, 16), "must be"), (-weights, "positive"), (weights * math.inf, "finite")):
         with pytest.raises(ValueError, match=match):
             CommVQCodebooks("tiny", 1, books.residuals, 64, 2, 2, books.key_theta, key_pair_weights=bad)
+
+
+def test_repr_is_one_short_line_without_tensors():
+    """A press holding loaded codebooks prints in one short line (kvpress writes ``str(press)`` into an evaluation's
+    ``config.yaml``: it once held every codebook value, 100 KB per run)."""
+    from pressroom.presses import CommVQPress
+
+    books = _books(layers=2, heads=2, head_dim=64, bits=2)
+    text = repr(CommVQPress(books, bits=2))
+    assert "tensor(" not in text and "\n" not in text and len(text) < 600, text
+    assert "CommVQCodebooks(model_name=" in text and "num_layers=2" in text and "<2 ValueCodec>" in text
