@@ -17,8 +17,12 @@
 #                                            # values only) in kvpress's query_aware mode: the question is prefilled
 #                                            # with the context, as the CommVQ reference's needle script does
 #                                            # (ABLATION=0: fp16 and CommVQ only, about half the time;
-#                                            # RUNS_DIR: where the Runner results go, default $OUT; a rerun with
-#                                            # the same RUNS_DIR resumes; NEEDLE_SAMPLES: per task, default 12;
+#                                            # RUNS_DIR: where the Runner results go, default /tmp/pressroom-runs
+#                                            # (outside $OUT: the device returns at most 8 files, two folders down);
+#                                            # a rerun with the same RUNS_DIR resumes; they come back packed in
+#                                            # $OUT/needles_qa_runs.tgz (predictions, metrics, stats, configs,
+#                                            # checkpoints, logs), also after a failure; NEEDLE_SAMPLES: per task,
+#                                            # default 12;
 #                                            # EXACT_LAYERS: exact_layers settings, e.g. "none 18", default none;
 #                                            # PARALLEL=1: one process per setting and one for fp16 (FP16=0: none,
 #                                            # FP16=only: fp16 alone, no codebooks needed), on the same GPU;
@@ -88,7 +92,10 @@ ablation)
   ;;
 needles_qa)
   ablation=--ablation; [ "${ABLATION:-1}" = 0 ] && ablation=
-  runs="${RUNS_DIR:-$out}/commvq_quality_runs_qa"
+  runs="${RUNS_DIR:-/tmp/pressroom-runs}/commvq_quality_runs_qa"
+  mkdir -p "$runs"
+  # one file back for all the runs' files, also when a run fails or is stopped (the device returns 8 files at most)
+  trap 'tar -czf "$out/needles_qa_runs.tgz" -C "$runs" . 2>/dev/null || true' EXIT
   if [ "${PARALLEL:-0}" != 1 ] || [ "${FP16:-1}" != only ]; then  # checked before anything starts in the background
     : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
   fi
