@@ -28,6 +28,7 @@ attribution's loop before a GPU run.
 
     source benchmarks/gpu_env.sh
     python benchmarks/commvq_encode_ncu.py --output $OUT/commvq_encode_ncu.json --keep-report   # needs ncu
+    python benchmarks/commvq_encode_ncu.py --variant split_h2_half_wide --row-norms --output $OUT/x.json  # another
     python benchmarks/commvq_encode_ncu.py --child --bits 1                                        # what ncu runs
     python benchmarks/commvq_encode_ncu.py --sass-check --output /tmp/commvq_encode_ncu_sass.json  # CPU
 """
@@ -53,8 +54,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from commvq_scores_profile import RESIDUALS, SECTIONS, STALL_METRICS, find_ncu, parse_ncu_csv  # noqa: E402
 
 KERNEL = "_encode_split_h2_kernel"
-# encode_keys options of the profiled search (commvq_encode_dpx.VARIANTS' "split_h2_half", the cache's default)
-SEARCH = dict(search="split_h2", precision="half")
 # the sections besides the scores profile's when --set sections (the full set holds them all): per-instruction
 # counters and the warp state sampling they are attributed with
 SOURCE_SECTIONS = ("SourceCounters", "InstructionStats", "ComputeWorkloadAnalysis")
@@ -325,12 +324,26 @@ def attribute(rows: list[SassRow], n: int = TOP, marker: str = MARKER) -> dict:
     return out
 
 
-def child(bits: int, chunk: int, tokens: int, launches: int) -> None:
+def variant_options(variant: str) -> dict:
+    """``encode_keys`` options of a ``commvq_encode_dpx.VARIANTS`` label whose kernel is :data:`KERNEL`."""
+    from commvq_encode_dpx import VARIANTS
+
+    opts = dict(VARIANTS).get(variant)
+    if opts is None or opts.get("search") not in ("split_h2", "split_dpx"):
+        names = [k for k, v in VARIANTS if v.get("search") in ("split_h2", "split_dpx")]
+        raise SystemExit(f"--variant must be one of {names}, got {variant!r}")
+    return opts
+
+
+def child(
+    bits: int, chunk: int, tokens: int, launches: int, variant: str = "split_h2_half", row_norms: bool = False
+) -> None:
     """Encode one chunk ``launches`` times as ``commvq_encode_dpx.py`` times the key search (ncu profiles the last
     launch): its random codebooks and keys (the first ``chunk`` of ``tokens`` drawn, normalized over the token's
-    heads), its tables and output buffer, ``key_norm_bound=1``."""
+    heads), its tables and output buffer, ``key_norm_bound=1``, with ``variant``'s options. ``row_norms``: the raw keys
+    and their norms instead, divided in the kernel as the cache launches it."""
     import torch
-    from commvq_encode_dpx import VARIANTS, D, H
+    from commvq_encode_dpx import D, H
 
     from pressroom.kernels.commvq_encode import KeyTables, code_bytes, encode_keys
 
@@ -339,28 +352,35 @@ def child(bits: int, chunk: int, tokens: int, launches: int) -> None:
     g = torch.Generator().manual_seed(bits)
     theta = ((torch.randn(H, r, 128, D // 2, generator=g) * 0.1).half().float()).to(device)
     raw = torch.randn(1, H, tokens, D, generator=g)[:, :, :chunk].to(device)
-    xm = torch.nn.functional.normalize(raw[0].transpose(0, 1).flatten(1), dim=-1).view(chunk, H, D)
+    flat = raw[0].transpose(0, 1).flatten(1)
     tables = KeyTables(theta)
     out = torch.empty(chunk, H, code_bytes(r), dtype=torch.uint8, device=device)
-    opts = dict(VARIANTS)["split_h2_half"]
-    assert opts == SEARCH, opts
+    opts = variant_options(variant)
+    if row_norms:
+        norms = {"row_norms": flat.norm(dim=-1)}
+        xm = flat.view(chunk, H, D)
+    else:
+        norms, xm = {}, torch.nn.functional.normalize(flat, dim=-1).view(chunk, H, D)
     for _ in range(launches):
-        encode_keys(xm, theta, use_triton=True, tables=tables, out=out, key_norm_bound=1.0, **opts)
+        encode_keys(xm, theta, use_triton=True, tables=tables, out=out, key_norm_bound=1.0, **opts, **norms)
     torch.cuda.synchronize()
 
 
-def offline_sass(r: int) -> str:
-    """``cuobjdump -sass`` of the key search compiled offline for sm_90 as :func:`child` launches it (default tiling,
-    normalized keys: no in-kernel division); needs Triton's ptxas and cuobjdump, no GPU."""
+def offline_sass(r: int, variant: str = "split_h2_half", row_norms: bool = False) -> str:
+    """``cuobjdump -sass`` of the key search compiled offline for sm_90 as :func:`child` launches it (the variant's
+    options at the default tiling; ``row_norms``: keys divided in the kernel); needs Triton's ptxas and cuobjdump, no
+    GPU."""
     from triton import knobs
 
     from pressroom.kernels import commvq_encode
     from pressroom.kernels.commvq_resources import kernel_resources_compiled
 
-    search, precision = SEARCH["search"], SEARCH["precision"]
+    opts = dict(variant_options(variant))
+    search, precision = opts.pop("search"), opts.pop("precision")
     tiling = commvq_encode.encode_defaults(precision, search)
+    tiling.update({k: opts.pop(k) for k in ("block_n", "num_warps") if k in opts})
     meta, (num_warps, num_stages) = commvq_encode.encode_meta(
-        128, r, tiling["block_n"], tiling["num_warps"], 1, search, precision
+        128, r, tiling["block_n"], tiling["num_warps"], 1, search, precision, row_norms=row_norms, **opts
     )
     meta["NATIVE"] = True  # what a launch on sm_90 compiles
     half = {k: "*fp16" for k in ("ud_ptr", "wd_ptr", "u_ptr", "w_ptr")}
@@ -374,12 +394,12 @@ def offline_sass(r: int) -> str:
     return proc.stdout
 
 
-def sass_check(bits_list: list[int]) -> dict:
+def sass_check(bits_list: list[int], variant: str = "split_h2_half", row_norms: bool = False) -> dict:
     """The candidate loop that :func:`find_candidate_loop` finds in the offline sm_90 compile, per bit width."""
     out = {}
     for bits in bits_list:
         try:
-            rows = parse_cuobjdump_sass(offline_sass(RESIDUALS[bits]))
+            rows = parse_cuobjdump_sass(offline_sass(RESIDUALS[bits], variant, row_norms))
             loop = find_candidate_loop(rows)
             info = split_by_loop(rows, loop)
             out[f"{bits}bit"] = dict(instructions=len(rows), loop=info["loop"], regions=info.get("regions"))
@@ -411,7 +431,8 @@ def profile(ncu: str, bits: int, args, workdir: Path) -> dict:
         ncu, "--clock-control", "none", "--kernel-name", f"regex:{KERNEL}", "--launch-skip", str(args.launches - 1),
         "--launch-count", "1", "--import-source", "no", "-f", "-o", str(base), *collect,
         sys.executable, str(Path(__file__).resolve()), "--child", "--bits", str(bits), "--chunk", str(args.chunk),
-        "--tokens", str(args.tokens), "--launches", str(args.launches),
+        "--tokens", str(args.tokens), "--launches", str(args.launches), "--variant", args.variant,
+        *(["--row-norms"] if args.row_norms else []),
     ]  # fmt: skip
     result: dict = dict(residuals=RESIDUALS[bits], ncu_command=" ".join(cmd[1:]))
     proc = _run(cmd[:1] + ["--metrics", STALL_METRICS] + cmd[1:], args.timeout_s)
@@ -464,12 +485,18 @@ def main() -> None:
     ap.add_argument("--keep-report", action="store_true", help="copy the .ncu-rep and the CSVs next to the JSON")
     ap.add_argument("--timeout-s", type=int, default=480, help="per ncu run")
     ap.add_argument("--sass-check", action="store_true", help="no GPU: the loop found in an offline sm_90 compile")
+    ap.add_argument(
+        "--variant",
+        default="split_h2_half",
+        help="a commvq_encode_dpx.py VARIANTS label of this kernel (e.g. split_h2_half_wide, split_h2_half_prefetch)",
+    )
+    ap.add_argument("--row-norms", action="store_true", help="raw keys divided in the kernel, as the cache launches it")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.launches < 1 or not 0 < args.chunk <= args.tokens:
         raise SystemExit("--launches must be >= 1 and --chunk between 1 and --tokens")
     if args.child:
-        child(args.bits[0], args.chunk, args.tokens, args.launches)
+        child(args.bits[0], args.chunk, args.tokens, args.launches, args.variant, args.row_norms)
         return
     if args.sass_check:
         os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are defined: a real compile
@@ -478,7 +505,11 @@ def main() -> None:
 
         from pressroom.evaluation.atomic import atomic_write_json
 
-        result = dict(benchmark="commvq_encode_ncu --sass-check", triton=triton.__version__, **sass_check(args.bits))
+        result = dict(
+            benchmark="commvq_encode_ncu --sass-check",
+            triton=triton.__version__,
+            **sass_check(args.bits, args.variant, args.row_norms),
+        )
         if args.output:
             atomic_write_json(Path(args.output), result)
         print(json.dumps(result, indent=1))
@@ -501,7 +532,15 @@ def main() -> None:
         "triton": triton.__version__,
         "ncu": subprocess.run([ncu, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:],
         "kernel": KERNEL,
-        "options": dict(SEARCH, key_norm_bound=1.0, chunk=args.chunk, tokens=args.tokens, launches=args.launches),
+        "variant": args.variant,
+        "options": dict(
+            variant_options(args.variant),
+            key_norm_bound=1.0,
+            row_norms=args.row_norms,
+            chunk=args.chunk,
+            tokens=args.tokens,
+            launches=args.launches,
+        ),
         "ncu_set": args.set,
         "profiles": {},
     }

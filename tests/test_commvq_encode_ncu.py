@@ -205,3 +205,31 @@ def test_sass_check_finds_the_candidate_loop(tmp_path):
     assert not any(op.startswith(("HMMA", "BAR")) for op in loop["opcodes"])
     step = res["regions"]["step_loop"]
     assert int(step["start"], 16) < int(loop["start"], 16) <= int(loop["end"], 16) < int(step["end"], 16)
+
+
+def test_sass_check_of_a_variant_and_a_wrong_one(tmp_path):
+    """``--variant`` compiles that variant: four adjacent lanes a thread (``wide_lanes``) load each ``K^T`` row as one
+    16-byte load per thread, 4 per 4 candidates, with the keys divided in the kernel (``--row-norms``); a label of
+    another kernel, or none, is refused with the list of labels."""
+    pytest.importorskip("triton")
+    script = str(BENCHMARKS / "commvq_encode_ncu.py")
+    bad = subprocess.run([sys.executable, script, "--sass-check", "--variant", "nope"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--variant must be one of" in bad.stderr and "split_h2_half_wide" in bad.stderr
+    out = tmp_path / "wide.json"
+    cmd = [
+        script,
+        "--sass-check",
+        "--bits",
+        "1",
+        "--variant",
+        "split_h2_half_wide",
+        "--row-norms",
+        "--output",
+        str(out),
+    ]
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())["1bit"]
+    if "error" in res:
+        pytest.skip(f"no sm_90 compile here: {res['error']}")
+    assert res["loop"]["opcodes"].get("LDG.E.128") == 4 and res["loop"]["opcodes"].get("HMNMX2") == 64
