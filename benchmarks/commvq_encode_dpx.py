@@ -7,12 +7,15 @@ min (``add.f16x2`` and ``min.f16x2``). In one run, per bit width (1 bit: R=11, 2
 codebooks, random keys, 8 KV heads, head_dim 128):
 
 - ``kernel_ms``: the key search alone on one chunk of ``--chunk`` tokens (normalized keys, ``key_norm_bound=1`` as
-  the cache passes), for each variant of :data:`VARIANTS` (search, precision, unroll, wide lanes), with the share
-  of (token, head) code rows equal to ``split_h2``'s at ``"half"`` and the squared key error of the codes;
+  the cache passes), for each variant of :data:`VARIANTS` (search, precision, unroll, wide lanes, L1 prefetch; or
+  those named by ``--variants``, in that order), with the share of (token, head) code rows equal to the first
+  variant's (``reference``) and the squared key error of the codes;
 - ``layer_ms``: the whole layer's encode through the cache's own path (``CommVQLayer._encode``, ``value_refine=0``,
-  ``encode_precision="half"``, chunks of ``--chunk`` tokens) with each search, and its kernels (``torch.profiler``);
-  also ``split_h2`` with the value encoder's input formed in PyTorch instead of the one-pass kernel
-  (:mod:`pressroom.kernels.commvq_value_prep`), and the share of value bytes the two give alike.
+  ``encode_precision="half"``, chunks of ``--chunk`` tokens) for each run of ``--layer-runs`` (:data:`LAYER_RUNS`;
+  default: ``split_h2``, ``split_dpx``, and ``split_h2`` with the value encoder's input formed in PyTorch instead of
+  the one-pass kernel, :mod:`pressroom.kernels.commvq_value_prep`), with its kernels (``torch.profiler``), the share
+  of code rows equal to the first run's (``rows_equal_to_first``) and, with the default runs, the share of value
+  bytes the two value-encoder inputs give alike.
 
 ``--sass`` also compiles both searches offline for sm_90 (no GPU needed) and counts the candidate loop's
 instructions (``HADD2`` / ``HMNMX2`` against ``VIADDMNMX``). JSON: ``--output`` (written after each part).
@@ -155,7 +158,8 @@ def measure(
         )
         log(f"{bits} bit, {label}: {ms:.3f} ms, rows equal {rows[label]['rows_equal_to_first']:.4f}")
     if not layer_only:
-        cfg["kernel_ms"] = dict(chunk=chunk, variants=rows)
+        reference = next((label for label, row in rows.items() if "error" not in row), None)
+        cfg["kernel_ms"] = dict(chunk=chunk, reference=reference, variants=rows)
         save()
     # the whole layer through the cache's path, "half", with each search
     codec = ValueCodec(H * D, bits).to(device)
@@ -220,6 +224,11 @@ def main() -> int:
     )
     ap.add_argument("--output", type=Path, required=True)
     args = ap.parse_args()
+    for name, chosen in (("--variants", args.variants or []), ("--layer-runs", args.layer_runs)):
+        if len(set(chosen)) != len(chosen):
+            ap.error(f"{name} names a label twice: {chosen}")
+    if args.layer_only and args.variants:
+        ap.error("--layer-only times no key-search variant: drop --variants")
     by_label, runs_by_label = dict(VARIANTS), {r[0]: r for r in LAYER_RUNS}
     # in the order named: the first is the reference of the equal-rows shares
     variants = VARIANTS if args.variants is None else tuple((v, by_label[v]) for v in args.variants)

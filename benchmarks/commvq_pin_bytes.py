@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     fp16 = 2 * args.tokens * books.num_kv_heads * books.head_dim * 2 * books.num_layers
     result = {
         "benchmark": "commvq_pin_bytes",
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", Path(__file__).name, *(sys.argv[1:] if argv is None else argv)]),
         "torch": torch.__version__,
         "model": "smollm2",
         "bits": books.bits,

@@ -95,7 +95,8 @@ needles_qa)
   runs="${RUNS_DIR:-/tmp/pressroom-runs}/commvq_quality_runs_qa"
   mkdir -p "$runs"
   # one file back for all the runs' files, also when a run fails or is stopped (the device returns 8 files at most)
-  trap 'tar -czf "$out/needles_qa_runs.tgz" -C "$runs" . 2>/dev/null || true' EXIT
+  # (a SIGKILL skips it: keep the runs under a `timeout` below the device's limit)
+  trap 'tar -czf "$out/needles_qa_runs.tgz" -C "$runs" . || echo "packing $runs into $out failed" >&2' EXIT
   if [ "${PARALLEL:-0}" != 1 ] || [ "${FP16:-1}" != only ]; then  # checked before anything starts in the background
     : "${CODEBOOKS:?set CODEBOOKS to the --output of pressroom-train commvq (holding 2bit/em/)}"
   fi

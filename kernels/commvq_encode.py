@@ -620,7 +620,7 @@ if HAS_TRITON:
                 step = head * R + r
                 base = step * 64 * D
                 if PREFETCH:  # this step's packed K^T (64 lines of 128 bytes), in L1 by the candidate loop
-                    _prefetch_l1(kt2_ptr + step * 2048 + ks * 32, NATIVE)
+                    _prefetch_l1(kt2_ptr + step * 2048 + ks * 32, True)
                 rd = res.to(ud_ptr.dtype.element_ty)  # the dots' operand (float16 with precision="half")
                 g = _split_g(rd, wd_ptr, wn_ptr, base, step, ks, cols, dmask, D, PRECISION)
                 if I16:  # g_B in fixed point, clamped so that no sum leaves int16
@@ -635,7 +635,7 @@ if HAS_TRITON:
                 tl.store(scr[:, None] + ks[None, :], gpack)
                 tl.debug_barrier()
                 if PREFETCH:  # the scratch rows just written (two lines a row), in L1 while the f dots run
-                    _prefetch_l1(scr[:, None] + (tl.arange(0, 2) * 32)[None, :], NATIVE)
+                    _prefetch_l1(scr[:, None] + (tl.arange(0, 2) * 32)[None, :], True)
                 u_lo = tl.load(ud_ptr + base + js[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
                 u_hi = tl.load(ud_ptr + base + (js[None, :] + 32) * D + cols[:, None], mask=dmask[:, None], other=0.0)
                 f_lo = tl.load(un_ptr + step * 64 + js)[None, :] - 2.0 * tl.dot(rd, u_lo, input_precision=PRECISION)
@@ -776,6 +776,8 @@ def encode_meta(
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16 (a tl.dot operand), got {block_n}.")
     _check_half(precision, search)
+    if prefetch and search not in PAIRED_SEARCHES:
+        raise ValueError(f"prefetch applies to the searches {PAIRED_SEARCHES}, not {search!r}.")
     # "half": float16 operands, exact products summed in float32 (the dot's input_precision does not apply)
     dot_precision = "ieee" if precision == "half" else precision
     meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION=dot_precision)
@@ -789,7 +791,7 @@ def encode_meta(
                 WIDE_LANES=bool(wide_lanes),
                 ROW_NORMS=bool(row_norms),
                 I16=search == "split_dpx",
-                PREFETCH=bool(prefetch),
+                PREFETCH=bool(prefetch) and not triton_interpreted(),  # PTX: none under the interpreter
             )
     elif search != "running":
         meta.update(A_CHUNK=a_chunk, NESTED=search == "nested")

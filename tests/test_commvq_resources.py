@@ -106,4 +106,4 @@ def test_encode_prefetch_compiles_to_l1_prefetches():
             pytest.skip(f"no sm_90 compile here: {proc.stderr[-300:]}")
         raise AssertionError(proc.stderr[-2000:])
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert counts == {"False": 0, "True": 2}, counts
+    assert counts["False"] == 0 and counts["True"] >= 2, counts  # K^T and scratch (one or more per thread each)
