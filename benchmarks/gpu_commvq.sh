@@ -40,6 +40,11 @@
 #   bash benchmarks/gpu_commvq.sh encode_profile  # where the whole layer's encode spends its time at 128k (1 and 2
 #                                            # bits, torch.profiler): encode_precision "tf32" and "half" side by side,
 #                                            # the value codes kernel vs its PyTorch path in the same layer, the parts
+#   bash benchmarks/gpu_commvq.sh encode_ncu  # Nsight Compute of the key search as the cache launches it (keys
+#                                            # divided in the kernel), the default and four lanes a thread
+#                                            # (wide_lanes), 1 and 2 bits: two JSONs (NCU_VARIANTS: other labels of
+#                                            # commvq_encode_dpx.py, e.g. "split_h2_half split_h2_half_prefetch";
+#                                            # about 70 s each on an H200; needs ncu)
 #   bash benchmarks/gpu_commvq.sh encode_h2  # the key search alone at 128k, 1 and 2 bits: the split search with
 #                                            # float16 sums (split_h2) next to the float32 one and the flat ieee
 #                                            # search (kernels only: no .gpu load needed)
@@ -144,6 +149,11 @@ encode)
     --output "$out/commvq_encode_layer.json"
   ;;
 encode_profile) python3 benchmarks/commvq_encode_profile.py --output "$out/commvq_encode_profile.json" ;;
+encode_ncu)
+  for v in ${NCU_VARIANTS:-split_h2_half split_h2_half_wide}; do
+    python3 benchmarks/commvq_encode_ncu.py --variant "$v" --row-norms --output "$out/commvq_encode_ncu_${v}_row_norms.json"
+  done
+  ;;
 encode_h2)
   python3 benchmarks/commvq_encode_variants.py --tilings flat:16:4:ieee split:128:8:tf32 split_h2:64:8:tf32 \
     split_h2:32:4:tf32 split_h2:64:4:tf32 split_h2:128:8:tf32 --output "$out/commvq_encode_h2.json"
