@@ -30,9 +30,7 @@ import argparse
 import functools
 import platform
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,8 +42,7 @@ from _timing import kernel_ms, median_ms  # noqa: E402
 from commvq_encode_profile import key_sq_error  # noqa: E402
 
 from pressroom.evaluation.atomic import atomic_write_json  # noqa: E402
-from pressroom.kernels import commvq_encode  # noqa: E402
-from pressroom.kernels.commvq_encode import KeyTables, code_bytes, encode_defaults, encode_keys  # noqa: E402
+from pressroom.kernels.commvq_encode import KeyTables, code_bytes, encode_keys  # noqa: E402
 from pressroom.presses import commvq_cache  # noqa: E402
 from pressroom.presses.commvq_cache import CommVQLayer  # noqa: E402
 from pressroom.presses.commvq_codebooks import ValueCodec  # noqa: E402
@@ -86,21 +83,9 @@ def sass_counts(search: str, r: int = RESIDUALS[1]) -> dict:
     """Opcode counts of the key search compiled offline for sm_90 (``"half"``, the default tiling, keys divided in
     the kernel as the cache launches it): the candidate loop's ``LOOP_OPS`` (``HADD2`` without the ``.F32``
     conversions), ``LDG`` and all instructions."""
-    from triton import knobs
+    from commvq_encode_ncu import offline_sass  # its compile: the same kernel, options and pointer types
 
-    from pressroom.kernels.commvq_resources import kernel_resources_compiled
-
-    tiling = encode_defaults("half", search)
-    meta, (num_warps, num_stages) = commvq_encode.encode_meta(
-        D, r, tiling["block_n"], tiling["num_warps"], 1, search, "half", row_norms=True
-    )
-    meta["NATIVE"] = True  # what a launch on sm_90 compiles (the meta above is built off a GPU here)
-    half = {k: "*fp16" for k in ("ud_ptr", "wd_ptr", "u_ptr", "w_ptr")}
-    compiled = kernel_resources_compiled(commvq_encode.encode_kernel(search), meta, num_warps, num_stages, half)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.cubin"
-        path.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(path)], capture_output=True, text=True).stdout
+    sass = offline_sass(r, f"{search}_half", row_norms=True)
     names = Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))  # with modifiers
     ops = Counter()
     for name, count in names.items():  # HADD2.F32 (a float16 -> float32 conversion) on its own

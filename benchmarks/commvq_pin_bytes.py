@@ -14,14 +14,12 @@ window 128), filled by ``load_prefill`` with bfloat16 keys and values of ``--tok
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.evaluation.models import load_model
 from pressroom.presses import CommVQPress
 from pressroom.presses.commvq_cache import CommVQLayer
@@ -86,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         total = b * books.num_layers
         result["pins"][str(ratio)] = {"pinned_per_layer": k, "kv_bytes": total, "fraction_of_fp16": total / fp16}
         print(ratio, result["pins"][str(ratio)], flush=True)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    atomic_write_json(Path(args.output), result)
     return 0
 
 

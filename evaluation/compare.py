@@ -35,6 +35,7 @@ import pandas as pd
 import yaml
 
 from pressroom.evaluation.atomic import atomic_write_bytes, atomic_write_json
+from pressroom.evaluation.checkpoint import is_checkpoint, read_checkpoint
 from pressroom.evaluation.compare_options import add_arguments
 from pressroom.evaluation.tasks import row_scores
 
@@ -583,11 +584,11 @@ def paired_gap(
         raise ValueError(f"n_boot must be >= 1, got {n_boot}.")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}.")
-    if _is_checkpoint(base):
+    if is_checkpoint(base):
         raise ValueError(f"{base}: an unfinished run goes second (OTHER_RUN), paired with a complete BASE_RUN.")
     a = _predictions(Path(base))
     partial = None
-    if _is_checkpoint(other):
+    if is_checkpoint(other):
         a, b, partial = _answered_rows(Path(base), a, Path(other))
     else:
         b = _predictions(Path(other))
@@ -599,8 +600,9 @@ def paired_gap(
             f"compared columns {keys}): pair two runs made on one dataset (same tasks, samples, seed and length)."
         )
     sa, sb = row_scores(a).to_numpy(), row_scores(b).to_numpy()
-    for run, df, scores in ((Path(base), a, sa), (Path(other), b, sb)) if partial is None else ():
-        _check_rescored(run, df, scores)
+    if partial is None:  # a checkpoint has no metrics.json to check against
+        for run, df, scores in ((Path(base), a, sa), (Path(other), b, sb)):
+            _check_rescored(run, df, scores)
     tasks = sorted(a["task"].unique())
     rows = {t: np.flatnonzero(a["task"].to_numpy() == t) for t in tasks}
     diff = sa - sb
@@ -639,20 +641,13 @@ def paired_gap(
 _DATASET_FIELDS = ("dataset", "data_dir", "model", "tasks", "n_samples", "seed", "fraction", "query_aware")
 
 
-def _is_checkpoint(path: str | Path) -> bool:
-    return str(path).endswith(".partial.json")
-
-
 def _answered_rows(base: Path, a: pd.DataFrame, checkpoint: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """``base``'s rows that the unfinished run ``checkpoint`` (``{run}.partial.json``, written by the Runner after
     every context) has answered, and the same rows with its answers; the checkpoint's dataset must be ``base``'s."""
     if not checkpoint.is_file():
         raise FileNotFoundError(f"No checkpoint {checkpoint}: pass the .partial.json file of an unfinished run.")
-    try:
-        state = json.loads(checkpoint.read_text(encoding="utf-8"))
-        answers, identity = dict(state["answers"]), dict(state["identity"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{checkpoint} is not a Runner checkpoint ({err}).") from err
+    state = read_checkpoint(checkpoint, "pass the .partial.json file of an unfinished pressroom-eval run.")
+    answers, identity = state["answers"], state["identity"]
     config_path = base / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"No config.yaml in {base}: an unfinished run is paired with a pressroom-eval run.")

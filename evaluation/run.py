@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from pressroom.evaluation import tasks as tasks_mod
 from pressroom.evaluation.atomic import atomic_write_json
+from pressroom.evaluation.checkpoint import partial_path, read_checkpoint
 from pressroom.evaluation.models import load_model, model_label
 from pressroom.evaluation.press_registry import make_press, press_label
 from pressroom.presses.memory import cache_memory_bytes
@@ -170,11 +171,6 @@ def check_writable(directory: Path) -> None:
 
 
 _RECORDED = ("prefill_seconds", "decode_seconds", "decode_tokens", "kv_bytes", "context_tokens")
-
-
-def partial_path(results_dir: Path) -> Path:
-    """The checkpoint of an unfinished run: answers so far, written after every context (removed when complete)."""
-    return results_dir.with_name(f"{results_dir.name}.partial.json")
 
 
 class _Recorder:
@@ -430,14 +426,8 @@ class Runner:
         """The checkpoint of an interrupted run of ``config`` (its answers put into ``df``), and its wall seconds."""
         if not checkpoint.is_file():
             return None, 0.0
-        try:
-            state = json.loads(checkpoint.read_text())
-            missing = {"answers", "identity", "recorder", "wall"} - set(state)
-            missing |= {f"recorder.{k}" for k in _RECORDED if k not in state.get("recorder", {})}
-        except (ValueError, TypeError) as err:
-            raise ValueError(
-                f"{checkpoint} is an unreadable checkpoint ({err}); move it away to start afresh."
-            ) from err
+        state = read_checkpoint(checkpoint, "move it away to start the run afresh.")
+        missing = [f"recorder.{k}" for k in _RECORDED if k not in state["recorder"]]
         if missing:
             raise ValueError(f"{checkpoint} lacks {sorted(missing)}; move it away to start the run afresh.")
         answers, identity = state["answers"], state["identity"]

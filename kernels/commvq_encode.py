@@ -359,14 +359,13 @@ if HAS_TRITON:
         return res - (ua.to(tl.float32) + wb.to(tl.float32))  # float16 tables hold float16-exact codebooks
 
     @triton.jit
-    def _prefetch_l1(ptrs, NATIVE: tl.constexpr):
+    def _prefetch_l1(ptrs):
         """Ask for the lines at ``ptrs`` in L1 (PTX ``prefetch.global.L1``), without waiting for them: the split
-        search's candidate loop then finds its ``K^T`` rows and scratch lanes there instead of in L2. A no-op off
-        ``NATIVE`` (the interpreter runs no PTX)."""
-        if NATIVE:
-            tl.inline_asm_elementwise(
-                "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-            )
+        search's candidate loop then finds its ``K^T`` rows and scratch lanes there instead of in L2 (PTX: callers
+        skip it under the interpreter, see ``PREFETCH`` in :func:`encode_meta`)."""
+        tl.inline_asm_elementwise(
+            "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
 
     @triton.jit
     def _encode_kernel(
@@ -620,7 +619,7 @@ if HAS_TRITON:
                 step = head * R + r
                 base = step * 64 * D
                 if PREFETCH:  # this step's packed K^T (64 lines of 128 bytes), in L1 by the candidate loop
-                    _prefetch_l1(kt2_ptr + step * 2048 + ks * 32, True)
+                    _prefetch_l1(kt2_ptr + step * 2048 + ks * 32)
                 rd = res.to(ud_ptr.dtype.element_ty)  # the dots' operand (float16 with precision="half")
                 g = _split_g(rd, wd_ptr, wn_ptr, base, step, ks, cols, dmask, D, PRECISION)
                 if I16:  # g_B in fixed point, clamped so that no sum leaves int16
@@ -635,7 +634,7 @@ if HAS_TRITON:
                 tl.store(scr[:, None] + ks[None, :], gpack)
                 tl.debug_barrier()
                 if PREFETCH:  # the scratch rows just written (two lines a row), in L1 while the f dots run
-                    _prefetch_l1(scr[:, None] + (tl.arange(0, 2) * 32)[None, :], True)
+                    _prefetch_l1(scr[:, None] + (tl.arange(0, 2) * 32)[None, :])
                 u_lo = tl.load(ud_ptr + base + js[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
                 u_hi = tl.load(ud_ptr + base + (js[None, :] + 32) * D + cols[:, None], mask=dmask[:, None], other=0.0)
                 f_lo = tl.load(un_ptr + step * 64 + js)[None, :] - 2.0 * tl.dot(rd, u_lo, input_precision=PRECISION)
