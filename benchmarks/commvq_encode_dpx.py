@@ -65,6 +65,17 @@ VARIANTS = (
     ("split_h2_half_wide_prefetch", dict(search="split_h2", precision="half", wide_lanes=True, prefetch=True)),
     ("split_h2_half_unroll8_prefetch", dict(search="split_h2", precision="half", unroll=8, prefetch=True)),
     ("split_dpx_half_wide_prefetch", dict(search="split_dpx", precision="half", wide_lanes=True, prefetch=True)),
+    # the candidate loop in PTX (encode_keys(asm_loop=True)): each compared with its Triton-loop twin (same label
+    # without "_asm"), whose codes it must equal
+    ("split_h2_half_asm", dict(search="split_h2", precision="half", asm_loop=True)),
+    ("split_dpx_half_asm", dict(search="split_dpx", precision="half", asm_loop=True)),
+    ("split_h2_half_asm_unroll8", dict(search="split_h2", precision="half", asm_loop=True, unroll=8)),
+    ("split_h2_half_asm_prefetch", dict(search="split_h2", precision="half", asm_loop=True, prefetch=True)),
+    ("split_h2_half_asm_bn32_w4", dict(search="split_h2", precision="half", asm_loop=True, block_n=32, num_warps=4)),
+    ("split_h2_half_asm_bn32_w2", dict(search="split_h2", precision="half", asm_loop=True, block_n=32, num_warps=2)),
+    ("split_dpx_half_asm_bn32_w4", dict(search="split_dpx", precision="half", asm_loop=True, block_n=32, num_warps=4)),
+    ("split_h2_half_asm_bn64_w8", dict(search="split_h2", precision="half", asm_loop=True, block_n=64, num_warps=8)),
+    ("split_h2_half_asm_bn128_w8", dict(search="split_h2", precision="half", asm_loop=True, block_n=128, num_warps=8)),
 )
 # (label, encode_keys options, value encoder input in PyTorch) of the whole layer's runs: the first is the reference
 # of the equal-rows share; split_h2_value_prep_pytorch is the path before pressroom.kernels.commvq_value_prep
@@ -74,6 +85,10 @@ LAYER_RUNS = (
     ("split_h2_value_prep_pytorch", dict(search="split_h2"), True),
     ("split_h2_prefetch", dict(search="split_h2", prefetch=True), False),
     ("split_h2_wide_prefetch", dict(search="split_h2", wide_lanes=True, prefetch=True), False),
+    ("split_h2_asm", dict(search="split_h2", asm_loop=True), False),
+    ("split_dpx_asm", dict(search="split_dpx", asm_loop=True), False),
+    ("split_h2_asm_bn32_w4", dict(search="split_h2", asm_loop=True, block_n=32, num_warps=4), False),
+    ("split_dpx_asm_bn32_w4", dict(search="split_dpx", asm_loop=True, block_n=32, num_warps=4), False),
 )
 DEFAULT_LAYER_RUNS = ("split_h2", "split_dpx", "split_h2_value_prep_pytorch")
 LOOP_OPS = ("HADD2", "HMNMX2", "VIADDMNMX")
@@ -125,7 +140,7 @@ def measure(
     tables = KeyTables(theta)
     out = torch.empty(chunk, H, code_bytes(r), dtype=torch.uint8, device=device)
     kw = dict(use_triton=cuda or None, tables=tables, out=out, key_norm_bound=1.0)
-    rows, first = {}, None
+    rows, first, codes_by_label = {}, None, {}
     sub = min(chunk, 4096)
     for label, opts in () if layer_only else variants:
         run = functools.partial(encode_keys, xm, theta, **opts, **kw)
@@ -135,13 +150,18 @@ def measure(
             rows[label] = dict(opts, error=f"{type(err).__name__}: {str(err)[:300]}")
             continue
         first = out.clone() if first is None else first
+        codes_by_label[label] = out.clone()
+        twin = label.split("_asm")[0] if "_asm" in label else None
+        if twin in codes_by_label:  # the PTX loop against the Triton loop of the same search and precision
+            opts = dict(opts, rows_equal_to_twin=(out == codes_by_label[twin]).all(-1).float().mean().item(), twin=twin)
         rows[label] = dict(
             opts,
             ms=ms,
             rows_equal_to_first=(out == first).all(-1).float().mean().item(),
             key_sq_error=key_sq_error(xm[:sub], out[:sub], theta),
         )
-        log(f"{bits} bit, {label}: {ms:.3f} ms, rows equal {rows[label]['rows_equal_to_first']:.4f}")
+        twin_eq = f", equal to {opts['twin']} {opts['rows_equal_to_twin']:.4f}" if "twin" in opts else ""
+        log(f"{bits} bit, {label}: {ms:.3f} ms, rows equal {rows[label]['rows_equal_to_first']:.4f}{twin_eq}")
     if not layer_only:
         reference = next((label for label, row in rows.items() if "error" not in row), None)
         cfg["kernel_ms"] = dict(chunk=chunk, reference=reference, variants=rows)
@@ -177,6 +197,12 @@ def measure(
     for label in codes:  # the code rows of each run equal to the first run's
         if label != first:
             layer_rows[label]["rows_equal_to_first"] = (codes[label] == codes[first]).all(-1).float().mean().item()
+    for label in codes:  # a PTX loop's codes against its Triton-loop twin's
+        twin = label.split("_asm")[0]
+        if twin != label and twin in codes:
+            layer_rows[label].update(
+                twin=twin, rows_equal_to_twin=(codes[label] == codes[twin]).all(-1).float().mean().item()
+            )
     if "split_dpx" in codes and first == "split_h2":  # the key of earlier files
         layer_rows["rows_equal"] = layer_rows["split_dpx"]["rows_equal_to_first"]
     if "split_h2_value_prep_pytorch" in vbits and "split_h2" in vbits:

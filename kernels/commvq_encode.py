@@ -41,6 +41,54 @@ F16_SAFE = 1.0e4
 I16_SPAN = 32766
 
 
+def candidate_loop_ptx(rows: int, row_bytes: int, i16: bool = False, unroll: int = 4) -> str:
+    """PTX of the paired searches' candidate loop for one thread (``encode_keys(asm_loop=True)``): the minima over
+    ``B`` of one packed lane (two ``A``) for ``rows`` consecutive scratch rows.
+
+    Operands: ``$1`` the first row's scratch (packed ``g_B``, 64 entries of 4 bytes, rows ``row_bytes`` apart),
+    ``$2`` the lane's entry in the step's packed ``K^T`` (rows of 128 bytes), ``$3`` where to write the first row's
+    minimum (the others ``row_bytes`` apart); ``$0`` a dummy. Per ``unroll`` candidates ``B`` the thread loads its
+    ``unroll`` ``K^T`` entries once and each row's ``g_B`` as 16-byte vectors, then runs one ``add.rn.f16x2`` and one
+    ``min.f16x2`` (``i16``: ``add.s16x2`` then ``min.s16x2``, one sm_90 ``VIADDMNMX``) per entry: ``rows + unroll /
+    4 * rows`` loads instead of the compiler's ``rows + 1`` per candidate. The same sums, in the same float16 (or
+    int16) arithmetic, as the Triton loop it replaces (minima do not depend on the order).
+    """
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}.")
+    if unroll < 4 or unroll % 4 or 64 % unroll:
+        raise ValueError(f"unroll must be a multiple of 4 dividing 64, got {unroll}.")
+    if row_bytes < 256 or row_bytes % 16:
+        raise ValueError(f"row_bytes must be a multiple of 16 holding 64 entries, got {row_bytes}.")
+    add, mn, inf = ("add.s16x2", "min.s16x2", "0x7FFF7FFF") if i16 else ("add.rn.f16x2", "min.f16x2", "0x7C007C00")
+    out = [
+        "{",
+        ".reg .pred clp;",
+        ".reg .b64 clg, clk, cle;",
+        f".reg .b32 clm<{rows}>, clc<{unroll}>, clx<4>, clt;",
+        "mov.b64 clg, $1;",
+        "mov.b64 clk, $2;",
+        "add.s64 cle, clk, 8192;",
+        *(f"mov.b32 clm{i}, {inf};" for i in range(rows)),
+        "CL${:uid}:",
+        *(f"ld.global.b32 clc{j}, [clk+{128 * j}];" for j in range(unroll)),
+    ]
+    for i in range(rows):
+        for q in range(unroll // 4):
+            out.append(f"ld.global.v4.b32 {{clx0, clx1, clx2, clx3}}, [clg+{i * row_bytes + 16 * q}];")
+            for j in range(4):
+                out += [f"{add} clt, clc{4 * q + j}, clx{j};", f"{mn} clm{i}, clm{i}, clt;"]
+    out += [
+        f"add.s64 clg, clg, {4 * unroll};",
+        f"add.s64 clk, clk, {128 * unroll};",
+        "setp.lt.u64 clp, clk, cle;",
+        "@clp bra CL${:uid};",
+        *(f"st.global.b32 [$3+{i * row_bytes}], clm{i};" for i in range(rows)),
+        "mov.b32 $0, 0;",
+        "}",
+    ]
+    return "\n".join(out)
+
+
 def code_bytes(residuals: int) -> int:
     """Bytes that ``residuals`` packed 12-bit codes take: ``ceil(1.5 R)``."""
     if residuals < 1:
@@ -340,15 +388,17 @@ if HAS_TRITON:
         return res, rmask, out_ptr + rows * stride_on + head * stride_oh
 
     @triton.jit
-    def _persistent_program(scr_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _persistent_program(
+        scr_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SCR_W: tl.constexpr = 64
+    ):
         """A persistent program's ids (program, programs, head), row / column / entry ranges, column mask and its
-        own ``[BLOCK_N, 64]`` float32 scratch rows."""
+        own ``[BLOCK_N, SCR_W]`` scratch rows (32-bit entries)."""
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
         head = tl.program_id(1)
         lrow = tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_D)
-        scr = scr_ptr + (head * n_prog + pid) * BLOCK_N * 64 + lrow * 64
+        scr = scr_ptr + (head * n_prog + pid) * BLOCK_N * SCR_W + lrow * SCR_W
         return pid, n_prog, head, lrow, cols, tl.arange(0, 64), cols < D, scr
 
     @triton.jit
@@ -596,6 +646,10 @@ if HAS_TRITON:
         ROW_NORMS: tl.constexpr = False,
         I16: tl.constexpr = False,
         PREFETCH: tl.constexpr = False,
+        ASM_LOOP: tl.constexpr = False,
+        ASM_ROWS: tl.constexpr = 16,
+        LOOP_PTX: tl.constexpr = "",
+        SCR_W: tl.constexpr = 64,
     ):
         # The split search with its 4,096 candidate sums K[A, B] + g_B in packed float16 pairs: lane j of a row
         # holds A = j (low half) and A = j + 32 (high half), so one add.rn.f16x2 and one min.f16x2 cover two
@@ -604,8 +658,12 @@ if HAS_TRITON:
         # B is the exact float32 arg-min for that A, as in the split search.
         # I16 ("split_dpx"): the same lanes hold int16 fixed-point sums (K^T and g_B scaled by the step's 1 / s,
         # qs_ptr), and one fused add-min (sm_90 DPX: VIADDMNMX) replaces the add and the min.
-        pid, n_prog, head, lrow, cols, ks, dmask, scr = _persistent_program(scr_ptr, D, BLOCK_N, BLOCK_D)
+        pid, n_prog, head, lrow, cols, ks, dmask, scr = _persistent_program(scr_ptr, D, BLOCK_N, BLOCK_D, SCR_W)
         js = tl.arange(0, 32)
+        if ASM_LOOP:  # one element a thread: 32 lanes x (BLOCK_N / ASM_ROWS) groups of ASM_ROWS rows
+            e = tl.arange(0, 32 * (BLOCK_N // ASM_ROWS))
+            grp = scr_ptr + (head * n_prog + pid) * BLOCK_N * SCR_W + (e // 32) * (ASM_ROWS * SCR_W)
+            lane = e % 32
         for blk in range(pid, n_blocks, n_prog):
             res, rmask, out_row = _load_block(
                 x_ptr, out_ptr, blk * BLOCK_N + lrow, head, cols, dmask, n_rows, stride_xn, stride_xh, stride_on,
@@ -642,27 +700,35 @@ if HAS_TRITON:
                     rd, u_hi, input_precision=PRECISION
                 )
                 kt2 = kt2_ptr + step * 2048 + js  # row B of the packed K^T
-                # the first B's sums, from a 2D load of K^T's first row: that lays the running minima out four adjacent
-                # lanes a thread (sm_90: the loop's K^T loads become one 16-byte load per thread and B, 20 loads per 4 B
-                # instead of 68); the loop takes B = 0 again, min(s, s) = s
-                if WIDE_LANES:
-                    first = tl.load(kt2 + lrow[:, None] * 0)
-                    if I16:
-                        m2 = _viaddmin2(first, tl.load(scr)[:, None], 0x7FFF7FFF, NATIVE)
-                    else:
-                        m2 = _hadd2(first, tl.load(scr)[:, None], NATIVE)
-                elif I16:  # int16 max in both halves, above every sum
-                    m2 = tl.full((BLOCK_N, 32), 0x7FFF7FFF, tl.int32)
-                else:  # +inf in both halves, the compiler's default layout (one lane a thread: the previous kernel)
-                    m2 = tl.full((BLOCK_N, 32), 0x7C007C00, tl.int32)
-                for b0 in range(0, 64, UNROLL):
-                    for j in tl.static_range(UNROLL):
-                        gb2 = tl.load(scr + b0 + j)
-                        kb2 = tl.load(kt2 + (b0 + j) * 32)[None, :]
+                if ASM_LOOP:  # the whole loop in PTX (candidate_loop_ptx), the minima back through the scratch
+                    tl.inline_asm_elementwise(
+                        LOOP_PTX, "=r,l,l,l", [grp, kt2_ptr + step * 2048 + lane, grp + 64 + lane], dtype=tl.int32,
+                        is_pure=False, pack=1,
+                    )  # fmt: skip
+                    tl.debug_barrier()
+                    m2 = tl.load(scr[:, None] + 64 + js[None, :])
+                else:
+                    if WIDE_LANES:
+                        # the first B's sums, from a 2D load of K^T's first row: that lays the running minima out four
+                        # adjacent lanes a thread (sm_90: the loop's K^T loads become one 16-byte load per thread and B,
+                        # 20 loads per 4 B instead of 68); the loop takes B = 0 again, min(s, s) = s
+                        first = tl.load(kt2 + lrow[:, None] * 0)
                         if I16:
-                            m2 = _viaddmin2(kb2, gb2[:, None], m2, NATIVE)
+                            m2 = _viaddmin2(first, tl.load(scr)[:, None], 0x7FFF7FFF, NATIVE)
                         else:
-                            m2 = _hmin2(m2, _hadd2(kb2, gb2[:, None], NATIVE), NATIVE)
+                            m2 = _hadd2(first, tl.load(scr)[:, None], NATIVE)
+                    elif I16:  # int16 max in both halves, above every sum
+                        m2 = tl.full((BLOCK_N, 32), 0x7FFF7FFF, tl.int32)
+                    else:  # +inf in both halves, the compiler's default layout (one lane a thread)
+                        m2 = tl.full((BLOCK_N, 32), 0x7C007C00, tl.int32)
+                    for b0 in range(0, 64, UNROLL):
+                        for j in tl.static_range(UNROLL):
+                            gb2 = tl.load(scr + b0 + j)
+                            kb2 = tl.load(kt2 + (b0 + j) * 32)[None, :]
+                            if I16:
+                                m2 = _viaddmin2(kb2, gb2[:, None], m2, NATIVE)
+                            else:
+                                m2 = _hmin2(m2, _hadd2(kb2, gb2[:, None], NATIVE), NATIVE)
                 if I16:
                     q_scale = tl.load(qs_ptr + step * 3)
                     qi_lo, qi_hi = _i16_halves(m2)
@@ -697,6 +763,8 @@ _TILINGS = {
     "split_h2": (64, 4),
     "split_dpx": (64, 4),
 }
+# scratch entries a row with asm_loop: the 64 packed g_B, then the 32 minima the PTX loop writes back
+SCRATCH_ASM = 96
 # the searches that run the split kernel with packed pairs (float16 or int16 sums)
 PAIRED_SEARCHES = ("split_h2", "split_dpx")
 
@@ -762,12 +830,15 @@ def encode_meta(
     row_norms: bool = False,
     native_dpx: bool = True,
     prefetch: bool = False,
+    asm_loop: bool = False,
 ) -> tuple[dict, tuple]:
     """The encode kernel's constexprs and ``(num_warps, num_stages)`` for head dim ``d`` and ``r`` residuals (what
     :func:`encode_keys` launches; :mod:`pressroom.kernels.commvq_resources` compiles exactly this). ``native_dpx``:
     ``"split_dpx"``'s fused add-min as sm_90 PTX (``add.s16x2`` / ``min.s16x2``, which need sm_90); ``False``
     compiles the same arithmetic from 32-bit integer operations (older GPUs). ``prefetch``: the paired searches'
-    L1 prefetch of each step's ``K^T`` and scratch (:func:`encode_keys`)."""
+    L1 prefetch of each step's ``K^T`` and scratch (:func:`encode_keys`). ``asm_loop``: their candidate loop as PTX
+    (:func:`candidate_loop_ptx`, ``block_n / num_warps`` rows a thread), where the launch compiles PTX (``NATIVE``);
+    the Triton loop otherwise (the interpreter, ``"split_dpx"`` without sm_90)."""
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}.")
     if precision not in PRECISIONS:
@@ -777,6 +848,14 @@ def encode_meta(
     _check_half(precision, search)
     if prefetch and search not in PAIRED_SEARCHES:
         raise ValueError(f"prefetch applies to the searches {PAIRED_SEARCHES}, not {search!r}.")
+    if asm_loop and search not in PAIRED_SEARCHES:
+        raise ValueError(f"asm_loop applies to the searches {PAIRED_SEARCHES}, not {search!r}.")
+    if asm_loop and wide_lanes:
+        raise ValueError("asm_loop sets its own lanes: pass wide_lanes=False with it.")
+    if asm_loop and unroll % 4:
+        raise ValueError(f"asm_loop loads g_B four candidates at a time: unroll must be a multiple of 4, got {unroll}.")
+    if asm_loop and block_n % num_warps:
+        raise ValueError(f"asm_loop splits block_n rows over num_warps: {block_n} % {num_warps} != 0.")
     # "half": float16 operands, exact products summed in float32 (the dot's input_precision does not apply)
     dot_precision = "ieee" if precision == "half" else precision
     meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION=dot_precision)
@@ -785,8 +864,13 @@ def encode_meta(
             raise ValueError(f"unroll must divide 64, got {unroll}.")
         meta.update(UNROLL=unroll)
         if search in PAIRED_SEARCHES:
+            native = not triton_interpreted() and (search == "split_h2" or bool(native_dpx))
+            if asm_loop and native:  # the minima go back through 32 more scratch entries a row (96 in all)
+                rows = block_n // num_warps
+                ptx = candidate_loop_ptx(rows, 4 * SCRATCH_ASM, i16=search == "split_dpx", unroll=unroll)
+                meta.update(ASM_LOOP=True, ASM_ROWS=rows, LOOP_PTX=ptx, SCR_W=SCRATCH_ASM)
             meta.update(
-                NATIVE=not triton_interpreted() and (search == "split_h2" or bool(native_dpx)),
+                NATIVE=native,
                 WIDE_LANES=bool(wide_lanes),
                 ROW_NORMS=bool(row_norms),
                 I16=search == "split_dpx",
@@ -826,6 +910,7 @@ def encode_keys(
     row_norms: torch.Tensor | None = None,
     maxnreg: int | None = None,
     prefetch: bool = False,
+    asm_loop: bool = False,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
 
@@ -889,6 +974,12 @@ def encode_keys(
         products, so that the candidate loop's loads find them there (an Nsight Compute profile of the default
         search on an H200 has 67% of its warp samples in that loop, most waiting on those loads:
         ``benchmarks/results/commvq_encode_ncu.json``). The same codes; no effect off a GPU.
+    asm_loop : bool
+        ``"split_h2"`` / ``"split_dpx"`` compiled for a GPU: the candidate loop as PTX (:func:`candidate_loop_ptx`):
+        each thread takes one lane of ``block_n / num_warps`` consecutive rows and loads each row's ``g_B`` four
+        candidates at a time (20 loads per 4 candidates and 16 rows, against the compiler's 68), the minima written
+        back through the scratch. The same sums and minima, so the same codes; under the interpreter (and
+        ``"split_dpx"`` without sm_90) the Triton loop runs. ``ValueError`` with ``wide_lanes``.
     maxnreg : int, optional
         Registers per thread the kernel may use (Triton's ``maxnreg`` launch option: the PTX ``.maxnreg``
         directive, NVIDIA only), a multiple of 8 from 24 to 248; ``None`` (default): the compiler's choice. For
@@ -985,6 +1076,7 @@ def encode_keys(
         row_norms is not None,
         native_dpx,
         prefetch,
+        asm_loop,
     )
     strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
     n_blocks = triton.cdiv(n, block_n)
@@ -994,7 +1086,7 @@ def encode_keys(
             programs = triton.cdiv(8 * sms, h)
         programs = max(1, min(programs, n_blocks))
         dtype = torch.int32 if paired else torch.float32  # split_h2 / split_dpx: g_B as packed pairs
-        scratch = torch.empty(h, programs, block_n, N_ENTRIES, dtype=dtype, device=x.device)
+        scratch = torch.empty(h, programs, block_n, meta.get("SCR_W", N_ENTRIES), dtype=dtype, device=x.device)
         if search == "split":
             search_tables = tables.split_tables()
         elif paired:
@@ -1038,6 +1130,7 @@ __all__ = [
     "dpx_native",
     "I16_SPAN",
     "PAIRED_SEARCHES",
+    "candidate_loop_ptx",
     "normalize_keys",
     "pack_bits",
     "pack_codes12",
