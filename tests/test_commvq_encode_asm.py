@@ -1,0 +1,179 @@
+"""The key search's candidate loop in PTX (``encode_keys(asm_loop=True)``): the PTX text run by a small emulator of
+its instructions against the minima it must give, its argument checks, and its offline sm_90 compile."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pressroom.kernels.commvq_encode import SCRATCH_ASM, candidate_loop_ptx, encode_meta
+from pressroom.kernels.f16x2 import pack_f16x2, pack_i16x2, unpack_f16x2, unpack_i16x2
+
+ADDR = re.compile(r"\[(\$?\w+)\+(\d+)\]")
+
+
+def _halves(v: int, i16: bool) -> tuple:
+    z = torch.tensor([v], dtype=torch.int64).to(torch.int32)
+    return unpack_i16x2(z) if i16 else unpack_f16x2(z)
+
+
+def _pair(lo: torch.Tensor, hi: torch.Tensor, i16: bool) -> int:
+    packed = pack_i16x2(lo, hi) if i16 else pack_f16x2(lo, hi)
+    return int(packed.item()) & 0xFFFFFFFF
+
+
+def _f16x2(op: str, a: int, b: int, i16: bool) -> int:
+    (alo, ahi), (blo, bhi) = _halves(a, i16), _halves(b, i16)
+    if op == "add":  # float16 adds rounded to nearest, or int16 adds wrapping at 16 bits
+        lo, hi = (
+            ((alo + blo + 32768) % 65536 - 32768, (ahi + bhi + 32768) % 65536 - 32768)
+            if i16
+            else (alo + blo, ahi + bhi)
+        )
+    else:
+        lo, hi = torch.minimum(alo, blo), torch.minimum(ahi, bhi)
+    return _pair(lo, hi, i16)
+
+
+def emulate(ptx: str, mem: np.ndarray, operands: dict) -> None:
+    """Run the PTX of :func:`candidate_loop_ptx` on byte memory ``mem`` (little-endian 32-bit words), its operands
+    ``$1``..``$3`` given as byte addresses: only the instructions it emits, each as PTX defines it."""
+    lines = [ln.strip().rstrip(";") for ln in ptx.split("\n")]
+    labels = {ln[:-1]: i for i, ln in enumerate(lines) if ln.endswith(":")}
+    regs: dict = dict(operands)
+    i16 = "add.s16x2" in ptx
+
+    def val(tok: str) -> int:
+        return int(tok, 0) if tok[0].isdigit() else regs[tok]
+
+    def addr(tok: str) -> int:
+        base, off = ADDR.fullmatch(tok).groups()
+        return regs[base] + int(off)
+
+    def word(a: int) -> int:
+        return int(mem[a : a + 4].view(np.uint32)[0])
+
+    pc, steps = 0, 0
+    while pc < len(lines):
+        steps += 1
+        assert steps < 1_000_000, "the loop does not end"
+        ln, pc = lines[pc], pc + 1
+        if not ln or ln in "{}" or ln.startswith(".reg") or ln.endswith(":"):
+            continue
+        op, _, rest = ln.partition(" ")
+        if op.startswith("@"):  # @p bra LABEL
+            pred, target = op[1:], rest.split()[1]
+            pc = labels[target] if regs[pred] else pc
+            continue
+        if op == "ld.global.v4.b32":
+            dst, src = rest.split("}, ")
+            for k, r in enumerate(dst.strip("{").split(", ")):
+                regs[r] = word(addr(src) + 4 * k)
+            continue
+        args = [a.strip() for a in rest.split(",")]
+        if op in ("mov.b64", "mov.b32"):
+            regs[args[0]] = val(args[1])
+        elif op == "add.s64":
+            regs[args[0]] = val(args[1]) + val(args[2])
+        elif op == "ld.global.b32":
+            regs[args[0]] = word(addr(args[1]))
+        elif op == "st.global.b32":
+            mem[addr(args[0]) : addr(args[0]) + 4] = np.array([val(args[1])], dtype=np.uint32).view(np.uint8)
+        elif op == "setp.lt.u64":
+            regs[args[0]] = val(args[1]) < val(args[2])
+        elif op in ("add.rn.f16x2", "add.s16x2", "min.f16x2", "min.s16x2"):
+            regs[args[0]] = _f16x2(op.split(".")[0], val(args[1]), val(args[2]), i16)
+        else:
+            raise AssertionError(f"the emulator does not know {ln!r}")
+
+
+@pytest.mark.parametrize(("i16", "unroll"), [(False, 4), (True, 4), (False, 8)])
+def test_ptx_loop_gives_the_minima_of_the_triton_loop(i16: bool, unroll: int):
+    """Per row and half: ``min_B (K^T[B, lane] + g[row, B])`` in float16 (int16 wrapping) arithmetic, written back
+    ``row_bytes`` apart: what the Triton loop computes, for rows of another lane and scratch row width."""
+    torch.manual_seed(unroll + i16)
+    rows, row_bytes, lane = 3, 4 * SCRATCH_ASM, 5
+    if i16:
+        g = torch.randint(-9000, 9000, (rows, 64, 2))
+        kt = torch.randint(-9000, 9000, (64, 32, 2))
+    else:
+        g = torch.randn(rows, 64, 2).half().float()
+        kt = torch.randn(64, 32, 2).half().float()
+    # the scratch (rows of row_bytes: 64 packed g_B, then the minima at entry 64 + lane) and K^T after it
+    scr = np.zeros(rows * row_bytes + 64 * 128, dtype=np.uint8)
+    words = scr.view(np.uint32)
+    for r in range(rows):
+        for b in range(64):
+            words[r * row_bytes // 4 + b] = _pair(g[r, b, :1], g[r, b, 1:], i16)
+    kt_at = rows * row_bytes
+    for b in range(64):
+        for j in range(32):
+            words[(kt_at + 128 * b) // 4 + j] = _pair(kt[b, j, :1], kt[b, j, 1:], i16)
+    ptx = candidate_loop_ptx(rows, row_bytes, i16=i16, unroll=unroll)
+    emulate(ptx, scr, {"$1": 0, "$2": kt_at + 4 * lane, "$3": 4 * (64 + lane)})
+    for r in range(rows):
+        got = _halves(int(words[r * row_bytes // 4 + 64 + lane]), i16)
+        for h in range(2):
+            if i16:
+                sums = (kt[:, lane, h] + g[r, :, h] + 32768) % 65536 - 32768
+            else:
+                sums = (kt[:, lane, h].half() + g[r, :, h].half()).float()
+            assert got[h].float().item() == sums.min().float().item(), (r, h)
+
+
+def test_ptx_loop_and_launch_argument_checks():
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        candidate_loop_ptx(0, 384)
+    with pytest.raises(ValueError, match="unroll must be a multiple of 4 dividing 64"):
+        candidate_loop_ptx(4, 384, unroll=6)
+    with pytest.raises(ValueError, match="row_bytes"):
+        candidate_loop_ptx(4, 100)
+    with pytest.raises(ValueError, match="asm_loop applies to the searches"):
+        encode_meta(128, 11, 64, 4, 1, "split", "tf32", asm_loop=True)
+    with pytest.raises(ValueError, match="wide_lanes=False"):
+        encode_meta(128, 11, 64, 4, 1, "split_h2", "half", wide_lanes=True, asm_loop=True)
+    with pytest.raises(ValueError, match="unroll must be a multiple of 4"):
+        encode_meta(128, 11, 64, 4, 1, "split_h2", "half", unroll=2, asm_loop=True)
+    with pytest.raises(ValueError, match="block_n rows over num_warps"):
+        encode_meta(128, 11, 16, 32, 1, "split_h2", "half", asm_loop=True)
+
+
+_ASM_PROBE = """
+import json, re
+from pressroom.kernels import commvq_encode
+from pressroom.kernels.commvq_resources import _cubin_usage, kernel_resources_compiled
+half = {k: "*fp16" for k in ("ud_ptr", "wd_ptr", "u_ptr", "w_ptr")}
+out = {}
+for search in ("split_h2", "split_dpx"):
+    meta, (nw, ns) = commvq_encode.encode_meta(128, 11, 64, 4, 1, search, "half", row_norms=True, asm_loop=True)
+    meta["NATIVE"] = True
+    c = kernel_resources_compiled(commvq_encode.encode_kernel(search), meta, nw, ns, half)
+    ptx = c.asm["ptx"]
+    out[search] = dict(meta_rows=meta.get("ASM_ROWS"), labels=len(re.findall(r"^\\s*CL\\d+:", ptx, re.M)),
+                       v4=ptx.count("ld.global.v4.b32 {clx0"), **_cubin_usage(c.asm["cubin"]))
+print(json.dumps(out))
+"""
+
+
+def test_asm_loop_compiles_for_sm90():
+    """The launch ``asm_loop=True`` makes (default tiling, 16 rows a thread) compiles offline for sm_90 with its loop
+    once per kernel (a unique label), one 16-byte ``g_B`` load per row and 4 candidates, and at most a small spill."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _ASM_PROBE], capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        if "ptxas" in proc.stderr or "cuda" in proc.stderr.lower():
+            pytest.skip(f"no sm_90 compile here: {proc.stderr[-300:]}")
+        raise AssertionError(proc.stderr[-2000:])
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for search, row in got.items():
+        assert row["meta_rows"] == 16 and row["labels"] == 1 and row["v4"] == 16, (search, row)
+        if "stack_bytes" in row:
+            assert row["regs"] <= 255 and row["stack_bytes"] <= 64, (search, row)
