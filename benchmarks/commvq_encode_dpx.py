@@ -75,6 +75,10 @@ VARIANTS = (
     ("split_h2_half_asm_bn32_w2", dict(search="split_h2", precision="half", asm_loop=True, block_n=32, num_warps=2)),
     ("split_dpx_half_asm_bn32_w4", dict(search="split_dpx", precision="half", asm_loop=True, block_n=32, num_warps=4)),
     ("split_h2_half_asm_bn64_w8", dict(search="split_h2", precision="half", asm_loop=True, block_n=64, num_warps=8)),
+    (
+        "split_h2_half_asm_bn32_w4_r168",
+        dict(search="split_h2", precision="half", asm_loop=True, block_n=32, num_warps=4, maxnreg=168),
+    ),
     ("split_h2_half_asm_bn128_w8", dict(search="split_h2", precision="half", asm_loop=True, block_n=128, num_warps=8)),
 )
 # (label, encode_keys options, value encoder input in PyTorch) of the whole layer's runs: the first is the reference
