@@ -18,9 +18,12 @@ codebooks, random keys, 8 KV heads, head_dim 128):
   bytes the two value-encoder inputs give alike.
 
 ``--sass`` also compiles both searches offline for sm_90 (no GPU needed) and counts the candidate loop's
-instructions (``HADD2`` / ``HMNMX2`` against ``VIADDMNMX``). JSON: ``--output`` (written after each part).
+instructions (``HADD2`` / ``HMNMX2`` against ``VIADDMNMX``), and describes the candidate loops of
+:data:`SASS_VARIANTS` (the Triton loop and the PTX loop of ``encode_keys(asm_loop=True)``, :func:`loop_counts`);
+``--sass-only`` does only that. JSON: ``--output`` (written after each part).
 
     python benchmarks/commvq_encode_dpx.py --sass --output $OUT/commvq_encode_dpx.json
+    python benchmarks/commvq_encode_dpx.py --sass-only --output benchmarks/results/commvq_encode_asm_sass.json  # CPU
     TRITON_INTERPRET=1 python benchmarks/commvq_encode_dpx.py --smoke --output /tmp/dpx.json   # CPU, no timing value
 """
 
@@ -110,6 +113,36 @@ def sass_counts(search: str, r: int = RESIDUALS[1]) -> dict:
     for name, count in names.items():  # HADD2.F32 (a float16 -> float32 conversion) on its own
         ops[name if name.startswith(("HADD2", "HMNMX2")) else name.split(".")[0]] += count
     return {**{op: ops.get(op, 0) for op in (*LOOP_OPS, "HADD2.F32", "LDG")}, "total": sum(names.values())}
+
+
+# the variants whose candidate loops --sass describes (the Triton loop and the PTX loop of each search)
+SASS_VARIANTS = ("split_h2_half", "split_dpx_half", "split_h2_half_asm", "split_dpx_half_asm")
+
+
+def loop_counts(variant: str, r: int) -> dict:
+    """The candidate loop of ``variant`` (a :data:`VARIANTS` label) compiled offline for sm_90 as the cache launches
+    it (default tiling, keys divided in the kernel): its opcodes (one pass: 4 candidates ``B`` for the thread's rows
+    and lane), the instructions of the residual step around it (``step_rest``: once per step), the passes per step
+    and the dynamic count per step and thread they give (``per_step``), and the registers and stack per thread."""
+    from commvq_encode_ncu import find_candidate_loop, loop_marker, offline_sass, parse_cuobjdump_sass, split_by_loop
+
+    from pressroom.kernels.commvq_encode import encode_defaults
+
+    marker = loop_marker(variant)
+    rows = parse_cuobjdump_sass(offline_sass(r, variant, row_norms=True))
+    info = split_by_loop(rows, find_candidate_loop(rows, marker), marker)
+    loop, rest = info["loop"], info["regions"]["step_loop_rest"]["instructions"]
+    opts = dict(VARIANTS)[variant]
+    passes = 64 // opts.get("unroll", 4)
+    tiling = encode_defaults(opts["precision"], opts["search"])
+    return dict(
+        loop_opcodes=loop["opcodes"],
+        loop_instructions=loop["instructions"],
+        step_rest=rest,
+        loop_passes_per_step=passes,
+        per_step=rest + passes * loop["instructions"],
+        rows_per_thread=tiling["block_n"] // tiling["num_warps"],
+    )
 
 
 def _without_use_triton(args: tuple) -> tuple:
@@ -225,6 +258,7 @@ def main() -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--sass", action="store_true", help="also count the sm_90 instructions (offline compile)")
+    ap.add_argument("--sass-only", action="store_true", help="only the offline sm_90 counts (--sass), no GPU needed")
     ap.add_argument("--layer-only", action="store_true", help="only the whole layer (no key-search variants)")
     ap.add_argument("--smoke", action="store_true", help="a small shape on any device (no timing value)")
     ap.add_argument(
@@ -248,8 +282,9 @@ def main() -> int:
     # in the order named: the first is the reference of the equal-rows shares
     variants = VARIANTS if args.variants is None else tuple((v, by_label[v]) for v in args.variants)
     layer_runs = tuple(runs_by_label[r] for r in args.layer_runs)
+    args.sass = args.sass or args.sass_only
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.smoke:
+    if device.type != "cuda" and not args.smoke and not args.sass_only:
         raise SystemExit("no GPU: pass --smoke for a small run on the CPU (or only --sass with --smoke)")
     n, chunk, reps = (256, 128, 1) if args.smoke else (args.tokens, args.chunk, args.reps)
     if chunk < 1 or n % chunk:
@@ -281,7 +316,19 @@ def main() -> int:
         except Exception as err:  # no ptxas / cuobjdump here: recorded, the timings still run
             result["sass_sm90"] = f"{type(err).__name__}: {str(err)[:300]}"
         log(f"sm_90 instructions: {result['sass_sm90']}")
+        loops = {}
+        for bits in args.bits:
+            for v in SASS_VARIANTS:
+                try:
+                    loops[f"{bits}bit {v}"] = loop_counts(v, RESIDUALS[bits])
+                except Exception as err:  # recorded, the others still run
+                    loops[f"{bits}bit {v}"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                log(f"{bits} bit {v}: {loops[f'{bits}bit {v}']}")
+        result["sass_sm90_loops"] = loops
         save()
+    if args.sass_only:
+        log(f"done (--sass-only); JSON in {args.output}")
+        return 0
     for bits in args.bits:
         result["configs"][f"{bits}bit"] = {}
         measure(

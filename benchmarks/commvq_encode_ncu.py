@@ -58,6 +58,18 @@ KERNEL = "_encode_split_h2_kernel"
 # counters and the warp state sampling they are attributed with
 SOURCE_SECTIONS = ("SourceCounters", "InstructionStats", "ComputeWorkloadAnalysis")
 MARKER = "HMNMX2"  # the candidate loop's min of packed float16 pairs
+
+
+def loop_marker(variant: str) -> str:
+    """The opcode that marks ``variant``'s candidate loop in sm_90 SASS: the fused add-min of ``split_dpx``
+    (``VIADDMNMX``), the three-way float16 minimum ptxas makes of the PTX loop's ``min.f16x2`` pairs (``asm_loop``:
+    ``VHMNMX``), else the Triton loop's ``HMNMX2``."""
+    opts = variant_options(variant)
+    if opts["search"] == "split_dpx":
+        return "VIADDMNMX"
+    return "VHMNMX" if opts.get("asm_loop") else MARKER
+
+
 TOP = 15
 # keys of SassRow.samples besides the per-reason counts
 TOTAL, NOT_ISSUED = "all", "not_issued"
@@ -400,8 +412,9 @@ def sass_check(bits_list: list[int], variant: str = "split_h2_half", row_norms: 
     for bits in bits_list:
         try:
             rows = parse_cuobjdump_sass(offline_sass(RESIDUALS[bits], variant, row_norms))
-            loop = find_candidate_loop(rows)
-            info = split_by_loop(rows, loop)
+            marker = loop_marker(variant)
+            loop = find_candidate_loop(rows, marker)
+            info = split_by_loop(rows, loop, marker)
             out[f"{bits}bit"] = dict(instructions=len(rows), loop=info["loop"], regions=info.get("regions"))
         except Exception as err:  # recorded, the other bit width still runs
             out[f"{bits}bit"] = {"error": f"{type(err).__name__}: {str(err)[:800]}"}
@@ -458,7 +471,7 @@ def profile(ncu: str, bits: int, args, workdir: Path) -> dict:
         if source.returncode != 0:
             raise _fail("source page", source)
         rows = parse_source_csv(source.stdout)
-        result["source"] = attribute(rows, TOP)
+        result["source"] = attribute(rows, TOP, loop_marker(args.variant))
         if not any(_reasons(row.samples) for row in rows):  # no per-reason columns recognized: keep the header
             header = next((line for line in source.stdout.splitlines() if '"Address"' in line), "")
             result["source"]["no_reason_columns"] = header[:3000]

@@ -45,6 +45,10 @@
 #                                            # (wide_lanes), 1 and 2 bits: two JSONs (NCU_VARIANTS: other labels of
 #                                            # commvq_encode_dpx.py, e.g. "split_h2_half split_h2_half_prefetch";
 #                                            # about 70 s each on an H200; needs ncu)
+#   bash benchmarks/gpu_commvq.sh encode_asm  # the key search's candidate loop in PTX (encode_keys(asm_loop=True))
+#                                            # next to the Triton loop at 128k, 1 and 2 bits: the kernel alone on a
+#                                            # 32k chunk (tilings, unroll, prefetch, a register cap; codes checked
+#                                            # against the Triton loop's) and the whole layer (about 4 minutes)
 #   bash benchmarks/gpu_commvq.sh encode_h2  # the key search alone at 128k, 1 and 2 bits: the split search with
 #                                            # float16 sums (split_h2) next to the float32 one and the flat ieee
 #                                            # search (kernels only: no .gpu load needed)
@@ -153,6 +157,13 @@ encode_ncu)
   for v in ${NCU_VARIANTS:-split_h2_half split_h2_half_wide}; do
     python3 benchmarks/commvq_encode_ncu.py --variant "$v" --row-norms --output "$out/commvq_encode_ncu_${v}_row_norms.json"
   done
+  ;;
+encode_asm)
+  python3 benchmarks/commvq_encode_dpx.py --sass --variants split_h2_half split_h2_half_asm split_dpx_half \
+    split_dpx_half_asm split_h2_half_asm_unroll8 split_h2_half_asm_prefetch split_h2_half_asm_bn32_w4 \
+    split_h2_half_asm_bn32_w2 split_dpx_half_asm_bn32_w4 split_h2_half_asm_bn64_w8 split_h2_half_asm_bn32_w4_r168 \
+    --layer-runs split_h2 split_h2_asm split_dpx split_dpx_asm split_h2_asm_bn32_w4 split_dpx_asm_bn32_w4 \
+    --output "$out/commvq_encode_asm.json"
   ;;
 encode_h2)
   python3 benchmarks/commvq_encode_variants.py --tilings flat:16:4:ieee split:128:8:tf32 split_h2:64:8:tf32 \
