@@ -13,6 +13,12 @@ must evaluate every ``A`` that one of them keeps: the union per block is reporte
 
     python benchmarks/commvq_encode_prune_cpu.py --codebooks CB/2bit/em --bits 2 --layers 2 15 28 \\
         --output benchmarks/results/commvq_encode_prune_cpu.json
+    python benchmarks/commvq_encode_prune_cpu.py --random --bits 1 \\
+        --output benchmarks/results/commvq_encode_prune_random_cpu.json
+
+``--random``: the GPU benchmarks' random codebooks and keys (8 KV heads, head_dim 128; ``--heldout-tokens`` keys).
+Every bound also reports ``practical_*``: the survivors against the exact distance of the ``A`` whose bound is
+smallest, a threshold a real search can form.
 """
 
 from __future__ import annotations
@@ -35,12 +41,15 @@ from pressroom.training.commvq_em import prepare_keys
 
 def survivors(
     r: torch.Tensor, tables: KeyTables, groups: list[int], blocks: list[int]
-) -> tuple[dict[int, torch.Tensor], dict[tuple[int, int], torch.Tensor]]:
+) -> tuple[dict[int, torch.Tensor], dict[tuple[int, int], torch.Tensor], dict[int, torch.Tensor]]:
     """Per bound (``groups``): the count of surviving ``A`` for every (head, row, step), and per (bound, block of
     rows) the count of ``A`` that some row of a block of consecutive tokens keeps (what a program coding the block
-    together must evaluate); ``r [H, N, D]``."""
+    together must evaluate); ``r [H, N, D]``. Third, per bound, the survivors against a threshold a search can form
+    without the oracle: the exact distance of the ``A`` with the smallest bound (every ``A`` whose bound is at most
+    that distance is kept, so the exact best always is)."""
     un, wn, k, _ = tables.split_tables()
     out: dict[int, list[torch.Tensor]] = {g: [] for g in groups}
+    practical: dict[int, list[torch.Tensor]] = {g: [] for g in groups}
     union: dict[tuple[int, int], list[torch.Tensor]] = {(g, b): [] for g in groups for b in blocks}
     for h in range(r.shape[0]):
         res = r[h].clone()
@@ -53,20 +62,56 @@ def survivors(
             for n_groups in groups:
                 kmin = kk.unflatten(1, (n_groups, -1)).amin(-1)  # [A, G]
                 gmin = g.unflatten(1, (n_groups, -1)).amin(-1)  # [N, G]
-                keep = f + (kmin[None] + gmin[:, None, :]).amin(-1) <= best  # [N, A]
+                bound = f + (kmin[None] + gmin[:, None, :]).amin(-1)  # [N, A]
+                keep = bound <= best
                 out[n_groups].append(keep.sum(-1))
+                guess = tot.gather(1, bound.argmin(-1, keepdim=True))  # the smallest bound's exact distance
+                practical[n_groups].append((bound <= guess).sum(-1))
                 for blk in blocks:
                     n = keep.shape[0] // blk * blk
                     union[(n_groups, blk)].append(keep[:n].unflatten(0, (-1, blk)).any(1).sum(-1))
             a = tot.argmin(-1)
             b = (kk[a] + g).argmin(-1)
             res = res - (u[a] + w[b])
-    return {n: torch.cat(v).float() for n, v in out.items()}, {key: torch.cat(v).float() for key, v in union.items()}
+    return (
+        {n: torch.cat(v).float() for n, v in out.items()},
+        {key: torch.cat(v).float() for key, v in union.items()},
+        {n: torch.cat(v).float() for n, v in practical.items()},
+    )
+
+
+def random_problem(bits: int, tokens: int) -> tuple[torch.Tensor, KeyTables]:
+    """The GPU encode benchmarks' problem (``commvq_encode_dpx.py``): random float16-exact codebooks for 8 KV heads
+    of head_dim 128 and random keys normalized over the token's heads, as ``r [H, N, D]`` and its tables."""
+    heads, d, r = 8, 128, {1: 11, 2: 21}[bits]
+    g = torch.Generator().manual_seed(bits)
+    theta = (torch.randn(heads, r, 128, d // 2, generator=g) * 0.1).half().float()
+    raw = torch.randn(tokens, heads, d, generator=g)
+    x = torch.nn.functional.normalize(raw.flatten(1), dim=-1).view(tokens, heads, d)
+    return x.transpose(0, 1).contiguous(), KeyTables(theta)
+
+
+def summary(counts, unions, practical, blocks: list[int]) -> dict:
+    return {
+        f"groups_{n}": {
+            "mean": float(c.mean()),
+            "p50": float(c.quantile(0.5)),
+            "p90": float(c.quantile(0.9)),
+            "p99": float(c.quantile(0.99)),
+            "max": float(c.max()),
+            "bound_ops_per_row": 64 * n,
+            **{f"block_{b}_union_mean": float(unions[(n, b)].mean()) for b in blocks},
+            "practical_mean": float(practical[n].mean()),
+            "practical_p90": float(practical[n].quantile(0.9)),
+        }
+        for n, c in counts.items()
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--codebooks", required=True)
+    ap.add_argument("--codebooks", help="trained codebooks (pressroom-train commvq); or --random")
+    ap.add_argument("--random", action="store_true", help="the GPU benchmarks' random codebooks and keys instead")
     ap.add_argument("--bits", type=int, default=2, choices=[1, 2])
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 15, 28])
     ap.add_argument("--groups", type=int, nargs="+", default=[1, 4, 8, 16])
@@ -77,6 +122,26 @@ def main() -> int:
     args = ap.parse_args()
     if any(g < 1 or 64 % g for g in args.groups):
         raise SystemExit(f"--groups must divide 64, got {args.groups}")
+    if args.random == bool(args.codebooks):
+        raise SystemExit("pass either --codebooks DIR or --random")
+    if args.random:
+        r, tables = random_problem(args.bits, args.heldout_tokens)
+        result = {
+            "benchmark": "commvq_encode_prune_cpu",
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "device": platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "setting": {
+                "random": True,
+                "bits": args.bits,
+                "tokens": args.heldout_tokens,
+                "residuals": tables.residuals,
+            },
+            "layers": {"random": summary(*survivors(r, tables, args.groups, args.blocks), args.blocks)},
+        }
+        atomic_write_json(args.output, result)
+        print(result["layers"]["random"], flush=True)
+        return 0
     books = CommVQCodebooks.load(args.codebooks, bits=args.bits)
     model, tok = load_model(args.model, device="cpu", dtype=torch.float32)
     books.validate(model.config)
@@ -102,19 +167,8 @@ def main() -> int:
         r, _ = prepare_keys(layer_keys(model, ids, layer, 2048), kv_heads)
         if books.layer_pair_weights(layer) is not None:
             raise SystemExit("weighted codebooks: this measures the plain search only")
-        counts, unions = survivors(r, KeyTables(books.key_theta[layer].float()), args.groups, args.blocks)
-        result["layers"][str(layer)] = {
-            f"groups_{n}": {
-                "mean": float(c.mean()),
-                "p50": float(c.quantile(0.5)),
-                "p90": float(c.quantile(0.9)),
-                "p99": float(c.quantile(0.99)),
-                "max": float(c.max()),
-                "bound_ops_per_row": 64 * n,
-                **{f"block_{b}_union_mean": float(unions[(n, b)].mean()) for b in args.blocks},
-            }
-            for n, c in counts.items()
-        }
+        found = survivors(r, KeyTables(books.key_theta[layer].float()), args.groups, args.blocks)
+        result["layers"][str(layer)] = summary(*found, args.blocks)
         atomic_write_json(args.output, result)
         print(layer, result["layers"][str(layer)], flush=True)
     return 0
