@@ -69,7 +69,7 @@ VARIANTS = (
     ("split_h2_half_unroll8_prefetch", dict(search="split_h2", precision="half", unroll=8, prefetch=True)),
     ("split_dpx_half_wide_prefetch", dict(search="split_dpx", precision="half", wide_lanes=True, prefetch=True)),
     # the candidate loop in PTX (encode_keys(asm_loop=True)): each compared with its Triton-loop twin (same label
-    # without "_asm", twin_of), whose codes it must equal
+    # without "_asm"), whose codes it must equal
     ("split_h2_half_asm", dict(search="split_h2", precision="half", asm_loop=True)),
     ("split_dpx_half_asm", dict(search="split_dpx", precision="half", asm_loop=True)),
     ("split_h2_half_asm_unroll8", dict(search="split_h2", precision="half", asm_loop=True, unroll=8)),
@@ -82,10 +82,6 @@ VARIANTS = (
         "split_h2_half_asm_bn32_w4_r168",
         dict(search="split_h2", precision="half", asm_loop=True, block_n=32, num_warps=4, maxnreg=168),
     ),
-    # the search that skips the A a bound rules out (encode_keys(search="split_prune")): the codes of split_h2
-    ("split_prune_half", dict(search="split_prune", precision="half")),
-    ("split_prune_half_bn32_w4", dict(search="split_prune", precision="half", block_n=32, num_warps=4)),
-    ("split_prune_half_bn64_w8", dict(search="split_prune", precision="half", block_n=64, num_warps=8)),
     ("split_h2_half_asm_bn128_w8", dict(search="split_h2", precision="half", asm_loop=True, block_n=128, num_warps=8)),
 )
 # (label, encode_keys options, value encoder input in PyTorch) of the whole layer's runs: the first is the reference
@@ -100,21 +96,7 @@ LAYER_RUNS = (
     ("split_dpx_asm", dict(search="split_dpx", asm_loop=True), False),
     ("split_h2_asm_bn32_w4", dict(search="split_h2", asm_loop=True, block_n=32, num_warps=4), False),
     ("split_dpx_asm_bn32_w4", dict(search="split_dpx", asm_loop=True, block_n=32, num_warps=4), False),
-    ("split_prune", dict(search="split_prune"), False),
-    ("split_prune_bn32_w4", dict(search="split_prune", block_n=32, num_warps=4), False),
 )
-
-
-def twin_of(label: str) -> str | None:
-    """The label whose codes a variant or layer run must equal: a PTX loop's Triton-loop twin (the label without
-    ``_asm...``), and ``split_h2`` (``split_h2_half``) for the pruned search; ``None`` for the others."""
-    if "_asm" in label:
-        return label.split("_asm")[0]
-    if label.startswith("split_prune"):
-        return "split_h2_half" if "_half" in label else "split_h2"
-    return None
-
-
 DEFAULT_LAYER_RUNS = ("split_h2", "split_dpx", "split_h2_value_prep_pytorch")
 LOOP_OPS = ("HADD2", "HMNMX2", "VIADDMNMX")
 
@@ -206,7 +188,7 @@ def measure(
             continue
         first = out.clone() if first is None else first
         codes_by_label[label] = out.clone()
-        twin = twin_of(label)
+        twin = label.split("_asm")[0] if "_asm" in label else None
         if twin in codes_by_label:  # the PTX loop against the Triton loop of the same search and precision
             opts = dict(opts, rows_equal_to_twin=(out == codes_by_label[twin]).all(-1).float().mean().item(), twin=twin)
         rows[label] = dict(
@@ -253,8 +235,8 @@ def measure(
         if label != first:
             layer_rows[label]["rows_equal_to_first"] = (codes[label] == codes[first]).all(-1).float().mean().item()
     for label in codes:  # a PTX loop's codes against its Triton-loop twin's
-        twin = twin_of(label)
-        if twin in codes:
+        twin = label.split("_asm")[0]
+        if twin != label and twin in codes:
             layer_rows[label].update(
                 twin=twin, rows_equal_to_twin=(codes[label] == codes[twin]).all(-1).float().mean().item()
             )

@@ -46,7 +46,6 @@
 #                                            # commvq_encode_dpx.py, e.g. "split_h2_half split_h2_half_prefetch";
 #                                            # about 70 s each on an H200; needs ncu)
 #   bash benchmarks/gpu_commvq.sh encode_asm  # the key search's candidate loop in PTX (encode_keys(asm_loop=True))
-#                                            # and the pruned search (search="split_prune")
 #                                            # next to the Triton loop at 128k, 1 and 2 bits: the kernel alone on a
 #                                            # 32k chunk (tilings, unroll, prefetch, a register cap; codes checked
 #                                            # against the Triton loop's) and the whole layer (about 4 minutes)
@@ -163,9 +162,7 @@ encode_asm)
   python3 benchmarks/commvq_encode_dpx.py --sass --variants split_h2_half split_h2_half_asm split_dpx_half \
     split_dpx_half_asm split_h2_half_asm_unroll8 split_h2_half_asm_prefetch split_h2_half_asm_bn32_w4 \
     split_h2_half_asm_bn32_w2 split_dpx_half_asm_bn32_w4 split_h2_half_asm_bn64_w8 split_h2_half_asm_bn32_w4_r168 \
-    split_prune_half split_prune_half_bn32_w4 split_prune_half_bn64_w8 \
     --layer-runs split_h2 split_h2_asm split_dpx split_dpx_asm split_h2_asm_bn32_w4 split_dpx_asm_bn32_w4 \
-    split_prune split_prune_bn32_w4 \
     --output "$out/commvq_encode_asm.json"
   ;;
 encode_h2)

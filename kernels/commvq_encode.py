@@ -252,7 +252,6 @@ class KeyTables:
         self._dot16: tuple[torch.Tensor, torch.Tensor] | None = None
         self._i16: dict[float, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._exact16: bool | None = None
-        self._prune: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def split_tables(self) -> tuple[torch.Tensor, ...]:
         """What the ``"split"`` search reads: ``||u_A||^2``, ``||w_B||^2`` ``[H, R, 64]`` and the cross term
@@ -308,21 +307,6 @@ class KeyTables:
             growth = float((un.amax(-1).sqrt() + wn.amax(-1).sqrt()).amax(0).sum())
             self._h2_bounds = (float(wn.max()), growth)
         return self._split_h2
-
-    def prune_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What ``"split_prune"`` reads beside :meth:`split_tables`: the cross term rounded to float16, ``K16[A, B]``
-        ``[H, R, 64, 64]`` (row-major: row ``A`` holds its 64 ``B``), and each row's minimum ``[H, R, 64]``.
-
-        Raises
-        ------
-        ValueError
-            As :meth:`split_h2_table`, for codebooks outside the float16 range.
-        """
-        if self._prune is None:
-            self.split_h2_table()  # the float16 range check
-            k16 = self.split_tables()[2].half().contiguous()
-            self._prune = (k16, k16.amin(-1).contiguous())
-        return self._prune
 
     def split_i16_tables(self, key_norm_bound: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What ``"split_dpx"`` reads beside :meth:`split_tables`: the cross term in int16 fixed point, per step
@@ -763,103 +747,9 @@ if HAS_TRITON:
                     res, g, a_idx, k_ptr, u_ptr, w_ptr, step, ks, cols, dmask, out_row, r, prev, rmask, D, R
                 )
 
-    @triton.jit
-    def _first_argmin(t, ks):
-        """Per row of ``t [rows, 64]``: the first index of its minimum."""
-        return tl.min(tl.where(t == tl.min(t, axis=1)[:, None], ks[None, :], 64), axis=1)
 
-    @triton.jit
-    def _encode_split_prune_kernel(
-        x_ptr,
-        norm_ptr,
-        u_ptr,
-        w_ptr,
-        ud_ptr,
-        wd_ptr,
-        un_ptr,
-        wn_ptr,
-        k_ptr,
-        kh_ptr,
-        kmin_ptr,
-        out_ptr,
-        g_scr_ptr,
-        m_scr_ptr,
-        pair_scr_ptr,
-        n_rows,
-        n_blocks,
-        stride_xn,
-        stride_xh,
-        stride_on,
-        stride_oh,
-        D: tl.constexpr,
-        R: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        PRECISION: tl.constexpr,
-        PAIRS: tl.constexpr,
-        ROW_NORMS: tl.constexpr = False,
-    ):
-        # The split_h2 search (float16 sums K16[A, B] + g16_B, their minimum m_A per A, A the first arg-min of the
-        # float32 m_A + f_A, then B exactly as in the split search), with the minima taken only for the A that a
-        # bound cannot rule out. LB_A = f32(fp16(min_B K16[A, B] + min_B g16_B)) + f_A is at most m_A + f_A (float16
-        # rounding and the float32 add are monotone); the A* of the smallest bound gets its exact distance UB. An A
-        # with LB_A > UB is not the first arg-min (UB is a distance, at least the minimum), so its m_A is left at +inf;
-        # the others go on a per-program list of (row, A) pairs, PAIRS of which are then taken together (one row of
-        # K16 and one of g16 each), so that the work follows the survivors, not the block's union of them.
-        pid, n_prog, head, lrow, cols, ks, dmask, gscr = _persistent_program(g_scr_ptr, D, BLOCK_N, BLOCK_D)
-        prog = head * n_prog + pid
-        mscr = m_scr_ptr + prog * BLOCK_N * 64
-        plist = pair_scr_ptr + prog * BLOCK_N * 64
-        pk = tl.arange(0, PAIRS)
-        cell = lrow[:, None] * 64 + ks[None, :]  # (row, A) -> list entry
-        inf16 = tl.full((BLOCK_N, 64), float("inf"), tl.float16)
-        for blk in range(pid, n_blocks, n_prog):
-            res, rmask, out_row = _load_block(
-                x_ptr, out_ptr, blk * BLOCK_N + lrow, head, cols, dmask, n_rows, stride_xn, stride_xh, stride_on,
-                stride_oh,
-            )  # fmt: skip
-            if ROW_NORMS:  # the raw keys divided by their token's norm here, rounded as torch's division
-                rows = blk * BLOCK_N + lrow
-                res = tl.math.div_rn(res, tl.load(norm_ptr + rows, mask=rows < n_rows, other=1.0)[:, None])
-            prev = tl.zeros((BLOCK_N,), tl.int32)
-            for r in range(R):
-                step = head * R + r
-                base = step * 64 * D
-                rd = res.to(ud_ptr.dtype.element_ty)
-                g = _split_g(rd, wd_ptr, wn_ptr, base, step, ks, cols, dmask, D, PRECISION)
-                f = _split_g(rd, ud_ptr, un_ptr, base, step, ks, cols, dmask, D, PRECISION)  # ||u_A||^2 - 2 r . u_A
-                g16 = g.to(tl.float16)
-                kh = kh_ptr + step * 4096
-                lb = (tl.load(kmin_ptr + step * 64 + ks)[None, :] + tl.min(g16, axis=1)[:, None]).to(tl.float32) + f
-                a_star = _first_argmin(lb, ks)
-                m_star = tl.min(tl.load(kh + a_star[:, None] * 64 + ks[None, :]) + g16, axis=1)
-                ub = m_star.to(tl.float32) + tl.sum(tl.where(ks[None, :] == a_star[:, None], f, 0.0), axis=1)
-                keep = (lb <= ub[:, None]) & rmask[:, None]
-                flat = tl.reshape(keep.to(tl.int32), (BLOCK_N * 64,))
-                slot = tl.cumsum(flat, axis=0) - flat
-                n_pairs = tl.sum(flat, axis=0)
-                tl.debug_barrier()  # the previous step's reads of the scratch are done
-                tl.store(gscr[:, None] + ks[None, :], g16)
-                tl.store(mscr + cell, inf16)
-                tl.store(plist + slot, tl.reshape(cell, (BLOCK_N * 64,)), mask=flat != 0)
-                tl.debug_barrier()
-                for p0 in range(0, n_pairs, PAIRS):
-                    pm = p0 + pk < n_pairs
-                    c = tl.load(plist + p0 + pk, mask=pm, other=0)
-                    sums = tl.load(kh + (c % 64)[:, None] * 64 + ks[None, :]) + tl.load(
-                        g_scr_ptr + prog * BLOCK_N * 64 + (c // 64)[:, None] * 64 + ks[None, :]
-                    )
-                    tl.store(mscr + c, tl.min(sums, axis=1), mask=pm)
-                tl.debug_barrier()
-                t = tl.load(mscr + cell).to(tl.float32) + f
-                res, prev = _finish_split_step(
-                    res, g, _first_argmin(t, ks), k_ptr, u_ptr, w_ptr, step, ks, cols, dmask, out_row, r, prev,
-                    rmask, D, R,
-                )  # fmt: skip
-
-
-SEARCHES = ("flat", "nested", "running", "split", "split_h2", "split_dpx", "split_prune")
-PERSISTENT_SEARCHES = ("running", "split", "split_h2", "split_dpx", "split_prune")
+SEARCHES = ("flat", "nested", "running", "split", "split_h2", "split_dpx")
+PERSISTENT_SEARCHES = ("running", "split", "split_h2", "split_dpx")
 PRECISIONS = ("ieee", "tf32", "tf32x3", "half")
 # (block_n, num_warps) per search, and where a precision has its own; the fastest measured at 128k tokens x 8 KV
 # heads, head_dim 128, R = 11 and 21 (benchmarks/results/commvq_encode_split.json, H200; commvq_encode_variants.json
@@ -872,14 +762,11 @@ _TILINGS = {
     ("split", "tf32x3"): (64, 8),
     "split_h2": (64, 4),
     "split_dpx": (64, 4),
-    "split_prune": (64, 4),
 }
 # scratch entries a row with asm_loop: the 64 packed g_B, then the 32 minima the PTX loop writes back
 SCRATCH_ASM = 96
 # the searches that run the split kernel with packed pairs (float16 or int16 sums)
 PAIRED_SEARCHES = ("split_h2", "split_dpx")
-# the searches with float16 or int16 candidate sums (precision="half" allowed; a reference that rounds as they do)
-HALF_SEARCHES = (*PAIRED_SEARCHES, "split_prune")
 
 
 def encode_defaults(precision: str = "ieee", search: str | None = None) -> dict:
@@ -925,8 +812,8 @@ def _check_maxnreg(maxnreg: int | None) -> None:
 
 
 def _check_half(precision: str, search: str) -> None:
-    if precision == "half" and search not in HALF_SEARCHES:
-        raise ValueError(f"precision='half' is implemented for the searches {HALF_SEARCHES}, not {search!r}.")
+    if precision == "half" and search not in PAIRED_SEARCHES:
+        raise ValueError(f"precision='half' is implemented for search='split_h2' and 'split_dpx', not {search!r}.")
 
 
 def encode_meta(
@@ -989,8 +876,6 @@ def encode_meta(
                 I16=search == "split_dpx",
                 PREFETCH=bool(prefetch) and not triton_interpreted(),  # PTX: none under the interpreter
             )
-    elif search == "split_prune":  # one surviving (row, A) pair a thread per pass
-        meta.update(PAIRS=32 * num_warps, ROW_NORMS=bool(row_norms))
     elif search != "running":
         meta.update(A_CHUNK=a_chunk, NESTED=search == "nested")
     return meta, (num_warps, num_stages)
@@ -1003,7 +888,6 @@ def encode_kernel(search: str = "flat"):
         "split": _encode_split_kernel,
         "split_h2": _encode_split_h2_kernel,
         "split_dpx": _encode_split_h2_kernel,
-        "split_prune": _encode_split_prune_kernel,
     }
     return kernels.get(search, _encode_kernel)
 
@@ -1065,20 +949,13 @@ def encode_keys(
         per two candidates (sm_90 DPX ``VIADDMNMX``; integer operations on older GPUs);
         ``encode_keys_split_h2_reference(..., sums="i16")`` rounds the same. Not faster on an H200 (2.71-3.07 ms
         against 2.78 ms per 32k-token chunk at 1 bit: ``benchmarks/results/commvq_encode_dpx.json``): an option.
-        ``"split_prune"``: the codes of ``"split_h2"`` (its reference, bit for bit under the interpreter), with the
-        minimum over ``B`` taken only for the ``A`` that a bound does not rule out: ``LB_A = fp16(min_B K[A, B] +
-        min_B g_B) + f_A`` against the exact distance of the ``A`` with the smallest bound; the surviving (row, ``A``)
-        pairs of a block go on a list that the program then works through, one pair a thread (on the GPU benchmark's
-        random codebooks about 14 of the 64 ``A`` per row survive, ``commvq_encode_prune_random_cpu.json``). Plain
-        Triton (no PTX), ``block_n=64, num_warps=4`` by default; not yet timed on a GPU: an option.
     programs : int, optional
         Persistent programs per KV head for ``"running"`` and ``"split"`` (default: 8 per SM over all heads).
     unroll : int
         ``"split"`` / ``"split_h2"`` / ``"split_dpx"``: candidates ``B`` per iteration of its inner loop (a divisor
         of 64).
     key_norm_bound : float, optional
-        ``"split_h2"`` / ``"split_prune"``: an upper bound on the rows' norms, for its float16 range check;
-        ``"split_dpx"``: the same
+        ``"split_h2"``: an upper bound on the rows' norms, for its float16 range check; ``"split_dpx"``: the same
         bound sets its fixed-point step (default there: the largest head vector's norm) (the cache knows it: 1, or the
         largest pair scale of a weighted search); by default bounded from ``x`` (one device sync per call).
     row_norms : torch.Tensor, optional
@@ -1153,7 +1030,7 @@ def encode_keys(
     if out is None:
         out = torch.empty(n, h, code_bytes(r), dtype=torch.uint8, device=x.device)
     triton_path = resolve_use_triton(use_triton, x, out)
-    paired = search in HALF_SEARCHES  # split_prune: the codes of split_h2, by another kernel
+    paired = search in PAIRED_SEARCHES
     if row_norms is not None and not (triton_path and paired):
         x, row_norms = x / row_norms[:, None, None], None  # divided first
     if tables is None and (paired or (triton_path and n)):
@@ -1166,7 +1043,7 @@ def encode_keys(
         elif key_norm_bound is None:  # >= every (divided) row's norm
             peak = x.detach().abs().amax((1, 2)) / (1.0 if row_norms is None else row_norms)
             key_norm_bound = float(peak.amax()) * d**0.5 if n else 0.0
-        if search != "split_dpx":  # the float16 range, on either path
+        if search == "split_h2":  # the float16 range, on either path
             tables.check_h2_keys(key_norm_bound)
         else:  # the fixed-point step (ValueError for a bound that is not positive)
             tables.split_i16_tables(key_norm_bound)
@@ -1210,16 +1087,6 @@ def encode_keys(
         programs = max(1, min(programs, n_blocks))
         dtype = torch.int32 if paired else torch.float32  # split_h2 / split_dpx: g_B as packed pairs
         scratch = torch.empty(h, programs, block_n, meta.get("SCR_W", N_ENTRIES), dtype=dtype, device=x.device)
-        if search == "split_prune":  # float16 g_B and minima, and the list of surviving (row, A) pairs
-            g_scr = torch.empty(h, programs, block_n, N_ENTRIES, dtype=torch.float16, device=x.device)
-            lists = (g_scr, torch.empty_like(g_scr), torch.empty(g_scr.shape, dtype=torch.int32, device=x.device))
-            centers = tables.center_tables() if precision == "half" else (tables.u, tables.w)
-            _encode_split_prune_kernel[(programs, h)](
-                x, x if row_norms is None else row_norms, *centers, *tables.dot_tables(dot_dtype),
-                *tables.split_tables()[:3], *tables.prune_tables(), out, *lists, n, n_blocks, *strides, **meta,
-                num_warps=num_warps, num_stages=num_stages, **launch,
-            )  # fmt: skip
-            return out
         if search == "split":
             search_tables = tables.split_tables()
         elif paired:
@@ -1263,7 +1130,6 @@ __all__ = [
     "dpx_native",
     "I16_SPAN",
     "PAIRED_SEARCHES",
-    "HALF_SEARCHES",
     "candidate_loop_ptx",
     "normalize_keys",
     "pack_bits",

@@ -111,13 +111,6 @@ _POINTERS = {
         "scr_ptr": "*i32",
         "out_ptr": "*u8",
     },
-    "_encode_split_prune_kernel": {
-        **{k: "*fp32" for k in ("x_ptr", "norm_ptr", "u_ptr", "w_ptr", "ud_ptr", "wd_ptr", "un_ptr", "wn_ptr")},
-        "k_ptr": "*fp32",
-        **{k: "*fp16" for k in ("kh_ptr", "kmin_ptr", "g_scr_ptr", "m_scr_ptr")},
-        "pair_scr_ptr": "*i32",
-        "out_ptr": "*u8",
-    },
 }
 _FLOAT_ARGS = {"rope_scale"}
 

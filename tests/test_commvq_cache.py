@@ -216,9 +216,9 @@ def test_split_h2_search_equals_its_reference_and_codes_near_nearest():
     assert torch.equal(encode_keys(x[0], theta, use_triton=True, **kw16), ref16)
     assert torch.equal(encode_keys(x[0], theta, use_triton=False, **kw16), ref16)
     assert (ref16 == ref).all(-1).float().mean() >= 0.9
-    with pytest.raises(ValueError, match="precision='half' is implemented for the searches"):
+    with pytest.raises(ValueError, match="precision='half' is implemented for search='split_h2'"):
         encode_keys(x[0], theta, use_triton=True, search="split", precision="half")
-    with pytest.raises(ValueError, match="precision='half' is implemented for the searches"):
+    with pytest.raises(ValueError, match="precision='half' is implemented for search='split_h2'"):
         encode_keys(x[0], theta, use_triton=False, search="flat", precision="half")
     with pytest.raises(ValueError, match="the dot tables are float32 or torch.float16"):
         KeyTables(theta).dot_tables(torch.bfloat16)

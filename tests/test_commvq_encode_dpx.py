@@ -123,7 +123,7 @@ def test_native_dpx_only_where_sm90_runs_it():
     assert meta["I16"] and not meta["NATIVE"]
     h2, _ = encode_meta(16, 3, 16, 4, 1, "split_h2", "half", native_dpx=False)
     assert not h2["I16"] and h2["NATIVE"] == (not INTERPRET)  # the float16 pairs run on every NVIDIA GPU
-    with pytest.raises(ValueError, match="precision='half' is implemented for the searches"):
+    with pytest.raises(ValueError, match="precision='half' is implemented for search='split_h2' and 'split_dpx'"):
         encode_meta(16, 3, 16, 4, 1, "split", "half")
 
 
