@@ -91,6 +91,18 @@ def random_problem(bits: int, tokens: int) -> tuple[torch.Tensor, KeyTables]:
     return x.transpose(0, 1).contiguous(), KeyTables(theta)
 
 
+def header(setting: dict) -> dict:
+    """The JSON's fields before the layers: benchmark, command, device, versions and ``setting``."""
+    return {
+        "benchmark": "commvq_encode_prune_cpu",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "device": platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "setting": setting,
+        "layers": {},
+    }
+
+
 def summary(counts, unions, practical, blocks: list[int]) -> dict:
     return {
         f"groups_{n}": {
@@ -126,19 +138,9 @@ def main() -> int:
         raise SystemExit("pass either --codebooks DIR or --random")
     if args.random:
         r, tables = random_problem(args.bits, args.heldout_tokens)
-        result = {
-            "benchmark": "commvq_encode_prune_cpu",
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "device": platform.processor() or "cpu",
-            "torch": torch.__version__,
-            "setting": {
-                "random": True,
-                "bits": args.bits,
-                "tokens": args.heldout_tokens,
-                "residuals": tables.residuals,
-            },
-            "layers": {"random": summary(*survivors(r, tables, args.groups, args.blocks), args.blocks)},
-        }
+        setting = {"random": True, "bits": args.bits, "tokens": args.heldout_tokens, "residuals": tables.residuals}
+        result = header(setting)
+        result["layers"]["random"] = summary(*survivors(r, tables, args.groups, args.blocks), args.blocks)
         atomic_write_json(args.output, result)
         print(result["layers"]["random"], flush=True)
         return 0
@@ -149,20 +151,15 @@ def main() -> int:
     if any(not 0 <= i < n_layers for i in args.layers):
         raise SystemExit(f"--layers must be in [0, {n_layers})")
     ids = corpus_tokens(tok, "pg_essays", split="heldout")[: args.heldout_tokens]
-    result = {
-        "benchmark": "commvq_encode_prune_cpu",
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "device": platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "setting": {
+    result = header(
+        {
             "model": args.model,
             "bits": args.bits,
             "heldout_tokens": int(ids.numel()),
             "codebooks": str(args.codebooks),
             "residuals": books.R,
-        },  # fmt: skip
-        "layers": {},
-    }
+        }
+    )
     for layer in args.layers:
         r, _ = prepare_keys(layer_keys(model, ids, layer, 2048), kv_heads)
         if books.layer_pair_weights(layer) is not None:

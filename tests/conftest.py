@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,3 +60,21 @@ def random_commvq_books():
         return CommVQCodebooks("random", bits, residuals, head_dim, layers, heads, theta, values=values)
 
     return make
+
+
+@pytest.fixture
+def sm90_probe():
+    """Run Python ``code`` (an offline sm_90 compile) in a process without the interpreter and return the JSON of its
+    last line; skip where this machine cannot compile for sm_90 (no ptxas)."""
+
+    def run(code: str):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+        if proc.returncode != 0:
+            if "ptxas" in proc.stderr or "cuda" in proc.stderr.lower():
+                pytest.skip(f"no sm_90 compile here: {proc.stderr[-300:]}")
+            raise AssertionError(proc.stderr[-2000:])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run

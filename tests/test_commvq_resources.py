@@ -95,15 +95,8 @@ print(json.dumps(out))
 """
 
 
-def test_encode_prefetch_compiles_to_l1_prefetches():
+def test_encode_prefetch_compiles_to_l1_prefetches(sm90_probe):
     """``encode_keys(prefetch=True)`` puts two ``prefetch.global.L1`` in the sm_90 PTX of the key search (the
     step's ``K^T`` and the scratch; not removed as dead code), the default none."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _PREFETCH_PROBE], capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode != 0:
-        if "ptxas" in proc.stderr or "cuda" in proc.stderr.lower():
-            pytest.skip(f"no sm_90 compile here: {proc.stderr[-300:]}")
-        raise AssertionError(proc.stderr[-2000:])
-    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    counts = sm90_probe(_PREFETCH_PROBE)
     assert counts["False"] == 0 and counts["True"] >= 2, counts  # K^T and scratch (one or more per thread each)
