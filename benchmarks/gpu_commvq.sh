@@ -48,7 +48,8 @@
 #   bash benchmarks/gpu_commvq.sh encode_asm  # the key search's candidate loop in PTX (encode_keys(asm_loop=True))
 #                                            # next to the Triton loop at 128k, 1 and 2 bits: the kernel alone on a
 #                                            # 32k chunk (tilings, unroll, prefetch, a register cap; codes checked
-#                                            # against the Triton loop's) and the whole layer (about 4 minutes)
+#                                            # against the Triton loop's) and the whole layer (about 6 minutes;
+#                                            # ENCODE_BITS="1": 1 bit only, about half)
 #   bash benchmarks/gpu_commvq.sh encode_h2  # the key search alone at 128k, 1 and 2 bits: the split search with
 #                                            # float16 sums (split_h2) next to the float32 one and the flat ieee
 #                                            # search (kernels only: no .gpu load needed)
@@ -159,7 +160,7 @@ encode_ncu)
   done
   ;;
 encode_asm)
-  python3 benchmarks/commvq_encode_dpx.py --sass --variants split_h2_half split_h2_half_asm split_dpx_half \
+  python3 benchmarks/commvq_encode_dpx.py --sass --bits ${ENCODE_BITS:-1 2} --variants split_h2_half split_h2_half_asm split_dpx_half \
     split_dpx_half_asm split_h2_half_asm_unroll8 split_h2_half_asm_prefetch split_h2_half_asm_bn32_w4 \
     split_h2_half_asm_bn32_w2 split_dpx_half_asm_bn32_w4 split_h2_half_asm_bn64_w8 split_h2_half_asm_bn32_w4_r168 \
     --layer-runs split_h2 split_h2_asm split_dpx split_dpx_asm split_h2_asm_bn32_w4 split_dpx_asm_bn32_w4 \
