@@ -601,6 +601,16 @@ if HAS_TRITON:
         return tl.load(wn_ptr + step * 64 + ks)[None, :] - 2.0 * tl.dot(res, w_t, input_precision=PRECISION)
 
     @triton.jit
+    def _split_f(rd, ud_ptr, un_ptr, base, step, js, cols, dmask, D: tl.constexpr, PRECISION: tl.constexpr):
+        """The paired searches' ``f_A = ||u_A||^2 - 2 r . u_A`` per row, for ``A < 32`` and ``A >= 32`` (float32
+        ``[rows, 32]`` each, the lanes' low and high halves)."""
+        u_lo = tl.load(ud_ptr + base + js[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
+        u_hi = tl.load(ud_ptr + base + (js[None, :] + 32) * D + cols[:, None], mask=dmask[:, None], other=0.0)
+        f_lo = tl.load(un_ptr + step * 64 + js)[None, :] - 2.0 * tl.dot(rd, u_lo, input_precision=PRECISION)
+        f_hi = tl.load(un_ptr + step * 64 + 32 + js)[None, :] - 2.0 * tl.dot(rd, u_hi, input_precision=PRECISION)
+        return f_lo, f_hi
+
+    @triton.jit
     def _finish_split_step(
         res, g, a_idx, k_ptr, u_ptr, w_ptr, step, ks, cols, dmask, out_row, r, prev, rmask, D: tl.constexpr,
         R: tl.constexpr,
@@ -693,21 +703,18 @@ if HAS_TRITON:
                 tl.debug_barrier()
                 if PREFETCH:  # the scratch rows just written (two lines a row), in L1 while the f dots run
                     _prefetch_l1(scr[:, None] + (tl.arange(0, 2) * 32)[None, :])
-                u_lo = tl.load(ud_ptr + base + js[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
-                u_hi = tl.load(ud_ptr + base + (js[None, :] + 32) * D + cols[:, None], mask=dmask[:, None], other=0.0)
-                f_lo = tl.load(un_ptr + step * 64 + js)[None, :] - 2.0 * tl.dot(rd, u_lo, input_precision=PRECISION)
-                f_hi = tl.load(un_ptr + step * 64 + 32 + js)[None, :] - 2.0 * tl.dot(
-                    rd, u_hi, input_precision=PRECISION
-                )
                 kt2 = kt2_ptr + step * 2048 + js  # row B of the packed K^T
                 if ASM_LOOP:  # the whole loop in PTX (candidate_loop_ptx), the minima back through the scratch
                     tl.inline_asm_elementwise(
                         LOOP_PTX, "=r,l,l,l", [grp, kt2_ptr + step * 2048 + lane, grp + 64 + lane], dtype=tl.int32,
                         is_pure=False, pack=1,
                     )  # fmt: skip
+                    # the f dots after the loop: their results are not held through it (fewer registers at its peak)
+                    f_lo, f_hi = _split_f(rd, ud_ptr, un_ptr, base, step, js, cols, dmask, D, PRECISION)
                     tl.debug_barrier()
                     m2 = tl.load(scr[:, None] + 64 + js[None, :])
                 else:
+                    f_lo, f_hi = _split_f(rd, ud_ptr, un_ptr, base, step, js, cols, dmask, D, PRECISION)
                     if WIDE_LANES:
                         # the first B's sums, from a 2D load of K^T's first row: that lays the running minima out four
                         # adjacent lanes a thread (sm_90: the loop's K^T loads become one 16-byte load per thread and B,
