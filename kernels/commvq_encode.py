@@ -49,9 +49,10 @@ def candidate_loop_ptx(rows: int, row_bytes: int, i16: bool = False, unroll: int
     ``$2`` the lane's entry in the step's packed ``K^T`` (rows of 128 bytes), ``$3`` where to write the first row's
     minimum (the others ``row_bytes`` apart); ``$0`` a dummy. Per ``unroll`` candidates ``B`` the thread loads its
     ``unroll`` ``K^T`` entries once and each row's ``g_B`` as 16-byte vectors, then runs one ``add.rn.f16x2`` and one
-    ``min.f16x2`` (``i16``: ``add.s16x2`` then ``min.s16x2``, one sm_90 ``VIADDMNMX``) per entry: ``rows + unroll /
-    4 * rows`` loads instead of the compiler's ``rows + 1`` per candidate. The same sums, in the same float16 (or
-    int16) arithmetic, as the Triton loop it replaces (minima do not depend on the order).
+    ``min.f16x2`` (``i16``: ``add.s16x2`` then ``min.s16x2``, one sm_90 ``VIADDMNMX``) per entry: ``unroll + rows *
+    unroll / 4`` loads per ``unroll`` candidates (20 for 4 candidates and 16 rows) instead of the compiler's ``unroll
+    * (rows + 1)`` (68). The same sums, in the same float16 (or int16) arithmetic, as the Triton loop it replaces
+    (minima do not depend on the order).
     """
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}.")
