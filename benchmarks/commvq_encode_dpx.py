@@ -68,8 +68,8 @@ VARIANTS = (
     ("split_h2_half_wide_prefetch", dict(search="split_h2", precision="half", wide_lanes=True, prefetch=True)),
     ("split_h2_half_unroll8_prefetch", dict(search="split_h2", precision="half", unroll=8, prefetch=True)),
     ("split_dpx_half_wide_prefetch", dict(search="split_dpx", precision="half", wide_lanes=True, prefetch=True)),
-    # the candidate loop in PTX (encode_keys(asm_loop=True)): each compared with its Triton-loop twin (same label
-    # without "_asm"), whose codes it must equal
+    # the candidate loop in PTX (encode_keys(asm_loop=True)): each compared with its Triton-loop twin (the label
+    # before "_asm": the same search and precision at the default tiling), whose codes it must equal
     ("split_h2_half_asm", dict(search="split_h2", precision="half", asm_loop=True)),
     ("split_dpx_half_asm", dict(search="split_dpx", precision="half", asm_loop=True)),
     ("split_h2_half_asm_unroll8", dict(search="split_h2", precision="half", asm_loop=True, unroll=8)),
@@ -285,7 +285,7 @@ def main() -> int:
     args.sass = args.sass or args.sass_only
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke and not args.sass_only:
-        raise SystemExit("no GPU: pass --smoke for a small run on the CPU (or only --sass with --smoke)")
+        raise SystemExit("no GPU: pass --smoke for a small run on the CPU, or --sass-only for the offline counts")
     n, chunk, reps = (256, 128, 1) if args.smoke else (args.tokens, args.chunk, args.reps)
     if chunk < 1 or n % chunk:
         raise SystemExit(f"--tokens ({n}) must be a positive multiple of --chunk ({chunk})")

@@ -388,6 +388,7 @@ def offline_sass(r: int, variant: str = "split_h2_half", row_norms: bool = False
     from pressroom.kernels.commvq_resources import kernel_resources_compiled
 
     opts = dict(variant_options(variant))
+    opts.pop("maxnreg", None)  # a launch option: the offline compile is without the cap
     search, precision = opts.pop("search"), opts.pop("precision")
     tiling = commvq_encode.encode_defaults(precision, search)
     tiling.update({k: opts.pop(k) for k in ("block_n", "num_warps") if k in opts})

@@ -104,6 +104,7 @@ def header(setting: dict) -> dict:
 
 
 def summary(counts, unions, practical, blocks: list[int]) -> dict:
+    """Per bound: the survivors' mean and percentiles, the block unions' means and the practical threshold's."""
     return {
         f"groups_{n}": {
             "mean": float(c.mean()),

@@ -196,5 +196,5 @@ train)
   tar czf - -C "$(dirname "$cb")" "$(basename "$cb")" | split -b 15m - "$out/commvq_codebooks.tgz.part-"
   ;;
 profile) python3 benchmarks/commvq_scores_profile.py --keep-csv --output "$out/commvq_scores_profile.json" ;;
-*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|needle_nll|refine|encode|encode_profile|encode_h2|keyside|pairs|window|train|profile" >&2; exit 2 ;;
+*) echo "usage: $0 decode|decode1|decode2|capacity|ppl|needles|ablation|needles_qa|needle_nll|refine|encode|encode_profile|encode_ncu|encode_asm|encode_h2|keyside|pairs|window|train|profile" >&2; exit 2 ;;
 esac

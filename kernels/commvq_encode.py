@@ -53,6 +53,27 @@ def candidate_loop_ptx(rows: int, row_bytes: int, i16: bool = False, unroll: int
     unroll / 4`` loads per ``unroll`` candidates (20 for 4 candidates and 16 rows) instead of the compiler's ``unroll
     * (rows + 1)`` (68). The same sums, in the same float16 (or int16) arithmetic, as the Triton loop it replaces
     (minima do not depend on the order).
+
+    Parameters
+    ----------
+    rows : int
+        Scratch rows a thread takes (``block_n / num_warps`` in the kernel).
+    row_bytes : int
+        Bytes from one scratch row to the next (``4 * SCRATCH_ASM`` in the kernel), a multiple of 16, at least 256.
+    i16 : bool
+        Signed int16 pairs (``"split_dpx"``) instead of float16 pairs.
+    unroll : int
+        Candidates per loop pass, a multiple of 4 dividing 64.
+
+    Returns
+    -------
+    str
+        The PTX, one scoped block (its registers local, its label unique per instance: ``${:uid}``).
+
+    Raises
+    ------
+    ValueError
+        For ``rows``, ``row_bytes`` or ``unroll`` outside those ranges.
     """
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}.")
@@ -808,6 +829,23 @@ def dpx_native(device: torch.device) -> bool:
     return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def ptx_loop_native(device: torch.device) -> bool:
+    """Whether ``asm_loop=True`` runs its PTX candidate loop on ``device``: an NVIDIA GPU of compute capability 8 or
+    more (``min.f16x2`` needs sm_80); elsewhere (ROCm, older GPUs, the CPU) the Triton loop runs."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _check_asm_loop(search: str, wide_lanes: bool, unroll: int, block_n: int, num_warps: int) -> None:
+    if search not in PAIRED_SEARCHES:
+        raise ValueError(f"asm_loop applies to the searches {PAIRED_SEARCHES}, not {search!r}.")
+    if wide_lanes:
+        raise ValueError("asm_loop sets its own lanes: pass wide_lanes=False with it.")
+    if unroll % 4:
+        raise ValueError(f"asm_loop loads g_B four candidates at a time: unroll must be a multiple of 4, got {unroll}.")
+    if block_n % num_warps:
+        raise ValueError(f"asm_loop splits block_n rows over num_warps: {block_n} % {num_warps} != 0.")
+
+
 def _check_maxnreg(maxnreg: int | None) -> None:
     if maxnreg is None:
         return
@@ -856,14 +894,8 @@ def encode_meta(
     _check_half(precision, search)
     if prefetch and search not in PAIRED_SEARCHES:
         raise ValueError(f"prefetch applies to the searches {PAIRED_SEARCHES}, not {search!r}.")
-    if asm_loop and search not in PAIRED_SEARCHES:
-        raise ValueError(f"asm_loop applies to the searches {PAIRED_SEARCHES}, not {search!r}.")
-    if asm_loop and wide_lanes:
-        raise ValueError("asm_loop sets its own lanes: pass wide_lanes=False with it.")
-    if asm_loop and unroll % 4:
-        raise ValueError(f"asm_loop loads g_B four candidates at a time: unroll must be a multiple of 4, got {unroll}.")
-    if asm_loop and block_n % num_warps:
-        raise ValueError(f"asm_loop splits block_n rows over num_warps: {block_n} % {num_warps} != 0.")
+    if asm_loop:
+        _check_asm_loop(search, wide_lanes, unroll, block_n, num_warps)
     # "half": float16 operands, exact products summed in float32 (the dot's input_precision does not apply)
     dot_precision = "ieee" if precision == "half" else precision
     meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION=dot_precision)
@@ -986,8 +1018,8 @@ def encode_keys(
         ``"split_h2"`` / ``"split_dpx"`` compiled for a GPU: the candidate loop as PTX (:func:`candidate_loop_ptx`):
         each thread takes one lane of ``block_n / num_warps`` consecutive rows and loads each row's ``g_B`` four
         candidates at a time (20 loads per 4 candidates and 16 rows, against the compiler's 68), the minima written
-        back through the scratch. The same sums and minima, so the same codes; under the interpreter (and
-        ``"split_dpx"`` without sm_90) the Triton loop runs. ``ValueError`` with ``wide_lanes``.
+        back through the scratch. The same sums and minima, so the same codes; under the interpreter, on ROCm, on
+        GPUs before sm_80 (:func:`ptx_loop_native`) and for ``"split_dpx"`` without sm_90 the Triton loop runs.
     maxnreg : int, optional
         Registers per thread the kernel may use (Triton's ``maxnreg`` launch option: the PTX ``.maxnreg``
         directive, NVIDIA only), a multiple of 8 from 24 to 248; ``None`` (default): the compiler's choice. For
@@ -1018,7 +1050,9 @@ def encode_keys(
     ValueError
         With ``"split_h2"``, if the codebooks or the keys' norms reach past the float16 range it sums in; with
         ``precision="half"`` and another search; with ``row_norms`` not ``[N]``; with ``maxnreg`` not ``None`` nor
-        a multiple of 8 from 24 to 248, or set for a launch on a ROCm build of PyTorch (an NVIDIA option).
+        a multiple of 8 from 24 to 248, or set for a launch on a ROCm build of PyTorch (an NVIDIA option); with
+        ``asm_loop`` and another search than ``"split_h2"`` / ``"split_dpx"``, with ``wide_lanes``, with ``unroll``
+        not a multiple of 4, or with ``block_n`` not a multiple of ``num_warps`` (on every path).
     """
     n, h, d, r = _check_encode(x, thetas)
     _check_maxnreg(maxnreg)
@@ -1035,6 +1069,8 @@ def encode_keys(
     dot_dtype = torch.float16 if precision == "half" else None
     block_n = chosen["block_n"] if block_n is None else block_n
     num_warps = chosen["num_warps"] if num_warps is None else num_warps
+    if asm_loop:  # on every path, so that a bad combination fails the same way on the CPU
+        _check_asm_loop(search, wide_lanes, unroll, block_n, num_warps)
     if out is None:
         out = torch.empty(n, h, code_bytes(r), dtype=torch.uint8, device=x.device)
     triton_path = resolve_use_triton(use_triton, x, out)
@@ -1070,6 +1106,8 @@ def encode_keys(
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
     native_dpx = search == "split_dpx" and dpx_native(x.device)
+    if asm_loop and not ptx_loop_native(x.device):  # the Triton loop (the same minima) where the PTX cannot run
+        asm_loop = False
     meta, (num_warps, num_stages) = encode_meta(
         d,
         r,
@@ -1136,6 +1174,7 @@ __all__ = [
     "encode_keys_reference",
     "encode_keys_split_h2_reference",
     "dpx_native",
+    "ptx_loop_native",
     "I16_SPAN",
     "PAIRED_SEARCHES",
     "candidate_loop_ptx",

@@ -65,15 +65,21 @@ def random_commvq_books():
 @pytest.fixture
 def sm90_probe():
     """Run Python ``code`` (an offline sm_90 compile) in a process without the interpreter and return the JSON of its
-    last line; skip where this machine cannot compile for sm_90 (no ptxas)."""
+    last line; skip where this machine has no ptxas (Triton's), fail on any other error."""
 
     def run(code: str):
+        try:  # skip only where there is no ptxas: a compile that fails (bad PTX) fails the test
+            from triton import knobs
+
+            ptxas = knobs.nvidia.ptxas.path
+        except Exception:
+            ptxas = None
+        if not ptxas or not os.path.exists(ptxas):
+            pytest.skip("no ptxas here: no sm_90 compile")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
         if proc.returncode != 0:
-            if "ptxas" in proc.stderr or "cuda" in proc.stderr.lower():
-                pytest.skip(f"no sm_90 compile here: {proc.stderr[-300:]}")
             raise AssertionError(proc.stderr[-2000:])
         return json.loads(proc.stdout.strip().splitlines()[-1])
 

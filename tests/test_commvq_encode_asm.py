@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pressroom.kernels.commvq_encode import SCRATCH_ASM, candidate_loop_ptx, encode_meta
+from pressroom.kernels.commvq_encode import SCRATCH_ASM, candidate_loop_ptx, encode_keys, encode_meta, normalize_keys
 from pressroom.kernels.f16x2 import pack_f16x2, pack_i16x2, unpack_f16x2, unpack_i16x2
 
 ADDR = re.compile(r"\[(\$?\w+)\+(\d+)\]")
@@ -90,18 +90,25 @@ def emulate(ptx: str, mem: np.ndarray, operands: dict) -> None:
             raise AssertionError(f"the emulator does not know {ln!r}")
 
 
-@pytest.mark.parametrize(("i16", "unroll"), [(False, 4), (True, 4), (False, 8)])
-def test_ptx_loop_gives_the_minima_of_the_triton_loop(i16: bool, unroll: int):
+@pytest.mark.parametrize(
+    ("i16", "unroll", "values"),
+    [(False, 4, "signed"), (True, 4, "signed"), (False, 8, "signed"), (False, 4, "positive"), (True, 4, "positive")],
+)
+def test_ptx_loop_gives_the_minima_of_the_triton_loop(i16: bool, unroll: int, values: str):
     """Per row and half: ``min_B (K^T[B, lane] + g[row, B])`` in float16 (int16 wrapping) arithmetic, written back
-    ``row_bytes`` apart: what the Triton loop computes, for rows of another lane and scratch row width."""
+    ``row_bytes`` apart: what the Triton loop computes, for rows of another lane and scratch row width; all sums
+    positive too (the minima start at the +inf / int16 max of the Triton loop, not at 0)."""
     torch.manual_seed(unroll + i16)
     rows, row_bytes, lane = 3, 4 * SCRATCH_ASM, 5
+    low = 1 if values == "positive" else -9000
     if i16:
-        g = torch.randint(-9000, 9000, (rows, 64, 2))
-        kt = torch.randint(-9000, 9000, (64, 32, 2))
+        g = torch.randint(low, 9000, (rows, 64, 2))
+        kt = torch.randint(low, 9000, (64, 32, 2))
     else:
         g = torch.randn(rows, 64, 2).half().float()
         kt = torch.randn(64, 32, 2).half().float()
+        if values == "positive":
+            g, kt = g.abs() + 1.0, kt.abs() + 1.0
     # the scratch (rows of row_bytes: 64 packed g_B, then the minima at entry 64 + lane) and K^T after it
     scr = np.zeros(rows * row_bytes + 64 * 128, dtype=np.uint8)
     words = scr.view(np.uint32)
@@ -139,10 +146,18 @@ def test_ptx_loop_and_launch_argument_checks():
         encode_meta(128, 11, 64, 4, 1, "split_h2", "half", unroll=2, asm_loop=True)
     with pytest.raises(ValueError, match="block_n rows over num_warps"):
         encode_meta(128, 11, 16, 32, 1, "split_h2", "half", asm_loop=True)
+    # the same checks off Triton (the PyTorch path), where the option itself has no effect
+    x, _ = normalize_keys(torch.randn(1, 2, 8, 16))
+    theta = torch.randn(2, 3, 128, 8) * 0.2
+    with pytest.raises(ValueError, match="wide_lanes=False"):
+        encode_keys(x[0], theta, use_triton=False, precision="half", wide_lanes=True, asm_loop=True)
+    with pytest.raises(ValueError, match="asm_loop applies to the searches"):
+        encode_keys(x[0], theta, use_triton=False, asm_loop=True)  # the flat search of "ieee"
 
 
 _ASM_PROBE = """
-import json, re
+import json, os, re, subprocess, tempfile
+from triton import knobs
 from pressroom.kernels import commvq_encode
 from pressroom.kernels.commvq_resources import _cubin_usage, kernel_resources_compiled
 half = {k: "*fp16" for k in ("ud_ptr", "wd_ptr", "u_ptr", "w_ptr")}
@@ -154,6 +169,15 @@ for search in ("split_h2", "split_dpx"):
     ptx = c.asm["ptx"]
     out[search] = dict(meta_rows=meta.get("ASM_ROWS"), labels=len(re.findall(r"^\\s*CL\\d+:", ptx, re.M)),
                        v4=ptx.count("ld.global.v4.b32 {clx0"), **_cubin_usage(c.asm["cubin"]))
+    with tempfile.TemporaryDirectory() as tmp:  # the SASS, where cuobjdump is
+        path = os.path.join(tmp, "k.cubin")
+        open(path, "wb").write(c.asm["cubin"])
+        try:
+            sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True).stdout
+        except Exception:
+            sass = ""
+    ops = re.findall(r"\\*/\\s+(?:@!?U?P\\w+\\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    out[search]["sass"] = {op: sum(o.split(".")[0] == op for o in ops) for op in ("HMNMX2", "VHMNMX", "VIADDMNMX")}
 print(json.dumps(out))
 """
 
@@ -165,4 +189,28 @@ def test_asm_loop_compiles_for_sm90(sm90_probe):
     for search, row in got.items():
         assert row["meta_rows"] == 16 and row["labels"] == 1 and row["v4"] == 16, (search, row)
         if "stack_bytes" in row:
-            assert row["regs"] <= 255 and row["stack_bytes"] <= 64, (search, row)
+            assert row["stack_bytes"] <= 64, (search, row)
+        ops = row["sass"]
+        if any(ops.values()):  # cuobjdump was there: the loop's 64 minima per pass, fused as ptxas likes
+            if search == "split_dpx":
+                assert ops["VIADDMNMX"] == 64, ops
+            else:
+                assert ops["HMNMX2"] + 2 * ops["VHMNMX"] == 64 and ops["VIADDMNMX"] == 0, ops
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("search", ["split_h2", "split_dpx"])
+@pytest.mark.parametrize(("block_n", "num_warps"), [(64, 4), (32, 2), (64, 8), (32, 8)])
+def test_asm_loop_equals_the_triton_loop_on_a_gpu(search: str, block_n: int, num_warps: int):
+    """On a GPU that runs the PTX loop: the same codes as the Triton loop, at 16, 8 and 4 rows a thread."""
+    from pressroom.kernels.commvq_encode import dpx_native, ptx_loop_native
+
+    device = torch.device("cuda")
+    if not ptx_loop_native(device) or (search == "split_dpx" and not dpx_native(device)):
+        pytest.skip("this GPU runs the Triton loop")
+    g = torch.Generator().manual_seed(block_n + num_warps)
+    theta = (torch.randn(4, 5, 128, 64, generator=g) * 0.1).half().float().to(device)
+    x, _ = normalize_keys(torch.randn(1, 4, 1000, 128, generator=g).to(device))
+    kw = dict(use_triton=True, search=search, precision="half", block_n=block_n, num_warps=num_warps)
+    kw["key_norm_bound"] = 1.0
+    assert torch.equal(encode_keys(x[0], theta, **kw, asm_loop=True), encode_keys(x[0], theta, **kw))
