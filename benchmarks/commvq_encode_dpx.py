@@ -98,6 +98,14 @@ LAYER_RUNS = (
     ("split_dpx_asm_bn32_w4", dict(search="split_dpx", asm_loop=True, block_n=32, num_warps=4), False),
 )
 DEFAULT_LAYER_RUNS = ("split_h2", "split_dpx", "split_h2_value_prep_pytorch")
+
+
+def twin_of(label: str) -> str | None:
+    """The Triton-loop twin of a PTX-loop label (the label before ``_asm``), whose codes it must equal; ``None``
+    for the others."""
+    return label.split("_asm")[0] if "_asm" in label else None
+
+
 LOOP_OPS = ("HADD2", "HMNMX2", "VIADDMNMX")
 
 
@@ -134,7 +142,7 @@ def loop_counts(variant: str, r: int) -> dict:
     loop, rest = info["loop"], info["regions"]["step_loop_rest"]["instructions"]
     opts = dict(VARIANTS)[variant]
     passes = 64 // opts.get("unroll", 4)
-    tiling = encode_defaults(opts["precision"], opts["search"])
+    tiling = dict(encode_defaults(opts["precision"], opts["search"]), **opts)  # the variant's tiling, if it has one
     return dict(
         loop_opcodes=loop["opcodes"],
         loop_instructions=loop["instructions"],
@@ -188,7 +196,7 @@ def measure(
             continue
         first = out.clone() if first is None else first
         codes_by_label[label] = out.clone()
-        twin = label.split("_asm")[0] if "_asm" in label else None
+        twin = twin_of(label)
         if twin in codes_by_label:  # the PTX loop against the Triton loop of the same search and precision
             opts = dict(opts, rows_equal_to_twin=(out == codes_by_label[twin]).all(-1).float().mean().item(), twin=twin)
         rows[label] = dict(
@@ -235,8 +243,8 @@ def measure(
         if label != first:
             layer_rows[label]["rows_equal_to_first"] = (codes[label] == codes[first]).all(-1).float().mean().item()
     for label in codes:  # a PTX loop's codes against its Triton-loop twin's
-        twin = label.split("_asm")[0]
-        if twin != label and twin in codes:
+        twin = twin_of(label)
+        if twin in codes:
             layer_rows[label].update(
                 twin=twin, rows_equal_to_twin=(codes[label] == codes[twin]).all(-1).float().mean().item()
             )

@@ -83,11 +83,12 @@ def survivors(
 def random_problem(bits: int, tokens: int) -> tuple[torch.Tensor, KeyTables]:
     """The GPU encode benchmarks' problem (``commvq_encode_dpx.py``): random float16-exact codebooks for 8 KV heads
     of head_dim 128 and random keys normalized over the token's heads, as ``r [H, N, D]`` and its tables."""
-    heads, d, r = 8, 128, {1: 11, 2: 21}[bits]
+    from commvq_encode_dpx import D, H, RESIDUALS
+
     g = torch.Generator().manual_seed(bits)
-    theta = (torch.randn(heads, r, 128, d // 2, generator=g) * 0.1).half().float()
-    raw = torch.randn(tokens, heads, d, generator=g)
-    x = torch.nn.functional.normalize(raw.flatten(1), dim=-1).view(tokens, heads, d)
+    theta = (torch.randn(H, RESIDUALS[bits], 128, D // 2, generator=g) * 0.1).half().float()
+    raw = torch.randn(tokens, H, D, generator=g)
+    x = torch.nn.functional.normalize(raw.flatten(1), dim=-1).view(tokens, H, D)
     return x.transpose(0, 1).contiguous(), KeyTables(theta)
 
 
