@@ -83,7 +83,7 @@ def survivors(
 def random_problem(bits: int, tokens: int) -> tuple[torch.Tensor, KeyTables]:
     """The GPU encode benchmarks' problem (``commvq_encode_dpx.py``): random float16-exact codebooks for 8 KV heads
     of head_dim 128 and random keys normalized over the token's heads, as ``r [H, N, D]`` and its tables."""
-    from commvq_encode_dpx import D, H, RESIDUALS
+    from commvq_encode_dpx import RESIDUALS, D, H
 
     g = torch.Generator().manual_seed(bits)
     theta = (torch.randn(H, RESIDUALS[bits], 128, D // 2, generator=g) * 0.1).half().float()
