@@ -450,9 +450,9 @@ class CommVQLayer(_CommVQLayerBase):
                 else:
                     logits, prescale = self.codec.logits(v)
                 # the arg-max choices as packed bytes and bits in one pass (a Triton kernel on CUDA)
-                packed, bits = value_codes(
-                    logits, torch.uint8 if self.value_refine else self.codec.embedding.dtype, self._triton
-                )
+                # the bits as the postscale matmul takes them: bfloat16 under "half" (no cast of a float32 copy)
+                matmul_dtype = torch.bfloat16 if self.encode_precision == "half" else self.codec.embedding.dtype
+                packed, bits = value_codes(logits, torch.uint8 if self.value_refine else matmul_dtype, self._triton)
                 del logits
                 if not self.value_refine:  # the decoded direction's norm: a [m, bits] x [bits, D] matmul too
                     post = self.codec.postscale(bits)

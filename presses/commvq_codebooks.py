@@ -155,9 +155,17 @@ class ValueCodec(nn.Module):
         return choices_to_bits(choice)
 
     def postscale(self, bits: torch.Tensor) -> torch.Tensor:
-        """Norm of ``bits @ embedding`` ``[..., 1]`` (the decoded direction is divided by it), taken in float32 (the
-        product may be bfloat16 under autocast)."""
-        return torch.linalg.vector_norm((bits.to(self.embedding.dtype) @ self.embedding).float(), dim=-1, keepdim=True)
+        """Norm of ``bits @ embedding`` ``[..., 1]`` (the decoded direction is divided by it), taken in float32.
+
+        ``bits`` (0/1) in any dtype; under autocast, floating-point bits already in the autocast dtype go to the
+        matmul as they are (the cache's ``encode_precision="half"`` asks :func:`value_codes` for bfloat16 bits), so
+        neither a cast of the bits nor a float32 copy of the product is made: the norm reads the (bfloat16) product
+        and sums in float32, outside autocast (which would cast its input to float32 first)."""
+        device = bits.device.type
+        autocast = torch.is_autocast_enabled(device) and bits.dtype == torch.get_autocast_dtype(device)
+        prod = (bits if autocast else bits.to(self.embedding.dtype)) @ self.embedding
+        with torch.autocast(device, enabled=False):
+            return torch.linalg.vector_norm(prod, dim=-1, keepdim=True, dtype=torch.float32)
 
     def decode(self, bits: torch.Tensor, prescale: torch.Tensor) -> torch.Tensor:
         """Values ``[..., feat_dim]`` from bits ``[..., 2 n_e]`` and ``prescale [..., 1]``."""

@@ -226,6 +226,23 @@ def test_value_codec_bits_and_decode():
     assert ValueCodec.argmax_to_bits(torch.tensor([0, 1, 2, 3])).tolist() == [1, 0, 0, 1, 1, 1, 0, 0]
 
 
+def test_postscale_takes_bits_in_any_dtype_and_under_autocast():
+    # the cache's "half" encode hands bfloat16 bits to the postscale under bfloat16 autocast: the same float32 norms
+    # as float32 bits there, and as uint8 bits outside autocast (the float32 matmul)
+    torch.manual_seed(7)
+    codec = ValueCodec(feat_dim=64, bits=1)
+    bits = torch.rand(50, 64) > 0.5
+    with torch.no_grad():
+        exact = torch.linalg.vector_norm(bits.float() @ codec.embedding, dim=-1, keepdim=True)
+        assert torch.equal(codec.postscale(bits.to(torch.uint8)), exact)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = torch.linalg.vector_norm((bits.float() @ codec.embedding).float(), dim=-1, keepdim=True)
+            got = codec.postscale(bits.to(torch.bfloat16))
+            assert got.dtype == torch.float32 and torch.equal(got, want)
+            assert torch.equal(codec.postscale(bits.float()), want)
+    torch.testing.assert_close(got, exact, rtol=2e-2, atol=0)  # the bfloat16 product
+
+
 def _reference_m_step(r: torch.Tensor, centers: torch.Tensor, temperature: float) -> torch.Tensor:
     # The reference's E_step + M_step (quantize_key_cache.py) written out: cdist, softmax, weighted means, inv.
     p = torch.softmax(-torch.cdist(r, centers) / temperature, dim=1)
