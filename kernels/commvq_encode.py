@@ -633,6 +633,37 @@ if HAS_TRITON:
         return f_lo, f_hi
 
     @triton.jit
+    def _split_f_halves(rd, ud_ptr, un_ptr, base, step, ks, cols, dmask, D: tl.constexpr, PRECISION: tl.constexpr):
+        """The same ``f_A`` in one ``[rows, 64]`` tile, in the order of the packed lanes' halves in memory (half
+        ``c`` holds ``A = c // 2 + 32 (c % 2)``), and that order ``a_of``."""
+        a_of = ks // 2 + 32 * (ks % 2)
+        u_t = tl.load(ud_ptr + base + a_of[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
+        return tl.load(un_ptr + step * 64 + a_of)[None, :] - 2.0 * tl.dot(rd, u_t, input_precision=PRECISION), a_of
+
+    @triton.jit
+    def _minima_start(BLOCK_N: tl.constexpr, I16: tl.constexpr):
+        """The paired searches' running minima before the first ``B`` (``[rows, 32]`` int32 lanes): +inf in both
+        float16 halves, or (``I16``) the int16 maximum, above every sum."""
+        if I16:
+            return tl.full((BLOCK_N, 32), 0x7FFF7FFF, tl.int32)
+        else:
+            return tl.full((BLOCK_N, 32), 0x7C007C00, tl.int32)
+
+    @triton.jit
+    def _candidate_minima(m2, scr, kt2, UNROLL: tl.constexpr, I16: tl.constexpr, NATIVE: tl.constexpr):
+        """The paired searches' candidate loop in Triton: ``m2`` lowered, per row and packed lane, to the minimum over
+        ``B`` of ``K^T[B] + g_B`` (``g_B`` from the row's scratch, packed ``K^T`` rows from ``kt2``)."""
+        for b0 in range(0, 64, UNROLL):
+            for j in tl.static_range(UNROLL):
+                gb2 = tl.load(scr + b0 + j)
+                kb2 = tl.load(kt2 + (b0 + j) * 32)[None, :]
+                if I16:
+                    m2 = _viaddmin2(kb2, gb2[:, None], m2, NATIVE)
+                else:
+                    m2 = _hmin2(m2, _hadd2(kb2, gb2[:, None], NATIVE), NATIVE)
+        return m2
+
+    @triton.jit
     def _finish_split_step(
         res, g, a_idx, k_ptr, u_ptr, w_ptr, step, ks, cols, dmask, out_row, r, prev, rmask, D: tl.constexpr,
         R: tl.constexpr,
@@ -679,6 +710,7 @@ if HAS_TRITON:
         I16: tl.constexpr = False,
         PREFETCH: tl.constexpr = False,
         ASM_LOOP: tl.constexpr = False,
+        ASM_PTX: tl.constexpr = False,
         ASM_ROWS: tl.constexpr = 16,
         LOOP_PTX: tl.constexpr = "",
         SCR_W: tl.constexpr = 64,
@@ -722,19 +754,34 @@ if HAS_TRITON:
                     gpack = _f16_pack(g16, g16)
                 tl.debug_barrier()  # the previous step's reads of the scratch are done
                 tl.store(scr[:, None] + ks[None, :], gpack)
+                if ASM_LOOP:  # g_B kept in the scratch (entries 96..159), not in registers through the loop
+                    tl.store((scr + 96).to(tl.pointer_type(tl.float32))[:, None] + ks[None, :], g)
                 tl.debug_barrier()
                 if PREFETCH:  # the scratch rows just written (two lines a row), in L1 while the f dots run
                     _prefetch_l1(scr[:, None] + (tl.arange(0, 2) * 32)[None, :])
                 kt2 = kt2_ptr + step * 2048 + js  # row B of the packed K^T
-                if ASM_LOOP:  # the whole loop in PTX (candidate_loop_ptx), the minima back through the scratch
-                    tl.inline_asm_elementwise(
-                        LOOP_PTX, "=r,l,l,l", [grp, kt2_ptr + step * 2048 + lane, grp + 64 + lane], dtype=tl.int32,
-                        is_pure=False, pack=1,
-                    )  # fmt: skip
-                    # the f dots after the loop: their results are not held through it (fewer registers at its peak)
-                    f_lo, f_hi = _split_f(rd, ud_ptr, un_ptr, base, step, js, cols, dmask, D, PRECISION)
-                    tl.debug_barrier()
-                    m2 = tl.load(scr[:, None] + 64 + js[None, :])
+                if ASM_LOOP:  # the minima through the scratch, then A picked from them in one pass over 64
+                    if ASM_PTX:  # the whole loop in PTX (candidate_loop_ptx)
+                        tl.inline_asm_elementwise(
+                            LOOP_PTX, "=r,l,l,l", [grp, kt2_ptr + step * 2048 + lane, grp + 64 + lane],
+                            dtype=tl.int32, is_pure=False, pack=1,
+                        )  # fmt: skip
+                    else:  # no PTX here (the interpreter, ROCm, GPUs before sm_80): the Triton loop, stored as it
+                        m2 = _candidate_minima(_minima_start(BLOCK_N, I16), scr, kt2, UNROLL, I16, NATIVE)
+                        tl.store(scr[:, None] + 64 + js[None, :], m2)
+                    # the f dot after the loop (its result is not held through it: fewer registers at its peak), in
+                    # the order of the minima's halves in memory
+                    f, a_of = _split_f_halves(rd, ud_ptr, un_ptr, base, step, ks, cols, dmask, D, PRECISION)
+                    tl.debug_barrier()  # the minima written (by other threads)
+                    if I16:
+                        mh = tl.load((scr + 64).to(tl.pointer_type(tl.int16))[:, None] + ks[None, :])
+                        t = mh.to(tl.float32) * tl.load(qs_ptr + step * 3) + f
+                    else:
+                        mh = tl.load((scr + 64).to(tl.pointer_type(tl.float16))[:, None] + ks[None, :])
+                        t = mh.to(tl.float32) + f
+                    vmin = tl.min(t, axis=1)
+                    a_idx = tl.min(tl.where(t == vmin[:, None], a_of[None, :], 64), axis=1)  # first A of the minimum
+                    g = tl.load((scr + 96).to(tl.pointer_type(tl.float32))[:, None] + ks[None, :])
                 else:
                     f_lo, f_hi = _split_f(rd, ud_ptr, un_ptr, base, step, js, cols, dmask, D, PRECISION)
                     if WIDE_LANES:
@@ -746,32 +793,23 @@ if HAS_TRITON:
                             m2 = _viaddmin2(first, tl.load(scr)[:, None], 0x7FFF7FFF, NATIVE)
                         else:
                             m2 = _hadd2(first, tl.load(scr)[:, None], NATIVE)
-                    elif I16:  # int16 max in both halves, above every sum
-                        m2 = tl.full((BLOCK_N, 32), 0x7FFF7FFF, tl.int32)
-                    else:  # +inf in both halves, the compiler's default layout (one lane a thread)
-                        m2 = tl.full((BLOCK_N, 32), 0x7C007C00, tl.int32)
-                    for b0 in range(0, 64, UNROLL):
-                        for j in tl.static_range(UNROLL):
-                            gb2 = tl.load(scr + b0 + j)
-                            kb2 = tl.load(kt2 + (b0 + j) * 32)[None, :]
-                            if I16:
-                                m2 = _viaddmin2(kb2, gb2[:, None], m2, NATIVE)
-                            else:
-                                m2 = _hmin2(m2, _hadd2(kb2, gb2[:, None], NATIVE), NATIVE)
-                if I16:
-                    q_scale = tl.load(qs_ptr + step * 3)
-                    qi_lo, qi_hi = _i16_halves(m2)
-                    t_lo = qi_lo.to(tl.float32) * q_scale + f_lo
-                    t_hi = qi_hi.to(tl.float32) * q_scale + f_hi
-                else:
-                    m_lo, m_hi = _f16_halves(m2)
-                    t_lo = m_lo.to(tl.float32) + f_lo
-                    t_hi = m_hi.to(tl.float32) + f_hi
-                vmin = tl.minimum(tl.min(t_lo, axis=1), tl.min(t_hi, axis=1))
-                a_idx = tl.minimum(
-                    tl.min(tl.where(t_lo == vmin[:, None], js[None, :], 64), axis=1),
-                    tl.min(tl.where(t_hi == vmin[:, None], js[None, :] + 32, 64), axis=1),
-                )
+                    else:  # the compiler's default layout (one lane a thread)
+                        m2 = _minima_start(BLOCK_N, I16)
+                    m2 = _candidate_minima(m2, scr, kt2, UNROLL, I16, NATIVE)
+                    if I16:
+                        q_scale = tl.load(qs_ptr + step * 3)
+                        qi_lo, qi_hi = _i16_halves(m2)
+                        t_lo = qi_lo.to(tl.float32) * q_scale + f_lo
+                        t_hi = qi_hi.to(tl.float32) * q_scale + f_hi
+                    else:
+                        m_lo, m_hi = _f16_halves(m2)
+                        t_lo = m_lo.to(tl.float32) + f_lo
+                        t_hi = m_hi.to(tl.float32) + f_hi
+                    vmin = tl.minimum(tl.min(t_lo, axis=1), tl.min(t_hi, axis=1))
+                    a_idx = tl.minimum(
+                        tl.min(tl.where(t_lo == vmin[:, None], js[None, :], 64), axis=1),
+                        tl.min(tl.where(t_hi == vmin[:, None], js[None, :] + 32, 64), axis=1),
+                    )
                 res, prev = _finish_split_step(
                     res, g, a_idx, k_ptr, u_ptr, w_ptr, step, ks, cols, dmask, out_row, r, prev, rmask, D, R
                 )
@@ -792,8 +830,9 @@ _TILINGS = {
     "split_h2": (64, 4),
     "split_dpx": (64, 4),
 }
-# scratch entries a row with asm_loop: the 64 packed g_B, then the 32 minima the PTX loop writes back
-SCRATCH_ASM = 96
+# scratch entries a row with asm_loop: the 64 packed g_B, the 32 packed minima the loop writes back (entries 64..95),
+# then the 64 float32 g_B that pick B (96..159), kept there instead of in registers through the loop
+SCRATCH_ASM = 160
 # the searches that run the split kernel with packed pairs (float16 or int16 sums)
 PAIRED_SEARCHES = ("split_h2", "split_dpx")
 
@@ -877,14 +916,17 @@ def encode_meta(
     native_dpx: bool = True,
     prefetch: bool = False,
     asm_loop: bool = False,
+    native_ptx: bool = True,
 ) -> tuple[dict, tuple]:
     """The encode kernel's constexprs and ``(num_warps, num_stages)`` for head dim ``d`` and ``r`` residuals (what
     :func:`encode_keys` launches; :mod:`pressroom.kernels.commvq_resources` compiles exactly this). ``native_dpx``:
     ``"split_dpx"``'s fused add-min as sm_90 PTX (``add.s16x2`` / ``min.s16x2``, which need sm_90); ``False``
     compiles the same arithmetic from 32-bit integer operations (older GPUs). ``prefetch``: the paired searches'
-    L1 prefetch of each step's ``K^T`` and scratch (:func:`encode_keys`). ``asm_loop``: their candidate loop as PTX
-    (:func:`candidate_loop_ptx`, ``block_n / num_warps`` rows a thread), where the launch compiles PTX (``NATIVE``);
-    the Triton loop otherwise (the interpreter, ``"split_dpx"`` without sm_90)."""
+    L1 prefetch of each step's ``K^T`` and scratch (:func:`encode_keys`). ``asm_loop``: their end of a step through
+    the scratch (:data:`SCRATCH_ASM` entries a row) and their candidate loop as PTX (:func:`candidate_loop_ptx`,
+    ``block_n / num_warps`` rows a thread) where the launch compiles PTX (``NATIVE``) and ``native_ptx`` (the GPU
+    runs it: :func:`ptx_loop_native`); the Triton loop, its minima stored where the PTX stores them, otherwise (the
+    interpreter, ROCm, GPUs before sm_80, ``"split_dpx"`` without sm_90)."""
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}.")
     if precision not in PRECISIONS:
@@ -905,10 +947,12 @@ def encode_meta(
         meta.update(UNROLL=unroll)
         if search in PAIRED_SEARCHES:
             native = not triton_interpreted() and (search == "split_h2" or bool(native_dpx))
-            if asm_loop and native:  # the minima go back through 32 more scratch entries a row (96 in all)
-                rows = block_n // num_warps
-                ptx = candidate_loop_ptx(rows, 4 * SCRATCH_ASM, i16=search == "split_dpx", unroll=unroll)
-                meta.update(ASM_LOOP=True, ASM_ROWS=rows, LOOP_PTX=ptx, SCR_W=SCRATCH_ASM)
+            if asm_loop:  # the minima and the float32 g_B go through 96 more scratch entries a row (160 in all)
+                meta.update(ASM_LOOP=True, SCR_W=SCRATCH_ASM)
+                if native and native_ptx:  # the PTX loop, one lane of block_n / num_warps rows a thread
+                    rows = block_n // num_warps
+                    ptx = candidate_loop_ptx(rows, 4 * SCRATCH_ASM, i16=search == "split_dpx", unroll=unroll)
+                    meta.update(ASM_PTX=True, ASM_ROWS=rows, LOOP_PTX=ptx)
             meta.update(
                 NATIVE=native,
                 WIDE_LANES=bool(wide_lanes),
@@ -1018,8 +1062,12 @@ def encode_keys(
         ``"split_h2"`` / ``"split_dpx"`` compiled for a GPU: the candidate loop as PTX (:func:`candidate_loop_ptx`):
         each thread takes one lane of ``block_n / num_warps`` consecutive rows and loads each row's ``g_B`` four
         candidates at a time (20 loads per 4 candidates and 16 rows, against the compiler's 68), the minima written
-        back through the scratch. The same sums and minima, so the same codes; under the interpreter, on ROCm, on
-        GPUs before sm_80 (:func:`ptx_loop_native`) and for ``"split_dpx"`` without sm_90 the Triton loop runs.
+        back through the scratch. After the loop, on every path, the step reads the minima back as 64 float16 (or
+        int16) halves and picks ``A`` in one pass over them, against one ``[rows, 64]`` ``f`` dot in their order, and
+        ``B`` from the float32 ``g_B`` it kept in the scratch (no registers held through the loop; offline sm_90
+        counts: ``benchmarks/results/commvq_encode_asm_sass.json``). The same sums and minima, so the same codes;
+        under the interpreter, on ROCm, on GPUs before sm_80 (:func:`ptx_loop_native`) and for ``"split_dpx"``
+        without sm_90 the Triton loop runs, its minima stored where the PTX stores them.
     maxnreg : int, optional
         Registers per thread the kernel may use (Triton's ``maxnreg`` launch option: the PTX ``.maxnreg``
         directive, NVIDIA only), a multiple of 8 from 24 to 248; ``None`` (default): the compiler's choice. For
@@ -1106,8 +1154,6 @@ def encode_keys(
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
     native_dpx = search == "split_dpx" and dpx_native(x.device)
-    if asm_loop and not ptx_loop_native(x.device):  # the Triton loop (the same minima) where the PTX cannot run
-        asm_loop = False
     meta, (num_warps, num_stages) = encode_meta(
         d,
         r,
@@ -1123,6 +1169,7 @@ def encode_keys(
         native_dpx,
         prefetch,
         asm_loop,
+        ptx_loop_native(x.device),  # elsewhere the Triton loop, its minima through the scratch as well
     )
     strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
     n_blocks = triton.cdiv(n, block_n)

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from pressroom.kernels.commvq_encode import SCRATCH_ASM, candidate_loop_ptx, encode_keys, encode_meta, normalize_keys
+from pressroom.kernels.commvq_codebook import additive_parts
+from pressroom.kernels.commvq_encode import (
+    SCRATCH_ASM,
+    candidate_loop_ptx,
+    encode_keys,
+    encode_keys_split_h2_reference,
+    encode_meta,
+    normalize_keys,
+    unpack_codes12,
+)
 from pressroom.kernels.f16x2 import pack_f16x2, pack_i16x2, unpack_f16x2, unpack_i16x2
 
 ADDR = re.compile(r"\[(\$?\w+)\+(\d+)\]")
@@ -153,6 +162,27 @@ def test_ptx_loop_and_launch_argument_checks():
         encode_keys(x[0], theta, use_triton=False, precision="half", wide_lanes=True, asm_loop=True)
     with pytest.raises(ValueError, match="asm_loop applies to the searches"):
         encode_keys(x[0], theta, use_triton=False, asm_loop=True)  # the flat search of "ieee"
+
+
+@pytest.mark.parametrize("search", ["split_h2", "split_dpx"])
+def test_asm_loop_path_equals_the_reference_with_exact_ties(search: str):
+    """``asm_loop=True`` off the PTX (here: the interpreter) runs the Triton loop but the PTX path's end of a step: the
+    minima through the scratch, ``A`` picked from its 64 halves in memory order (half ``c`` holds ``A = c // 2 + 32
+    (c % 2)``), ``g_B`` reloaded from the scratch for ``B``. The same codes as the reference, and on an exact tie
+    between ``A = 1`` (half 2) and ``A = 32`` (half 1) the first ``A``, not the first half."""
+    g = torch.Generator().manual_seed(11)
+    theta = (torch.randn(1, 2, 128, 64, generator=g) * 0.1).half().float()
+    theta[:, :, 64:66] = theta[:, :, 2:4]  # u_32 = u_1 (and w_32 = w_1)
+    u, w = additive_parts(theta)
+    x, _ = normalize_keys(torch.randn(1, 1, 40, 128, generator=g))
+    x = x[0].clone()
+    x[:8, 0] = u[0, 0, 1] + w[0, 0, 0]  # centre (1, 0) = centre (32, 0) exactly: a tie at distance 0
+    kw = dict(search=search, precision="half", key_norm_bound=2.0, block_n=16, num_warps=4)
+    got = encode_keys(x, theta, use_triton=True, asm_loop=True, **kw)
+    want = encode_keys_split_h2_reference(x, theta, None, torch.float16, "i16" if search == "split_dpx" else "f16", 2.0)
+    assert torch.equal(got, want)
+    assert (unpack_codes12(got, 2)[:8, 0, 0] == 64).all()  # A = 1, B = 0
+    assert torch.equal(got, encode_keys(x, theta, use_triton=True, **kw))
 
 
 _ASM_PROBE = """
