@@ -86,6 +86,13 @@ VARIANTS = (
         dict(search="split_h2", precision="half", asm_loop=True, block_n=32, num_warps=4, maxnreg=168),
     ),
     ("split_h2_half_asm_bn128_w8", dict(search="split_h2", precision="half", asm_loop=True, block_n=128, num_warps=8)),
+    # more resident programs an SM (offline sm_90: 126 registers at 16 rows and 4 warps, no spill: four programs;
+    # 8 warps at 128 registers: two programs of 8 warps, 256 bytes of spill)
+    ("split_h2_half_asm_bn16_w4", dict(search="split_h2", precision="half", asm_loop=True, block_n=16, num_warps=4)),
+    (
+        "split_h2_half_asm_bn64_w8_r128",
+        dict(search="split_h2", precision="half", asm_loop=True, block_n=64, num_warps=8, maxnreg=128),
+    ),
 )
 # (label, encode_keys options, value encoder input in PyTorch) of the whole layer's runs: the first is the reference
 # of the equal-rows share; split_h2_value_prep_pytorch is the path before pressroom.kernels.commvq_value_prep
@@ -99,6 +106,8 @@ LAYER_RUNS = (
     ("split_dpx_asm", dict(search="split_dpx", asm_loop=True), False),
     ("split_h2_asm_bn32_w4", dict(search="split_h2", asm_loop=True, block_n=32, num_warps=4), False),
     ("split_dpx_asm_bn32_w4", dict(search="split_dpx", asm_loop=True, block_n=32, num_warps=4), False),
+    ("split_h2_asm_bn32_w4_r168", dict(search="split_h2", asm_loop=True, block_n=32, num_warps=4, maxnreg=168), False),
+    ("split_h2_asm_bn16_w4", dict(search="split_h2", asm_loop=True, block_n=16, num_warps=4), False),
 )
 DEFAULT_LAYER_RUNS = ("split_h2", "split_dpx", "split_h2_value_prep_pytorch")
 # GPU cycles of sleep before each gpu_ms call of the whole layer: long enough (about 10 ms) for the host to launch the

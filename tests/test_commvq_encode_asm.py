@@ -230,7 +230,7 @@ def test_asm_loop_compiles_for_sm90(sm90_probe):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("search", ["split_h2", "split_dpx"])
-@pytest.mark.parametrize(("block_n", "num_warps"), [(64, 4), (32, 2), (64, 8), (32, 8)])
+@pytest.mark.parametrize(("block_n", "num_warps"), [(64, 4), (32, 2), (64, 8), (32, 8), (16, 4)])
 def test_asm_loop_equals_the_triton_loop_on_a_gpu(search: str, block_n: int, num_warps: int):
     """On a GPU that runs the PTX loop: the same codes as the Triton loop, at 16, 8 and 4 rows a thread."""
     from pressroom.kernels.commvq_encode import dpx_native, ptx_loop_native
