@@ -40,17 +40,24 @@ from pressroom.training.commvq_em import prepare_keys
 
 
 def survivors(
-    r: torch.Tensor, tables: KeyTables, groups: list[int], blocks: list[int]
-) -> tuple[dict[int, torch.Tensor], dict[tuple[int, int], torch.Tensor], dict[int, torch.Tensor]]:
+    r: torch.Tensor, tables: KeyTables, groups: list[int], blocks: list[int], b_sizes: tuple[int, ...] = ()
+) -> tuple[dict[int, torch.Tensor], dict[tuple[int, int], torch.Tensor], dict[int, torch.Tensor], dict]:
     """Per bound (``groups``): the count of surviving ``A`` for every (head, row, step), and per (bound, block of
     rows) the count of ``A`` that some row of a block of consecutive tokens keeps (what a program coding the block
     together must evaluate); ``r [H, N, D]``. Third, per bound, the survivors against a threshold a search can form
     without the oracle: the exact distance of the ``A`` with the smallest bound (every ``A`` whose bound is at most
-    that distance is kept, so the exact best always is)."""
+    that distance is kept, so the exact best always is). Fourth, the bound on the other side, per group of ``B``
+    (``b_sizes`` consecutive ``B`` a group): ``min_{B in G} (g_B + min_A K[A, B]) + min_A f_A``, a lower bound on
+    every candidate of the group, so a candidate loop could skip a (row, group) whose bound exceeds a distance it
+    knows; the share of (row, group) pairs kept against the exact best (``oracle``) and against the exact distance
+    of ``A0 = argmin f_A`` (``practical``: one row of ``K`` and a min over 64 per row to form)."""
     un, wn, k, _ = tables.split_tables()
     out: dict[int, list[torch.Tensor]] = {g: [] for g in groups}
     practical: dict[int, list[torch.Tensor]] = {g: [] for g in groups}
     union: dict[tuple[int, int], list[torch.Tensor]] = {(g, b): [] for g in groups for b in blocks}
+    b_kept: dict[tuple[int, str], list[torch.Tensor]] = {
+        (size, t): [] for size in b_sizes for t in ("oracle", "practical")
+    }
     for h in range(r.shape[0]):
         res = r[h].clone()
         for step in range(tables.residuals):
@@ -70,6 +77,14 @@ def survivors(
                 for blk in blocks:
                     n = keep.shape[0] // blk * blk
                     union[(n_groups, blk)].append(keep[:n].unflatten(0, (-1, blk)).any(1).sum(-1))
+            if b_sizes:
+                a0 = f.argmin(-1, keepdim=True)
+                known = (kk[a0[:, 0]] + g).amin(-1, keepdim=True) + f.gather(1, a0)  # a distance a search can form
+                b_bound = g + kk.amin(0)[None] + f.amin(-1, keepdim=True)  # [N, B]
+                for size in b_sizes:
+                    grouped = b_bound.unflatten(1, (-1, size)).amin(-1)  # [N, 64 / size]
+                    b_kept[(size, "oracle")].append((grouped <= best).float().mean(-1))
+                    b_kept[(size, "practical")].append((grouped <= known).float().mean(-1))
             a = tot.argmin(-1)
             b = (kk[a] + g).argmin(-1)
             res = res - (u[a] + w[b])
@@ -77,6 +92,7 @@ def survivors(
         {n: torch.cat(v).float() for n, v in out.items()},
         {key: torch.cat(v).float() for key, v in union.items()},
         {n: torch.cat(v).float() for n, v in practical.items()},
+        {key: torch.cat(v) for key, v in b_kept.items()},
     )
 
 
@@ -104,9 +120,16 @@ def header(setting: dict) -> dict:
     }
 
 
-def summary(counts, unions, practical, blocks: list[int]) -> dict:
-    """Per bound: the survivors' mean and percentiles, the block unions' means and the practical threshold's."""
-    return {
+def summary(counts, unions, practical, blocks: list[int], b_kept: dict | None = None) -> dict:
+    """Per bound: the survivors' mean and percentiles, the block unions' means and the practical threshold's; per
+    size of the ``B`` groups (``b_group_<size>``), the mean share of (row, group) pairs kept and its 90th percentile
+    over rows."""
+    b_side = {}
+    for (size, threshold), kept in (b_kept or {}).items():
+        row = b_side.setdefault(f"b_group_{size}", {"bound_ops_per_row": 64 + 64 // size})
+        row[f"{threshold}_kept_share"] = float(kept.mean())
+        row[f"{threshold}_kept_share_p90"] = float(kept.quantile(0.9))
+    return b_side | {
         f"groups_{n}": {
             "mean": float(c.mean()),
             "p50": float(c.quantile(0.5)),
@@ -130,19 +153,26 @@ def main() -> int:
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 15, 28])
     ap.add_argument("--groups", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--blocks", type=int, nargs="+", default=[4, 16, 64], help="rows coded together")
+    ap.add_argument(
+        "--b-group-sizes", type=int, nargs="*", default=[1, 4, 16], help="consecutive B a group of the B-side bound"
+    )
     ap.add_argument("--heldout-tokens", type=int, default=2048)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--output", required=True)
     args = ap.parse_args()
     if any(g < 1 or 64 % g for g in args.groups):
         raise SystemExit(f"--groups must divide 64, got {args.groups}")
+    if any(g < 1 or 64 % g for g in args.b_group_sizes):
+        raise SystemExit(f"--b-group-sizes must divide 64, got {args.b_group_sizes}")
+    b_sizes = tuple(args.b_group_sizes)
     if args.random == bool(args.codebooks):
         raise SystemExit("pass either --codebooks DIR or --random")
     if args.random:
         r, tables = random_problem(args.bits, args.heldout_tokens)
         setting = {"random": True, "bits": args.bits, "tokens": args.heldout_tokens, "residuals": tables.residuals}
         result = header(setting)
-        result["layers"]["random"] = summary(*survivors(r, tables, args.groups, args.blocks), args.blocks)
+        counts, unions, practical, b_kept = survivors(r, tables, args.groups, args.blocks, b_sizes)
+        result["layers"]["random"] = summary(counts, unions, practical, args.blocks, b_kept)
         atomic_write_json(args.output, result)
         print(result["layers"]["random"], flush=True)
         return 0
@@ -166,8 +196,10 @@ def main() -> int:
         r, _ = prepare_keys(layer_keys(model, ids, layer, 2048), kv_heads)
         if books.layer_pair_weights(layer) is not None:
             raise SystemExit("weighted codebooks: this measures the plain search only")
-        found = survivors(r, KeyTables(books.key_theta[layer].float()), args.groups, args.blocks)
-        result["layers"][str(layer)] = summary(*found, args.blocks)
+        counts, unions, practical, b_kept = survivors(
+            r, KeyTables(books.key_theta[layer].float()), args.groups, args.blocks, b_sizes
+        )
+        result["layers"][str(layer)] = summary(counts, unions, practical, args.blocks, b_kept)
         atomic_write_json(args.output, result)
         print(layer, result["layers"][str(layer)], flush=True)
     return 0
