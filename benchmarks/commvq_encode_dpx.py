@@ -76,6 +76,7 @@ VARIANTS = (
     ("split_h2_half_asm", dict(search="split_h2", precision="half", asm_loop=True)),
     ("split_dpx_half_asm", dict(search="split_dpx", precision="half", asm_loop=True)),
     ("split_h2_half_asm_unroll8", dict(search="split_h2", precision="half", asm_loop=True, unroll=8)),
+    ("split_dpx_half_asm_unroll8", dict(search="split_dpx", precision="half", asm_loop=True, unroll=8)),
     ("split_h2_half_asm_prefetch", dict(search="split_h2", precision="half", asm_loop=True, prefetch=True)),
     ("split_h2_half_asm_bn32_w4", dict(search="split_h2", precision="half", asm_loop=True, block_n=32, num_warps=4)),
     ("split_h2_half_asm_bn32_w2", dict(search="split_h2", precision="half", asm_loop=True, block_n=32, num_warps=2)),
@@ -108,6 +109,7 @@ LAYER_RUNS = (
     ("split_dpx_asm_bn32_w4", dict(search="split_dpx", asm_loop=True, block_n=32, num_warps=4), False),
     ("split_h2_asm_bn32_w4_r168", dict(search="split_h2", asm_loop=True, block_n=32, num_warps=4, maxnreg=168), False),
     ("split_h2_asm_bn16_w4", dict(search="split_h2", asm_loop=True, block_n=16, num_warps=4), False),
+    ("split_dpx_asm_unroll8", dict(search="split_dpx", asm_loop=True, unroll=8), False),
 )
 DEFAULT_LAYER_RUNS = ("split_h2", "split_dpx", "split_h2_value_prep_pytorch")
 # GPU cycles of sleep before each gpu_ms call of the whole layer: long enough (about 10 ms) for the host to launch the
@@ -139,20 +141,41 @@ def sass_counts(search: str, r: int = RESIDUALS[1]) -> dict:
 
 
 # the variants whose candidate loops --sass describes (the Triton loop and the PTX loop of each search)
-SASS_VARIANTS = ("split_h2_half", "split_dpx_half", "split_h2_half_asm", "split_dpx_half_asm")
+SASS_VARIANTS = (
+    "split_h2_half",
+    "split_dpx_half",
+    "split_h2_half_asm",
+    "split_dpx_half_asm",
+    "split_h2_half_asm_unroll8",
+    "split_dpx_half_asm_unroll8",
+    "split_h2_half_asm_bn32_w4",
+    "split_dpx_half_asm_bn32_w4",
+    "split_h2_half_asm_bn64_w8",
+    "split_h2_half_asm_bn16_w4",
+)
 
 
 def loop_counts(variant: str, r: int) -> dict:
     """The candidate loop of ``variant`` (a :data:`VARIANTS` label) compiled offline for sm_90 as the cache launches
     it (default tiling, keys divided in the kernel): its opcodes (one pass: 4 candidates ``B`` for the thread's rows
     and lane), the instructions of the residual step around it (``step_rest``: once per step), the passes per step
-    and the dynamic count per step and thread they give (``per_step``), and the registers and stack per thread."""
-    from commvq_encode_ncu import find_candidate_loop, loop_marker, offline_sass, parse_cuobjdump_sass, split_by_loop
+    and the dynamic count per step and thread they give (``per_step``), and per step and row (``per_row_step``:
+    ``per_step`` times the program's threads over its rows, the measure that compares tilings)."""
+    from commvq_encode_ncu import (
+        cubin_sass,
+        find_candidate_loop,
+        loop_marker,
+        offline_compile,
+        parse_cuobjdump_sass,
+        split_by_loop,
+    )
 
     from pressroom.kernels.commvq_encode import encode_defaults
+    from pressroom.kernels.commvq_resources import _cubin_usage
 
     marker = loop_marker(variant)
-    rows = parse_cuobjdump_sass(offline_sass(r, variant, row_norms=True))
+    cubin = offline_compile(r, variant, row_norms=True).asm["cubin"]
+    rows = parse_cuobjdump_sass(cubin_sass(cubin))
     info = split_by_loop(rows, find_candidate_loop(rows, marker), marker)
     loop, rest = info["loop"], info["regions"]["step_loop_rest"]["instructions"]
     opts = dict(VARIANTS)[variant]
@@ -164,7 +187,9 @@ def loop_counts(variant: str, r: int) -> dict:
         step_rest=rest,
         loop_passes_per_step=passes,
         per_step=rest + passes * loop["instructions"],
+        per_row_step=(rest + passes * loop["instructions"]) * 32 * tiling["num_warps"] // tiling["block_n"],
         rows_per_thread=tiling["block_n"] // tiling["num_warps"],
+        **_cubin_usage(cubin),  # registers and stack bytes per thread
     )
 
 

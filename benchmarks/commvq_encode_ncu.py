@@ -378,12 +378,9 @@ def child(
     torch.cuda.synchronize()
 
 
-def offline_sass(r: int, variant: str = "split_h2_half", row_norms: bool = False) -> str:
-    """``cuobjdump -sass`` of the key search compiled offline for sm_90 as :func:`child` launches it (the variant's
-    options at the default tiling; ``row_norms``: keys divided in the kernel); needs Triton's ptxas and cuobjdump, no
-    GPU."""
-    from triton import knobs
-
+def offline_compile(r: int, variant: str = "split_h2_half", row_norms: bool = False):
+    """The key search compiled offline for sm_90 as :func:`child` launches it (the variant's options at the default
+    tiling; ``row_norms``: keys divided in the kernel): ``triton.compile``'s result; needs Triton's ptxas, no GPU."""
     from pressroom.kernels import commvq_encode
     from pressroom.kernels.commvq_resources import kernel_resources_compiled
 
@@ -397,14 +394,25 @@ def offline_sass(r: int, variant: str = "split_h2_half", row_norms: bool = False
     )
     meta["NATIVE"] = True  # what a launch on sm_90 compiles
     half = {k: "*fp16" for k in ("ud_ptr", "wd_ptr", "u_ptr", "w_ptr")}
-    compiled = kernel_resources_compiled(commvq_encode.encode_kernel(search), meta, num_warps, num_stages, half)
+    return kernel_resources_compiled(commvq_encode.encode_kernel(search), meta, num_warps, num_stages, half)
+
+
+def cubin_sass(cubin: bytes) -> str:
+    """``cuobjdump -sass`` of a cubin (Triton's cuobjdump)."""
+    from triton import knobs
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
-        path.write_bytes(compiled.asm["cubin"])
+        path.write_bytes(cubin)
         proc = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"cuobjdump failed ({proc.returncode}): {proc.stderr[-500:]}")
     return proc.stdout
+
+
+def offline_sass(r: int, variant: str = "split_h2_half", row_norms: bool = False) -> str:
+    """``cuobjdump -sass`` of :func:`offline_compile`'s kernel; needs Triton's ptxas and cuobjdump, no GPU."""
+    return cubin_sass(offline_compile(r, variant, row_norms).asm["cubin"])
 
 
 def sass_check(bits_list: list[int], variant: str = "split_h2_half", row_norms: bool = False) -> dict:
