@@ -415,7 +415,7 @@ class CommVQLayer(_CommVQLayerBase):
             lo, hi = self.n + s, self.n + e
             k = keys_il[:, :, s:e].float()  # [B, H, n, D]
             norms = torch.linalg.vector_norm(k, dim=(1, 3))  # [B, n]: a token's heads together, read in place
-            safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+            safe = torch.where(norms > 0, norms, 1.0)
             x, row_norms = k.transpose(1, 2), safe  # [B, n, H, D]: encode_keys divides (in the kernel on Triton)
             if self.search.scale is not None:  # weighted search: divide, then scale the pairs
                 x, row_norms = x / safe[..., None, None] * self.search.scale, None
@@ -435,7 +435,7 @@ class CommVQLayer(_CommVQLayerBase):
                     key_norm_bound=self._key_norm_bound,
                     row_norms=None if row_norms is None else row_norms[b],
                 )
-            self.knorm[:, lo:hi] = norms.to(torch.float16)
+            self.knorm[:, lo:hi] = norms  # cast in the copy (one kernel)
             # [B, n, H * D] float32, for the float32 encoder and the refinement ("half" reads the values in place)
             v = values_by_token(values[:, :, s:e]) if self.value_refine or self.encode_precision != "half" else None
             with torch.no_grad(), _value_matmuls(self.encode_precision, values.device):
@@ -460,9 +460,9 @@ class CommVQLayer(_CommVQLayerBase):
             if self.value_refine:  # float32 throughout: it tracks each token's error through the flips
                 bits, coef = self.codec.refine(v, bits, self.value_refine, self._triton)
                 packed = pack_bits(bits)
-            self.vcoef[:, lo:hi] = coef[..., 0].to(torch.float16)
+            self.vcoef[:, lo:hi] = coef[..., 0]  # cast in the copy
             self.vbits[:, lo:hi] = packed
-            p = pos[..., s:e].to(torch.int32)
+            p = pos[..., s:e]  # cast to int32 in the copies below
             if self.per_head_pos:
                 self.pos[:, :, lo:hi] = p.view(1, 1, -1) if p.dim() == 1 else p[:, None] if p.dim() == 2 else p
             else:
