@@ -21,6 +21,8 @@ Dispatch as everywhere in pressroom: ``use_triton=None`` runs the kernel on CUDA
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pressroom.kernels.commvq_codebook import N_ENTRIES, THETA_ROWS, additive_parts, residual_encode, to_interleaved
@@ -41,6 +43,7 @@ F16_SAFE = 1.0e4
 I16_SPAN = 32766
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of its arguments; each launch of asm_loop asks for it
 def candidate_loop_ptx(rows: int, row_bytes: int, i16: bool = False, unroll: int = 4) -> str:
     """PTX of the paired searches' candidate loop for one thread (``encode_keys(asm_loop=True)``): the minima over
     ``B`` of one packed lane (two ``A``) for ``rows`` consecutive scratch rows.
