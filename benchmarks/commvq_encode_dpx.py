@@ -88,7 +88,7 @@ VARIANTS = (
     ),
     ("split_h2_half_asm_bn128_w8", dict(search="split_h2", precision="half", asm_loop=True, block_n=128, num_warps=8)),
     # more resident programs an SM (offline sm_90: 126 registers at 16 rows and 4 warps, no spill: four programs;
-    # 8 warps at 128 registers: two programs of 8 warps, 256 bytes of spill)
+    # 8 warps capped at 128 registers: two programs of 8 warps, with spills)
     ("split_h2_half_asm_bn16_w4", dict(search="split_h2", precision="half", asm_loop=True, block_n=16, num_warps=4)),
     (
         "split_h2_half_asm_bn64_w8_r128",
@@ -157,10 +157,11 @@ SASS_VARIANTS = (
 
 def loop_counts(variant: str, r: int) -> dict:
     """The candidate loop of ``variant`` (a :data:`VARIANTS` label) compiled offline for sm_90 as the cache launches
-    it (default tiling, keys divided in the kernel): its opcodes (one pass: 4 candidates ``B`` for the thread's rows
-    and lane), the instructions of the residual step around it (``step_rest``: once per step), the passes per step
-    and the dynamic count per step and thread they give (``per_step``), and per step and row (``per_row_step``:
-    ``per_step`` times the program's threads over its rows, the measure that compares tilings)."""
+    it (the variant's tiling, else the default; keys divided in the kernel; without a ``maxnreg`` cap): its opcodes
+    (one pass: ``unroll`` candidates ``B`` for the thread's rows and lane), the instructions of the residual step
+    around it (``step_rest``: once per step), the passes per step and the dynamic count per step and thread they give
+    (``per_step``), per step and row (``per_row_step``: ``per_step`` times the program's threads over its rows, the
+    measure that compares tilings), and the registers and stack bytes per thread."""
     from commvq_encode_ncu import (
         cubin_sass,
         find_candidate_loop,

@@ -1172,7 +1172,7 @@ def encode_keys(
         native_dpx,
         prefetch,
         asm_loop,
-        ptx_loop_native(x.device),  # elsewhere the Triton loop, its minima through the scratch as well
+        asm_loop and ptx_loop_native(x.device),  # elsewhere the Triton loop, its minima through the scratch as well
     )
     strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
     n_blocks = triton.cdiv(n, block_n)

@@ -113,7 +113,8 @@ def value_codes(
         ``[..., n_e, 4]`` floating point (``n_e`` a multiple of 4), e.g. :meth:`ValueCodec.logits`.
     bits_dtype : torch.dtype, optional
         Also return the unpacked bits ``[..., 2 n_e]`` (0/1) in this dtype (``torch.uint8`` for the refinement, the
-        value codebook's dtype for the postscale matmul); ``None``: only the packed bytes.
+        postscale matmul's dtype otherwise: bfloat16 under the cache's ``encode_precision="half"``, else the value
+        codebook's); ``None``: only the packed bytes.
     use_triton : bool or None
         Kernel choice (module docstring).
     block_m, block_b, num_warps : int, optional

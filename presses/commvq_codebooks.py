@@ -29,6 +29,7 @@ How the codebooks are applied (the contract the training follows):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -162,9 +163,11 @@ class ValueCodec(nn.Module):
         neither a cast of the bits nor a float32 copy of the product is made: the norm reads the (bfloat16) product
         and sums in float32, outside autocast (which would cast its input to float32 first)."""
         device = bits.device.type
-        autocast = torch.is_autocast_enabled(device) and bits.dtype == torch.get_autocast_dtype(device)
-        prod = (bits if autocast else bits.to(self.embedding.dtype)) @ self.embedding
-        with torch.autocast(device, enabled=False):
+        has_autocast = torch.amp.is_autocast_available(device)  # not on every device type (e.g. "meta")
+        autocast = has_autocast and torch.is_autocast_enabled(device)
+        as_is = autocast and bits.dtype == torch.get_autocast_dtype(device)
+        prod = (bits if as_is else bits.to(self.embedding.dtype)) @ self.embedding
+        with torch.autocast(device, enabled=False) if has_autocast else contextlib.nullcontext():
             return torch.linalg.vector_norm(prod, dim=-1, keepdim=True, dtype=torch.float32)
 
     def decode(self, bits: torch.Tensor, prescale: torch.Tensor) -> torch.Tensor:

@@ -241,6 +241,8 @@ def test_postscale_takes_bits_in_any_dtype_and_under_autocast():
             assert got.dtype == torch.float32 and torch.equal(got, want)
             assert torch.equal(codec.postscale(bits.float()), want)
     torch.testing.assert_close(got, exact, rtol=2e-2, atol=0)  # the bfloat16 product
+    # a device type without autocast (shape inference on "meta") still works
+    assert codec.to("meta").postscale(bits.to(torch.uint8).to("meta")).shape == (50, 1)
 
 
 def _reference_m_step(r: torch.Tensor, centers: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -164,6 +164,25 @@ def test_ptx_loop_and_launch_argument_checks():
         encode_keys(x[0], theta, use_triton=False, asm_loop=True)  # the flat search of "ieee"
 
 
+def test_asm_loop_meta_takes_the_ptx_only_where_it_runs(monkeypatch):
+    """``asm_loop=True`` always routes the step's end through the 160-entry scratch; the PTX loop itself only where
+    the launch compiles PTX (not the interpreter), the GPU runs it (``native_ptx``) and, for ``"split_dpx"``, sm_90."""
+    from pressroom.kernels import commvq_encode
+
+    def meta(search="split_h2", **kw):
+        return encode_meta(128, 11, 64, 4, 1, search, "half", row_norms=True, asm_loop=True, **kw)[0]
+
+    got = meta()  # under the interpreter
+    assert got["ASM_LOOP"] and got["SCR_W"] == SCRATCH_ASM == 160 and "ASM_PTX" not in got
+    monkeypatch.setattr(commvq_encode, "triton_interpreted", lambda: False)  # a launch compiled for a GPU
+    got = meta()
+    assert got["ASM_PTX"] and got["ASM_ROWS"] == 16 and "min.f16x2" in got["LOOP_PTX"]
+    for off in (meta(native_ptx=False), meta("split_dpx", native_dpx=False)):  # ROCm / before sm_80; sm_80-89
+        assert off["ASM_LOOP"] and off["SCR_W"] == 160 and "ASM_PTX" not in off and "LOOP_PTX" not in off
+    assert "add.s16x2" in meta("split_dpx")["LOOP_PTX"]
+    assert "ASM_LOOP" not in encode_meta(128, 11, 64, 4, 1, "split_h2", "half")[0]  # the default: no scratch trip
+
+
 @pytest.mark.parametrize("search", ["split_h2", "split_dpx"])
 def test_asm_loop_path_equals_the_reference_with_exact_ties(search: str):
     """``asm_loop=True`` off the PTX (here: the interpreter) runs the Triton loop but the PTX path's end of a step: the
