@@ -87,7 +87,7 @@ VARIANTS = (
         dict(search="split_h2", precision="half", asm_loop=True, block_n=32, num_warps=4, maxnreg=168),
     ),
     ("split_h2_half_asm_bn128_w8", dict(search="split_h2", precision="half", asm_loop=True, block_n=128, num_warps=8)),
-    # more resident programs an SM (offline sm_90: 126 registers at 16 rows and 4 warps, no spill: four programs;
+    # more resident programs an SM (offline sm_90: 128 registers at 16 rows and 4 warps, no spill: four programs;
     # 8 warps capped at 128 registers: two programs of 8 warps, with spills)
     ("split_h2_half_asm_bn16_w4", dict(search="split_h2", precision="half", asm_loop=True, block_n=16, num_warps=4)),
     (

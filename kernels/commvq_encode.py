@@ -277,6 +277,7 @@ class KeyTables:
         self._dot16: tuple[torch.Tensor, torch.Tensor] | None = None
         self._i16: dict[float, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._exact16: bool | None = None
+        self._halves: dict[torch.dtype | None, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def split_tables(self) -> tuple[torch.Tensor, ...]:
         """What the ``"split"`` search reads: ``||u_A||^2``, ``||w_B||^2`` ``[H, R, 64]`` and the cross term
@@ -299,6 +300,18 @@ class KeyTables:
         if self._dot16 is None:
             self._dot16 = (self.u.half().contiguous(), self.w.half().contiguous())
         return self._dot16
+
+    def f_tables_in_halves(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``u`` (as :meth:`dot_tables` gives it for ``dtype``) and ``||u_A||^2`` (:meth:`split_tables`) with their 64
+        ``A`` in the order of the packed lanes' halves in memory, ``A(c) = c // 2 + 32 (c % 2)`` (``[H, R, 64, D]``
+        and ``[H, R, 64]``): what ``encode_keys(asm_loop=True)`` reads for its one ``f`` dot, as contiguous rows."""
+        key = dtype if dtype == torch.float16 else None
+        if self._halves.get(key) is None:
+            order = HALVES_ORDER.to(self.u.device)
+            ud = self.dot_tables(dtype)[0]
+            un = self.split_tables()[0]
+            self._halves[key] = (ud[..., order, :].contiguous(), un[..., order].contiguous())
+        return self._halves[key]
 
     def center_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``u``, ``w`` as ``precision="half"`` gathers them to subtract the chosen center: float16 when that holds
@@ -636,12 +649,13 @@ if HAS_TRITON:
         return f_lo, f_hi
 
     @triton.jit
-    def _split_f_halves(rd, ud_ptr, un_ptr, base, step, ks, cols, dmask, D: tl.constexpr, PRECISION: tl.constexpr):
+    def _split_f_halves(rd, uh_ptr, unh_ptr, base, step, ks, cols, dmask, D: tl.constexpr, PRECISION: tl.constexpr):
         """The same ``f_A`` in one ``[rows, 64]`` tile, in the order of the packed lanes' halves in memory (half
-        ``c`` holds ``A = c // 2 + 32 (c % 2)``), and that order ``a_of``."""
-        a_of = ks // 2 + 32 * (ks % 2)
-        u_t = tl.load(ud_ptr + base + a_of[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
-        return tl.load(un_ptr + step * 64 + a_of)[None, :] - 2.0 * tl.dot(rd, u_t, input_precision=PRECISION), a_of
+        ``c`` holds ``A = c // 2 + 32 (c % 2)``: ``a_of``, returned too), from ``u`` and ``||u_A||^2`` stored in that
+        order (:meth:`KeyTables.f_tables_in_halves`: contiguous rows, no gather)."""
+        u_t = tl.load(uh_ptr + base + ks[None, :] * D + cols[:, None], mask=dmask[:, None], other=0.0)
+        f = tl.load(unh_ptr + step * 64 + ks)[None, :] - 2.0 * tl.dot(rd, u_t, input_precision=PRECISION)
+        return f, ks // 2 + 32 * (ks % 2)
 
     @triton.jit
     def _minima_start(BLOCK_N: tl.constexpr, I16: tl.constexpr):
@@ -773,7 +787,7 @@ if HAS_TRITON:
                         m2 = _candidate_minima(_minima_start(BLOCK_N, I16), scr, kt2, UNROLL, I16, NATIVE)
                         tl.store(scr[:, None] + 64 + js[None, :], m2)
                     # the f dot after the loop (its result is not held through it: fewer registers at its peak), in
-                    # the order of the minima's halves in memory
+                    # the order of the minima's halves in memory (ud_ptr, un_ptr: KeyTables.f_tables_in_halves)
                     f, a_of = _split_f_halves(rd, ud_ptr, un_ptr, base, step, ks, cols, dmask, D, PRECISION)
                     tl.debug_barrier()  # the minima written (by other threads)
                     if I16:
@@ -833,6 +847,8 @@ _TILINGS = {
     "split_h2": (64, 4),
     "split_dpx": (64, 4),
 }
+# A of each 16-bit half of the packed minima in memory (lane j: A = j low, A = j + 32 high): half c holds A(c)
+HALVES_ORDER = torch.arange(64) // 2 + 32 * (torch.arange(64) % 2)
 # scratch entries a row with asm_loop: the 64 packed g_B, the 32 packed minima the loop writes back (entries 64..95),
 # then the 64 float32 g_B that pick B (96..159), kept there instead of in registers through the loop
 SCRATCH_ASM = 160
@@ -1190,7 +1206,10 @@ def encode_keys(
                 pairs, _, qs = tables.split_i16_tables(key_norm_bound)
             else:
                 pairs, qs = tables.split_h2_table(), tables.split_tables()[0]  # qs: unread
-            search_tables = (*tables.dot_tables(dot_dtype), *tables.split_tables()[:3], pairs, qs)
+            (ud, wd), (un, wn, k) = tables.dot_tables(dot_dtype), tables.split_tables()[:3]
+            if meta.get("ASM_LOOP"):  # its one f dot reads u and ||u_A||^2 in the minima's half order
+                ud, un = tables.f_tables_in_halves(dot_dtype)
+            search_tables = (ud, wd, un, wn, k, pairs, qs)
         else:
             search_tables = (tables.h,)
         norm_args = (x if row_norms is None else row_norms,) if paired else ()

@@ -164,6 +164,20 @@ def test_ptx_loop_and_launch_argument_checks():
         encode_keys(x[0], theta, use_triton=False, asm_loop=True)  # the flat search of "ieee"
 
 
+def test_f_tables_in_halves_order():
+    """The asm path's ``f`` tables: row ``c`` is ``A = c // 2 + 32 (c % 2)`` (the packed minima's half ``c``)."""
+    from pressroom.kernels.commvq_encode import KeyTables
+
+    tables = KeyTables(torch.randn(2, 3, 128, 64, generator=torch.Generator().manual_seed(3)) * 0.1)
+    for dtype in (None, torch.float16):
+        uh, unh = tables.f_tables_in_halves(dtype)
+        ud, un = tables.dot_tables(dtype)[0], tables.split_tables()[0]
+        for c in (0, 1, 2, 3, 62, 63):
+            a = c // 2 + 32 * (c % 2)
+            assert torch.equal(uh[:, :, c], ud[:, :, a]) and torch.equal(unh[:, :, c], un[:, :, a])
+    assert uh.dtype == torch.float16 and uh.is_contiguous() and unh.is_contiguous()
+
+
 def test_asm_loop_meta_takes_the_ptx_only_where_it_runs(monkeypatch):
     """``asm_loop=True`` always routes the step's end through the 160-entry scratch; the PTX loop itself only where
     the launch compiles PTX (not the interpreter), the GPU runs it (``native_ptx``) and, for ``"split_dpx"``, sm_90."""
