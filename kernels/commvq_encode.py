@@ -741,7 +741,10 @@ if HAS_TRITON:
         # qs_ptr), and one fused add-min (sm_90 DPX: VIADDMNMX) replaces the add and the min.
         pid, n_prog, head, lrow, cols, ks, dmask, scr = _persistent_program(scr_ptr, D, BLOCK_N, BLOCK_D, SCR_W)
         js = tl.arange(0, 32)
-        if ASM_LOOP:  # one element a thread: 32 lanes x (BLOCK_N / ASM_ROWS) groups of ASM_ROWS rows
+        if ASM_LOOP:  # the scratch's minima as 16-bit halves (entries 64..95) and its float32 g_B (96..159)
+            scr_h = (scr + 64).to(tl.pointer_type(tl.int16 if I16 else tl.float16))
+            scr_g = (scr + 96).to(tl.pointer_type(tl.float32))
+            # the PTX loop: one element a thread, 32 lanes x (BLOCK_N / ASM_ROWS) groups of ASM_ROWS rows
             e = tl.arange(0, 32 * (BLOCK_N // ASM_ROWS))
             grp = scr_ptr + (head * n_prog + pid) * BLOCK_N * SCR_W + (e // 32) * (ASM_ROWS * SCR_W)
             lane = e % 32
@@ -772,7 +775,7 @@ if HAS_TRITON:
                 tl.debug_barrier()  # the previous step's reads of the scratch are done
                 tl.store(scr[:, None] + ks[None, :], gpack)
                 if ASM_LOOP:  # g_B kept in the scratch (entries 96..159), not in registers through the loop
-                    tl.store((scr + 96).to(tl.pointer_type(tl.float32))[:, None] + ks[None, :], g)
+                    tl.store(scr_g[:, None] + ks[None, :], g)
                 tl.debug_barrier()
                 if PREFETCH:  # the scratch rows just written (two lines a row), in L1 while the f dots run
                     _prefetch_l1(scr[:, None] + (tl.arange(0, 2) * 32)[None, :])
@@ -790,15 +793,14 @@ if HAS_TRITON:
                     # the order of the minima's halves in memory (ud_ptr, un_ptr: KeyTables.f_tables_in_halves)
                     f, a_of = _split_f_halves(rd, ud_ptr, un_ptr, base, step, ks, cols, dmask, D, PRECISION)
                     tl.debug_barrier()  # the minima written (by other threads)
+                    mh = tl.load(scr_h[:, None] + ks[None, :]).to(tl.float32)
                     if I16:
-                        mh = tl.load((scr + 64).to(tl.pointer_type(tl.int16))[:, None] + ks[None, :])
-                        t = mh.to(tl.float32) * tl.load(qs_ptr + step * 3) + f
+                        t = mh * tl.load(qs_ptr + step * 3) + f
                     else:
-                        mh = tl.load((scr + 64).to(tl.pointer_type(tl.float16))[:, None] + ks[None, :])
-                        t = mh.to(tl.float32) + f
+                        t = mh + f
                     vmin = tl.min(t, axis=1)
                     a_idx = tl.min(tl.where(t == vmin[:, None], a_of[None, :], 64), axis=1)  # first A of the minimum
-                    g = tl.load((scr + 96).to(tl.pointer_type(tl.float32))[:, None] + ks[None, :])
+                    g = tl.load(scr_g[:, None] + ks[None, :])
                 else:
                     f_lo, f_hi = _split_f(rd, ud_ptr, un_ptr, base, step, js, cols, dmask, D, PRECISION)
                     if WIDE_LANES:

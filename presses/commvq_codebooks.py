@@ -164,8 +164,7 @@ class ValueCodec(nn.Module):
         and sums in float32, outside autocast (which would cast its input to float32 first)."""
         device = bits.device.type
         has_autocast = torch.amp.is_autocast_available(device)  # not on every device type (e.g. "meta")
-        autocast = has_autocast and torch.is_autocast_enabled(device)
-        as_is = autocast and bits.dtype == torch.get_autocast_dtype(device)
+        as_is = has_autocast and torch.is_autocast_enabled(device) and bits.dtype == torch.get_autocast_dtype(device)
         prod = (bits if as_is else bits.to(self.embedding.dtype)) @ self.embedding
         with torch.autocast(device, enabled=False) if has_autocast else contextlib.nullcontext():
             return torch.linalg.vector_norm(prod, dim=-1, keepdim=True, dtype=torch.float32)
