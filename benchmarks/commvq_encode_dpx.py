@@ -94,6 +94,17 @@ VARIANTS = (
         "split_h2_half_asm_bn64_w8_r128",
         dict(search="split_h2", precision="half", asm_loop=True, block_n=64, num_warps=8, maxnreg=128),
     ),
+    # g_B and the minima in shared memory (encode_keys(shared_scratch=True)): 16-bit g_B, 8 candidates a load
+    ("split_h2_half_asm_shared", dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True)),
+    (
+        "split_h2_half_asm_shared_unroll8",
+        dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, unroll=8),
+    ),
+    ("split_dpx_half_asm_shared", dict(search="split_dpx", precision="half", asm_loop=True, shared_scratch=True)),
+    (
+        "split_h2_half_asm_shared_bn16_w4",
+        dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, block_n=16, num_warps=4),
+    ),
 )
 # (label, encode_keys options, value encoder input in PyTorch) of the whole layer's runs: the first is the reference
 # of the equal-rows share; split_h2_value_prep_pytorch is the path before pressroom.kernels.commvq_value_prep
@@ -110,6 +121,9 @@ LAYER_RUNS = (
     ("split_h2_asm_bn32_w4_r168", dict(search="split_h2", asm_loop=True, block_n=32, num_warps=4, maxnreg=168), False),
     ("split_h2_asm_bn16_w4", dict(search="split_h2", asm_loop=True, block_n=16, num_warps=4), False),
     ("split_dpx_asm_unroll8", dict(search="split_dpx", asm_loop=True, unroll=8), False),
+    ("split_h2_asm_shared", dict(search="split_h2", asm_loop=True, shared_scratch=True), False),
+    ("split_h2_asm_shared_unroll8", dict(search="split_h2", asm_loop=True, shared_scratch=True, unroll=8), False),
+    ("split_dpx_asm_shared", dict(search="split_dpx", asm_loop=True, shared_scratch=True), False),
 )
 DEFAULT_LAYER_RUNS = ("split_h2", "split_dpx", "split_h2_value_prep_pytorch")
 # GPU cycles of sleep before each gpu_ms call of the whole layer: long enough (about 10 ms) for the host to launch the
@@ -152,6 +166,10 @@ SASS_VARIANTS = (
     "split_dpx_half_asm_bn32_w4",
     "split_h2_half_asm_bn64_w8",
     "split_h2_half_asm_bn16_w4",
+    "split_h2_half_asm_shared",
+    "split_h2_half_asm_shared_unroll8",
+    "split_dpx_half_asm_shared",
+    "split_h2_half_asm_shared_bn16_w4",
 )
 
 

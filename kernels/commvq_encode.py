@@ -44,29 +44,44 @@ I16_SPAN = 32766
 
 
 @functools.lru_cache(maxsize=64)  # a pure function of its arguments; each launch of asm_loop asks for it
-def candidate_loop_ptx(rows: int, row_bytes: int, i16: bool = False, unroll: int = 4) -> str:
+def candidate_loop_ptx(rows: int, row_bytes: int, i16: bool = False, unroll: int = 4, shared: bool = False) -> str:
     """PTX of the paired searches' candidate loop for one thread (``encode_keys(asm_loop=True)``): the minima over
     ``B`` of one packed lane (two ``A``) for ``rows`` consecutive scratch rows.
 
-    Operands: ``$1`` the first row's scratch (packed ``g_B``, 64 entries of 4 bytes, rows ``row_bytes`` apart),
-    ``$2`` the lane's entry in the step's packed ``K^T`` (rows of 128 bytes), ``$3`` where to write the first row's
-    minimum (the others ``row_bytes`` apart); ``$0`` a dummy. Per ``unroll`` candidates ``B`` the thread loads its
-    ``unroll`` ``K^T`` entries once and each row's ``g_B`` as 16-byte vectors, then runs one ``add.rn.f16x2`` and one
-    ``min.f16x2`` (``i16``: ``add.s16x2`` then ``min.s16x2``, one sm_90 ``VIADDMNMX``) per entry: ``unroll + rows *
-    unroll / 4`` loads per ``unroll`` candidates (20 for 4 candidates and 16 rows) instead of the compiler's ``unroll
-    * (rows + 1)`` (68). The same sums, in the same float16 (or int16) arithmetic, as the Triton loop it replaces
-    (minima do not depend on the order).
+    Operands: ``$1`` the first row's ``g_B`` (rows ``row_bytes`` apart), ``$2`` the lane's entry in the step's packed
+    ``K^T`` (global, rows of 128 bytes), ``$3`` where to write the first row's minimum (the others ``row_bytes``
+    apart); ``$0`` a dummy. Per ``unroll`` candidates ``B`` the thread loads its ``unroll`` ``K^T`` entries once and
+    each row's ``g_B`` as vectors, then runs one ``add.rn.f16x2`` and one ``min.f16x2`` (``i16``: ``add.s16x2`` then
+    ``min.s16x2``, one sm_90 ``VIADDMNMX``) per entry. The same sums, in the same float16 (or int16) arithmetic, as
+    the Triton loop it replaces (minima do not depend on the order).
+
+    Two layouts of ``g_B``:
+
+    - global (``shared=False``): the scratch's 64 packed pairs (``g_B`` in both halves, 4 bytes an entry, 16-byte
+      loads of 4 candidates: ``unroll + rows * unroll / 4`` loads per ``unroll`` candidates, 20 for 4 candidates
+      and 16 rows, against the compiler's ``unroll * (rows + 1)``, 68); ``$1``, ``$2``, ``$3`` 64-bit global
+      addresses;
+    - shared (``shared=True``, ``encode_keys(shared_scratch=True)``): 64 float16 (int16) ``g_B`` a row, 2 bytes an
+      entry, in shared memory: one 16-byte load per row and 8 candidates (8 bytes for 4), each half broadcast to
+      both halves of the add's operand (``mov.b32 {h, h}``, which ptxas folds into the instruction's ``.H0_H0`` /
+      ``.H1_H1`` operand selector); ``$1`` and ``$3`` 32-bit shared addresses. The loop ends with ``bar.sync 0``
+      (every thread of the program has read its ``g_B``) and writes each row's minimum over its ``g_B``: ``$3`` is
+      then the lane's word in the first row (128 bytes of minima in place of the 128 bytes of ``g_B``), so every
+      thread of the program must run this PTX exactly once.
 
     Parameters
     ----------
     rows : int
         Scratch rows a thread takes (``block_n / num_warps`` in the kernel).
     row_bytes : int
-        Bytes from one scratch row to the next (``4 * SCRATCH_ASM`` in the kernel), a multiple of 16, at least 256.
+        Bytes from one scratch row to the next (``4 * SCRATCH_ASM`` in the kernel's global scratch,
+        :data:`SHARED_ROW_BYTES` in its shared one), a multiple of 16, at least 256 (global) or 128 (shared).
     i16 : bool
         Signed int16 pairs (``"split_dpx"``) instead of float16 pairs.
     unroll : int
         Candidates per loop pass, a multiple of 4 dividing 64.
+    shared : bool
+        ``g_B`` and the minima in shared memory (above), instead of the global scratch.
 
     Returns
     -------
@@ -82,32 +97,49 @@ def candidate_loop_ptx(rows: int, row_bytes: int, i16: bool = False, unroll: int
         raise ValueError(f"rows must be >= 1, got {rows}.")
     if unroll < 4 or unroll % 4 or 64 % unroll:
         raise ValueError(f"unroll must be a multiple of 4 dividing 64, got {unroll}.")
-    if row_bytes < 256 or row_bytes % 16:
-        raise ValueError(f"row_bytes must be a multiple of 16 holding 64 entries, got {row_bytes}.")
+    least = 128 if shared else 256
+    if row_bytes < least or row_bytes % 16:
+        raise ValueError(f"row_bytes must be a multiple of 16 holding 64 entries (>= {least}), got {row_bytes}.")
     add, mn, inf = ("add.s16x2", "min.s16x2", "0x7FFF7FFF") if i16 else ("add.rn.f16x2", "min.f16x2", "0x7C007C00")
+    width = 2 if shared else 4  # bytes of g_B a candidate
     out = [
         "{",
         ".reg .pred clp;",
-        ".reg .b64 clg, clk, cle;",
+        ".reg .b64 clk, cle;",
         f".reg .b32 clm<{rows}>, clc<{unroll}>, clx<4>, clt;",
-        "mov.b64 clg, $1;",
+        *((".reg .b32 clg, cld;", ".reg .b16 cll, clh;") if shared else (".reg .b64 clg;",)),
+        f"mov.b{32 if shared else 64} clg, $1;",
         "mov.b64 clk, $2;",
         "add.s64 cle, clk, 8192;",
         *(f"mov.b32 clm{i}, {inf};" for i in range(rows)),
         "CL${:uid}:",
         *(f"ld.global.b32 clc{j}, [clk+{128 * j}];" for j in range(unroll)),
     ]
+    space = "shared" if shared else "global"
     for i in range(rows):
-        for q in range(unroll // 4):
-            out.append(f"ld.global.v4.b32 {{clx0, clx1, clx2, clx3}}, [clg+{i * row_bytes + 16 * q}];")
-            for j in range(4):
-                out += [f"{add} clt, clc{4 * q + j}, clx{j};", f"{mn} clm{i}, clm{i}, clt;"]
+        b = 0  # the candidate of the pass the next loaded word starts with
+        while b < unroll:
+            n_words = 2 if shared and unroll - b < 8 else 4  # 16-byte loads; 8 bytes for the last 4 of a pass
+            regs = ", ".join(f"clx{k}" for k in range(n_words))
+            vec = "v4" if n_words == 4 else "v2"
+            out.append(f"ld.{space}.{vec}.b32 {{{regs}}}, [clg+{i * row_bytes + width * b}];")
+            for k in range(n_words):
+                if shared:  # two candidates a word, each half broadcast
+                    out.append(f"mov.b32 {{cll, clh}}, clx{k};")
+                    for half in ("cll", "clh"):
+                        out.append(f"mov.b32 cld, {{{half}, {half}}};")
+                        out += [f"{add} clt, clc{b}, cld;", f"{mn} clm{i}, clm{i}, clt;"]
+                        b += 1
+                else:
+                    out += [f"{add} clt, clc{b}, clx{k};", f"{mn} clm{i}, clm{i}, clt;"]
+                    b += 1
     out += [
-        f"add.s64 clg, clg, {4 * unroll};",
+        f"add.{'s32' if shared else 's64'} clg, clg, {width * unroll};",
         f"add.s64 clk, clk, {128 * unroll};",
         "setp.lt.u64 clp, clk, cle;",
         "@clp bra CL${:uid};",
-        *(f"st.global.b32 [$3+{i * row_bytes}], clm{i};" for i in range(rows)),
+        *(("bar.sync 0;",) if shared else ()),  # every g_B read before the minima take its place
+        *(f"st.{space}.b32 [$3+{i * row_bytes}], clm{i};" for i in range(rows)),
         "mov.b32 $0, 0;",
         "}",
     ]
@@ -456,6 +488,31 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _shared_base(pid, DECL: tl.constexpr):
+        """The 32-bit shared-memory address of the program's ``g_B`` rows (``encode_keys(shared_scratch=True)``):
+        ``DECL`` declares them as a static ``.shared`` array (:func:`shared_scratch_decl`) and returns its address."""
+        return tl.inline_asm_elementwise(DECL, "=r,r", [pid], dtype=tl.int32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _st_shared16(addr, v):
+        """Store the 16-bit ``v`` (float16 or int16) at the shared addresses ``addr`` (PTX ``st.shared.b16``)."""
+        tl.inline_asm_elementwise(
+            "st.shared.b16 [$1], $2;\n\tmov.u32 $0, 0;", "=r,r,h", [addr, v], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+    @triton.jit
+    def _ld_shared16(addr, I16: tl.constexpr):
+        """The 16-bit values (int16 if ``I16``, else float16) at the shared addresses ``addr`` (``ld.shared.b16``)."""
+        if I16:
+            return tl.inline_asm_elementwise(
+                "ld.shared.b16 $0, [$1];", "=h,r", [addr], dtype=tl.int16, is_pure=False, pack=1
+            )
+        else:
+            return tl.inline_asm_elementwise(
+                "ld.shared.b16 $0, [$1];", "=h,r", [addr], dtype=tl.float16, is_pure=False, pack=1
+            )
+
+    @triton.jit
     def _encode_kernel(
         x_ptr,
         u_ptr,
@@ -731,6 +788,9 @@ if HAS_TRITON:
         ASM_ROWS: tl.constexpr = 16,
         LOOP_PTX: tl.constexpr = "",
         SCR_W: tl.constexpr = 64,
+        SHARED: tl.constexpr = False,
+        SHARED_DECL: tl.constexpr = "",
+        SHARED_ROW: tl.constexpr = 144,
     ):
         # The split search with its 4,096 candidate sums K[A, B] + g_B in packed float16 pairs: lane j of a row
         # holds A = j (low half) and A = j + 32 (high half), so one add.rn.f16x2 and one min.f16x2 cover two
@@ -743,11 +803,15 @@ if HAS_TRITON:
         js = tl.arange(0, 32)
         if ASM_LOOP:  # the scratch's minima as 16-bit halves (entries 64..95) and its float32 g_B (96..159)
             scr_h = (scr + 64).to(tl.pointer_type(tl.int16 if I16 else tl.float16))
-            scr_g = (scr + 96).to(tl.pointer_type(tl.float32))
+            scr_g = (scr + (0 if SHARED else 96)).to(tl.pointer_type(tl.float32))  # SHARED: only g_B in the scratch
             # the PTX loop: one element a thread, 32 lanes x (BLOCK_N / ASM_ROWS) groups of ASM_ROWS rows
             e = tl.arange(0, 32 * (BLOCK_N // ASM_ROWS))
             grp = scr_ptr + (head * n_prog + pid) * BLOCK_N * SCR_W + (e // 32) * (ASM_ROWS * SCR_W)
             lane = e % 32
+            if SHARED:  # the 16-bit g_B, then the minima in their place, in shared memory: SHARED_ROW bytes a row
+                sh_base = _shared_base(pid, SHARED_DECL)  # once: each instance of the PTX declares its own array
+                sh_row = sh_base + lrow * SHARED_ROW
+                sh_grp = sh_base + (e // 32) * (ASM_ROWS * SHARED_ROW)
         for blk in range(pid, n_blocks, n_prog):
             res, rmask, out_row = _load_block(
                 x_ptr, out_ptr, blk * BLOCK_N + lrow, head, cols, dmask, n_rows, stride_xn, stride_xh, stride_on,
@@ -773,7 +837,10 @@ if HAS_TRITON:
                     g16 = g.to(tl.float16)
                     gpack = _f16_pack(g16, g16)
                 tl.debug_barrier()  # the previous step's reads of the scratch are done
-                tl.store(scr[:, None] + ks[None, :], gpack)
+                if SHARED:  # one 16-bit g_B an entry (the loop broadcasts it to both halves)
+                    _st_shared16(sh_row[:, None] + 2 * ks[None, :], gq.to(tl.int16) if I16 else g16)
+                else:
+                    tl.store(scr[:, None] + ks[None, :], gpack)
                 if ASM_LOOP:  # g_B kept in the scratch (entries 96..159), not in registers through the loop
                     tl.store(scr_g[:, None] + ks[None, :], g)
                 tl.debug_barrier()
@@ -781,7 +848,12 @@ if HAS_TRITON:
                     _prefetch_l1(scr[:, None] + (tl.arange(0, 2) * 32)[None, :])
                 kt2 = kt2_ptr + step * 2048 + js  # row B of the packed K^T
                 if ASM_LOOP:  # the minima through the scratch, then A picked from them in one pass over 64
-                    if ASM_PTX:  # the whole loop in PTX (candidate_loop_ptx)
+                    if SHARED:  # the loop in PTX on shared memory (candidate_loop_ptx(shared=True))
+                        tl.inline_asm_elementwise(
+                            LOOP_PTX, "=r,r,l,r", [sh_grp, kt2_ptr + step * 2048 + lane, sh_grp + 4 * lane],
+                            dtype=tl.int32, is_pure=False, pack=1,
+                        )  # fmt: skip
+                    elif ASM_PTX:  # the whole loop in PTX (candidate_loop_ptx)
                         tl.inline_asm_elementwise(
                             LOOP_PTX, "=r,l,l,l", [grp, kt2_ptr + step * 2048 + lane, grp + 64 + lane],
                             dtype=tl.int32, is_pure=False, pack=1,
@@ -793,7 +865,11 @@ if HAS_TRITON:
                     # the order of the minima's halves in memory (ud_ptr, un_ptr: KeyTables.f_tables_in_halves)
                     f, a_of = _split_f_halves(rd, ud_ptr, un_ptr, base, step, ks, cols, dmask, D, PRECISION)
                     tl.debug_barrier()  # the minima written (by other threads)
-                    mh = tl.load(scr_h[:, None] + ks[None, :]).to(tl.float32)
+                    if SHARED:
+                        mh = _ld_shared16(sh_row[:, None] + 2 * ks[None, :], I16)
+                    else:
+                        mh = tl.load(scr_h[:, None] + ks[None, :])
+                    mh = mh.to(tl.float32)
                     if I16:
                         t = mh * tl.load(qs_ptr + step * 3) + f
                     else:
@@ -856,6 +932,25 @@ HALVES_ORDER = torch.arange(64) // 2 + 32 * (torch.arange(64) % 2)
 SCRATCH_ASM = 160
 # the searches that run the split kernel with packed pairs (float16 or int16 sums)
 PAIRED_SEARCHES = ("split_h2", "split_dpx")
+# shared_scratch: bytes a row of the program's shared g_B (64 16-bit entries, then the 32 packed minima in their
+# place), padded from 128 so that a warp's 16-bit stores of a g_B tile (8 rows x 4 lanes a store) spread over the
+# banks (144 / 4 = 36 = 4 mod 32 banks a row) and rows stay 16-byte aligned for the loop's vector loads
+SHARED_ROW_BYTES = 144
+
+
+def shared_scratch_decl(block_n: int) -> str:
+    """PTX declaring the paired searches' shared ``g_B`` rows (``block_n`` rows of :data:`SHARED_ROW_BYTES`, a
+    static ``.shared`` array of the kernel, in one scoped block) and returning their 32-bit shared address."""
+    if block_n < 1:
+        raise ValueError(f"block_n must be >= 1, got {block_n}.")
+    return "\n".join(
+        [
+            "{",
+            f".shared .align 16 .b8 prs_key_scratch[{block_n * SHARED_ROW_BYTES}];",
+            "mov.u32 $0, prs_key_scratch;",
+            "}",
+        ]
+    )
 
 
 def encode_defaults(precision: str = "ieee", search: str | None = None) -> dict:
@@ -906,6 +1001,18 @@ def _check_asm_loop(search: str, wide_lanes: bool, unroll: int, block_n: int, nu
         raise ValueError(f"asm_loop splits block_n rows over num_warps: {block_n} % {num_warps} != 0.")
 
 
+def _check_shared_scratch(shared_scratch: bool, asm_loop: bool, block_n: int) -> None:
+    if not shared_scratch:
+        return
+    if not asm_loop:
+        raise ValueError("shared_scratch is a layout of the PTX candidate loop: pass asm_loop=True with it.")
+    if block_n > 64:
+        raise ValueError(
+            f"shared_scratch holds block_n rows of {SHARED_ROW_BYTES} bytes in static shared memory, which with the "
+            f"kernel's own shared memory must stay under 48 KB: block_n <= 64, got {block_n}."
+        )
+
+
 def _check_maxnreg(maxnreg: int | None) -> None:
     if maxnreg is None:
         return
@@ -938,6 +1045,7 @@ def encode_meta(
     prefetch: bool = False,
     asm_loop: bool = False,
     native_ptx: bool = True,
+    shared_scratch: bool = False,
 ) -> tuple[dict, tuple]:
     """The encode kernel's constexprs and ``(num_warps, num_stages)`` for head dim ``d`` and ``r`` residuals (what
     :func:`encode_keys` launches; :mod:`pressroom.kernels.commvq_resources` compiles exactly this). ``native_dpx``:
@@ -947,7 +1055,10 @@ def encode_meta(
     the scratch (:data:`SCRATCH_ASM` entries a row) and their candidate loop as PTX (:func:`candidate_loop_ptx`,
     ``block_n / num_warps`` rows a thread) where the launch compiles PTX (``NATIVE``) and ``native_ptx`` (the GPU
     runs it: :func:`ptx_loop_native`); the Triton loop, its minima stored where the PTX stores them, otherwise (the
-    interpreter, ROCm, GPUs before sm_80, ``"split_dpx"`` without sm_90)."""
+    interpreter, ROCm, GPUs before sm_80, ``"split_dpx"`` without sm_90). ``shared_scratch`` (with ``asm_loop``): where
+    the PTX loop runs, its ``g_B`` and minima in shared memory (:func:`candidate_loop_ptx` ``shared=True``,
+    :func:`shared_scratch_decl`) and only the float32 ``g_B`` in the global scratch (64 entries a row); elsewhere
+    as ``asm_loop`` alone."""
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}.")
     if precision not in PRECISIONS:
@@ -959,6 +1070,7 @@ def encode_meta(
         raise ValueError(f"prefetch applies to the searches {PAIRED_SEARCHES}, not {search!r}.")
     if asm_loop:
         _check_asm_loop(search, wide_lanes, unroll, block_n, num_warps)
+    _check_shared_scratch(shared_scratch, asm_loop, block_n)
     # "half": float16 operands, exact products summed in float32 (the dot's input_precision does not apply)
     dot_precision = "ieee" if precision == "half" else precision
     meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION=dot_precision)
@@ -971,8 +1083,13 @@ def encode_meta(
             if asm_loop:  # the minima and the float32 g_B go through 96 more scratch entries a row (160 in all)
                 meta.update(ASM_LOOP=True, SCR_W=SCRATCH_ASM)
                 if native and native_ptx:  # the PTX loop, one lane of block_n / num_warps rows a thread
-                    rows = block_n // num_warps
-                    ptx = candidate_loop_ptx(rows, 4 * SCRATCH_ASM, i16=search == "split_dpx", unroll=unroll)
+                    rows, i16 = block_n // num_warps, search == "split_dpx"
+                    if shared_scratch:  # g_B and the minima in shared memory; the float32 g_B alone in the scratch
+                        ptx = candidate_loop_ptx(rows, SHARED_ROW_BYTES, i16=i16, unroll=unroll, shared=True)
+                        decl = shared_scratch_decl(block_n)
+                        meta.update(SHARED=True, SHARED_DECL=decl, SHARED_ROW=SHARED_ROW_BYTES, SCR_W=64)
+                    else:
+                        ptx = candidate_loop_ptx(rows, 4 * SCRATCH_ASM, i16=i16, unroll=unroll)
                     meta.update(ASM_PTX=True, ASM_ROWS=rows, LOOP_PTX=ptx)
             meta.update(
                 NATIVE=native,
@@ -1016,6 +1133,7 @@ def encode_keys(
     maxnreg: int | None = None,
     prefetch: bool = False,
     asm_loop: bool = False,
+    shared_scratch: bool = False,
 ) -> torch.Tensor:
     """Residual-encode normalized keys and pack the codes: ``[N, H_kv, D]`` -> uint8 ``[N, H_kv, ceil(1.5 R)]``.
 
@@ -1089,6 +1207,13 @@ def encode_keys(
         counts: ``benchmarks/results/commvq_encode_asm_sass.json``). The same sums and minima, so the same codes;
         under the interpreter, on ROCm, on GPUs before sm_80 (:func:`ptx_loop_native`) and for ``"split_dpx"``
         without sm_90 the Triton loop runs, its minima stored where the PTX stores them.
+    shared_scratch : bool
+        With ``asm_loop`` (and ``block_n <= 64``): where the PTX loop runs, each row's ``g_B`` goes to shared memory
+        as 64 float16 (int16) values instead of 64 packed pairs in the global scratch, and the loop writes its
+        minima in their place (:func:`candidate_loop_ptx` ``shared=True``): its loads never leave the SM (the
+        global scratch's lines, just written, can miss L1) and read half the bytes (8 candidates a 16-byte load).
+        9 KB of static shared memory a program at ``block_n=64``. The same sums, so the same codes; elsewhere as
+        ``asm_loop`` alone.
     maxnreg : int, optional
         Registers per thread the kernel may use (Triton's ``maxnreg`` launch option: the PTX ``.maxnreg``
         directive, NVIDIA only), a multiple of 8 from 24 to 248; ``None`` (default): the compiler's choice. For
@@ -1121,7 +1246,8 @@ def encode_keys(
         ``precision="half"`` and another search; with ``row_norms`` not ``[N]``; with ``maxnreg`` not ``None`` nor
         a multiple of 8 from 24 to 248, or set for a launch on a ROCm build of PyTorch (an NVIDIA option); with
         ``asm_loop`` and another search than ``"split_h2"`` / ``"split_dpx"``, with ``wide_lanes``, with ``unroll``
-        not a multiple of 4, or with ``block_n`` not a multiple of ``num_warps`` (on every path).
+        not a multiple of 4, or with ``block_n`` not a multiple of ``num_warps``; with ``shared_scratch`` without
+        ``asm_loop`` or with ``block_n > 64`` (on every path).
     """
     n, h, d, r = _check_encode(x, thetas)
     _check_maxnreg(maxnreg)
@@ -1140,6 +1266,7 @@ def encode_keys(
     num_warps = chosen["num_warps"] if num_warps is None else num_warps
     if asm_loop:  # on every path, so that a bad combination fails the same way on the CPU
         _check_asm_loop(search, wide_lanes, unroll, block_n, num_warps)
+    _check_shared_scratch(shared_scratch, asm_loop, block_n)
     if out is None:
         out = torch.empty(n, h, code_bytes(r), dtype=torch.uint8, device=x.device)
     triton_path = resolve_use_triton(use_triton, x, out)
@@ -1191,6 +1318,7 @@ def encode_keys(
         prefetch,
         asm_loop,
         asm_loop and ptx_loop_native(x.device),  # elsewhere the Triton loop, its minima through the scratch as well
+        shared_scratch,
     )
     strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
     n_blocks = triton.cdiv(n, block_n)
@@ -1249,6 +1377,8 @@ __all__ = [
     "I16_SPAN",
     "PAIRED_SEARCHES",
     "candidate_loop_ptx",
+    "SHARED_ROW_BYTES",
+    "shared_scratch_decl",
     "normalize_keys",
     "pack_bits",
     "pack_codes12",

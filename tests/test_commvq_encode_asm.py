@@ -12,6 +12,7 @@ import torch
 from pressroom.kernels.commvq_codebook import additive_parts
 from pressroom.kernels.commvq_encode import (
     SCRATCH_ASM,
+    SHARED_ROW_BYTES,
     candidate_loop_ptx,
     encode_keys,
     encode_keys_split_h2_reference,
@@ -77,19 +78,31 @@ def emulate(ptx: str, mem: np.ndarray, operands: dict) -> None:
             pred, target = op[1:], rest.split()[1]
             pc = labels[target] if regs[pred] else pc
             continue
-        if op == "ld.global.v4.b32":
+        if op in ("ld.global.v4.b32", "ld.shared.v4.b32", "ld.shared.v2.b32"):
             dst, src = rest.split("}, ")
             for k, r in enumerate(dst.strip("{").split(", ")):
                 regs[r] = word(addr(src) + 4 * k)
             continue
+        if op == "mov.b32" and rest.startswith("{"):  # {lo, hi} = a 32-bit word's two halves
+            dst, src = rest.split("}, ")
+            lo, hi = dst.strip("{").split(", ")
+            regs[lo], regs[hi] = val(src) & 0xFFFF, val(src) >> 16
+            continue
+        if op == "bar.sync":  # one thread here: nothing to wait for
+            continue
+        args = [a.strip() for a in rest.split(",", 1)]
+        if op == "mov.b32" and args[1].startswith("{"):  # a word from two halves
+            lo, hi = args[1].strip("{}").split(", ")
+            regs[args[0]] = regs[lo] | (regs[hi] << 16)
+            continue
         args = [a.strip() for a in rest.split(",")]
         if op in ("mov.b64", "mov.b32"):
             regs[args[0]] = val(args[1])
-        elif op == "add.s64":
+        elif op in ("add.s64", "add.s32"):
             regs[args[0]] = val(args[1]) + val(args[2])
         elif op == "ld.global.b32":
             regs[args[0]] = word(addr(args[1]))
-        elif op == "st.global.b32":
+        elif op in ("st.global.b32", "st.shared.b32"):
             mem[addr(args[0]) : addr(args[0]) + 4] = np.array([val(args[1])], dtype=np.uint32).view(np.uint8)
         elif op == "setp.lt.u64":
             regs[args[0]] = val(args[1]) < val(args[2])
@@ -140,6 +153,42 @@ def test_ptx_loop_gives_the_minima_of_the_triton_loop(i16: bool, unroll: int, va
             assert got[h].float().item() == sums.min().float().item(), (r, h)
 
 
+@pytest.mark.parametrize(("i16", "unroll"), [(False, 4), (False, 8), (False, 16), (True, 4), (True, 8)])
+def test_shared_ptx_loop_gives_the_minima_in_place(i16: bool, unroll: int):
+    """The shared-memory loop (``candidate_loop_ptx(shared=True)``): rows of 64 16-bit ``g_B`` (one a candidate,
+    broadcast to both halves of the sum), its minima written over them at the lane's word, ``row_bytes`` apart; the
+    same minima as the Triton loop, in float16 (int16 wrapping) arithmetic."""
+    torch.manual_seed(unroll + 10 * i16)
+    rows, row_bytes, lane = 3, SHARED_ROW_BYTES, 7
+    if i16:
+        g = torch.randint(-9000, 9000, (rows, 64))
+        kt = torch.randint(-9000, 9000, (64, 32, 2))
+        halves = g.to(torch.int16).view(torch.int16)
+    else:
+        g = torch.randn(rows, 64).half().float()
+        kt = torch.randn(64, 32, 2).half().float()
+        halves = g.half().view(torch.int16)
+    mem = np.zeros(rows * row_bytes + 64 * 128, dtype=np.uint8)
+    for r in range(rows):
+        mem[r * row_bytes : r * row_bytes + 128] = halves[r].numpy().view(np.uint8)
+    kt_at = rows * row_bytes
+    words = mem.view(np.uint32)
+    for b in range(64):
+        for j in range(32):
+            words[(kt_at + 128 * b) // 4 + j] = _pair(kt[b, j, :1], kt[b, j, 1:], i16)
+    ptx = candidate_loop_ptx(rows, row_bytes, i16=i16, unroll=unroll, shared=True)
+    assert "ld.global.v4" not in ptx and "bar.sync 0" in ptx
+    emulate(ptx, mem, {"$1": 0, "$2": kt_at + 4 * lane, "$3": 4 * lane})
+    for r in range(rows):
+        got = _halves(int(words[(r * row_bytes + 4 * lane) // 4]), i16)
+        for h in range(2):
+            if i16:
+                sums = (kt[:, lane, h] + g[r] + 32768) % 65536 - 32768
+            else:
+                sums = (kt[:, lane, h].half() + g[r].half()).float()
+            assert got[h].float().item() == sums.min().float().item(), (r, h)
+
+
 def test_ptx_loop_and_launch_argument_checks():
     with pytest.raises(ValueError, match="rows must be >= 1"):
         candidate_loop_ptx(0, 384)
@@ -147,6 +196,9 @@ def test_ptx_loop_and_launch_argument_checks():
         candidate_loop_ptx(4, 384, unroll=6)
     with pytest.raises(ValueError, match="row_bytes"):
         candidate_loop_ptx(4, 100)
+    with pytest.raises(ValueError, match="row_bytes"):
+        candidate_loop_ptx(4, 136, shared=True)  # not a multiple of 16
+    assert "ld.shared.v2.b32" in candidate_loop_ptx(4, 128, shared=True)  # 64 halves fit 128 bytes
     with pytest.raises(ValueError, match="asm_loop applies to the searches"):
         encode_meta(128, 11, 64, 4, 1, "split", "tf32", asm_loop=True)
     with pytest.raises(ValueError, match="wide_lanes=False"):
@@ -162,6 +214,10 @@ def test_ptx_loop_and_launch_argument_checks():
         encode_keys(x[0], theta, use_triton=False, precision="half", wide_lanes=True, asm_loop=True)
     with pytest.raises(ValueError, match="asm_loop applies to the searches"):
         encode_keys(x[0], theta, use_triton=False, asm_loop=True)  # the flat search of "ieee"
+    with pytest.raises(ValueError, match="pass asm_loop=True with it"):
+        encode_keys(x[0], theta, use_triton=False, precision="half", shared_scratch=True)
+    with pytest.raises(ValueError, match="block_n <= 64"):
+        encode_meta(128, 11, 128, 8, 1, "split_h2", "half", asm_loop=True, shared_scratch=True)
 
 
 def test_f_tables_in_halves_order():
@@ -188,12 +244,18 @@ def test_asm_loop_meta_takes_the_ptx_only_where_it_runs(monkeypatch):
 
     got = meta()  # under the interpreter
     assert got["ASM_LOOP"] and got["SCR_W"] == SCRATCH_ASM == 160 and "ASM_PTX" not in got
+    assert meta(shared_scratch=True) == got  # no PTX, no shared layout
     monkeypatch.setattr(commvq_encode, "triton_interpreted", lambda: False)  # a launch compiled for a GPU
     got = meta()
     assert got["ASM_PTX"] and got["ASM_ROWS"] == 16 and "min.f16x2" in got["LOOP_PTX"]
     for off in (meta(native_ptx=False), meta("split_dpx", native_dpx=False)):  # ROCm / before sm_80; sm_80-89
         assert off["ASM_LOOP"] and off["SCR_W"] == 160 and "ASM_PTX" not in off and "LOOP_PTX" not in off
     assert "add.s16x2" in meta("split_dpx")["LOOP_PTX"]
+    shared = meta(shared_scratch=True)  # g_B and the minima in shared memory, the float32 g_B alone in the scratch
+    assert shared["SHARED"] and shared["SCR_W"] == 64 and "ld.shared.v2.b32" in shared["LOOP_PTX"]
+    assert f"prs_key_scratch[{64 * SHARED_ROW_BYTES}]" in shared["SHARED_DECL"]
+    off = meta(shared_scratch=True, native_ptx=False)  # no PTX: the global scratch of asm_loop alone
+    assert "SHARED" not in off and off["SCR_W"] == SCRATCH_ASM
     assert "ASM_LOOP" not in encode_meta(128, 11, 64, 4, 1, "split_h2", "half")[0]  # the default: no scratch trip
 
 
@@ -216,6 +278,7 @@ def test_asm_loop_path_equals_the_reference_with_exact_ties(search: str):
     assert torch.equal(got, want)
     assert (unpack_codes12(got, 2)[:8, 0, 0] == 64).all()  # A = 1, B = 0
     assert torch.equal(got, encode_keys(x, theta, use_triton=True, **kw))
+    assert torch.equal(got, encode_keys(x, theta, use_triton=True, asm_loop=True, shared_scratch=True, **kw))
 
 
 _ASM_PROBE = """
@@ -225,22 +288,30 @@ from pressroom.kernels import commvq_encode
 from pressroom.kernels.commvq_resources import _cubin_usage, kernel_resources_compiled
 half = {k: "*fp16" for k in ("ud_ptr", "wd_ptr", "u_ptr", "w_ptr")}
 out = {}
-for search in ("split_h2", "split_dpx"):
-    meta, (nw, ns) = commvq_encode.encode_meta(128, 11, 64, 4, 1, search, "half", row_norms=True, asm_loop=True)
+for search, shared in (("split_h2", False), ("split_dpx", False), ("split_h2", True)):
+    meta, (nw, ns) = commvq_encode.encode_meta(128, 11, 64, 4, 1, search, "half", row_norms=True, asm_loop=True,
+                                               shared_scratch=shared)
     meta["NATIVE"] = True
     c = kernel_resources_compiled(commvq_encode.encode_kernel(search), meta, nw, ns, half)
     ptx = c.asm["ptx"]
-    out[search] = dict(meta_rows=meta.get("ASM_ROWS"), labels=len(re.findall(r"^\\s*CL\\d+:", ptx, re.M)),
-                       v4=ptx.count("ld.global.v4.b32 {clx0"), **_cubin_usage(c.asm["cubin"]))
+    key = search + ("_shared" if shared else "")
+    out[key] = dict(meta_rows=meta.get("ASM_ROWS"), labels=len(re.findall(r"^\\s*CL\\d+:", ptx, re.M)),
+                    v4=ptx.count("ld.global.v4.b32 {clx0"), shared_v2=ptx.count("ld.shared.v2.b32 {clx0"),
+                    decls=ptx.count(".shared .align 16 .b8 prs_key_scratch"), dynamic_shared=c.metadata.shared,
+                    **_cubin_usage(c.asm["cubin"]))
     with tempfile.TemporaryDirectory() as tmp:  # the SASS, where cuobjdump is
         path = os.path.join(tmp, "k.cubin")
         open(path, "wb").write(c.asm["cubin"])
         try:
             sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True).stdout
+            res = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", path], capture_output=True, text=True)
+            m = re.search(r"SHARED:(\\d+)", res.stdout)
+            if m:
+                out[key]["static_shared"] = int(m.group(1))
         except Exception:
             sass = ""
     ops = re.findall(r"\\*/\\s+(?:@!?U?P\\w+\\s+)?([A-Z][A-Z0-9_.]*)", sass)
-    out[search]["sass"] = {op: sum(o.split(".")[0] == op for o in ops) for op in ("HMNMX2", "VHMNMX", "VIADDMNMX")}
+    out[key]["sass"] = {op: sum(o.split(".")[0] == op for o in ops) for op in ("HMNMX2", "VHMNMX", "VIADDMNMX")}
 print(json.dumps(out))
 """
 
@@ -250,9 +321,15 @@ def test_asm_loop_compiles_for_sm90(sm90_probe):
     once per kernel (a unique label), one 16-byte ``g_B`` load per row and 4 candidates, and at most a small spill."""
     got = sm90_probe(_ASM_PROBE)
     for search, row in got.items():
-        assert row["meta_rows"] == 16 and row["labels"] == 1 and row["v4"] == 16, (search, row)
+        shared = search.endswith("_shared")
+        assert row["meta_rows"] == 16 and row["labels"] == 1, (search, row)
+        # per row and 4 candidates one 16-byte load of packed pairs (global) or one 8-byte load of halves (shared)
+        assert (row["v4"], row["shared_v2"], row["decls"]) == ((0, 16, 1) if shared else (16, 0, 0)), (search, row)
         if "stack_bytes" in row:
             assert row["stack_bytes"] <= 64, (search, row)
+        if "static_shared" in row:  # static and dynamic together within the 48 KB a launch has without opting in
+            assert row["static_shared"] + row["dynamic_shared"] <= 48 * 1024, (search, row)
+            assert row["static_shared"] >= (64 * SHARED_ROW_BYTES if shared else 0), (search, row)
         ops = row["sass"]
         if any(ops.values()):  # cuobjdump was there: the loop's 64 minima per pass, fused as ptxas likes
             if search == "split_dpx":
@@ -264,8 +341,10 @@ def test_asm_loop_compiles_for_sm90(sm90_probe):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("search", ["split_h2", "split_dpx"])
 @pytest.mark.parametrize(("block_n", "num_warps"), [(64, 4), (32, 2), (64, 8), (32, 8), (16, 4)])
-def test_asm_loop_equals_the_triton_loop_on_a_gpu(search: str, block_n: int, num_warps: int):
-    """On a GPU that runs the PTX loop: the same codes as the Triton loop, at 16, 8 and 4 rows a thread."""
+@pytest.mark.parametrize("shared", [False, True])
+def test_asm_loop_equals_the_triton_loop_on_a_gpu(search: str, block_n: int, num_warps: int, shared: bool):
+    """On a GPU that runs the PTX loop: the same codes as the Triton loop, at 16, 8 and 4 rows a thread, with the
+    global scratch and with ``g_B`` and the minima in shared memory."""
     from pressroom.kernels.commvq_encode import dpx_native, ptx_loop_native
 
     device = torch.device("cuda")
@@ -276,4 +355,5 @@ def test_asm_loop_equals_the_triton_loop_on_a_gpu(search: str, block_n: int, num
     x, _ = normalize_keys(torch.randn(1, 4, 1000, 128, generator=g).to(device))
     kw = dict(use_triton=True, search=search, precision="half", block_n=block_n, num_warps=num_warps)
     kw["key_norm_bound"] = 1.0
-    assert torch.equal(encode_keys(x[0], theta, **kw, asm_loop=True), encode_keys(x[0], theta, **kw))
+    got = encode_keys(x[0], theta, **kw, asm_loop=True, shared_scratch=shared)
+    assert torch.equal(got, encode_keys(x[0], theta, **kw))
