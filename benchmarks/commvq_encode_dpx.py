@@ -12,8 +12,9 @@ codebooks, random keys, 8 KV heads, head_dim 128):
   variant's (``reference``) and the squared key error of the codes;
 - ``layer_ms``: the whole layer's encode through the cache's own path (``CommVQLayer._encode``, ``value_refine=0``,
   ``encode_precision="half"``, chunks of ``--chunk`` tokens) for each run of ``--layer-runs`` (:data:`LAYER_RUNS`;
-  default: ``split_h2``, ``split_dpx``, and ``split_h2`` with the value encoder's input formed in PyTorch instead of
-  the one-pass kernel, :mod:`pressroom.kernels.commvq_value_prep`), with its kernels (``torch.profiler``), the share
+  default: ``split_h2``, ``split_dpx``, and ``split_h2`` with the value encoder's input or the key norms formed in
+  PyTorch instead of the one-pass kernels, :mod:`pressroom.kernels.commvq_value_prep` and
+  :mod:`pressroom.kernels.commvq_key_norms`), with its kernels (``torch.profiler``), the share
   of code rows equal to the first run's (``rows_equal_to_first``) and, with the default runs, the share of value
   bytes the two value-encoder inputs give alike. ``ms`` is the layer between CUDA events with the host launching
   inline (what a lone call costs); ``gpu_ms`` the same call with the host's launches run ahead behind a sleep kernel
@@ -106,26 +107,29 @@ VARIANTS = (
         dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, block_n=16, num_warps=4),
     ),
 )
-# (label, encode_keys options, value encoder input in PyTorch) of the whole layer's runs: the first is the reference
-# of the equal-rows share; split_h2_value_prep_pytorch is the path before pressroom.kernels.commvq_value_prep
+# (label, encode_keys options, the cache's one-pass kernels run as their PyTorch references instead: "value_prep" for
+# the value encoder's input, "key_norms" for the tokens' key norms) of the whole layer's runs: the first is the
+# reference of the equal-rows share; split_h2_value_prep_pytorch is the path before pressroom.kernels.commvq_value_prep,
+# split_h2_key_norms_pytorch the one before pressroom.kernels.commvq_key_norms
 LAYER_RUNS = (
-    ("split_h2", dict(search="split_h2"), False),
-    ("split_dpx", dict(search="split_dpx"), False),
-    ("split_h2_value_prep_pytorch", dict(search="split_h2"), True),
-    ("split_h2_prefetch", dict(search="split_h2", prefetch=True), False),
-    ("split_h2_wide_prefetch", dict(search="split_h2", wide_lanes=True, prefetch=True), False),
-    ("split_h2_asm", dict(search="split_h2", asm_loop=True), False),
-    ("split_dpx_asm", dict(search="split_dpx", asm_loop=True), False),
-    ("split_h2_asm_bn32_w4", dict(search="split_h2", asm_loop=True, block_n=32, num_warps=4), False),
-    ("split_dpx_asm_bn32_w4", dict(search="split_dpx", asm_loop=True, block_n=32, num_warps=4), False),
-    ("split_h2_asm_bn32_w4_r168", dict(search="split_h2", asm_loop=True, block_n=32, num_warps=4, maxnreg=168), False),
-    ("split_h2_asm_bn16_w4", dict(search="split_h2", asm_loop=True, block_n=16, num_warps=4), False),
-    ("split_dpx_asm_unroll8", dict(search="split_dpx", asm_loop=True, unroll=8), False),
-    ("split_h2_asm_shared", dict(search="split_h2", asm_loop=True, shared_scratch=True), False),
-    ("split_h2_asm_shared_unroll8", dict(search="split_h2", asm_loop=True, shared_scratch=True, unroll=8), False),
-    ("split_dpx_asm_shared", dict(search="split_dpx", asm_loop=True, shared_scratch=True), False),
+    ("split_h2", dict(search="split_h2"), ()),
+    ("split_dpx", dict(search="split_dpx"), ()),
+    ("split_h2_value_prep_pytorch", dict(search="split_h2"), ("value_prep",)),
+    ("split_h2_key_norms_pytorch", dict(search="split_h2"), ("key_norms",)),
+    ("split_h2_prefetch", dict(search="split_h2", prefetch=True), ()),
+    ("split_h2_wide_prefetch", dict(search="split_h2", wide_lanes=True, prefetch=True), ()),
+    ("split_h2_asm", dict(search="split_h2", asm_loop=True), ()),
+    ("split_dpx_asm", dict(search="split_dpx", asm_loop=True), ()),
+    ("split_h2_asm_bn32_w4", dict(search="split_h2", asm_loop=True, block_n=32, num_warps=4), ()),
+    ("split_dpx_asm_bn32_w4", dict(search="split_dpx", asm_loop=True, block_n=32, num_warps=4), ()),
+    ("split_h2_asm_bn32_w4_r168", dict(search="split_h2", asm_loop=True, block_n=32, num_warps=4, maxnreg=168), ()),
+    ("split_h2_asm_bn16_w4", dict(search="split_h2", asm_loop=True, block_n=16, num_warps=4), ()),
+    ("split_dpx_asm_unroll8", dict(search="split_dpx", asm_loop=True, unroll=8), ()),
+    ("split_h2_asm_shared", dict(search="split_h2", asm_loop=True, shared_scratch=True), ()),
+    ("split_h2_asm_shared_unroll8", dict(search="split_h2", asm_loop=True, shared_scratch=True, unroll=8), ()),
+    ("split_dpx_asm_shared", dict(search="split_dpx", asm_loop=True, shared_scratch=True), ()),
 )
-DEFAULT_LAYER_RUNS = ("split_h2", "split_dpx", "split_h2_value_prep_pytorch")
+DEFAULT_LAYER_RUNS = ("split_h2", "split_dpx", "split_h2_value_prep_pytorch", "split_h2_key_norms_pytorch")
 # GPU cycles of sleep before each gpu_ms call of the whole layer: long enough (about 10 ms) for the host to launch the
 # layer's four chunks (about 100 launches) while the GPU waits
 LAYER_SLEEP_CYCLES = 20_000_000
@@ -283,14 +287,15 @@ def measure(
         layer._encode(raw, values, positions)
 
     default_block, default_encode = commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys
-    default_prep = commvq_cache.value_prep
+    default_prep, default_norms = commvq_cache.value_prep, commvq_cache.key_norms
     layer_rows, codes, vbits = {}, {}, {}
     try:
         commvq_cache.ENCODE_BLOCK = chunk
-        for label, opts, prep_pytorch in layer_runs:
-            prep = functools.partial(default_prep, use_triton=False) if prep_pytorch else default_prep
+        for label, opts, pytorch in layer_runs:
+            prep = functools.partial(default_prep, use_triton=False) if "value_prep" in pytorch else default_prep
             commvq_cache.encode_keys = functools.partial(default_encode, **opts)
             commvq_cache.value_prep = lambda *a, prep=prep: prep(*_without_use_triton(a))
+            commvq_cache.key_norms = (lambda k, _: default_norms(k, False)) if "key_norms" in pytorch else default_norms
             layer_rows[label] = dict(ms=median_ms(run_layer, reps, cuda), kernels_ms=kernel_ms(run_layer, 2))
             if cuda:  # the host's launches hidden (LAYER_SLEEP_CYCLES: about 10 ms of GPU sleep before each call)
                 layer_rows[label]["gpu_ms"] = sorted(gpu_ms(run_layer, reps, sleep_cycles=LAYER_SLEEP_CYCLES))[
@@ -300,7 +305,7 @@ def measure(
             log(f"{bits} bit, whole layer, {label}: {layer_rows[label]['ms']:.2f} ms")
     finally:
         commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys = default_block, default_encode
-        commvq_cache.value_prep = default_prep
+        commvq_cache.value_prep, commvq_cache.key_norms = default_prep, default_norms
     first = layer_runs[0][0]
     for label in codes:  # the code rows of each run equal to the first run's
         if label != first:

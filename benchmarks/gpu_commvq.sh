@@ -165,7 +165,7 @@ encode_asm)
     split_h2_half_asm_bn32_w2 split_dpx_half_asm_bn32_w4 split_h2_half_asm_bn64_w8 split_h2_half_asm_bn32_w4_r168 \
     split_h2_half_asm_bn16_w4 split_h2_half_asm_bn64_w8_r128 split_dpx_half_asm_unroll8 \
     split_h2_half_asm_shared split_h2_half_asm_shared_unroll8 split_dpx_half_asm_shared split_h2_half_asm_shared_bn16_w4 \
-    --layer-runs split_h2 split_h2_asm split_h2_asm_shared split_h2_asm_shared_unroll8 split_dpx split_dpx_asm \
+    --layer-runs split_h2 split_h2_asm split_h2_asm_shared split_h2_asm_shared_unroll8 split_h2_key_norms_pytorch split_dpx split_dpx_asm \
     split_h2_asm_bn32_w4 split_dpx_asm_bn32_w4 split_h2_asm_bn32_w4_r168 split_h2_asm_bn16_w4 split_dpx_asm_unroll8 \
     --output "$out/commvq_encode_asm.json"
   ;;

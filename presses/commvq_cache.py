@@ -48,6 +48,7 @@ from pressroom.kernels.commvq_attention import (
 from pressroom.kernels.commvq_beam import check_beam, encode_keys_beam
 from pressroom.kernels.commvq_codebook import check_pair_weights, from_interleaved, search_operands, to_interleaved
 from pressroom.kernels.commvq_encode import PRECISIONS, KeyTables, code_bytes, encode_keys, pack_bits
+from pressroom.kernels.commvq_key_norms import key_norms
 from pressroom.kernels.commvq_value_codes import value_codes
 from pressroom.kernels.commvq_value_prep import value_prep, values_by_token
 from pressroom.kernels.rope_ring import resolve_use_triton
@@ -414,7 +415,7 @@ class CommVQLayer(_CommVQLayerBase):
             e = min(m, s + ENCODE_BLOCK)
             lo, hi = self.n + s, self.n + e
             k = keys_il[:, :, s:e].float()  # [B, H, n, D]
-            norms = torch.linalg.vector_norm(k, dim=(1, 3))  # [B, n]: a token's heads together, read in place
+            norms = key_norms(k, self._triton)  # [B, n]: a token's heads together, read in place (one pass on Triton)
             safe = torch.where(norms > 0, norms, 1.0)
             x, row_norms = k.transpose(1, 2), safe  # [B, n, H, D]: encode_keys divides (in the kernel on Triton)
             if self.search.scale is not None:  # weighted search: divide, then scale the pairs
