@@ -102,6 +102,15 @@ VARIANTS = (
         dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, unroll=8),
     ),
     ("split_dpx_half_asm_shared", dict(search="split_dpx", precision="half", asm_loop=True, shared_scratch=True)),
+    # with the L1 prefetch of the tables the step reads after the loop and the next step reads first
+    (
+        "split_h2_half_asm_shared_prefetch",
+        dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, prefetch=True),
+    ),
+    (
+        "split_h2_half_asm_shared_unroll8_prefetch",
+        dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, unroll=8, prefetch=True),
+    ),
     (
         "split_h2_half_asm_shared_bn16_w4",
         dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, block_n=16, num_warps=4),
@@ -128,6 +137,11 @@ LAYER_RUNS = (
     ("split_h2_asm_shared", dict(search="split_h2", asm_loop=True, shared_scratch=True), ()),
     ("split_h2_asm_shared_unroll8", dict(search="split_h2", asm_loop=True, shared_scratch=True, unroll=8), ()),
     ("split_dpx_asm_shared", dict(search="split_dpx", asm_loop=True, shared_scratch=True), ()),
+    (
+        "split_h2_asm_shared_unroll8_prefetch",
+        dict(search="split_h2", asm_loop=True, shared_scratch=True, unroll=8, prefetch=True),
+        (),
+    ),
 )
 DEFAULT_LAYER_RUNS = ("split_h2", "split_dpx", "split_h2_value_prep_pytorch", "split_h2_key_norms_pytorch")
 # GPU cycles of sleep before each gpu_ms call of the whole layer: long enough (about 10 ms) for the host to launch the
@@ -174,6 +188,7 @@ SASS_VARIANTS = (
     "split_h2_half_asm_shared_unroll8",
     "split_dpx_half_asm_shared",
     "split_h2_half_asm_shared_bn16_w4",
+    "split_h2_half_asm_shared_unroll8_prefetch",
 )
 
 

@@ -488,6 +488,14 @@ if HAS_TRITON:
         )
 
     @triton.jit
+    def _prefetch_table(ptr, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """Ask for a ``[ROWS, COLS]`` table at ``ptr`` (contiguous, of ``ptr``'s element type) in L1, one
+        ``prefetch.global.L1`` a 128-byte line (with 128 threads and a 16 KB table, one a thread)."""
+        ELEM: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
+        LINES: tl.constexpr = ROWS * COLS * ELEM // 128
+        _prefetch_l1(ptr.to(tl.pointer_type(tl.int8)) + tl.arange(0, LINES) * 128)
+
+    @triton.jit
     def _shared_base(pid, DECL: tl.constexpr):
         """The 32-bit shared-memory address of the program's ``g_B`` rows (``encode_keys(shared_scratch=True)``):
         ``DECL`` declares them as a static ``.shared`` array (:func:`shared_scratch_decl`) and returns its address."""
@@ -844,9 +852,19 @@ if HAS_TRITON:
                 if ASM_LOOP:  # g_B kept in the scratch (entries 96..159), not in registers through the loop
                     tl.store(scr_g[:, None] + ks[None, :], g)
                 tl.debug_barrier()
-                if PREFETCH:  # the scratch rows just written (two lines a row), in L1 while the f dots run
+                if PREFETCH and not SHARED:  # the scratch rows just written (two lines a row), in L1 for the loop
                     _prefetch_l1(scr[:, None] + (tl.arange(0, 2) * 32)[None, :])
                 kt2 = kt2_ptr + step * 2048 + js  # row B of the packed K^T
+                if PREFETCH and ASM_LOOP:  # in L1 while the loop runs: what the step reads after it (the f dot's
+                    # table, the rows of K that pick B, the centres the residual update gathers) and what the next
+                    # step reads first (its g dot's table, its K^T)
+                    _prefetch_table(ud_ptr + base, 64, D)
+                    _prefetch_table(k_ptr + step * 4096, 64, 64)
+                    _prefetch_table(u_ptr + base, 64, D)
+                    _prefetch_table(w_ptr + base, 64, D)
+                    nstep = head * R + (r + 1) % R  # the next block's first step after the last
+                    _prefetch_table(wd_ptr + nstep * 64 * D, 64, D)
+                    _prefetch_table(kt2_ptr + nstep * 2048, 64, 32)
                 if ASM_LOOP:  # the minima through the scratch, then A picked from them in one pass over 64
                     if SHARED:  # the loop in PTX on shared memory (candidate_loop_ptx(shared=True))
                         tl.inline_asm_elementwise(
@@ -1196,7 +1214,11 @@ def encode_keys(
         and the program's scratch of ``g_B`` (just written) in L1 (PTX ``prefetch.global.L1``) before the dot
         products, so that the candidate loop's loads find them there (an Nsight Compute profile of the default
         search on an H200 has 67% of its warp samples in that loop, most waiting on those loads:
-        ``benchmarks/results/commvq_encode_ncu.json``). The same codes; no effect off a GPU.
+        ``benchmarks/results/commvq_encode_ncu.json``). With ``asm_loop``, also before the loop: the tables the step
+        reads after it (the ``f`` dot's ``u``, the rows of ``K`` that pick ``B``, the centres the residual update
+        gathers) and the ones the next step reads first (its ``g`` dot's ``w``, its ``K^T``), one
+        ``prefetch.global.L1`` a 128-byte line (about 6 a thread and step), so that their loads after the loop find
+        L1 instead of L2 (without ``shared_scratch`` the scratch rows as well). The same codes; no effect off a GPU.
     asm_loop : bool
         ``"split_h2"`` / ``"split_dpx"`` compiled for a GPU: the candidate loop as PTX (:func:`candidate_loop_ptx`):
         each thread takes one lane of ``block_n / num_warps`` consecutive rows and loads each row's ``g_B`` four

@@ -344,7 +344,7 @@ def test_asm_loop_compiles_for_sm90(sm90_probe):
 @pytest.mark.parametrize("shared", [False, True])
 def test_asm_loop_equals_the_triton_loop_on_a_gpu(search: str, block_n: int, num_warps: int, shared: bool):
     """On a GPU that runs the PTX loop: the same codes as the Triton loop, at 16, 8 and 4 rows a thread, with the
-    global scratch and with ``g_B`` and the minima in shared memory."""
+    global scratch and with ``g_B`` and the minima in shared memory (and the tables' L1 prefetch)."""
     from pressroom.kernels.commvq_encode import dpx_native, ptx_loop_native
 
     device = torch.device("cuda")
@@ -355,5 +355,5 @@ def test_asm_loop_equals_the_triton_loop_on_a_gpu(search: str, block_n: int, num
     x, _ = normalize_keys(torch.randn(1, 4, 1000, 128, generator=g).to(device))
     kw = dict(use_triton=True, search=search, precision="half", block_n=block_n, num_warps=num_warps)
     kw["key_norm_bound"] = 1.0
-    got = encode_keys(x[0], theta, **kw, asm_loop=True, shared_scratch=shared)
+    got = encode_keys(x[0], theta, **kw, asm_loop=True, shared_scratch=shared, prefetch=shared)  # prefetch: no effect
     assert torch.equal(got, encode_keys(x[0], theta, **kw))
