@@ -45,11 +45,12 @@
 #                                            # (wide_lanes), 1 and 2 bits: two JSONs (NCU_VARIANTS: other labels of
 #                                            # commvq_encode_dpx.py, e.g. "split_h2_half split_h2_half_prefetch";
 #                                            # about 70 s each on an H200; needs ncu)
-#   bash benchmarks/gpu_commvq.sh encode_asm  # the key search's candidate loop in PTX (encode_keys(asm_loop=True))
-#                                            # next to the Triton loop at 128k, 1 and 2 bits: the kernel alone on a
-#                                            # 32k chunk (tilings, unroll, prefetch, a register cap; codes checked
-#                                            # against the Triton loop's) and the whole layer (about 6 minutes;
-#                                            # ENCODE_BITS="1": 1 bit only, about half)
+#   bash benchmarks/gpu_commvq.sh encode_asm  # the key search's candidate loop in PTX (encode_keys(asm_loop=True):
+#                                            # global or shared g_B, the tables' L1 prefetch) next to the Triton
+#                                            # loop at 128k, 1 bit: the kernel alone on a 32k chunk (tilings,
+#                                            # unroll, a register cap; codes checked against the Triton loop's) and
+#                                            # the whole layer (with the key norms' one-pass kernel against
+#                                            # PyTorch's); ENCODE_BITS="1 2" for 2 bits too
 #   bash benchmarks/gpu_commvq.sh encode_h2  # the key search alone at 128k, 1 and 2 bits: the split search with
 #                                            # float16 sums (split_h2) next to the float32 one and the flat ieee
 #                                            # search (kernels only: no .gpu load needed)
@@ -160,13 +161,14 @@ encode_ncu)
   done
   ;;
 encode_asm)
-  python3 benchmarks/commvq_encode_dpx.py --sass --bits ${ENCODE_BITS:-1 2} --variants split_h2_half split_h2_half_asm split_dpx_half \
-    split_dpx_half_asm split_h2_half_asm_unroll8 split_h2_half_asm_prefetch split_h2_half_asm_bn32_w4 \
-    split_h2_half_asm_bn32_w2 split_dpx_half_asm_bn32_w4 split_h2_half_asm_bn64_w8 split_h2_half_asm_bn32_w4_r168 \
-    split_h2_half_asm_bn16_w4 split_h2_half_asm_bn64_w8_r128 split_dpx_half_asm_unroll8 \
-    split_h2_half_asm_shared split_h2_half_asm_shared_unroll8 split_dpx_half_asm_shared split_h2_half_asm_shared_bn16_w4 \
-    --layer-runs split_h2 split_h2_asm split_h2_asm_shared split_h2_asm_shared_unroll8 split_h2_key_norms_pytorch split_dpx split_dpx_asm \
-    split_h2_asm_bn32_w4 split_dpx_asm_bn32_w4 split_h2_asm_bn32_w4_r168 split_h2_asm_bn16_w4 split_dpx_asm_unroll8 \
+  # 1 bit by default (the target's case; each variant is a compile of a few seconds): ENCODE_BITS="1 2" for both
+  python3 benchmarks/commvq_encode_dpx.py --sass --bits ${ENCODE_BITS:-1} --variants split_h2_half split_h2_half_asm \
+    split_h2_half_asm_unroll8 split_h2_half_asm_shared split_h2_half_asm_shared_unroll8 \
+    split_h2_half_asm_shared_unroll8_prefetch split_h2_half_asm_prefetch split_dpx_half split_dpx_half_asm \
+    split_dpx_half_asm_unroll8 split_h2_half_asm_bn32_w4 split_h2_half_asm_bn16_w4 split_h2_half_asm_shared_bn16_w4 \
+    split_h2_half_asm_bn64_w8_r128 \
+    --layer-runs split_h2 split_h2_key_norms_pytorch split_h2_asm split_h2_asm_shared_unroll8 \
+    split_h2_asm_shared_unroll8_prefetch split_dpx_asm split_h2_asm_bn16_w4 \
     --output "$out/commvq_encode_asm.json"
   ;;
 encode_h2)
