@@ -22,6 +22,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from pressroom.kernels.commvq_value_prep import _token_rows
+
 
 def _check(keys: torch.Tensor) -> tuple[int, ...]:
     if keys.dim() != 4:
@@ -53,9 +55,7 @@ if HAS_TRITON:
         ROWS: tl.constexpr,
     ):
         # ROWS tokens a program; per KV head one [ROWS, D] tile of contiguous rows, squares summed in float32
-        pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a long prompt's keys pass 2^31 elements
-        rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        b, rows = _token_rows(ROWS)
         cols = tl.arange(0, BLOCK_D)
         mask = (rows < n)[:, None] & (cols < D)[None, :]
         base = k_ptr + b * stride_kb + rows[:, None] * stride_kn + cols[None, :]

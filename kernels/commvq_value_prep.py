@@ -76,6 +76,13 @@ def value_prep_reference(
 if HAS_TRITON:
 
     @triton.jit
+    def _token_rows(ROWS: tl.constexpr):
+        """A program's batch index and its ``ROWS`` token indices (program ids 1 and 0), 64-bit: a long prompt's
+        ``[B, H, n, D]`` cache tensors pass 2^31 elements."""
+        b = tl.program_id(1).to(tl.int64)
+        return b, tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+
+    @triton.jit
     def _value_prep_kernel(
         v_ptr,
         scale_ptr,
@@ -95,9 +102,7 @@ if HAS_TRITON:
         ROWS: tl.constexpr,
     ):
         # ROWS tokens per program, all F = H * D features of each: head f // D, element f % D
-        pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a long prompt's values pass 2^31 elements
-        rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        b, rows = _token_rows(ROWS)
         f = tl.arange(0, BLOCK_F).to(tl.int64)
         rmask = rows < n
         fmask = f < F
