@@ -488,18 +488,21 @@ if HAS_TRITON:
         )
 
     @triton.jit
-    def _prefetch_table(ptr, ROWS: tl.constexpr, COLS: tl.constexpr):
-        """Ask for a ``[ROWS, COLS]`` table at ``ptr`` (contiguous, of ``ptr``'s element type) in L1, one
-        ``prefetch.global.L1`` a 128-byte line (with 128 threads and a 16 KB table, one a thread)."""
+    def _prefetch_table(ptr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """Ask for a ``[ROWS, COLS]`` table at ``ptr`` (contiguous, of ``ptr``'s element type; ``ROWS`` and
+        ``BLOCK_COLS >= COLS`` powers of two) in L1, one ``prefetch.global.L1`` per 128 bytes of each row (the last
+        one clamped into the row: with 128 threads and a 16 KB table, one a thread)."""
         ELEM: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
-        LINES: tl.constexpr = ROWS * COLS * ELEM // 128
-        _prefetch_l1(ptr.to(tl.pointer_type(tl.int8)) + tl.arange(0, LINES) * 128)
+        CHUNKS: tl.constexpr = (BLOCK_COLS * ELEM + 127) // 128  # a power of two
+        chunk = tl.minimum(tl.arange(0, CHUNKS) * 128, COLS * ELEM - 1)
+        at = tl.arange(0, ROWS)[:, None] * (COLS * ELEM) + chunk[None, :]
+        _prefetch_l1(ptr.to(tl.pointer_type(tl.int8)) + at)
 
     @triton.jit
     def _shared_base(pid, DECL: tl.constexpr):
         """The 32-bit shared-memory address of the program's ``g_B`` rows (``encode_keys(shared_scratch=True)``):
         ``DECL`` declares them as a static ``.shared`` array (:func:`shared_scratch_decl`) and returns its address."""
-        return tl.inline_asm_elementwise(DECL, "=r,r", [pid], dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(DECL, "=r,r", [pid], dtype=tl.int32, is_pure=False, pack=1)  # never copied
 
     @triton.jit
     def _st_shared16(addr, v):
@@ -858,13 +861,13 @@ if HAS_TRITON:
                 if PREFETCH and ASM_LOOP:  # in L1 while the loop runs: what the step reads after it (the f dot's
                     # table, the rows of K that pick B, the centres the residual update gathers) and what the next
                     # step reads first (its g dot's table, its K^T)
-                    _prefetch_table(ud_ptr + base, 64, D)
-                    _prefetch_table(k_ptr + step * 4096, 64, 64)
-                    _prefetch_table(u_ptr + base, 64, D)
-                    _prefetch_table(w_ptr + base, 64, D)
+                    _prefetch_table(ud_ptr + base, 64, D, BLOCK_D)
+                    _prefetch_table(k_ptr + step * 4096, 64, 64, 64)
+                    _prefetch_table(u_ptr + base, 64, D, BLOCK_D)
+                    _prefetch_table(w_ptr + base, 64, D, BLOCK_D)
                     nstep = head * R + (r + 1) % R  # the next block's first step after the last
-                    _prefetch_table(wd_ptr + nstep * 64 * D, 64, D)
-                    _prefetch_table(kt2_ptr + nstep * 2048, 64, 32)
+                    _prefetch_table(wd_ptr + nstep * 64 * D, 64, D, BLOCK_D)
+                    _prefetch_table(kt2_ptr + nstep * 2048, 64, 32, 32)
                 if ASM_LOOP:  # the minima through the scratch, then A picked from them in one pass over 64
                     if SHARED:  # the loop in PTX on shared memory (candidate_loop_ptx(shared=True))
                         tl.inline_asm_elementwise(
@@ -956,15 +959,22 @@ PAIRED_SEARCHES = ("split_h2", "split_dpx")
 SHARED_ROW_BYTES = 144
 
 
+def shared_scratch_bytes(block_n: int) -> int:
+    """Bytes of the static array :func:`shared_scratch_decl` declares: ``block_n`` rows of
+    :data:`SHARED_ROW_BYTES`, rounded up to a multiple of 1024 so that Triton's own shared memory, which follows it,
+    keeps the 1024-byte alignment its 128-byte-swizzled wgmma operand tiles assume."""
+    return -(-block_n * SHARED_ROW_BYTES // 1024) * 1024
+
+
 def shared_scratch_decl(block_n: int) -> str:
-    """PTX declaring the paired searches' shared ``g_B`` rows (``block_n`` rows of :data:`SHARED_ROW_BYTES`, a
-    static ``.shared`` array of the kernel, in one scoped block) and returning their 32-bit shared address."""
+    """PTX declaring the paired searches' shared ``g_B`` rows (a static ``.shared`` array of the kernel of
+    :func:`shared_scratch_bytes`, in one scoped block) and returning their 32-bit shared address."""
     if block_n < 1:
         raise ValueError(f"block_n must be >= 1, got {block_n}.")
     return "\n".join(
         [
             "{",
-            f".shared .align 16 .b8 prs_key_scratch[{block_n * SHARED_ROW_BYTES}];",
+            f".shared .align 1024 .b8 prs_key_scratch[{shared_scratch_bytes(block_n)}];",
             "mov.u32 $0, prs_key_scratch;",
             "}",
         ]
@@ -1019,15 +1029,18 @@ def _check_asm_loop(search: str, wide_lanes: bool, unroll: int, block_n: int, nu
         raise ValueError(f"asm_loop splits block_n rows over num_warps: {block_n} % {num_warps} != 0.")
 
 
-def _check_shared_scratch(shared_scratch: bool, asm_loop: bool, block_n: int) -> None:
+def _check_shared_scratch(shared_scratch: bool, asm_loop: bool, block_n: int, precision: str) -> None:
     if not shared_scratch:
         return
     if not asm_loop:
         raise ValueError("shared_scratch is a layout of the PTX candidate loop: pass asm_loop=True with it.")
-    if block_n > 64:
+    # the static array and Triton's own shared memory (the dots' operands: float16 with "half", 32-bit otherwise)
+    # share the 48 KB a launch has without opting in: "half" fits at up to 64 rows (9 + 32 KB), "tf32" does not
+    if precision != "half" or block_n > 64:
         raise ValueError(
             f"shared_scratch holds block_n rows of {SHARED_ROW_BYTES} bytes in static shared memory, which with the "
-            f"kernel's own shared memory must stay under 48 KB: block_n <= 64, got {block_n}."
+            f"kernel's own shared memory must stay within 48 KB: it needs precision='half' and block_n <= 64, got "
+            f"precision={precision!r}, block_n={block_n}."
         )
 
 
@@ -1088,7 +1101,7 @@ def encode_meta(
         raise ValueError(f"prefetch applies to the searches {PAIRED_SEARCHES}, not {search!r}.")
     if asm_loop:
         _check_asm_loop(search, wide_lanes, unroll, block_n, num_warps)
-    _check_shared_scratch(shared_scratch, asm_loop, block_n)
+    _check_shared_scratch(shared_scratch, asm_loop, block_n, precision)
     # "half": float16 operands, exact products summed in float32 (the dot's input_precision does not apply)
     dot_precision = "ieee" if precision == "half" else precision
     meta = dict(D=d, R=r, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)), PRECISION=dot_precision)
@@ -1230,12 +1243,12 @@ def encode_keys(
         under the interpreter, on ROCm, on GPUs before sm_80 (:func:`ptx_loop_native`) and for ``"split_dpx"``
         without sm_90 the Triton loop runs, its minima stored where the PTX stores them.
     shared_scratch : bool
-        With ``asm_loop`` (and ``block_n <= 64``): where the PTX loop runs, each row's ``g_B`` goes to shared memory
-        as 64 float16 (int16) values instead of 64 packed pairs in the global scratch, and the loop writes its
-        minima in their place (:func:`candidate_loop_ptx` ``shared=True``): its loads never leave the SM (the
-        global scratch's lines, just written, can miss L1) and read half the bytes (8 candidates a 16-byte load).
-        9 KB of static shared memory a program at ``block_n=64``. The same sums, so the same codes; elsewhere as
-        ``asm_loop`` alone.
+        With ``asm_loop``, ``precision="half"`` and ``block_n <= 64``: where the PTX loop runs, each row's ``g_B``
+        goes to shared memory as 64 float16 (int16) values instead of 64 packed pairs in the global scratch, and the
+        loop writes its minima in their place (:func:`candidate_loop_ptx` ``shared=True``): its loads never leave
+        the SM (the global scratch's lines, just written, can miss L1) and read half the bytes (8 candidates a
+        16-byte load). 9 KB of static shared memory a program at ``block_n=64`` (:func:`shared_scratch_bytes`).
+        The same sums, so the same codes; elsewhere as ``asm_loop`` alone.
     maxnreg : int, optional
         Registers per thread the kernel may use (Triton's ``maxnreg`` launch option: the PTX ``.maxnreg``
         directive, NVIDIA only), a multiple of 8 from 24 to 248; ``None`` (default): the compiler's choice. For
@@ -1269,7 +1282,7 @@ def encode_keys(
         a multiple of 8 from 24 to 248, or set for a launch on a ROCm build of PyTorch (an NVIDIA option); with
         ``asm_loop`` and another search than ``"split_h2"`` / ``"split_dpx"``, with ``wide_lanes``, with ``unroll``
         not a multiple of 4, or with ``block_n`` not a multiple of ``num_warps``; with ``shared_scratch`` without
-        ``asm_loop`` or with ``block_n > 64`` (on every path).
+        ``asm_loop``, with another precision than ``"half"`` or with ``block_n > 64`` (on every path).
     """
     n, h, d, r = _check_encode(x, thetas)
     _check_maxnreg(maxnreg)
@@ -1288,7 +1301,7 @@ def encode_keys(
     num_warps = chosen["num_warps"] if num_warps is None else num_warps
     if asm_loop:  # on every path, so that a bad combination fails the same way on the CPU
         _check_asm_loop(search, wide_lanes, unroll, block_n, num_warps)
-    _check_shared_scratch(shared_scratch, asm_loop, block_n)
+    _check_shared_scratch(shared_scratch, asm_loop, block_n, precision)
     if out is None:
         out = torch.empty(n, h, code_bytes(r), dtype=torch.uint8, device=x.device)
     triton_path = resolve_use_triton(use_triton, x, out)
@@ -1400,6 +1413,7 @@ __all__ = [
     "PAIRED_SEARCHES",
     "candidate_loop_ptx",
     "SHARED_ROW_BYTES",
+    "shared_scratch_bytes",
     "shared_scratch_decl",
     "normalize_keys",
     "pack_bits",

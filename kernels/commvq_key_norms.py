@@ -61,9 +61,9 @@ if HAS_TRITON:
         base = k_ptr + b * stride_kb + rows[:, None] * stride_kn + cols[None, :]
         acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
         for h in tl.static_range(H):
-            x = tl.load(base + h * stride_kh, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(base + h * stride_kh.to(tl.int64), mask=mask, other=0.0).to(tl.float32)
             acc += x * x
-        tl.store(out_ptr + b * n + rows, tl.sqrt(tl.sum(acc, axis=1)), mask=rows < n)
+        tl.store(out_ptr + b * n + rows, tl.sqrt_rn(tl.sum(acc, axis=1)), mask=rows < n)  # correctly rounded
 
 
 def key_norms(keys: torch.Tensor, use_triton: bool | None = None, rows: int = 8, num_warps: int = 4) -> torch.Tensor:
@@ -82,8 +82,8 @@ def key_norms(keys: torch.Tensor, use_triton: bool | None = None, rows: int = 8,
     Returns
     -------
     torch.Tensor
-        ``[B, n]`` float32. The kernel sums in another order than PyTorch and takes the GPU's square root: equal to
-        :func:`key_norms_reference` to a few float32 units in the last place.
+        ``[B, n]`` float32. The kernel sums in another order than PyTorch (its square root correctly rounded): equal
+        to :func:`key_norms_reference` to a few float32 units in the last place.
 
     Raises
     ------

@@ -18,6 +18,7 @@ from pressroom.kernels.commvq_encode import (
     encode_keys_split_h2_reference,
     encode_meta,
     normalize_keys,
+    shared_scratch_bytes,
     unpack_codes12,
 )
 from pressroom.kernels.f16x2 import pack_f16x2, pack_i16x2, unpack_f16x2, unpack_i16x2
@@ -50,7 +51,28 @@ def _f16x2(op: str, a: int, b: int, i16: bool) -> int:
 
 def emulate(ptx: str, mem: np.ndarray, operands: dict) -> None:
     """Run the PTX of :func:`candidate_loop_ptx` on byte memory ``mem`` (little-endian 32-bit words), its operands
-    ``$1``..``$3`` given as byte addresses: only the instructions it emits, each as PTX defines it."""
+    ``$1``..``$3`` given as byte addresses: only the instructions it emits, each as PTX defines it (one thread:
+    ``bar.sync`` waits for nobody)."""
+    for _ in emulate_thread(ptx, mem, operands):
+        pass
+
+
+def emulate_threads(ptx: str, mem: np.ndarray, operands: list[dict], barrier: bool = True) -> None:
+    """Run one thread per operand set on shared ``mem``: with ``barrier``, ``bar.sync`` as the hardware runs it
+    (every thread reaches it before any goes on), else each thread start to end in turn."""
+    threads = [emulate_thread(ptx, mem, ops) for ops in operands]
+    while threads:
+        if barrier:
+            threads = [t for t in threads if next(t, StopIteration) is not StopIteration]
+        else:
+            for t in threads:
+                for _ in t:
+                    pass
+            threads = []
+
+
+def emulate_thread(ptx: str, mem: np.ndarray, operands: dict):
+    """:func:`emulate` as a generator that yields at each ``bar.sync``."""
     lines = [ln.strip().rstrip(";") for ln in ptx.split("\n")]
     labels = {ln[:-1]: i for i, ln in enumerate(lines) if ln.endswith(":")}
     regs: dict = dict(operands)
@@ -88,7 +110,8 @@ def emulate(ptx: str, mem: np.ndarray, operands: dict) -> None:
             lo, hi = dst.strip("{").split(", ")
             regs[lo], regs[hi] = val(src) & 0xFFFF, val(src) >> 16
             continue
-        if op == "bar.sync":  # one thread here: nothing to wait for
+        if op == "bar.sync":  # the caller decides when the thread goes on
+            yield
             continue
         args = [a.strip() for a in rest.split(",", 1)]
         if op == "mov.b32" and args[1].startswith("{"):  # a word from two halves
@@ -189,6 +212,51 @@ def test_shared_ptx_loop_gives_the_minima_in_place(i16: bool, unroll: int):
             assert got[h].float().item() == sums.min().float().item(), (r, h)
 
 
+@pytest.mark.parametrize("i16", [False, True])
+def test_shared_ptx_loop_needs_its_barrier(i16: bool):
+    """Several lanes of one group of rows (as the warp's threads share them): with ``bar.sync`` honoured every lane
+    writes its minima over ``g_B`` only after all have read it, and each gets the Triton loop's minima; run one lane
+    after another (no barrier) the later lanes read minima as ``g_B`` and go wrong, so the barrier is what the
+    in-place layout relies on, and it sits between the loop and the first store."""
+    torch.manual_seed(5 + i16)
+    rows, row_bytes, lanes = 2, SHARED_ROW_BYTES, (0, 7, 31)
+    if i16:
+        g, kt = torch.randint(-9000, 9000, (rows, 64)), torch.randint(-9000, 9000, (64, 32, 2))
+        halves = g.to(torch.int16)
+    else:
+        g, kt = torch.randn(rows, 64).half().float(), torch.randn(64, 32, 2).half().float()
+        halves = g.half().view(torch.int16)
+    ptx = candidate_loop_ptx(rows, row_bytes, i16=i16, unroll=8, shared=True)
+    lines = ptx.split("\n")
+    at = lines.index("bar.sync 0;")
+    assert lines[at - 1].startswith("@clp bra") and lines[at + 1].startswith("st.shared.b32")
+
+    def run(barrier: bool) -> list:
+        mem = np.zeros(rows * row_bytes + 64 * 128, dtype=np.uint8)
+        for r in range(rows):
+            mem[r * row_bytes : r * row_bytes + 128] = halves[r].numpy().view(np.uint8)
+        kt_at = rows * row_bytes
+        words = mem.view(np.uint32)
+        for b in range(64):
+            for j in range(32):
+                words[(kt_at + 128 * b) // 4 + j] = _pair(kt[b, j, :1], kt[b, j, 1:], i16)
+        emulate_threads(ptx, mem, [{"$1": 0, "$2": kt_at + 4 * j, "$3": 4 * j} for j in lanes], barrier)
+        wrong = 0
+        for r in range(rows):
+            for j in lanes:
+                got = _halves(int(words[(r * row_bytes + 4 * j) // 4]), i16)
+                for h in range(2):
+                    if i16:
+                        want = ((kt[:, j, h] + g[r] + 32768) % 65536 - 32768).min()
+                    else:
+                        want = (kt[:, j, h].half() + g[r].half()).float().min()
+                    wrong += got[h].float().item() != want.float().item()
+        return wrong
+
+    assert run(barrier=True) == 0
+    assert run(barrier=False) > 0
+
+
 def test_ptx_loop_and_launch_argument_checks():
     with pytest.raises(ValueError, match="rows must be >= 1"):
         candidate_loop_ptx(0, 384)
@@ -218,6 +286,11 @@ def test_ptx_loop_and_launch_argument_checks():
         encode_keys(x[0], theta, use_triton=False, precision="half", shared_scratch=True)
     with pytest.raises(ValueError, match="block_n <= 64"):
         encode_meta(128, 11, 128, 8, 1, "split_h2", "half", asm_loop=True, shared_scratch=True)
+    with pytest.raises(ValueError, match="precision='half'"):  # "tf32" at 32 rows: Triton's own 48 KB alone
+        encode_meta(128, 11, 32, 4, 1, "split_h2", "tf32", asm_loop=True, shared_scratch=True)
+    for rows in (16, 32, 64):  # whole KB (Triton's shared memory after it stays 1024-byte aligned), every row held
+        size = shared_scratch_bytes(rows)
+        assert size % 1024 == 0 and rows * SHARED_ROW_BYTES <= size < rows * SHARED_ROW_BYTES + 1024
 
 
 def test_f_tables_in_halves_order():
@@ -278,6 +351,7 @@ def test_asm_loop_path_equals_the_reference_with_exact_ties(search: str):
     assert torch.equal(got, want)
     assert (unpack_codes12(got, 2)[:8, 0, 0] == 64).all()  # A = 1, B = 0
     assert torch.equal(got, encode_keys(x, theta, use_triton=True, **kw))
+    # shared_scratch where no PTX runs: accepted, and the same path (its shared layout is the GPU tests' part)
     assert torch.equal(got, encode_keys(x, theta, use_triton=True, asm_loop=True, shared_scratch=True, **kw))
 
 
@@ -288,16 +362,19 @@ from pressroom.kernels import commvq_encode
 from pressroom.kernels.commvq_resources import _cubin_usage, kernel_resources_compiled
 half = {k: "*fp16" for k in ("ud_ptr", "wd_ptr", "u_ptr", "w_ptr")}
 out = {}
-for search, shared in (("split_h2", False), ("split_dpx", False), ("split_h2", True)):
-    meta, (nw, ns) = commvq_encode.encode_meta(128, 11, 64, 4, 1, search, "half", row_norms=True, asm_loop=True,
-                                               shared_scratch=shared)
-    meta["NATIVE"] = True
+# (search, shared g_B, block_n, head_dim): the default tiling, the other sizes shared_scratch allows, and a head_dim
+# whose table rows are not a power of two of 128-byte lines (the prefetch's clamped chunks)
+for search, shared, bn, d in (("split_h2", False, 64, 128), ("split_dpx", False, 64, 128), ("split_h2", True, 64, 128),
+                              ("split_h2", True, 32, 128), ("split_h2", True, 16, 96)):
+    meta, (nw, ns) = commvq_encode.encode_meta(d, 11, bn, 4, 1, search, "half", row_norms=True, asm_loop=True,
+                                               shared_scratch=shared, prefetch=True)
+    meta.update(NATIVE=True, PREFETCH=True)  # what a launch on sm_90 compiles
     c = kernel_resources_compiled(commvq_encode.encode_kernel(search), meta, nw, ns, half)
     ptx = c.asm["ptx"]
-    key = search + ("_shared" if shared else "")
-    out[key] = dict(meta_rows=meta.get("ASM_ROWS"), labels=len(re.findall(r"^\\s*CL\\d+:", ptx, re.M)),
+    key = f"{search}{'_shared' if shared else ''}_{bn}_{d}"
+    out[key] = dict(meta_rows=meta.get("ASM_ROWS"), block_n=bn, labels=len(re.findall(r"^\\s*CL\\d+:", ptx, re.M)),
                     v4=ptx.count("ld.global.v4.b32 {clx0"), shared_v2=ptx.count("ld.shared.v2.b32 {clx0"),
-                    decls=ptx.count(".shared .align 16 .b8 prs_key_scratch"), dynamic_shared=c.metadata.shared,
+                    decls=len(re.findall(r"\\.shared .*prs_key_scratch\\[", ptx)), dynamic_shared=c.metadata.shared,
                     **_cubin_usage(c.asm["cubin"]))
     with tempfile.TemporaryDirectory() as tmp:  # the SASS, where cuobjdump is
         path = os.path.join(tmp, "k.cubin")
@@ -317,22 +394,24 @@ print(json.dumps(out))
 
 
 def test_asm_loop_compiles_for_sm90(sm90_probe):
-    """The launch ``asm_loop=True`` makes (default tiling, 16 rows a thread) compiles offline for sm_90 with its loop
-    once per kernel (a unique label), one 16-byte ``g_B`` load per row and 4 candidates, and at most a small spill."""
+    """The launches ``asm_loop=True`` makes compile offline for sm_90 (with the tables' prefetch; the default tiling,
+    16 rows a thread, and with ``shared_scratch`` the smaller tilings it allows and a head_dim of 96) with the loop
+    once per kernel (a unique label), one ``g_B`` load per row and 4 candidates, the shared array declared once, at
+    most a small spill, and static and dynamic shared memory within the 48 KB a launch has without opting in."""
     got = sm90_probe(_ASM_PROBE)
     for search, row in got.items():
-        shared = search.endswith("_shared")
-        assert row["meta_rows"] == 16 and row["labels"] == 1, (search, row)
+        shared, rows = "_shared" in search, row["block_n"] // 4
+        assert row["meta_rows"] == rows and row["labels"] == 1, (search, row)
         # per row and 4 candidates one 16-byte load of packed pairs (global) or one 8-byte load of halves (shared)
-        assert (row["v4"], row["shared_v2"], row["decls"]) == ((0, 16, 1) if shared else (16, 0, 0)), (search, row)
+        assert (row["v4"], row["shared_v2"], row["decls"]) == ((0, rows, 1) if shared else (rows, 0, 0)), (search, row)
         if "stack_bytes" in row:
             assert row["stack_bytes"] <= 64, (search, row)
         if "static_shared" in row:  # static and dynamic together within the 48 KB a launch has without opting in
             assert row["static_shared"] + row["dynamic_shared"] <= 48 * 1024, (search, row)
-            assert row["static_shared"] >= (64 * SHARED_ROW_BYTES if shared else 0), (search, row)
+            assert row["static_shared"] >= (shared_scratch_bytes(row["block_n"]) if shared else 0), (search, row)
         ops = row["sass"]
-        if any(ops.values()):  # cuobjdump was there: the loop's 64 minima per pass, fused as ptxas likes
-            if search == "split_dpx":
+        if any(ops.values()) and rows == 16:  # cuobjdump was there: the loop's 64 minima per pass, fused as ptxas likes
+            if search.startswith("split_dpx"):
                 assert ops["VIADDMNMX"] == 64, ops
             else:
                 assert ops["HMNMX2"] + 2 * ops["VHMNMX"] == 64 and ops["VIADDMNMX"] == 0, ops
@@ -341,8 +420,8 @@ def test_asm_loop_compiles_for_sm90(sm90_probe):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("search", ["split_h2", "split_dpx"])
 @pytest.mark.parametrize(("block_n", "num_warps"), [(64, 4), (32, 2), (64, 8), (32, 8), (16, 4)])
-@pytest.mark.parametrize("shared", [False, True])
-def test_asm_loop_equals_the_triton_loop_on_a_gpu(search: str, block_n: int, num_warps: int, shared: bool):
+@pytest.mark.parametrize(("shared", "prefetch"), [(False, False), (True, False), (True, True)])
+def test_asm_loop_equals_the_triton_loop_on_a_gpu(search: str, block_n: int, num_warps: int, shared: bool, prefetch):
     """On a GPU that runs the PTX loop: the same codes as the Triton loop, at 16, 8 and 4 rows a thread, with the
     global scratch and with ``g_B`` and the minima in shared memory (and the tables' L1 prefetch)."""
     from pressroom.kernels.commvq_encode import dpx_native, ptx_loop_native
@@ -355,5 +434,5 @@ def test_asm_loop_equals_the_triton_loop_on_a_gpu(search: str, block_n: int, num
     x, _ = normalize_keys(torch.randn(1, 4, 1000, 128, generator=g).to(device))
     kw = dict(use_triton=True, search=search, precision="half", block_n=block_n, num_warps=num_warps)
     kw["key_norm_bound"] = 1.0
-    got = encode_keys(x[0], theta, **kw, asm_loop=True, shared_scratch=shared, prefetch=shared)  # prefetch: no effect
+    got = encode_keys(x[0], theta, **kw, asm_loop=True, shared_scratch=shared, prefetch=prefetch)
     assert torch.equal(got, encode_keys(x[0], theta, **kw))
