@@ -111,6 +111,38 @@ VARIANTS = (
         "split_h2_half_asm_shared_unroll8_prefetch",
         dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, unroll=8, prefetch=True),
     ),
+    # register caps for more resident programs an SM (offline sm_90: no spill inside the loop): three 4-warp programs
+    # at 168, two 8-warp programs at 128 (16 warps an SM against 8)
+    (
+        "split_h2_half_asm_shared_unroll8_r168",
+        dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, unroll=8, maxnreg=168),
+    ),
+    (
+        "split_h2_half_asm_shared_unroll8_bn64_w8_r128",
+        dict(
+            search="split_h2",
+            precision="half",
+            asm_loop=True,
+            shared_scratch=True,
+            unroll=8,
+            block_n=64,
+            num_warps=8,
+            maxnreg=128,
+        ),
+    ),
+    (
+        "split_h2_half_asm_shared_unroll8_bn32_w4_r168",
+        dict(
+            search="split_h2",
+            precision="half",
+            asm_loop=True,
+            shared_scratch=True,
+            unroll=8,
+            block_n=32,
+            num_warps=4,
+            maxnreg=168,
+        ),
+    ),
     (
         "split_h2_half_asm_shared_bn16_w4",
         dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, block_n=16, num_warps=4),
@@ -140,6 +172,16 @@ LAYER_RUNS = (
     (
         "split_h2_asm_shared_unroll8_prefetch",
         dict(search="split_h2", asm_loop=True, shared_scratch=True, unroll=8, prefetch=True),
+        (),
+    ),
+    (
+        "split_h2_asm_shared_unroll8_r168",
+        dict(search="split_h2", asm_loop=True, shared_scratch=True, unroll=8, maxnreg=168),
+        (),
+    ),
+    (
+        "split_h2_asm_shared_unroll8_bn64_w8_r128",
+        dict(search="split_h2", asm_loop=True, shared_scratch=True, unroll=8, block_n=64, num_warps=8, maxnreg=128),
         (),
     ),
 )
@@ -189,12 +231,16 @@ SASS_VARIANTS = (
     "split_dpx_half_asm_shared",
     "split_h2_half_asm_shared_bn16_w4",
     "split_h2_half_asm_shared_unroll8_prefetch",
+    "split_h2_half_asm_shared_unroll8_r168",
+    "split_h2_half_asm_shared_unroll8_bn64_w8_r128",
+    "split_h2_half_asm_shared_unroll8_bn32_w4_r168",
 )
 
 
 def loop_counts(variant: str, r: int) -> dict:
     """The candidate loop of ``variant`` (a :data:`VARIANTS` label) compiled offline for sm_90 as the cache launches
-    it (the variant's tiling, else the default; keys divided in the kernel; without a ``maxnreg`` cap): its opcodes
+    it (the variant's tiling, else the default; keys divided in the kernel; its ``maxnreg`` cap if it has one, and
+    then the spill code with the rest of the step): its opcodes
     (one pass: ``unroll`` candidates ``B`` for the thread's rows and lane), the instructions of the residual step
     around it (``step_rest``: once per step), the passes per step and the dynamic count per step and thread they give
     (``per_step``), per step and row (``per_row_step``: ``per_step`` times the program's threads over its rows, the
@@ -212,7 +258,7 @@ def loop_counts(variant: str, r: int) -> dict:
     from pressroom.kernels.commvq_resources import _cubin_usage
 
     marker = loop_marker(variant)
-    cubin = offline_compile(r, variant, row_norms=True).asm["cubin"]
+    cubin = offline_compile(r, variant, row_norms=True, with_cap=True).asm["cubin"]
     rows = parse_cuobjdump_sass(cubin_sass(cubin))
     info = split_by_loop(rows, find_candidate_loop(rows, marker), marker)
     loop, rest = info["loop"], info["regions"]["step_loop_rest"]["instructions"]

@@ -378,14 +378,15 @@ def child(
     torch.cuda.synchronize()
 
 
-def offline_compile(r: int, variant: str = "split_h2_half", row_norms: bool = False):
+def offline_compile(r: int, variant: str = "split_h2_half", row_norms: bool = False, with_cap: bool = False):
     """The key search compiled offline for sm_90 as :func:`child` launches it (the variant's options at the default
-    tiling; ``row_norms``: keys divided in the kernel): ``triton.compile``'s result; needs Triton's ptxas, no GPU."""
+    tiling; ``row_norms``: keys divided in the kernel; ``with_cap``: with the variant's ``maxnreg``, else without):
+    ``triton.compile``'s result; needs Triton's ptxas, no GPU."""
     from pressroom.kernels import commvq_encode
     from pressroom.kernels.commvq_resources import kernel_resources_compiled
 
     opts = dict(variant_options(variant))
-    opts.pop("maxnreg", None)  # a launch option: the offline compile is without the cap
+    cap = opts.pop("maxnreg", None)  # a launch option
     search, precision = opts.pop("search"), opts.pop("precision")
     tiling = commvq_encode.encode_defaults(precision, search)
     tiling.update({k: opts.pop(k) for k in ("block_n", "num_warps") if k in opts})
@@ -394,7 +395,9 @@ def offline_compile(r: int, variant: str = "split_h2_half", row_norms: bool = Fa
     )
     meta["NATIVE"] = True  # what a launch on sm_90 compiles
     half = {k: "*fp16" for k in ("ud_ptr", "wd_ptr", "u_ptr", "w_ptr")}
-    return kernel_resources_compiled(commvq_encode.encode_kernel(search), meta, num_warps, num_stages, half)
+    return kernel_resources_compiled(
+        commvq_encode.encode_kernel(search), meta, num_warps, num_stages, half, maxnreg=cap if with_cap else None
+    )
 
 
 def cubin_sass(cubin: bytes) -> str:

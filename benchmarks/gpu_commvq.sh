@@ -161,14 +161,16 @@ encode_ncu)
   done
   ;;
 encode_asm)
-  # 1 bit by default (the target's case; each variant is a compile of a few seconds): ENCODE_BITS="1 2" for both
-  python3 benchmarks/commvq_encode_dpx.py --sass --bits ${ENCODE_BITS:-1} --variants split_h2_half split_h2_half_asm \
-    split_h2_half_asm_unroll8 split_h2_half_asm_shared split_h2_half_asm_shared_unroll8 \
-    split_h2_half_asm_shared_unroll8_prefetch split_h2_half_asm_prefetch split_dpx_half split_dpx_half_asm \
-    split_dpx_half_asm_unroll8 split_h2_half_asm_bn32_w4 split_h2_half_asm_bn16_w4 split_h2_half_asm_shared_bn16_w4 \
-    split_h2_half_asm_bn64_w8_r128 \
-    --layer-runs split_h2 split_h2_key_norms_pytorch split_h2_asm split_h2_asm_shared_unroll8 \
-    split_h2_asm_shared_unroll8_prefetch split_dpx_asm split_h2_asm_bn16_w4 \
+  # 1 bit by default (the target's case; each variant is a compile of a few seconds): ENCODE_BITS="1 2" for both;
+  # ENCODE_VARIANTS / ENCODE_LAYER_RUNS: other labels of commvq_encode_dpx.py (the first of each is the reference)
+  python3 benchmarks/commvq_encode_dpx.py --sass --bits ${ENCODE_BITS:-1} \
+    --variants ${ENCODE_VARIANTS:-split_h2_half split_h2_half_asm split_h2_half_asm_unroll8 split_h2_half_asm_shared \
+      split_h2_half_asm_shared_unroll8 split_h2_half_asm_shared_unroll8_prefetch split_h2_half_asm_shared_unroll8_r168 \
+      split_h2_half_asm_shared_unroll8_bn64_w8_r128 split_h2_half_asm_shared_unroll8_bn32_w4_r168 split_dpx_half \
+      split_dpx_half_asm split_h2_half_asm_bn16_w4 split_h2_half_asm_shared_bn16_w4} \
+    --layer-runs ${ENCODE_LAYER_RUNS:-split_h2 split_h2_key_norms_pytorch split_h2_asm split_h2_asm_shared_unroll8 \
+      split_h2_asm_shared_unroll8_prefetch split_h2_asm_shared_unroll8_r168 split_h2_asm_shared_unroll8_bn64_w8_r128 \
+      split_dpx_asm} \
     --output "$out/commvq_encode_asm.json"
   ;;
 encode_h2)

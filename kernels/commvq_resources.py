@@ -152,9 +152,11 @@ def _cubin_usage(cubin: bytes) -> dict:
     return out
 
 
-def kernel_resources_compiled(fn, constexprs: dict, num_warps: int, num_stages: int, pointers=None, target=SM90):
+def kernel_resources_compiled(
+    fn, constexprs: dict, num_warps: int, num_stages: int, pointers=None, target=SM90, maxnreg: int | None = None
+):
     """The compiled kernel (``triton.compile``'s result: ``.asm["cubin"]``, ``.metadata``) that
-    :func:`kernel_resources` describes, compiled as it says."""
+    :func:`kernel_resources` describes, compiled as it says (``maxnreg``: the launch option's register cap)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -163,7 +165,10 @@ def kernel_resources_compiled(fn, constexprs: dict, num_warps: int, num_stages: 
     sig = _signature(fn, constexprs, pointers)
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name].startswith("*")}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
-    return triton.compile(src, target=GPUTarget(*target), options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget(*target), options=options)
 
 
 def kernel_resources(fn, constexprs: dict, num_warps: int, num_stages: int, target=SM90, pointers=None) -> dict:
