@@ -512,15 +512,17 @@ if HAS_TRITON:
         )
 
     @triton.jit
-    def _ld_shared16(addr, I16: tl.constexpr):
-        """The 16-bit values (int16 if ``I16``, else float16) at the shared addresses ``addr`` (``ld.shared.b16``)."""
+    def _ld_shared16(addr, like, I16: tl.constexpr):
+        """The 16-bit values (int16 if ``I16``, else float16) at the shared addresses ``addr`` (``ld.shared.b16``).
+        ``like`` (a 32-bit tensor of ``addr``'s shape, unread) puts the load in ``like``'s layout: the compiler then
+        forms the addresses there instead of moving the loaded values through shared memory to it."""
         if I16:
             return tl.inline_asm_elementwise(
-                "ld.shared.b16 $0, [$1];", "=h,r", [addr], dtype=tl.int16, is_pure=False, pack=1
+                "ld.shared.b16 $0, [$1];", "=h,r,r", [addr, like], dtype=tl.int16, is_pure=False, pack=1
             )
         else:
             return tl.inline_asm_elementwise(
-                "ld.shared.b16 $0, [$1];", "=h,r", [addr], dtype=tl.float16, is_pure=False, pack=1
+                "ld.shared.b16 $0, [$1];", "=h,r,r", [addr, like], dtype=tl.float16, is_pure=False, pack=1
             )
 
     @triton.jit
@@ -887,7 +889,7 @@ if HAS_TRITON:
                     f, a_of = _split_f_halves(rd, ud_ptr, un_ptr, base, step, ks, cols, dmask, D, PRECISION)
                     tl.debug_barrier()  # the minima written (by other threads)
                     if SHARED:
-                        mh = _ld_shared16(sh_row[:, None] + 2 * ks[None, :], I16)
+                        mh = _ld_shared16(sh_row[:, None] + 2 * ks[None, :], f.to(tl.int32, bitcast=True), I16)
                     else:
                         mh = tl.load(scr_h[:, None] + ks[None, :])
                     mh = mh.to(tl.float32)
