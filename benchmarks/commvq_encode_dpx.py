@@ -56,6 +56,14 @@ from pressroom.presses.commvq_codebooks import ValueCodec  # noqa: E402
 
 H, D = 8, 128
 RESIDUALS = {1: 11, 2: 21}
+
+
+def _shared(search: str = "split_h2", **options) -> dict:
+    """``encode_keys`` options of the PTX candidate loop with ``g_B`` in shared memory (``asm_loop=True,
+    shared_scratch=True``) and ``options``."""
+    return dict(search=search, asm_loop=True, shared_scratch=True, **options)
+
+
 # (label, encode_keys options): the first is the reference of the equal-rows share
 VARIANTS = (
     ("split_h2_half", dict(search="split_h2", precision="half")),
@@ -96,57 +104,24 @@ VARIANTS = (
         dict(search="split_h2", precision="half", asm_loop=True, block_n=64, num_warps=8, maxnreg=128),
     ),
     # g_B and the minima in shared memory (encode_keys(shared_scratch=True)): 16-bit g_B, 8 candidates a load
-    ("split_h2_half_asm_shared", dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True)),
-    (
-        "split_h2_half_asm_shared_unroll8",
-        dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, unroll=8),
-    ),
-    ("split_dpx_half_asm_shared", dict(search="split_dpx", precision="half", asm_loop=True, shared_scratch=True)),
+    ("split_h2_half_asm_shared", _shared(precision="half")),
+    ("split_h2_half_asm_shared_unroll8", _shared(precision="half", unroll=8)),
+    ("split_dpx_half_asm_shared", _shared("split_dpx", precision="half")),
     # with the L1 prefetch of the tables the step reads after the loop and the next step reads first
-    (
-        "split_h2_half_asm_shared_prefetch",
-        dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, prefetch=True),
-    ),
-    (
-        "split_h2_half_asm_shared_unroll8_prefetch",
-        dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, unroll=8, prefetch=True),
-    ),
+    ("split_h2_half_asm_shared_prefetch", _shared(precision="half", prefetch=True)),
+    ("split_h2_half_asm_shared_unroll8_prefetch", _shared(precision="half", unroll=8, prefetch=True)),
     # register caps for more resident programs an SM (offline sm_90: no spill inside the loop): three 4-warp programs
     # at 168, two 8-warp programs at 128 (16 warps an SM against 8)
-    (
-        "split_h2_half_asm_shared_unroll8_r168",
-        dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, unroll=8, maxnreg=168),
-    ),
+    ("split_h2_half_asm_shared_unroll8_r168", _shared(precision="half", unroll=8, maxnreg=168)),
     (
         "split_h2_half_asm_shared_unroll8_bn64_w8_r128",
-        dict(
-            search="split_h2",
-            precision="half",
-            asm_loop=True,
-            shared_scratch=True,
-            unroll=8,
-            block_n=64,
-            num_warps=8,
-            maxnreg=128,
-        ),
+        _shared(precision="half", unroll=8, block_n=64, num_warps=8, maxnreg=128),
     ),
     (
         "split_h2_half_asm_shared_unroll8_bn32_w4_r168",
-        dict(
-            search="split_h2",
-            precision="half",
-            asm_loop=True,
-            shared_scratch=True,
-            unroll=8,
-            block_n=32,
-            num_warps=4,
-            maxnreg=168,
-        ),
+        _shared(precision="half", unroll=8, block_n=32, num_warps=4, maxnreg=168),
     ),
-    (
-        "split_h2_half_asm_shared_bn16_w4",
-        dict(search="split_h2", precision="half", asm_loop=True, shared_scratch=True, block_n=16, num_warps=4),
-    ),
+    ("split_h2_half_asm_shared_bn16_w4", _shared(precision="half", block_n=16, num_warps=4)),
 )
 # (label, encode_keys options, the cache's one-pass kernels run as their PyTorch references instead: "value_prep" for
 # the value encoder's input, "key_norms" for the tokens' key norms) of the whole layer's runs: the first is the
@@ -166,24 +141,12 @@ LAYER_RUNS = (
     ("split_h2_asm_bn32_w4_r168", dict(search="split_h2", asm_loop=True, block_n=32, num_warps=4, maxnreg=168), ()),
     ("split_h2_asm_bn16_w4", dict(search="split_h2", asm_loop=True, block_n=16, num_warps=4), ()),
     ("split_dpx_asm_unroll8", dict(search="split_dpx", asm_loop=True, unroll=8), ()),
-    ("split_h2_asm_shared", dict(search="split_h2", asm_loop=True, shared_scratch=True), ()),
-    ("split_h2_asm_shared_unroll8", dict(search="split_h2", asm_loop=True, shared_scratch=True, unroll=8), ()),
-    ("split_dpx_asm_shared", dict(search="split_dpx", asm_loop=True, shared_scratch=True), ()),
-    (
-        "split_h2_asm_shared_unroll8_prefetch",
-        dict(search="split_h2", asm_loop=True, shared_scratch=True, unroll=8, prefetch=True),
-        (),
-    ),
-    (
-        "split_h2_asm_shared_unroll8_r168",
-        dict(search="split_h2", asm_loop=True, shared_scratch=True, unroll=8, maxnreg=168),
-        (),
-    ),
-    (
-        "split_h2_asm_shared_unroll8_bn64_w8_r128",
-        dict(search="split_h2", asm_loop=True, shared_scratch=True, unroll=8, block_n=64, num_warps=8, maxnreg=128),
-        (),
-    ),
+    ("split_h2_asm_shared", _shared(), ()),
+    ("split_h2_asm_shared_unroll8", _shared(unroll=8), ()),
+    ("split_dpx_asm_shared", _shared("split_dpx"), ()),
+    ("split_h2_asm_shared_unroll8_prefetch", _shared(unroll=8, prefetch=True), ()),
+    ("split_h2_asm_shared_unroll8_r168", _shared(unroll=8, maxnreg=168), ()),
+    ("split_h2_asm_shared_unroll8_bn64_w8_r128", _shared(unroll=8, block_n=64, num_warps=8, maxnreg=128), ()),
 )
 DEFAULT_LAYER_RUNS = ("split_h2", "split_dpx", "split_h2_value_prep_pytorch", "split_h2_key_norms_pytorch")
 # GPU cycles of sleep before each gpu_ms call of the whole layer: long enough (about 10 ms) for the host to launch the

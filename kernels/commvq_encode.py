@@ -841,20 +841,21 @@ if HAS_TRITON:
                     _prefetch_l1(kt2_ptr + step * 2048 + ks * 32)
                 rd = res.to(ud_ptr.dtype.element_ty)  # the dots' operand (float16 with precision="half")
                 g = _split_g(rd, wd_ptr, wn_ptr, base, step, ks, cols, dmask, D, PRECISION)
-                if I16:  # g_B in fixed point, clamped so that no sum leaves int16
+                if I16:  # g_B in fixed point (int32 values), clamped so that no sum leaves int16
                     q_inv = tl.load(qs_ptr + step * 3 + 1)
                     q_clamp = tl.load(qs_ptr + step * 3 + 2)
-                    gq = tl.minimum(tl.maximum(tl.floor(g * q_inv + 0.5), -q_clamp), q_clamp).to(tl.int32)
-                    gpack = _i16_pack(gq, gq)
+                    g16 = tl.minimum(tl.maximum(tl.floor(g * q_inv + 0.5), -q_clamp), q_clamp).to(tl.int32)
                 else:
                     g16 = g.to(tl.float16)
-                    gpack = _f16_pack(g16, g16)
+                if not SHARED:  # in both halves of a packed lane
+                    gpack = _i16_pack(g16, g16) if I16 else _f16_pack(g16, g16)
                 tl.debug_barrier()  # the previous step's reads of the scratch are done
                 if SHARED:  # one 16-bit g_B an entry (the loop broadcasts it to both halves)
-                    _st_shared16(sh_row[:, None] + 2 * ks[None, :], gq.to(tl.int16) if I16 else g16)
+                    _st_shared16(sh_row[:, None] + 2 * ks[None, :], g16.to(tl.int16) if I16 else g16)
                 else:
                     tl.store(scr[:, None] + ks[None, :], gpack)
-                if ASM_LOOP:  # g_B kept in the scratch (entries 96..159), not in registers through the loop
+                if ASM_LOOP:  # the float32 g_B kept in the scratch (entries 96..159; 0..63 with SHARED), not in
+                    # registers through the loop
                     tl.store(scr_g[:, None] + ks[None, :], g)
                 tl.debug_barrier()
                 if PREFETCH and not SHARED:  # the scratch rows just written (two lines a row), in L1 for the loop

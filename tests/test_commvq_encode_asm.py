@@ -176,6 +176,37 @@ def test_ptx_loop_gives_the_minima_of_the_triton_loop(i16: bool, unroll: int, va
             assert got[h].float().item() == sums.min().float().item(), (r, h)
 
 
+def _shared_problem(rows: int, i16: bool) -> tuple:
+    """Random ``g_B`` ``[rows, 64]`` and packed ``K^T`` ``[64, 32, 2]`` for the shared loop (float16-exact, or
+    int16) and a memory holding them as it reads them: rows of 64 16-bit ``g_B``, :data:`SHARED_ROW_BYTES` apart,
+    then ``K^T`` (rows of 128 bytes) at the returned offset."""
+    if i16:
+        g, kt = torch.randint(-9000, 9000, (rows, 64)), torch.randint(-9000, 9000, (64, 32, 2))
+        halves = g.to(torch.int16)
+    else:
+        g, kt = torch.randn(rows, 64).half().float(), torch.randn(64, 32, 2).half().float()
+        halves = g.half().view(torch.int16)
+    mem = np.zeros(rows * SHARED_ROW_BYTES + 64 * 128, dtype=np.uint8)
+    for r in range(rows):
+        mem[r * SHARED_ROW_BYTES : r * SHARED_ROW_BYTES + 128] = halves[r].numpy().view(np.uint8)
+    kt_at = rows * SHARED_ROW_BYTES
+    words = mem.view(np.uint32)
+    for b in range(64):
+        for j in range(32):
+            words[(kt_at + 128 * b) // 4 + j] = _pair(kt[b, j, :1], kt[b, j, 1:], i16)
+    return g, kt, mem, kt_at
+
+
+def _shared_minimum(kt: torch.Tensor, g_row: torch.Tensor, lane: int, half: int, i16: bool) -> float:
+    """What the Triton loop gives for one row, lane and half: ``min_B (K^T[B, lane] + g_B)`` in float16 (int16
+    wrapping) arithmetic."""
+    if i16:
+        sums = (kt[:, lane, half] + g_row + 32768) % 65536 - 32768
+    else:
+        sums = (kt[:, lane, half].half() + g_row.half()).float()
+    return sums.min().float().item()
+
+
 @pytest.mark.parametrize(("i16", "unroll"), [(False, 4), (False, 8), (False, 16), (True, 4), (True, 8)])
 def test_shared_ptx_loop_gives_the_minima_in_place(i16: bool, unroll: int):
     """The shared-memory loop (``candidate_loop_ptx(shared=True)``): rows of 64 16-bit ``g_B`` (one a candidate,
@@ -183,33 +214,15 @@ def test_shared_ptx_loop_gives_the_minima_in_place(i16: bool, unroll: int):
     same minima as the Triton loop, in float16 (int16 wrapping) arithmetic."""
     torch.manual_seed(unroll + 10 * i16)
     rows, row_bytes, lane = 3, SHARED_ROW_BYTES, 7
-    if i16:
-        g = torch.randint(-9000, 9000, (rows, 64))
-        kt = torch.randint(-9000, 9000, (64, 32, 2))
-        halves = g.to(torch.int16).view(torch.int16)
-    else:
-        g = torch.randn(rows, 64).half().float()
-        kt = torch.randn(64, 32, 2).half().float()
-        halves = g.half().view(torch.int16)
-    mem = np.zeros(rows * row_bytes + 64 * 128, dtype=np.uint8)
-    for r in range(rows):
-        mem[r * row_bytes : r * row_bytes + 128] = halves[r].numpy().view(np.uint8)
-    kt_at = rows * row_bytes
+    g, kt, mem, kt_at = _shared_problem(rows, i16)
     words = mem.view(np.uint32)
-    for b in range(64):
-        for j in range(32):
-            words[(kt_at + 128 * b) // 4 + j] = _pair(kt[b, j, :1], kt[b, j, 1:], i16)
     ptx = candidate_loop_ptx(rows, row_bytes, i16=i16, unroll=unroll, shared=True)
     assert "ld.global.v4" not in ptx and "bar.sync 0" in ptx
     emulate(ptx, mem, {"$1": 0, "$2": kt_at + 4 * lane, "$3": 4 * lane})
     for r in range(rows):
         got = _halves(int(words[(r * row_bytes + 4 * lane) // 4]), i16)
         for h in range(2):
-            if i16:
-                sums = (kt[:, lane, h] + g[r] + 32768) % 65536 - 32768
-            else:
-                sums = (kt[:, lane, h].half() + g[r].half()).float()
-            assert got[h].float().item() == sums.min().float().item(), (r, h)
+            assert got[h].float().item() == _shared_minimum(kt, g[r], lane, h, i16), (r, h)
 
 
 @pytest.mark.parametrize("i16", [False, True])
@@ -220,37 +233,23 @@ def test_shared_ptx_loop_needs_its_barrier(i16: bool):
     in-place layout relies on, and it sits between the loop and the first store."""
     torch.manual_seed(5 + i16)
     rows, row_bytes, lanes = 2, SHARED_ROW_BYTES, (0, 7, 31)
-    if i16:
-        g, kt = torch.randint(-9000, 9000, (rows, 64)), torch.randint(-9000, 9000, (64, 32, 2))
-        halves = g.to(torch.int16)
-    else:
-        g, kt = torch.randn(rows, 64).half().float(), torch.randn(64, 32, 2).half().float()
-        halves = g.half().view(torch.int16)
     ptx = candidate_loop_ptx(rows, row_bytes, i16=i16, unroll=8, shared=True)
     lines = ptx.split("\n")
     at = lines.index("bar.sync 0;")
     assert lines[at - 1].startswith("@clp bra") and lines[at + 1].startswith("st.shared.b32")
+    state = torch.get_rng_state()
 
-    def run(barrier: bool) -> list:
-        mem = np.zeros(rows * row_bytes + 64 * 128, dtype=np.uint8)
-        for r in range(rows):
-            mem[r * row_bytes : r * row_bytes + 128] = halves[r].numpy().view(np.uint8)
-        kt_at = rows * row_bytes
+    def run(barrier: bool) -> int:
+        torch.set_rng_state(state)  # the same problem for both runs
+        g, kt, mem, kt_at = _shared_problem(rows, i16)
         words = mem.view(np.uint32)
-        for b in range(64):
-            for j in range(32):
-                words[(kt_at + 128 * b) // 4 + j] = _pair(kt[b, j, :1], kt[b, j, 1:], i16)
         emulate_threads(ptx, mem, [{"$1": 0, "$2": kt_at + 4 * j, "$3": 4 * j} for j in lanes], barrier)
         wrong = 0
         for r in range(rows):
             for j in lanes:
                 got = _halves(int(words[(r * row_bytes + 4 * j) // 4]), i16)
                 for h in range(2):
-                    if i16:
-                        want = ((kt[:, j, h] + g[r] + 32768) % 65536 - 32768).min()
-                    else:
-                        want = (kt[:, j, h].half() + g[r].half()).float().min()
-                    wrong += got[h].float().item() != want.float().item()
+                    wrong += got[h].float().item() != _shared_minimum(kt, g[r], j, h, i16)
         return wrong
 
     assert run(barrier=True) == 0
