@@ -59,6 +59,32 @@ def kernel_ms(fn, reps: int) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def aten_ms(fn, reps: int, top: int = 16) -> dict[str, float]:
+    """Mean GPU milliseconds per call of ``fn`` by the aten operator that launched them and its input shapes
+    (``torch.profiler`` with ``record_shapes``, after one warm-up call): which PyTorch call a kernel of
+    :func:`kernel_ms` comes from (a copy's dtypes and sizes, say). The ``top`` largest; empty off CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.key_averages(group_by_input_shape=True):
+        if not ev.key.startswith("aten::"):
+            continue
+        dev_us = getattr(ev, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(ev, "self_cuda_time_total", 0.0)
+        if dev_us:
+            out[f"{ev.key} {ev.input_shapes}"[:160]] = dev_us / 1e3 / reps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:top])
+
+
 def gpu_ms(fn, reps: int, graph: bool = False, flush_l2: bool = False, sleep_cycles: int = 2_000_000) -> list[float]:
     """GPU milliseconds of each of ``reps`` calls of ``fn`` (CUDA only), without the host's overhead: before each
     timed call the GPU is kept busy (``torch.cuda._sleep``, about 1 ms) while the host enqueues the call, so the time

@@ -14,7 +14,8 @@ codebooks, random keys, 8 KV heads, head_dim 128):
   ``encode_precision="half"``, chunks of ``--chunk`` tokens) for each run of ``--layer-runs`` (:data:`LAYER_RUNS`;
   default: ``split_h2``, ``split_dpx``, and ``split_h2`` with the value encoder's input or the key norms formed in
   PyTorch instead of the one-pass kernels, :mod:`pressroom.kernels.commvq_value_prep` and
-  :mod:`pressroom.kernels.commvq_key_norms`), with its kernels (``torch.profiler``), the share
+  :mod:`pressroom.kernels.commvq_key_norms`), with its kernels (``torch.profiler``; for the first run also by
+  the aten operator and input shapes that launched them, ``aten_ms``), the share
   of code rows equal to the first run's (``rows_equal_to_first``) and, with the default runs, the share of value
   bytes the two value-encoder inputs give alike. ``ms`` is the layer between CUDA events with the host launching
   inline (what a lone call costs); ``gpu_ms`` the same call with the host's launches run ahead behind a sleep kernel
@@ -45,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import gpu_ms, kernel_ms, median_ms  # noqa: E402
+from _timing import aten_ms, gpu_ms, kernel_ms, median_ms  # noqa: E402
 from commvq_encode_profile import key_sq_error  # noqa: E402
 
 from pressroom.evaluation.atomic import atomic_write_json  # noqa: E402
@@ -321,6 +322,8 @@ def measure(
             commvq_cache.value_prep = lambda *a, prep=prep: prep(*_without_use_triton(a))
             commvq_cache.key_norms = (lambda k, _: default_norms(k, False)) if "key_norms" in pytorch else default_norms
             layer_rows[label] = dict(ms=median_ms(run_layer, reps, cuda), kernels_ms=kernel_ms(run_layer, 2))
+            if label == layer_runs[0][0]:  # which PyTorch calls the first run's kernels come from (ops, shapes)
+                layer_rows[label]["aten_ms"] = aten_ms(run_layer, 1)
             if cuda:  # the host's launches hidden (LAYER_SLEEP_CYCLES: about 10 ms of GPU sleep before each call)
                 layer_rows[label]["gpu_ms"] = sorted(gpu_ms(run_layer, reps, sleep_cycles=LAYER_SLEEP_CYCLES))[
                     reps // 2
