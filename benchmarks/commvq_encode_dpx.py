@@ -14,10 +14,12 @@ codebooks, random keys, 8 KV heads, head_dim 128):
   ``encode_precision="half"``, chunks of ``--chunk`` tokens) for each run of ``--layer-runs`` (:data:`LAYER_RUNS`;
   default: ``split_h2``, ``split_dpx``, and ``split_h2`` with the value encoder's input or the key norms formed in
   PyTorch instead of the one-pass kernels, :mod:`pressroom.kernels.commvq_value_prep` and
-  :mod:`pressroom.kernels.commvq_key_norms`), with its kernels (``torch.profiler``; for the first run also by
+  :mod:`pressroom.kernels.commvq_key_norms`, or with the value encoder's four logits per choice instead of three
+  differences, :meth:`ValueCodec.head_differences`), with its kernels (``torch.profiler``; for the first run also by
   the aten operator and input shapes that launched them, ``aten_ms``), the share
   of code rows equal to the first run's (``rows_equal_to_first``) and, with the default runs, the share of value
-  bytes the two value-encoder inputs give alike. ``ms`` is the layer between CUDA events with the host launching
+  bytes the two value-encoder inputs (``value_prep_value_bytes_equal``) and the two encoder ends
+  (``logits4_value_bytes_equal``) give alike. ``ms`` is the layer between CUDA events with the host launching
   inline (what a lone call costs); ``gpu_ms`` the same call with the host's launches run ahead behind a sleep kernel
   of about 10 ms (:func:`_timing.gpu_ms`): the GPU's time from its first kernel to its last, gaps included, as in a
   prefill where the previous layer's kernels hide this layer's launches.
@@ -124,15 +126,18 @@ VARIANTS = (
     ),
     ("split_h2_half_asm_shared_bn16_w4", _shared(precision="half", block_n=16, num_warps=4)),
 )
-# (label, encode_keys options, the cache's one-pass kernels run as their PyTorch references instead: "value_prep" for
-# the value encoder's input, "key_norms" for the tokens' key norms) of the whole layer's runs: the first is the
+# (label, encode_keys options, the cache's parts run the earlier way: "value_prep" / "key_norms" for the value
+# encoder's input / the tokens' key norms in PyTorch instead of their one-pass kernels, "logits4" for the value
+# encoder's four logits per choice instead of three differences) of the whole layer's runs: the first is the
 # reference of the equal-rows share; split_h2_value_prep_pytorch is the path before pressroom.kernels.commvq_value_prep,
-# split_h2_key_norms_pytorch the one before pressroom.kernels.commvq_key_norms
+# split_h2_key_norms_pytorch the one before pressroom.kernels.commvq_key_norms, split_h2_logits4 the one before
+# ValueCodec.head_differences
 LAYER_RUNS = (
     ("split_h2", dict(search="split_h2"), ()),
     ("split_dpx", dict(search="split_dpx"), ()),
     ("split_h2_value_prep_pytorch", dict(search="split_h2"), ("value_prep",)),
     ("split_h2_key_norms_pytorch", dict(search="split_h2"), ("key_norms",)),
+    ("split_h2_logits4", dict(search="split_h2"), ("logits4",)),
     ("split_h2_prefetch", dict(search="split_h2", prefetch=True), ()),
     ("split_h2_wide_prefetch", dict(search="split_h2", wide_lanes=True, prefetch=True), ()),
     ("split_h2_asm", dict(search="split_h2", asm_loop=True), ()),
@@ -149,7 +154,13 @@ LAYER_RUNS = (
     ("split_h2_asm_shared_unroll8_r168", _shared(unroll=8, maxnreg=168), ()),
     ("split_h2_asm_shared_unroll8_bn64_w8_r128", _shared(unroll=8, block_n=64, num_warps=8, maxnreg=128), ()),
 )
-DEFAULT_LAYER_RUNS = ("split_h2", "split_dpx", "split_h2_value_prep_pytorch", "split_h2_key_norms_pytorch")
+DEFAULT_LAYER_RUNS = (
+    "split_h2",
+    "split_dpx",
+    "split_h2_value_prep_pytorch",
+    "split_h2_key_norms_pytorch",
+    "split_h2_logits4",
+)
 # GPU cycles of sleep before each gpu_ms call of the whole layer: long enough (about 10 ms) for the host to launch the
 # layer's four chunks (about 100 launches) while the GPU waits
 LAYER_SLEEP_CYCLES = 20_000_000
@@ -313,6 +324,7 @@ def measure(
 
     default_block, default_encode = commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys
     default_prep, default_norms = commvq_cache.value_prep, commvq_cache.key_norms
+    default_differences = commvq_cache.VALUE_DIFFERENCES
     layer_rows, codes, vbits = {}, {}, {}
     try:
         commvq_cache.ENCODE_BLOCK = chunk
@@ -321,6 +333,7 @@ def measure(
             commvq_cache.encode_keys = functools.partial(default_encode, **opts)
             commvq_cache.value_prep = lambda *a, prep=prep: prep(*_without_use_triton(a))
             commvq_cache.key_norms = (lambda k, _: default_norms(k, False)) if "key_norms" in pytorch else default_norms
+            commvq_cache.VALUE_DIFFERENCES = "logits4" not in pytorch
             layer_rows[label] = dict(ms=median_ms(run_layer, reps, cuda), kernels_ms=kernel_ms(run_layer, 2))
             if label == layer_runs[0][0]:  # which PyTorch calls the first run's kernels come from (ops, shapes)
                 layer_rows[label]["aten_ms"] = aten_ms(run_layer, 1)
@@ -333,6 +346,7 @@ def measure(
     finally:
         commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys = default_block, default_encode
         commvq_cache.value_prep, commvq_cache.key_norms = default_prep, default_norms
+        commvq_cache.VALUE_DIFFERENCES = default_differences
     first = layer_runs[0][0]
     for label in codes:  # the code rows of each run equal to the first run's
         if label != first:
@@ -350,6 +364,9 @@ def measure(
         # of sums taken in another order may flip a near-tied choice)
         same = vbits["split_h2"] == vbits["split_h2_value_prep_pytorch"]
         layer_rows["value_prep_value_bytes_equal"] = same.float().mean().item()
+    if "split_h2_logits4" in vbits and "split_h2" in vbits:  # three logit differences against four logits
+        same = vbits["split_h2"] == vbits["split_h2_logits4"]
+        layer_rows["logits4_value_bytes_equal"] = same.float().mean().item()
     cfg["layer_ms"] = dict(tokens=n, chunk=chunk, encode_precision="half", value_refine=0, **layer_rows)
     save()
 

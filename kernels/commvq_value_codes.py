@@ -7,6 +7,11 @@ four-way choices per token. Choice ``c`` is stored as two bits (``0 -> 10``, ``1
 first bit at the lower index: the reference's ``x[..., :2] += x[..., 2:3]`` on the one-hot), and the cache holds them
 packed eight to a byte, least significant bit first (:func:`pressroom.kernels.commvq_encode.pack_bits`).
 
+The arg-max of ``(l_0, l_1, l_2, l_3)`` is the arg-max of ``(0, l_1 - l_0, l_2 - l_0, l_3 - l_0)``: with
+``differences=True`` the input is those three differences per choice, ``[..., n_e, 3]``, which the encoder's last
+matmul can produce directly from weight differences (:meth:`ValueCodec.head_differences`: a quarter fewer
+multiply-adds and logits than the four logits).
+
 In PyTorch that is an arg-max over a last dimension of 4, a handful of uint8 tensor operations and a packing
 reduction, each a pass over memory (:func:`value_codes_reference`). :func:`value_codes` does it in one Triton pass
 that reads the logits once and writes the packed bytes (and, when asked, the unpacked bits, which the value
@@ -37,8 +42,13 @@ def choices_to_bits(choice: torch.Tensor) -> torch.Tensor:
     return torch.stack((first, second), dim=-1).flatten(-2)
 
 
-def _check_logits(logits: torch.Tensor) -> None:
-    if logits.dim() < 2 or logits.shape[-1] != 4:
+def _check_logits(logits: torch.Tensor, differences: bool = False) -> None:
+    if differences and (logits.dim() < 2 or logits.shape[-1] != 3):
+        raise ValueError(
+            "with differences=True logits must be [..., n_e, 3] (l_c - l_0 for c = 1, 2, 3), got "
+            f"{tuple(logits.shape)}."
+        )
+    if not differences and (logits.dim() < 2 or logits.shape[-1] != 4):
         raise ValueError(f"logits must be [..., n_e, 4] (four-way choices), got {tuple(logits.shape)}.")
     if logits.shape[-2] % 4:
         raise ValueError(f"n_e must be a multiple of 4 (whole bytes of bits), got {logits.shape[-2]}.")
@@ -47,10 +57,13 @@ def _check_logits(logits: torch.Tensor) -> None:
 
 
 def value_codes_reference(
-    logits: torch.Tensor, bits_dtype: torch.dtype | None = None
+    logits: torch.Tensor, bits_dtype: torch.dtype | None = None, differences: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Plain-PyTorch :func:`value_codes`: ``logits.argmax(-1)`` (the first of equal maxima), its bits, packed."""
-    _check_logits(logits)
+    """Plain-PyTorch :func:`value_codes`: ``logits.argmax(-1)`` (the first of equal maxima), its bits, packed
+    (``differences``: the arg-max of ``[0, d_1, d_2, d_3]``)."""
+    _check_logits(logits, differences)
+    if differences:
+        logits = torch.cat((torch.zeros_like(logits[..., :1]), logits), dim=-1)
     bits = choices_to_bits(logits.argmax(-1))
     return pack_bits(bits), None if bits_dtype is None else bits.to(bits_dtype)
 
@@ -70,6 +83,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_B: tl.constexpr,
         WRITE_BITS: tl.constexpr,
+        DIFFS: tl.constexpr = False,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         roff = rows.to(tl.int64)  # row offsets in 64 bits: a batch of long chunks passes 2**31 logits
@@ -78,8 +92,13 @@ if HAS_TRITON:
         bmask = byte < n_bytes
         # a byte holds 4 choices of 4 logits: [rows, bytes, 16] -> [rows, 4 bytes' choices, 4]
         k = tl.arange(0, 16)
-        ptrs = logits_ptr + roff[:, None, None] * stride_l + byte[None, :, None] * 16 + k[None, None, :]
         mask = rmask[:, None, None] & bmask[None, :, None]
+        if DIFFS:  # 3 differences a choice (12 a byte); the first logit is 0 (not read)
+            col = (k // 4) * 3 + k % 4 - 1
+            ptrs = logits_ptr + roff[:, None, None] * stride_l + byte[None, :, None] * 12 + col[None, None, :]
+            mask = mask & (k % 4 != 0)[None, None, :]
+        else:
+            ptrs = logits_ptr + roff[:, None, None] * stride_l + byte[None, :, None] * 16 + k[None, None, :]
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         x = tl.reshape(x, (BLOCK_M, BLOCK_B * 4, 4))
         choice = tl.argmax(x, axis=2, tie_break_left=True).to(tl.int32)  # the first of equal maxima, as torch
@@ -104,13 +123,15 @@ def value_codes(
     block_m: int | None = None,
     block_b: int | None = None,
     num_warps: int | None = None,
+    differences: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Packed value codes (and optionally the bits) from the value encoder's logits.
 
     Parameters
     ----------
     logits : torch.Tensor
-        ``[..., n_e, 4]`` floating point (``n_e`` a multiple of 4), e.g. :meth:`ValueCodec.logits`.
+        ``[..., n_e, 4]`` floating point (``n_e`` a multiple of 4), e.g. :meth:`ValueCodec.logits`; with
+        ``differences``, ``[..., n_e, 3]``: ``l_c - l_0`` for ``c = 1, 2, 3`` (:meth:`ValueCodec.head_differences`).
     bits_dtype : torch.dtype, optional
         Also return the unpacked bits ``[..., 2 n_e]`` (0/1) in this dtype (``torch.uint8`` for the refinement, the
         postscale matmul's dtype otherwise: bfloat16 under the cache's ``encode_precision="half"``, else the value
@@ -119,6 +140,9 @@ def value_codes(
         Kernel choice (module docstring).
     block_m, block_b, num_warps : int, optional
         Kernel tiling: rows and output bytes per program (powers of two), warps; default :data:`DEFAULT_TILING`.
+    differences : bool
+        ``logits`` are the three differences per choice: the choice is the arg-max of ``[0, d_1, d_2, d_3]`` (the
+        same choice as the four logits' in exact arithmetic; the first of equal maxima, so ``d_c = 0`` picks 0).
 
     Returns
     -------
@@ -130,18 +154,19 @@ def value_codes(
     Raises
     ------
     ValueError
-        If ``logits`` is not ``[..., n_e, 4]`` with ``n_e`` a multiple of 4, or a tiling is not a power of two.
+        If ``logits`` is not ``[..., n_e, 4]`` (``[..., n_e, 3]`` with ``differences``) with ``n_e`` a multiple of
+        4, or a tiling is not a power of two.
     """
-    _check_logits(logits)
+    _check_logits(logits, differences)
     if not resolve_use_triton(use_triton, logits):
-        return value_codes_reference(logits, bits_dtype)
+        return value_codes_reference(logits, bits_dtype, differences)
     bm, bb, nw = DEFAULT_TILING
     bm, bb, nw = block_m or bm, block_b or bb, num_warps or nw
     for name, v in (("block_m", bm), ("block_b", bb)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two, got {v}.")
-    lead, n_e = logits.shape[:-2], logits.shape[-2]
-    flat = logits.reshape(-1, n_e * 4)
+    lead, n_e, width = logits.shape[:-2], logits.shape[-2], logits.shape[-1]
+    flat = logits.reshape(-1, n_e * width)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     n_rows, n_bytes = flat.shape[0], n_e // 4
@@ -151,7 +176,8 @@ def value_codes(
         grid = (triton.cdiv(n_rows, bm), triton.cdiv(n_bytes, bb))
         _value_codes_kernel[grid](
             flat, packed, packed if bits is None else bits, n_rows, n_bytes, flat.stride(0), packed.stride(0),
-            0 if bits is None else bits.stride(0), BLOCK_M=bm, BLOCK_B=bb, WRITE_BITS=bits is not None, num_warps=nw,
+            0 if bits is None else bits.stride(0), BLOCK_M=bm, BLOCK_B=bb, WRITE_BITS=bits is not None,
+            DIFFS=differences, num_warps=nw,
         )  # fmt: skip
     packed = packed.reshape(*lead, n_bytes)
     return packed, None if bits is None else bits.reshape(*lead, 2 * n_e)

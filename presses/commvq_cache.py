@@ -56,6 +56,9 @@ from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec
 from pressroom.presses.sink_window_cache import PositionResolver, _text_config, rope_frequencies
 
 ENCODE_BLOCK = 8192  # tokens encoded at once (bounds the value encoder's activations)
+# encode_precision="half": the value encoder's last matmul gives the three logit differences l_c - l_0 of each choice
+# (ValueCodec.head_differences: a quarter fewer multiply-adds and logits); False: the four logits (ValueCodec.head)
+VALUE_DIFFERENCES = True
 DEFAULT_VALUE_REFINE = 64  # greedy bit flips per token after the value encoder (CommVQLayer.value_refine)
 
 # ------------------------------------------------------------------------------------------- attention interception
@@ -232,8 +235,9 @@ class CommVQLayer(_CommVQLayerBase):
         instead of 48.7 ms per layer). Off Triton the keys are coded by the PyTorch reference of that search: the
         exact one for ``"ieee"`` and ``"tf32x3"``, the float16-sum one for ``"tf32"``. ``"half"``: the float16-sum
         search with float16 dot operands (the residual rounded to nearest, where TF32 truncates; same mantissa) and the
-        value encoder's matmuls in bfloat16 (autocast, on any device); see the README's encode section for its
-        timings and codes.
+        value encoder's matmuls in bfloat16 (autocast, on any device), its last one giving each choice's three logit
+        differences (:meth:`ValueCodec.head_differences`, the same arg-max up to rounding); see the README's encode
+        section for its timings and codes.
     value_refine : int
         Greedy bit flips per token after the value encoder (:meth:`ValueCodec.refine`), each lowering the token's
         reconstruction error, and the least-squares coefficient stored as ``c_t``; ``0``: the encoder's bits and the
@@ -446,14 +450,17 @@ class CommVQLayer(_CommVQLayerBase):
                         values[:, :, s:e], self.codec.scale, self.codec.eps, norm.weight, norm.bias, norm.eps,
                         torch.bfloat16, self._triton,
                     )  # fmt: skip
-                    logits = self.codec.head(y)
+                    differences = VALUE_DIFFERENCES
+                    logits = self.codec.head_differences(y) if differences else self.codec.head(y)
                     del y
                 else:
                     logits, prescale = self.codec.logits(v)
+                    differences = False
                 # the arg-max choices as packed bytes and bits in one pass (a Triton kernel on CUDA)
                 # the bits as the postscale matmul takes them: bfloat16 under "half" (no cast of a float32 copy)
                 matmul_dtype = torch.bfloat16 if self.encode_precision == "half" else self.codec.embedding.dtype
-                packed, bits = value_codes(logits, torch.uint8 if self.value_refine else matmul_dtype, self._triton)
+                bits_dtype = torch.uint8 if self.value_refine else matmul_dtype
+                packed, bits = value_codes(logits, bits_dtype, self._triton, differences=differences)
                 del logits
                 if not self.value_refine:  # the decoded direction's norm: a [m, bits] x [bits, D] matmul too
                     post = self.codec.postscale(bits)

@@ -131,6 +131,40 @@ class ValueCodec(nn.Module):
         :func:`pressroom.kernels.commvq_value_prep.value_prep` computes in one pass): ``Linear -> GELU -> Linear``."""
         return self.out(self.act1(self.enc1(y))).unflatten(-1, (self.n_e, 4))
 
+    def head_differences(self, y: torch.Tensor) -> torch.Tensor:
+        """What the choices need of :meth:`head`'s logits: ``l_c - l_0`` for ``c = 1, 2, 3``, ``[..., n_e, 3]``.
+
+        The arg-max of ``(l_0, .., l_3)`` is that of ``(0, l_1 - l_0, l_2 - l_0, l_3 - l_0)``
+        (:func:`pressroom.kernels.commvq_value_codes.value_codes` with ``differences=True``), and the differences
+        come straight from the last ``Linear``'s weight and bias differences (taken in float32): a quarter fewer
+        multiply-adds in that matmul (the encoder's larger one) and a quarter fewer logits written and read. Both
+        matmuls run in ``y``'s dtype with weights cast to it once and kept (bfloat16 in the cache's
+        ``encode_precision="half"``: the casts autocast would redo at every call); the choices equal
+        :meth:`head`'s up to rounding (near-ties may go another way)."""
+        self._check(y)
+        w1, b1, wd, bd = self._cast_weights("head_differences", y)
+        return nn.functional.linear(self.act1(nn.functional.linear(y, w1, b1)), wd, bd).unflatten(-1, (self.n_e, 3))
+
+    def _cast_weights(self, kind: str, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``kind``'s weights in ``like``'s dtype and device, cast once and kept until a parameter changes (its
+        storage or version): ``"head_differences"``: ``enc1``'s weight and bias and the last ``Linear``'s weight and
+        bias differences ``[3 n_e, intermediate_dim]``, ``[3 n_e]``; ``"embedding"``: ``(embedding,)``."""
+        params = (self.enc1.weight, self.enc1.bias, self.out.weight, self.out.bias, self.embedding)
+        key = (kind, like.dtype, like.device, tuple((p.data_ptr(), p._version) for p in params))
+        cache = self.__dict__.setdefault("_casts", {})
+        if kind not in cache or cache[kind][0] != key:
+            with torch.no_grad():
+                if kind == "embedding":
+                    weights = (self.embedding,)
+                else:
+                    w = self.out.weight.float().view(self.n_e, 4, -1)
+                    b = self.out.bias.float().view(self.n_e, 4)
+                    wd = (w[:, 1:] - w[:, :1]).reshape(3 * self.n_e, -1)
+                    bd = (b[:, 1:] - b[:, :1]).reshape(3 * self.n_e)
+                    weights = (self.enc1.weight, self.enc1.bias, wd, bd)
+                cache[kind] = (key, tuple(t.detach().to(like.device, like.dtype) for t in weights))
+        return cache[kind][1]
+
     @staticmethod
     def choices_to_bits(onehot: torch.Tensor) -> torch.Tensor:
         """Four-way one-hot ``[..., n_e, 4]`` -> bits ``[..., 2 n_e]`` (differentiable; reference mapping)."""
@@ -160,12 +194,15 @@ class ValueCodec(nn.Module):
 
         ``bits`` (0/1) in any dtype; under autocast, floating-point bits already in the autocast dtype go to the
         matmul as they are (the cache's ``encode_precision="half"`` asks :func:`value_codes` for bfloat16 bits), so
-        neither a cast of the bits nor a float32 copy of the product is made: the norm reads the (bfloat16) product
-        and sums in float32, outside autocast (which would cast its input to float32 first)."""
+        neither a cast of the bits nor a float32 copy of the product is made (the embedding's cast is kept between
+        calls): the norm reads the (bfloat16) product and sums in float32, outside autocast (which would cast its
+        input to float32 first)."""
         device = bits.device.type
         has_autocast = torch.amp.is_autocast_available(device)  # not on every device type (e.g. "meta")
         as_is = has_autocast and torch.is_autocast_enabled(device) and bits.dtype == torch.get_autocast_dtype(device)
-        prod = (bits if as_is else bits.to(self.embedding.dtype)) @ self.embedding
+        # as_is: the embedding cast to the bits' dtype once and kept (autocast would cast it at every call)
+        embedding = self._cast_weights("embedding", bits)[0] if as_is else self.embedding
+        prod = (bits if as_is else bits.to(self.embedding.dtype)) @ embedding
         with torch.autocast(device, enabled=False) if has_autocast else contextlib.nullcontext():
             return torch.linalg.vector_norm(prod, dim=-1, keepdim=True, dtype=torch.float32)
 

@@ -86,3 +86,80 @@ def test_bad_input_is_refused():
         value_prep(torch.randn(1, 2, 5, 16), codec.scale, codec.eps, n.weight[:32], n.bias[:32], n.eps)
     with pytest.raises(ValueError, match="rows must be a power of two"):
         value_prep(torch.randn(1, 3, 5, 16), codec.scale, codec.eps, n.weight, n.bias, n.eps, rows=3)
+
+
+def test_head_differences_are_the_logits_differences():
+    """float32: l_c - l_0 from the weight differences equal the four logits' differences up to rounding, and pick
+    the same choices away from near-ties."""
+    codec = _codec(seed=3)
+    y = torch.randn(64, 48)
+    with torch.no_grad():
+        logits = codec.head(y)
+        d = codec.head_differences(y)
+    assert d.shape == (64, codec.n_e, 3) and d.dtype == torch.float32
+    torch.testing.assert_close(d, logits[..., 1:] - logits[..., :1], rtol=1e-4, atol=1e-5)
+    choice_d = torch.cat((torch.zeros_like(d[..., :1]), d), -1).argmax(-1)
+    top2 = logits.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-3
+    assert torch.equal(choice_d[clear], logits.argmax(-1)[clear])
+
+
+def test_head_differences_in_bfloat16_keep_the_choices():
+    """Under the cache's bfloat16 autocast the differences' choices agree with the four bfloat16 logits' as closely
+    as those agree with the float32 encoder (near-ties apart)."""
+    codec = _codec(seed=4, heads=4, head_dim=32)
+    y = torch.randn(512, 128)
+    with torch.no_grad():
+        exact = codec.head(y).argmax(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            four = codec.head(y.bfloat16()).argmax(-1)
+            d = codec.head_differences(y.bfloat16())
+    assert d.dtype == torch.bfloat16
+    diff = torch.cat((torch.zeros_like(d[..., :1]), d), -1).argmax(-1)
+    agree, four_exact = (diff == four).float().mean(), (four == exact).float().mean()
+    assert agree > 0.99 and (diff == exact).float().mean() > four_exact - 0.005
+
+
+def test_cast_weights_are_kept_until_a_parameter_changes():
+    codec = _codec(seed=5)
+    y = torch.randn(8, 48, dtype=torch.bfloat16)
+    first = codec._cast_weights("head_differences", y)
+    assert all(t.dtype == torch.bfloat16 for t in first)
+    assert codec._cast_weights("head_differences", y)[2] is first[2]  # kept
+    assert codec._cast_weights("head_differences", y.float())[2].dtype == torch.float32  # per dtype
+    with torch.no_grad():
+        before = codec.head_differences(y.float())
+        codec.out.weight[5].add_(0.5)  # in place (a new version): choice 1 of the second n_e
+        after = codec.head_differences(y.float())
+    want = codec.out.weight.float().view(codec.n_e, 4, -1)
+    kept = codec._cast_weights("head_differences", y.float())[2]
+    torch.testing.assert_close(kept.view(codec.n_e, 3, -1), want[:, 1:] - want[:, :1])
+    changed = (after != before).view(-1, codec.n_e * 3).any(0).nonzero().flatten().tolist()
+    assert changed == [3]  # only d_1 of the second n_e
+    with pytest.raises(ValueError, match="feat_dim=48"):
+        codec.head_differences(torch.randn(2, 40))
+
+
+def test_half_layer_differences_against_four_logits(monkeypatch):
+    """The cache's encode_precision="half" path with the logit differences (the default) against the four logits:
+    the same value bytes away from near-ties, coefficients as close."""
+    from pressroom.presses import commvq_cache
+    from pressroom.presses.commvq_cache import CommVQLayer
+
+    h, d, n = 2, 64, 96
+    codec = _codec(heads=h, head_dim=d, bits=1, seed=6)
+    theta = (torch.randn(h, 2, 128, d // 2) * 0.1).half().float()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    keys, values = torch.randn(1, h, n, d), torch.randn(1, h, n, d, dtype=torch.bfloat16)
+    out = {}
+    for differences in (False, True):
+        monkeypatch.setattr(commvq_cache, "VALUE_DIFFERENCES", differences)
+        layer = CommVQLayer(theta, codec, inv_freq, d**-0.5, encode_precision="half", value_refine=0)
+        layer.lazy_initialization(keys[:, :, :1], values[:, :, :1])
+        layer.reserve(n)
+        layer._encode(keys, values, torch.arange(n))
+        out[differences] = (layer.vbits[:, :n].clone(), layer.vcoef[:, :n].float().clone(), layer.codes.clone())
+    assert torch.equal(out[True][2], out[False][2])  # the keys do not change
+    same = (out[True][0] == out[False][0]).float().mean()
+    assert 0.95 < same < 1.0  # the same bytes but where a near-tie went the other way
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=0.05, atol=0)
