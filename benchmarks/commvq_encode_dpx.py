@@ -324,7 +324,8 @@ def measure(
 
     default_block, default_encode = commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys
     default_prep, default_norms = commvq_cache.value_prep, commvq_cache.key_norms
-    default_differences = commvq_cache.VALUE_DIFFERENCES
+    default_differences, default_ptx = commvq_cache.VALUE_DIFFERENCES, commvq_cache.PTX_KEY_OPTIONS
+    commvq_cache.PTX_KEY_OPTIONS = {}  # each run's options are all of encode_keys' options (its default: none)
     layer_rows, codes, vbits = {}, {}, {}
     try:
         commvq_cache.ENCODE_BLOCK = chunk
@@ -346,7 +347,7 @@ def measure(
     finally:
         commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys = default_block, default_encode
         commvq_cache.value_prep, commvq_cache.key_norms = default_prep, default_norms
-        commvq_cache.VALUE_DIFFERENCES = default_differences
+        commvq_cache.VALUE_DIFFERENCES, commvq_cache.PTX_KEY_OPTIONS = default_differences, default_ptx
     first = layer_runs[0][0]
     for label in codes:  # the code rows of each run equal to the first run's
         if label != first:

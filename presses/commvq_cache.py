@@ -47,7 +47,7 @@ from pressroom.kernels.commvq_attention import (
 )
 from pressroom.kernels.commvq_beam import check_beam, encode_keys_beam
 from pressroom.kernels.commvq_codebook import check_pair_weights, from_interleaved, search_operands, to_interleaved
-from pressroom.kernels.commvq_encode import PRECISIONS, KeyTables, code_bytes, encode_keys, pack_bits
+from pressroom.kernels.commvq_encode import PRECISIONS, KeyTables, code_bytes, encode_keys, pack_bits, ptx_loop_native
 from pressroom.kernels.commvq_key_norms import key_norms
 from pressroom.kernels.commvq_value_codes import value_codes
 from pressroom.kernels.commvq_value_prep import value_prep, values_by_token
@@ -59,6 +59,9 @@ ENCODE_BLOCK = 8192  # tokens encoded at once (bounds the value encoder's activa
 # encode_precision="half": the value encoder's last matmul gives the three logit differences l_c - l_0 of each choice
 # (ValueCodec.head_differences: a quarter fewer multiply-adds and logits); False: the four logits (ValueCodec.head)
 VALUE_DIFFERENCES = True
+# encode_precision="half" on a GPU where encode_keys' PTX candidate loop runs (ptx_loop_native: NVIDIA sm_80+): the
+# key search's options there (asm_loop, shared_scratch, unroll, ...); {}: its defaults (the Triton loop)
+PTX_KEY_OPTIONS: dict = {}
 DEFAULT_VALUE_REFINE = 64  # greedy bit flips per token after the value encoder (CommVQLayer.value_refine)
 
 # ------------------------------------------------------------------------------------------- attention interception
@@ -415,6 +418,8 @@ class CommVQLayer(_CommVQLayerBase):
         if pos.dim() == 3:
             self._set_per_head_positions()
         self._ensure(self.n + m)
+        ptx = self.encode_precision == "half" and self._triton and ptx_loop_native(keys_il.device)
+        key_options = PTX_KEY_OPTIONS if ptx else {}
         for s in range(0, m, ENCODE_BLOCK):
             e = min(m, s + ENCODE_BLOCK)
             lo, hi = self.n + s, self.n + e
@@ -439,6 +444,7 @@ class CommVQLayer(_CommVQLayerBase):
                     precision=self.encode_precision,
                     key_norm_bound=self._key_norm_bound,
                     row_norms=None if row_norms is None else row_norms[b],
+                    **key_options,
                 )
             self.knorm[:, lo:hi] = norms  # cast in the copy (one kernel)
             # [B, n, H * D] float32, for the float32 encoder and the refinement ("half" reads the values in place)

@@ -22,6 +22,7 @@ from pressroom.kernels.commvq_encode import (
     unpack_codes12,
 )
 from pressroom.kernels.f16x2 import pack_f16x2, pack_i16x2, unpack_f16x2, unpack_i16x2
+from pressroom.kernels.rope_ring import triton_interpreted
 
 ADDR = re.compile(r"\[(\$?\w+)\+(\d+)\]")
 
@@ -352,6 +353,47 @@ def test_asm_loop_path_equals_the_reference_with_exact_ties(search: str):
     assert torch.equal(got, encode_keys(x, theta, use_triton=True, **kw))
     # shared_scratch where no PTX runs: accepted, and the same path (its shared layout is the GPU tests' part)
     assert torch.equal(got, encode_keys(x, theta, use_triton=True, asm_loop=True, shared_scratch=True, **kw))
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_the_cache_passes_its_ptx_key_options_only_where_the_ptx_runs(monkeypatch, use_triton):
+    """``commvq_cache.PTX_KEY_OPTIONS`` reach ``encode_keys`` for ``encode_precision="half"`` on the Triton path of
+    a GPU that runs the PTX loop (here faked), nowhere else; the codes are those of the defaults (the interpreter
+    runs the Triton loop for ``asm_loop``)."""
+    if use_triton and not triton_interpreted():
+        pytest.skip("the Triton path on the CPU needs TRITON_INTERPRET=1")
+    from pressroom.presses import commvq_cache
+    from pressroom.presses.commvq_codebooks import ValueCodec
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append({k: kwargs[k] for k in ("asm_loop", "shared_scratch", "unroll") if k in kwargs})
+        return encode_keys(*args, **kwargs)
+
+    monkeypatch.setattr(commvq_cache, "encode_keys", spy)
+    options = dict(asm_loop=True, shared_scratch=True, unroll=8)
+    monkeypatch.setattr(commvq_cache, "PTX_KEY_OPTIONS", options)
+    torch.manual_seed(3)
+    heads, d, n = 2, 16, 40
+    theta = (torch.randn(heads, 2, 128, d // 2) * 0.1).half().float()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    raw, values = torch.randn(1, heads, n, d), torch.randn(1, heads, n, d)
+    codes = {}
+    for native in (False, True):
+        monkeypatch.setattr(commvq_cache, "ptx_loop_native", lambda device, native=native: native)
+        for precision in ("half", "tf32"):
+            calls.clear()
+            layer = commvq_cache.CommVQLayer(
+                theta, ValueCodec(heads * d, 1), inv_freq, d**-0.5, use_triton=use_triton, encode_precision=precision
+            )
+            layer.lazy_initialization(raw[:, :, :1], values[:, :, :1])
+            layer.reserve(n)
+            layer._encode(raw, values, torch.arange(n))
+            want = options if native and use_triton and precision == "half" else {}
+            assert calls and all(c == want for c in calls)
+            codes[native, precision] = layer.codes[:, :, :n].clone()
+    assert torch.equal(codes[True, "half"], codes[False, "half"])
 
 
 _ASM_PROBE = """
