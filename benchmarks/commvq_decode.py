@@ -432,7 +432,7 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[8192],
-        help="tokens per chunk for the whole-layer encode timing (CommVQLayer's ENCODE_BLOCK is 8192)",
+        help="tokens per chunk for the whole-layer encode timing (CommVQLayer's ENCODE_BLOCK: 32768 over the batch)",
     )
     ap.add_argument("--skip-hqq", action="store_true", help="skip transformers' QuantizedCache (HQQ) decode step")
     ap.add_argument(

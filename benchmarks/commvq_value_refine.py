@@ -30,7 +30,7 @@ from _timing import call_ms, median_ms
 from pressroom.evaluation.atomic import atomic_write_json
 from pressroom.kernels.commvq_refine import refine_value_bits, refine_value_bits_reference
 
-CHUNK = 8192  # CommVQLayer's ENCODE_BLOCK
+CHUNK = 8192  # CommVQLayer's ENCODE_BLOCK before it became 32768
 SHAPES = (  # (name, channels, bits per token, tokens: None = --tokens)
     ("llama8b_1bit", 1024, 1024, None),
     ("llama8b_2bit", 1024, 2048, None),
