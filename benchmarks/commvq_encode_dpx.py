@@ -344,6 +344,8 @@ def measure(
                 ]
             codes[label], vbits[label] = layer.codes[:, :, :n].clone(), layer.vbits[:, :n].clone()
             log(f"{bits} bit, whole layer, {label}: {layer_rows[label]['ms']:.2f} ms")
+            cfg["layer_ms"] = dict(tokens=n, chunk=chunk, encode_precision="half", value_refine=0, **layer_rows)
+            save()  # after each run (a run cut short keeps the ones before it)
     finally:
         commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys = default_block, default_encode
         commvq_cache.value_prep, commvq_cache.key_norms = default_prep, default_norms
