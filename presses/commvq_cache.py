@@ -62,8 +62,10 @@ ENCODE_BLOCK = 32768
 # (ValueCodec.head_differences: a quarter fewer multiply-adds and logits); False: the four logits (ValueCodec.head)
 VALUE_DIFFERENCES = True
 # encode_precision="half" on a GPU where encode_keys' PTX candidate loop runs (ptx_loop_native: NVIDIA sm_80+): the
-# key search's options there (asm_loop, shared_scratch, unroll, ...); {}: its defaults (the Triton loop)
-PTX_KEY_OPTIONS: dict = {}
+# key search's options there; {}: its defaults (the Triton loop). The PTX loop on g_B in shared memory, 8 candidates
+# an iteration: the key kernel 9.6-9.8 -> 5.9 ms, the whole layer 13.5 -> 9.8 ms of GPU time at 128k tokens, 1 bit,
+# the same codes (H100, benchmarks/results/commvq_encode_asm_h100*.json)
+PTX_KEY_OPTIONS: dict = dict(asm_loop=True, shared_scratch=True, unroll=8)
 DEFAULT_VALUE_REFINE = 64  # greedy bit flips per token after the value encoder (CommVQLayer.value_refine)
 
 # ------------------------------------------------------------------------------------------- attention interception
