@@ -8,9 +8,10 @@ first bit at the lower index: the reference's ``x[..., :2] += x[..., 2:3]`` on t
 packed eight to a byte, least significant bit first (:func:`pressroom.kernels.commvq_encode.pack_bits`).
 
 The arg-max of ``(l_0, l_1, l_2, l_3)`` is the arg-max of ``(0, l_1 - l_0, l_2 - l_0, l_3 - l_0)``: with
-``differences=True`` the input is those three differences per choice, ``[..., n_e, 3]``, which the encoder's last
-matmul can produce directly from weight differences (:meth:`ValueCodec.head_differences`: a quarter fewer
-multiply-adds and logits than the four logits).
+``differences=True`` the input is those three differences of every choice as three planes, ``[..., 3, n_e]`` (plane
+``c - 1`` holds ``l_c - l_0``), which the encoder's last matmul can produce directly from weight differences
+(:meth:`ValueCodec.head_differences`: a quarter fewer multiply-adds and logits than the four logits); the kernel
+reads each plane in contiguous runs.
 
 In PyTorch that is an arg-max over a last dimension of 4, a handful of uint8 tensor operations and a packing
 reduction, each a pass over memory (:func:`value_codes_reference`). :func:`value_codes` does it in one Triton pass
@@ -43,15 +44,16 @@ def choices_to_bits(choice: torch.Tensor) -> torch.Tensor:
 
 
 def _check_logits(logits: torch.Tensor, differences: bool = False) -> None:
-    if differences and (logits.dim() < 2 or logits.shape[-1] != 3):
+    if differences and (logits.dim() < 2 or logits.shape[-2] != 3):
         raise ValueError(
-            "with differences=True logits must be [..., n_e, 3] (l_c - l_0 for c = 1, 2, 3), got "
+            "with differences=True logits must be [..., 3, n_e] (planes of l_c - l_0 for c = 1, 2, 3), got "
             f"{tuple(logits.shape)}."
         )
     if not differences and (logits.dim() < 2 or logits.shape[-1] != 4):
         raise ValueError(f"logits must be [..., n_e, 4] (four-way choices), got {tuple(logits.shape)}.")
-    if logits.shape[-2] % 4:
-        raise ValueError(f"n_e must be a multiple of 4 (whole bytes of bits), got {logits.shape[-2]}.")
+    n_e = logits.shape[-1] if differences else logits.shape[-2]
+    if n_e % 4:
+        raise ValueError(f"n_e must be a multiple of 4 (whole bytes of bits), got {n_e}.")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}.")
 
@@ -60,10 +62,11 @@ def value_codes_reference(
     logits: torch.Tensor, bits_dtype: torch.dtype | None = None, differences: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Plain-PyTorch :func:`value_codes`: ``logits.argmax(-1)`` (the first of equal maxima), its bits, packed
-    (``differences``: the arg-max of ``[0, d_1, d_2, d_3]``)."""
+    (``differences``: the arg-max of ``[0, d_1, d_2, d_3]`` from the planes ``[..., 3, n_e]``)."""
     _check_logits(logits, differences)
     if differences:
-        logits = torch.cat((torch.zeros_like(logits[..., :1]), logits), dim=-1)
+        d = logits.transpose(-1, -2)
+        logits = torch.cat((torch.zeros_like(d[..., :1]), d), dim=-1)
     bits = choices_to_bits(logits.argmax(-1))
     return pack_bits(bits), None if bits_dtype is None else bits.to(bits_dtype)
 
@@ -90,18 +93,24 @@ if HAS_TRITON:
         byte = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
         rmask = rows < n_rows
         bmask = byte < n_bytes
-        # a byte holds 4 choices of 4 logits: [rows, bytes, 16] -> [rows, 4 bytes' choices, 4]
-        k = tl.arange(0, 16)
-        mask = rmask[:, None, None] & bmask[None, :, None]
-        if DIFFS:  # 3 differences a choice (12 a byte); the first logit is 0 (not read)
-            col = (k // 4) * 3 + k % 4 - 1
-            ptrs = logits_ptr + roff[:, None, None] * stride_l + byte[None, :, None] * 12 + col[None, None, :]
-            mask = mask & (k % 4 != 0)[None, None, :]
+        if DIFFS:  # three planes of n_e = 4 n_bytes differences d_c = l_c - l_0 (l_0 - l_0 = 0 is not read)
+            e = tl.program_id(1) * BLOCK_B * 4 + tl.arange(0, BLOCK_B * 4)
+            dmask = rmask[:, None] & (e < n_bytes * 4)[None, :]
+            at = logits_ptr + roff[:, None] * stride_l + e[None, :]
+            best = tl.zeros((BLOCK_M, BLOCK_B * 4), tl.float32)
+            choice = tl.zeros((BLOCK_M, BLOCK_B * 4), tl.int32)
+            for c in tl.static_range(1, 4):  # strictly greater: the first of equal maxima, as torch.argmax
+                d = tl.load(at + (c - 1) * n_bytes * 4, mask=dmask, other=0.0).to(tl.float32)
+                choice = tl.where(d > best, c, choice)
+                best = tl.maximum(best, d)
         else:
+            # a byte holds 4 choices of 4 logits: [rows, bytes, 16] -> [rows, 4 bytes' choices, 4]
+            k = tl.arange(0, 16)
+            mask = rmask[:, None, None] & bmask[None, :, None]
             ptrs = logits_ptr + roff[:, None, None] * stride_l + byte[None, :, None] * 16 + k[None, None, :]
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.reshape(x, (BLOCK_M, BLOCK_B * 4, 4))
-        choice = tl.argmax(x, axis=2, tie_break_left=True).to(tl.int32)  # the first of equal maxima, as torch
+            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.reshape(x, (BLOCK_M, BLOCK_B * 4, 4))
+            choice = tl.argmax(x, axis=2, tie_break_left=True).to(tl.int32)  # the first of equal maxima, as torch
         first = 1 - (choice & 1)
         second = ((choice == 1) | (choice == 2)).to(tl.int32)
         pair = tl.reshape(first | (second << 1), (BLOCK_M, BLOCK_B, 4))  # choice q of a byte: bits 2q, 2q + 1
@@ -131,7 +140,8 @@ def value_codes(
     ----------
     logits : torch.Tensor
         ``[..., n_e, 4]`` floating point (``n_e`` a multiple of 4), e.g. :meth:`ValueCodec.logits`; with
-        ``differences``, ``[..., n_e, 3]``: ``l_c - l_0`` for ``c = 1, 2, 3`` (:meth:`ValueCodec.head_differences`).
+        ``differences``, the planes ``[..., 3, n_e]``: ``l_c - l_0`` for ``c = 1, 2, 3``
+        (:meth:`ValueCodec.head_differences`).
     bits_dtype : torch.dtype, optional
         Also return the unpacked bits ``[..., 2 n_e]`` (0/1) in this dtype (``torch.uint8`` for the refinement, the
         postscale matmul's dtype otherwise: bfloat16 under the cache's ``encode_precision="half"``, else the value
@@ -154,7 +164,7 @@ def value_codes(
     Raises
     ------
     ValueError
-        If ``logits`` is not ``[..., n_e, 4]`` (``[..., n_e, 3]`` with ``differences``) with ``n_e`` a multiple of
+        If ``logits`` is not ``[..., n_e, 4]`` (``[..., 3, n_e]`` with ``differences``) with ``n_e`` a multiple of
         4, or a tiling is not a power of two.
     """
     _check_logits(logits, differences)
@@ -165,8 +175,8 @@ def value_codes(
     for name, v in (("block_m", bm), ("block_b", bb)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two, got {v}.")
-    lead, n_e, width = logits.shape[:-2], logits.shape[-2], logits.shape[-1]
-    flat = logits.reshape(-1, n_e * width)
+    lead, n_e = logits.shape[:-2], logits.shape[-1] if differences else logits.shape[-2]
+    flat = logits.reshape(-1, n_e * (3 if differences else 4))
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     n_rows, n_bytes = flat.shape[0], n_e // 4

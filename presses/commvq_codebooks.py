@@ -132,7 +132,8 @@ class ValueCodec(nn.Module):
         return self.out(self.act1(self.enc1(y))).unflatten(-1, (self.n_e, 4))
 
     def head_differences(self, y: torch.Tensor) -> torch.Tensor:
-        """What the choices need of :meth:`head`'s logits: ``l_c - l_0`` for ``c = 1, 2, 3``, ``[..., n_e, 3]``.
+        """What the choices need of :meth:`head`'s logits: ``l_c - l_0`` for ``c = 1, 2, 3`` as three planes,
+        ``[..., 3, n_e]`` (plane ``c - 1``; what ``value_codes(..., differences=True)`` reads).
 
         The arg-max of ``(l_0, .., l_3)`` is that of ``(0, l_1 - l_0, l_2 - l_0, l_3 - l_0)``
         (:func:`pressroom.kernels.commvq_value_codes.value_codes` with ``differences=True``), and the differences
@@ -143,12 +144,13 @@ class ValueCodec(nn.Module):
         :meth:`head`'s up to rounding (near-ties may go another way)."""
         self._check(y)
         w1, b1, wd, bd = self._cast_weights("head_differences", y)
-        return nn.functional.linear(self.act1(nn.functional.linear(y, w1, b1)), wd, bd).unflatten(-1, (self.n_e, 3))
+        return nn.functional.linear(self.act1(nn.functional.linear(y, w1, b1)), wd, bd).unflatten(-1, (3, self.n_e))
 
     def _cast_weights(self, kind: str, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``kind``'s weights in ``like``'s dtype and device, cast once and kept until a parameter changes (its
         storage or version): ``"head_differences"``: ``enc1``'s weight and bias and the last ``Linear``'s weight and
-        bias differences ``[3 n_e, intermediate_dim]``, ``[3 n_e]``; ``"embedding"``: ``(embedding,)``."""
+        bias differences ``[3 n_e, intermediate_dim]``, ``[3 n_e]`` (plane-major: row ``(c - 1) n_e + e``);
+        ``"embedding"``: ``(embedding,)``."""
         params = (self.enc1.weight, self.enc1.bias, self.out.weight, self.out.bias, self.embedding)
         key = (kind, like.dtype, like.device, tuple((p.data_ptr(), p._version) for p in params))
         cache = self.__dict__.setdefault("_casts", {})
@@ -159,8 +161,8 @@ class ValueCodec(nn.Module):
                 else:
                     w = self.out.weight.float().view(self.n_e, 4, -1)
                     b = self.out.bias.float().view(self.n_e, 4)
-                    wd = (w[:, 1:] - w[:, :1]).reshape(3 * self.n_e, -1)
-                    bd = (b[:, 1:] - b[:, :1]).reshape(3 * self.n_e)
+                    wd = (w[:, 1:] - w[:, :1]).transpose(0, 1).reshape(3 * self.n_e, -1)
+                    bd = (b[:, 1:] - b[:, :1]).transpose(0, 1).reshape(3 * self.n_e)
                     weights = (self.enc1.weight, self.enc1.bias, wd, bd)
                 cache[kind] = (key, tuple(t.detach().to(like.device, like.dtype) for t in weights))
         return cache[kind][1]

@@ -55,7 +55,7 @@ def test_differences_give_the_four_logits_codes():
     """Exact differences (integer logits) pick the same choices as the four logits, ties included (the first of
     equal maxima either way)."""
     logits = torch.randint(-3, 4, (6, 64, 4)).float()
-    d = logits[..., 1:] - logits[..., :1]
+    d = (logits[..., 1:] - logits[..., :1]).transpose(-1, -2)  # planes [..., 3, n_e]
     for bits_dtype in (None, torch.uint8):
         four = value_codes_reference(logits, bits_dtype)
         diff = value_codes_reference(d, bits_dtype, differences=True)
@@ -65,15 +65,17 @@ def test_differences_give_the_four_logits_codes():
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(5, 512, 3), (2, 37, 1024, 3), (3, 4, 3)])
+@pytest.mark.parametrize("shape", [(5, 3, 512), (2, 37, 3, 1024), (3, 3, 4)])
 def test_kernel_equals_reference_differences(shape, dtype):
-    """``differences=True``: bit for bit, ragged tiles and zero differences (ties with choice 0) included."""
+    """``differences=True`` (planes ``[..., 3, n_e]``): bit for bit, ragged tiles, ties between differences and
+    zero differences (ties with choice 0) included."""
     x = _ties(shape, dtype)
-    x[..., 2, 1] = 0.0
+    x[..., 1, 2] = x[..., 2, 2]
+    x[..., :, 3] = 0.0
     for bits_dtype in (None, torch.uint8, torch.float32):
         packed, bits = value_codes(x, bits_dtype, use_triton=True, differences=True)
         ref_packed, ref_bits = value_codes_reference(x, bits_dtype, differences=True)
-        assert packed.shape == (*shape[:-2], shape[-2] // 4)
+        assert packed.shape == (*shape[:-2], shape[-1] // 4)
         assert torch.equal(packed, ref_packed)
         assert (bits is None and ref_bits is None) or torch.equal(bits, ref_bits)
     small, _ = value_codes(x, use_triton=True, block_m=16, block_b=8, num_warps=2, differences=True)
@@ -85,8 +87,10 @@ def test_value_codes_errors():
         value_codes(torch.randn(4, 16, 3), use_triton=False)
     with pytest.raises(ValueError, match="n_e must be a multiple of 4"):
         value_codes(torch.randn(4, 6, 4), use_triton=False)
-    with pytest.raises(ValueError, match=r"with differences=True logits must be \[..., n_e, 3\]"):
-        value_codes(torch.randn(4, 16, 4), use_triton=False, differences=True)
+    with pytest.raises(ValueError, match=r"with differences=True logits must be \[..., 3, n_e\]"):
+        value_codes(torch.randn(4, 16, 3), use_triton=False, differences=True)
+    with pytest.raises(ValueError, match="n_e must be a multiple of 4"):
+        value_codes(torch.randn(4, 3, 6), use_triton=False, differences=True)
     with pytest.raises(ValueError, match="floating point"):
         value_codes(torch.zeros(4, 8, 4, dtype=torch.int32), use_triton=False)
     if INTERPRET:

@@ -96,7 +96,8 @@ def test_head_differences_are_the_logits_differences():
     with torch.no_grad():
         logits = codec.head(y)
         d = codec.head_differences(y)
-    assert d.shape == (64, codec.n_e, 3) and d.dtype == torch.float32
+    assert d.shape == (64, 3, codec.n_e) and d.dtype == torch.float32
+    d = d.transpose(-1, -2)
     torch.testing.assert_close(d, logits[..., 1:] - logits[..., :1], rtol=1e-4, atol=1e-5)
     choice_d = torch.cat((torch.zeros_like(d[..., :1]), d), -1).argmax(-1)
     top2 = logits.topk(2, dim=-1).values
@@ -115,6 +116,7 @@ def test_head_differences_in_bfloat16_keep_the_choices():
             four = codec.head(y.bfloat16()).argmax(-1)
             d = codec.head_differences(y.bfloat16())
     assert d.dtype == torch.bfloat16
+    d = d.transpose(-1, -2)
     diff = torch.cat((torch.zeros_like(d[..., :1]), d), -1).argmax(-1)
     agree, four_exact = (diff == four).float().mean(), (four == exact).float().mean()
     assert agree > 0.99 and (diff == exact).float().mean() > four_exact - 0.005
@@ -133,9 +135,9 @@ def test_cast_weights_are_kept_until_a_parameter_changes():
         after = codec.head_differences(y.float())
     want = codec.out.weight.float().view(codec.n_e, 4, -1)
     kept = codec._cast_weights("head_differences", y.float())[2]
-    torch.testing.assert_close(kept.view(codec.n_e, 3, -1), want[:, 1:] - want[:, :1])
-    changed = (after != before).view(-1, codec.n_e * 3).any(0).nonzero().flatten().tolist()
-    assert changed == [3]  # only d_1 of the second n_e
+    torch.testing.assert_close(kept.view(3, codec.n_e, -1), (want[:, 1:] - want[:, :1]).transpose(0, 1))
+    changed = (after != before).view(-1, 3 * codec.n_e).any(0).nonzero().flatten().tolist()
+    assert changed == [1]  # only d_1 of the second n_e (plane 0)
     with pytest.raises(ValueError, match="feat_dim=48"):
         codec.head_differences(torch.randn(2, 40))
 
