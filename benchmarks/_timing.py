@@ -51,12 +51,17 @@ def kernel_ms(fn, reps: int) -> dict[str, float]:
         torch.cuda.synchronize()
     out: dict[str, float] = {}
     for ev in prof.key_averages():
-        dev_us = getattr(ev, "device_time_total", None)
-        if dev_us is None:
-            dev_us = getattr(ev, "cuda_time_total", 0.0)
+        dev_us = _device_us(ev, "")
         if dev_us:
             out[ev.key[:80]] = dev_us / 1e3 / reps
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _device_us(ev, prefix: str) -> float:
+    """A profiler average's GPU microseconds, ``prefix`` ``""`` (total) or ``"self_"``, under the name of newer
+    PyTorch (``device_time_total``) or older (``cuda_time_total``)."""
+    dev_us = getattr(ev, f"{prefix}device_time_total", None)
+    return getattr(ev, f"{prefix}cuda_time_total", 0.0) if dev_us is None else dev_us
 
 
 def aten_ms(fn, reps: int, top: int = 16) -> dict[str, float]:
@@ -77,9 +82,7 @@ def aten_ms(fn, reps: int, top: int = 16) -> dict[str, float]:
     for ev in prof.key_averages(group_by_input_shape=True):
         if not ev.key.startswith("aten::"):
             continue
-        dev_us = getattr(ev, "self_device_time_total", None)
-        if dev_us is None:
-            dev_us = getattr(ev, "self_cuda_time_total", 0.0)
+        dev_us = _device_us(ev, "self_")
         if dev_us:
             out[f"{ev.key} {ev.input_shapes}"[:160]] = dev_us / 1e3 / reps
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:top])

@@ -327,6 +327,11 @@ def measure(
     default_differences, default_ptx = commvq_cache.VALUE_DIFFERENCES, commvq_cache.PTX_KEY_OPTIONS
     commvq_cache.PTX_KEY_OPTIONS = {}  # each run's options are all of encode_keys' options (its default: none)
     layer_rows, codes, vbits = {}, {}, {}
+
+    def save_layer() -> None:
+        cfg["layer_ms"] = dict(tokens=n, chunk=chunk, encode_precision="half", value_refine=0, **layer_rows)
+        save()
+
     try:
         commvq_cache.ENCODE_BLOCK = chunk
         for label, opts, pytorch in layer_runs:
@@ -344,8 +349,7 @@ def measure(
                 ]
             codes[label], vbits[label] = layer.codes[:, :, :n].clone(), layer.vbits[:, :n].clone()
             log(f"{bits} bit, whole layer, {label}: {layer_rows[label]['ms']:.2f} ms")
-            cfg["layer_ms"] = dict(tokens=n, chunk=chunk, encode_precision="half", value_refine=0, **layer_rows)
-            save()  # after each run (a run cut short keeps the ones before it)
+            save_layer()  # after each run (a run cut short keeps the ones before it)
     finally:
         commvq_cache.ENCODE_BLOCK, commvq_cache.encode_keys = default_block, default_encode
         commvq_cache.value_prep, commvq_cache.key_norms = default_prep, default_norms
@@ -362,16 +366,15 @@ def measure(
             )
     if "split_dpx" in codes and first == "split_h2":  # the key of earlier files
         layer_rows["rows_equal"] = layer_rows["split_dpx"]["rows_equal_to_first"]
-    if "split_h2_value_prep_pytorch" in vbits and "split_h2" in vbits:
-        # the value bytes with the value_prep kernel equal to those with its PyTorch reference (bfloat16 roundings
-        # of sums taken in another order may flip a near-tied choice)
-        same = vbits["split_h2"] == vbits["split_h2_value_prep_pytorch"]
-        layer_rows["value_prep_value_bytes_equal"] = same.float().mean().item()
-    if "split_h2_logits4" in vbits and "split_h2" in vbits:  # three logit differences against four logits
-        same = vbits["split_h2"] == vbits["split_h2_logits4"]
-        layer_rows["logits4_value_bytes_equal"] = same.float().mean().item()
-    cfg["layer_ms"] = dict(tokens=n, chunk=chunk, encode_precision="half", value_refine=0, **layer_rows)
-    save()
+    # the value bytes split_h2 shares with the value_prep kernel's PyTorch reference (bfloat16 roundings of sums taken
+    # in another order may flip a near-tied choice) and with the four logits instead of three differences
+    for key, other in (
+        ("value_prep_value_bytes_equal", "split_h2_value_prep_pytorch"),
+        ("logits4_value_bytes_equal", "split_h2_logits4"),
+    ):
+        if other in vbits and "split_h2" in vbits:
+            layer_rows[key] = (vbits["split_h2"] == vbits[other]).float().mean().item()
+    save_layer()
 
 
 def main() -> int:

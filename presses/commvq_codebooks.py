@@ -151,14 +151,16 @@ class ValueCodec(nn.Module):
         storage or version): ``"head_differences"``: ``enc1``'s weight and bias and the last ``Linear``'s weight and
         bias differences ``[3 n_e, intermediate_dim]``, ``[3 n_e]`` (plane-major: row ``(c - 1) n_e + e``);
         ``"embedding"``: ``(embedding,)``."""
-        params = (self.enc1.weight, self.enc1.bias, self.out.weight, self.out.bias, self.embedding)
-        key = (kind, like.dtype, like.device, tuple((p.data_ptr(), p._version) for p in params))
+        if kind == "embedding":
+            params = (self.embedding,)
+        else:
+            params = (self.enc1.weight, self.enc1.bias, self.out.weight, self.out.bias)
+        key = (like.dtype, like.device, tuple((p.data_ptr(), p._version) for p in params))
         cache = self.__dict__.setdefault("_casts", {})
         if kind not in cache or cache[kind][0] != key:
             with torch.no_grad():
-                if kind == "embedding":
-                    weights = (self.embedding,)
-                else:
+                weights = params
+                if kind == "head_differences":
                     w = self.out.weight.float().view(self.n_e, 4, -1)
                     b = self.out.bias.float().view(self.n_e, 4)
                     wd = (w[:, 1:] - w[:, :1]).transpose(0, 1).reshape(3 * self.n_e, -1)

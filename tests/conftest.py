@@ -63,6 +63,24 @@ def random_commvq_books():
 
 
 @pytest.fixture
+def coded_layer():
+    """``make(theta, codec, keys, values, **layer_kwargs)``: a ``CommVQLayer`` (plain RoPE frequencies) that has coded
+    every token of ``keys`` / ``values`` ``[1, H, n, D]`` straight through ``_encode`` (positions ``0..n-1``)."""
+    from pressroom.presses.commvq_cache import CommVQLayer
+
+    def make(theta, codec, keys, values, **layer_kwargs):
+        n, d = keys.shape[2], keys.shape[3]
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+        layer = CommVQLayer(theta, codec, inv_freq, d**-0.5, **layer_kwargs)
+        layer.lazy_initialization(keys[:, :, :1], values[:, :, :1])
+        layer.reserve(n)
+        layer._encode(keys, values, torch.arange(n))
+        return layer
+
+    return make
+
+
+@pytest.fixture
 def sm90_probe():
     """Run Python ``code`` (an offline sm_90 compile) in a process without the interpreter and return the JSON of its
     last line; skip where this machine has no ptxas (Triton's), fail on any other error."""

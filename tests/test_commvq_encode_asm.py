@@ -356,7 +356,7 @@ def test_asm_loop_path_equals_the_reference_with_exact_ties(search: str):
 
 
 @pytest.mark.parametrize("use_triton", [False, True])
-def test_the_cache_passes_its_ptx_key_options_only_where_the_ptx_runs(monkeypatch, use_triton):
+def test_the_cache_passes_its_ptx_key_options_only_where_the_ptx_runs(monkeypatch, coded_layer, use_triton):
     """``commvq_cache.PTX_KEY_OPTIONS`` reach ``encode_keys`` for ``encode_precision="half"`` on the Triton path of
     a GPU that runs the PTX loop (here faked), nowhere else; the codes are those of the defaults (the interpreter
     runs the Triton loop for ``asm_loop``)."""
@@ -377,19 +377,14 @@ def test_the_cache_passes_its_ptx_key_options_only_where_the_ptx_runs(monkeypatc
     torch.manual_seed(3)
     heads, d, n = 2, 16, 40
     theta = (torch.randn(heads, 2, 128, d // 2) * 0.1).half().float()
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     raw, values = torch.randn(1, heads, n, d), torch.randn(1, heads, n, d)
     codes = {}
     for native in (False, True):
         monkeypatch.setattr(commvq_cache, "ptx_loop_native", lambda device, native=native: native)
         for precision in ("half", "tf32"):
             calls.clear()
-            layer = commvq_cache.CommVQLayer(
-                theta, ValueCodec(heads * d, 1), inv_freq, d**-0.5, use_triton=use_triton, encode_precision=precision
-            )
-            layer.lazy_initialization(raw[:, :, :1], values[:, :, :1])
-            layer.reserve(n)
-            layer._encode(raw, values, torch.arange(n))
+            codec = ValueCodec(heads * d, 1)
+            layer = coded_layer(theta, codec, raw, values, use_triton=use_triton, encode_precision=precision)
             want = options if native and use_triton and precision == "half" else {}
             assert calls and all(c == want for c in calls)
             codes[native, precision] = layer.codes[:, :, :n].clone()

@@ -63,7 +63,7 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=needs_interpreter)])
-def test_the_cache_codes_with_these_norms(monkeypatch, use_triton):
+def test_the_cache_codes_with_these_norms(monkeypatch, coded_layer, use_triton):
     """The cache's encode takes the tokens' key norms from :func:`key_norms` (the kernel on the Triton path) and
     keeps them: its float16 norms are the reference's, rounded."""
     from pressroom.presses import commvq_cache
@@ -79,11 +79,7 @@ def test_the_cache_codes_with_these_norms(monkeypatch, use_triton):
     torch.manual_seed(2)
     heads, d, n = 2, 16, 40
     theta = torch.randn(heads, 2, 128, d // 2) * 0.1
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-    layer = commvq_cache.CommVQLayer(theta, ValueCodec(heads * d, 1), inv_freq, d**-0.5, use_triton=use_triton)
     raw, values = torch.randn(1, heads, n, d) * 3, torch.randn(1, heads, n, d)
-    layer.lazy_initialization(raw[:, :, :1], values[:, :, :1])
-    layer.reserve(n)
-    layer._encode(raw, values, torch.arange(n))
+    layer = coded_layer(theta, ValueCodec(heads * d, 1), raw, values, use_triton=use_triton)
     assert calls and all(use is use_triton for use in calls)
     assert torch.equal(layer.knorm[0, :n], key_norms_reference(raw)[0].half())

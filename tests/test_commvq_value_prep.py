@@ -142,24 +142,19 @@ def test_cast_weights_are_kept_until_a_parameter_changes():
         codec.head_differences(torch.randn(2, 40))
 
 
-def test_half_layer_differences_against_four_logits(monkeypatch):
+def test_half_layer_differences_against_four_logits(monkeypatch, coded_layer):
     """The cache's encode_precision="half" path with the logit differences (the default) against the four logits:
     the same value bytes away from near-ties, coefficients as close."""
     from pressroom.presses import commvq_cache
-    from pressroom.presses.commvq_cache import CommVQLayer
 
     h, d, n = 2, 64, 96
     codec = _codec(heads=h, head_dim=d, bits=1, seed=6)
     theta = (torch.randn(h, 2, 128, d // 2) * 0.1).half().float()
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     keys, values = torch.randn(1, h, n, d), torch.randn(1, h, n, d, dtype=torch.bfloat16)
     out = {}
     for differences in (False, True):
         monkeypatch.setattr(commvq_cache, "VALUE_DIFFERENCES", differences)
-        layer = CommVQLayer(theta, codec, inv_freq, d**-0.5, encode_precision="half", value_refine=0)
-        layer.lazy_initialization(keys[:, :, :1], values[:, :, :1])
-        layer.reserve(n)
-        layer._encode(keys, values, torch.arange(n))
+        layer = coded_layer(theta, codec, keys, values, encode_precision="half", value_refine=0)
         out[differences] = (layer.vbits[:, :n].clone(), layer.vcoef[:, :n].float().clone(), layer.codes.clone())
     assert torch.equal(out[True][2], out[False][2])  # the keys do not change
     same = (out[True][0] == out[False][0]).float().mean()
