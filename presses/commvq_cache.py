@@ -55,8 +55,9 @@ from pressroom.kernels.rope_ring import resolve_use_triton
 from pressroom.presses.commvq_codebooks import CommVQCodebooks, ValueCodec
 from pressroom.presses.sink_window_cache import PositionResolver, _text_config, rope_frequencies
 
-# tokens encoded at once, over the batch (bounds the value encoder's activations: about 0.5 GB at 2 bits under
-# encode_precision="half"); 32,768 measured faster than 8,192 per layer on an H200 (the README's encode section)
+# tokens encoded at once, over the batch (bounds the value encoder's activations: under 1 GB at 2 bits at the 8B shape
+# under encode_precision="half", by the shapes); 32,768 measured faster than 8,192 per layer on an H200 (the README's
+# encode section)
 ENCODE_BLOCK = 32768
 # encode_precision="half": the value encoder's last matmul gives the three logit differences l_c - l_0 of each choice
 # (ValueCodec.head_differences: a quarter fewer multiply-adds and logits); False: the four logits (ValueCodec.head)
